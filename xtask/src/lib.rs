@@ -1,0 +1,21 @@
+//! The project's own tasks, and the local test environment they share with the test suite.
+//!
+//! - [`install`]: pinned, version-stamped binaries in a version-keyed cache folder.
+//! - [`testenv`]: a real control plane and Secrets Manager endpoint on loopback.
+//! - [`supervisor`]: `up`/`down` lifecycles of an environment.
+//! - [`support`]: what integration tests use: clients, ServiceAccount identities, waiting.
+
+mod certs;
+pub mod install;
+mod processes;
+pub mod supervisor;
+pub mod support;
+pub mod testenv;
+
+use std::path::PathBuf;
+
+/// The checkout this crate was built from.
+pub fn project_root() -> PathBuf {
+    let xtask = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().map(PathBuf::from).unwrap_or(xtask)
+}

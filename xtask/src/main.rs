@@ -1,0 +1,102 @@
+//! `cargo xtask <task>`: see `cargo xtask help`.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use xtask::install;
+use xtask::supervisor::{self, Attachment};
+
+const HELP: &str = "\
+cargo xtask <task>
+
+  test [ARGS]           the full test suite: installs what it needs, starts a local environment,
+                        runs `cargo test --workspace ARGS` against it, stops it
+  testenv install       build/install the pinned binaries into the cache (.cache/testenv)
+  testenv up            start a local environment in the background; prints `export` lines:
+                          eval \"$(cargo xtask testenv up)\"
+  testenv down [--dir D]
+                        stop the environment (default: $MTLS_TESTENV_DIR) and remove its folder
+";
+
+fn progress(line: &str) {
+    eprintln!("xtask: {line}");
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<ExitCode> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["test", rest @ ..] => test(rest),
+        ["testenv", "install"] => {
+            install::ensure_installed(&progress)?;
+            progress("all binaries installed");
+            Ok(ExitCode::SUCCESS)
+        }
+        ["testenv", "up"] => {
+            install::ensure_installed(&progress)?;
+            let started = supervisor::start_supervisor(Attachment::Detached, &progress)?;
+            print!("{}", started.environment.exports());
+            progress("stop it with: cargo xtask testenv down");
+            Ok(ExitCode::SUCCESS)
+        }
+        ["testenv", "down", rest @ ..] => {
+            let dir = supervisor::dir_from(dir_flag(rest)?)?;
+            supervisor::down(&dir)?;
+            progress(&format!("stopped and removed {}", dir.display()));
+            Ok(ExitCode::SUCCESS)
+        }
+        ["testenv", "supervise", rest @ ..] => {
+            let dir = dir_flag(rest)?.context("supervise needs --dir")?;
+            let tools = install::ensure_installed(&progress)?;
+            supervisor::supervise(&tools, &dir, rest.contains(&"--watch-stdin"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        [] | ["help"] | ["--help"] | ["-h"] => {
+            print!("{HELP}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => bail!("unknown task {args:?}\n{HELP}"),
+    }
+}
+
+fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
+    match args.iter().position(|arg| *arg == "--dir") {
+        Some(index) => Ok(Some(PathBuf::from(
+            args.get(index + 1).context("--dir needs a folder")?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// The README's test command: everything the suite needs, then the suite, then cleanup.
+fn test(cargo_args: &[&str]) -> Result<ExitCode> {
+    install::ensure_installed(&progress)?;
+    // Attached: the environment stops when this process ends, even if it is killed.
+    let started = supervisor::start_supervisor(Attachment::Attached, &progress)?;
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(xtask::project_root())
+        .args(["test", "--workspace", "--locked"])
+        .args(cargo_args);
+    for (name, value) in started.environment.variables() {
+        cargo.env(name, value);
+    }
+    let status = cargo.status().context("running cargo test")?;
+    started.stop()?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,213 @@
+//! Test support for integration tests: the shared environment, clients as admin and as a
+//! ServiceAccount, a Secrets Manager client, and waiting for a condition with a useful message.
+//!
+//! The environment is the one named by `MTLS_TESTENV_DIR` (as `cargo xtask test` sets it), or else
+//! one started for this test binary and stopped when the binary exits, whether its tests pass, fail
+//! or panic: components die with the thread that owns them (PR_SET_PDEATHSIG), and an `atexit`
+//! handler stops them and removes the folder.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+
+use crate::install;
+use crate::processes::terminate;
+use crate::testenv::{self, Environment};
+
+static SHARED: OnceLock<Environment> = OnceLock::new();
+/// What the atexit handler must clean up when this process started the environment itself.
+static OWNED: Mutex<Option<(Vec<u32>, PathBuf)>> = Mutex::new(None);
+
+/// The environment every test in this binary shares.
+pub fn environment() -> &'static Environment {
+    SHARED.get_or_init(|| {
+        let result = match std::env::var_os("MTLS_TESTENV_DIR") {
+            Some(dir) => Environment::load(&PathBuf::from(dir)),
+            None => start_owned(),
+        };
+        match result {
+            Ok(environment) => environment,
+            Err(error) => panic!("no test environment: {error:#}"),
+        }
+    })
+}
+
+extern "C" fn stop_owned() {
+    let owned = OWNED.lock().ok().and_then(|mut owned| owned.take());
+    if let Some((pids, dir)) = owned {
+        for pid in pids.into_iter().rev() {
+            terminate(pid, Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn start_owned() -> Result<Environment> {
+    let progress = |line: &str| eprintln!("testenv: {line}");
+    let tools = install::ensure_installed(&progress)?;
+    let dir = testenv::new_env_dir()?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let thread_dir = dir.clone();
+    // The components die with this thread, so it lives as long as the process.
+    std::thread::Builder::new()
+        .name("testenv-owner".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = sender.send(Err(anyhow!(error)));
+                    return;
+                }
+            };
+            let started = runtime.block_on(testenv::start(&tools, &thread_dir, &progress));
+            match started {
+                Ok((environment, processes)) => {
+                    if let Ok(mut owned) = OWNED.lock() {
+                        *owned = Some((processes.pids(), thread_dir.clone()));
+                    }
+                    let _ = sender.send(Ok(environment));
+                    // Keep the processes (and this thread) alive until the process exits.
+                    let _processes = processes;
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(error) => {
+                    let _ = std::fs::remove_dir_all(&thread_dir);
+                    let _ = sender.send(Err(error));
+                }
+            }
+        })?;
+    let environment = receiver.recv().context("the environment thread ended")??;
+    // SAFETY: registers a plain extern "C" function with no arguments.
+    unsafe { libc::atexit(stop_owned) };
+    Ok(environment)
+}
+
+/// A client with the admin's client certificate (system:masters).
+pub async fn admin_client() -> Result<kube::Client> {
+    environment().admin_client().await
+}
+
+/// A client that acts as ServiceAccount `namespace/name` (created if missing), with a token from the
+/// TokenRequest API: it gets exactly what RBAC grants that ServiceAccount.
+pub async fn service_account_client(namespace: &str, name: &str) -> Result<kube::Client> {
+    let admin = admin_client().await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
+    if accounts.get_opt(name).await?.is_none() {
+        let account: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace}
+        }))?;
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600 * 4),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|status| status.token)
+        .context("TokenRequest answered without a token")?;
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(&environment().kubeconfig)?;
+    for named in &mut kubeconfig.auth_infos {
+        named.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..Default::default()
+        });
+    }
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The AWS configuration that reaches the environment's Secrets Manager (moto).
+pub async fn aws_config() -> aws_config::SdkConfig {
+    let environment = environment();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&environment.aws_endpoint_url)
+        .region(aws_config::Region::new(environment.aws_region.clone()))
+        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+            &environment.aws_access_key_id,
+            &environment.aws_secret_access_key,
+            None,
+            None,
+            "testenv",
+        ))
+        .load()
+        .await
+}
+
+pub async fn secrets_manager() -> aws_sdk_secretsmanager::Client {
+    aws_sdk_secretsmanager::Client::new(&aws_config().await)
+}
+
+/// Creates a namespace with a unique name that starts with `prefix`, with optional labels.
+pub async fn create_namespace(prefix: &str, labels: &[(&str, &str)]) -> Result<String> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .subsec_nanos();
+    let name = format!(
+        "{prefix}-{}-{count}-{:x}",
+        std::process::id(),
+        nanos & 0xffff
+    );
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(key, value)| (key.to_string(), serde_json::Value::from(*value)))
+        .collect();
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels}
+    }))?;
+    let namespaces: Api<Namespace> = Api::all(admin_client().await?);
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(name)
+}
+
+/// Runs the environment's kubectl (as admin) with `args`.
+pub fn kubectl(args: &[&str]) -> Result<Output> {
+    let environment = environment();
+    std::process::Command::new(&environment.kubectl)
+        .env("KUBECONFIG", &environment.kubeconfig)
+        .args(args)
+        .output()
+        .context("running kubectl")
+}
+
+/// Polls `check` until it returns `Ok`, or fails after `timeout` with what was being waited for
+/// and the last reason `check` gave. `check` says "not yet" by returning an error that explains why.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(error) if started.elapsed() >= timeout => {
+                return Err(error.context(format!(
+                    "timed out after {timeout:?} waiting for {what}; last seen"
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
