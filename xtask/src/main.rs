@@ -45,7 +45,11 @@ fn run(args: &[String]) -> Result<ExitCode> {
         }
         ["testenv", "up"] => {
             install::ensure_installed(&progress)?;
-            let started = supervisor::start_supervisor(Attachment::Detached, &progress)?;
+            let started = supervisor::start_supervisor(
+                &std::env::current_exe()?,
+                Attachment::Detached,
+                &progress,
+            )?;
             print!("{}", started.environment.exports());
             progress("stop it with: cargo xtask testenv down");
             Ok(ExitCode::SUCCESS)
@@ -83,7 +87,8 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
 fn test(cargo_args: &[&str]) -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
     // Attached: the environment stops when this process ends, even if it is killed.
-    let started = supervisor::start_supervisor(Attachment::Attached, &progress)?;
+    let started =
+        supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
         .current_dir(xtask::project_root())

@@ -40,6 +40,10 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops an attached supervisor (closing its standard input) and waits for it to clean up.
     pub fn stop(mut self) -> Result<()> {
         drop(self.child.stdin.take());
@@ -51,11 +55,16 @@ impl Supervisor {
     }
 }
 
-/// Starts a supervisor in a new folder and waits for the environment to be ready.
-pub fn start_supervisor(attachment: Attachment, progress: &dyn Fn(&str)) -> Result<Supervisor> {
+/// Starts a supervisor (`xtask`, the binary at `xtask_exe`) in a new folder and waits for the
+/// environment to be ready.
+pub fn start_supervisor(
+    xtask_exe: &Path,
+    attachment: Attachment,
+    progress: &dyn Fn(&str),
+) -> Result<Supervisor> {
     let dir = testenv::new_env_dir()?;
     let log = fs::File::create(dir.join("supervisor.log"))?;
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = Command::new(xtask_exe);
     command
         .args(["testenv", "supervise", "--dir"])
         .arg(&dir)
