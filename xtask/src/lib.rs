@@ -3,9 +3,11 @@
 //! - [`install`]: pinned, version-stamped binaries in a version-keyed cache folder.
 //! - [`testenv`]: a real control plane and Secrets Manager endpoint on loopback.
 //! - [`supervisor`]: `up`/`down` lifecycles of an environment.
+//! - [`demo`]: `cargo xtask demo`, the operator's main job on a local environment.
 //! - [`support`]: what integration tests use: clients, ServiceAccount identities, waiting.
 
 mod certs;
+pub mod demo;
 pub mod install;
 mod processes;
 pub mod supervisor;

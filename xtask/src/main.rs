@@ -10,6 +10,8 @@ use xtask::supervisor::{self, Attachment};
 const HELP: &str = "\
 cargo xtask <task>
 
+  demo                  a local environment, the operator, a sample identity synced and rotated;
+                        left running for kubectl (stop with `cargo xtask testenv down`)
   test [ARGS]           the full test suite: installs what it needs, starts a local environment,
                         runs `cargo test --workspace ARGS` against it, stops it
   testenv install       build/install the pinned binaries into the cache (.cache/testenv)
@@ -38,6 +40,10 @@ fn run(args: &[String]) -> Result<ExitCode> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["test", rest @ ..] => test(rest),
+        ["demo"] => {
+            xtask::demo::run(&progress)?;
+            Ok(ExitCode::SUCCESS)
+        }
         ["testenv", "install"] => {
             install::ensure_installed(&progress)?;
             progress("all binaries installed");

@@ -1,0 +1,405 @@
+//! The `MtlsIdentity` custom resource: types and schema, nothing else.
+//!
+//! The CRD YAML in `crds/` is generated from these types (`mtls-operator crd`); a test fails when the
+//! committed copy drifts. Cross-field rules are CEL (`x-kubernetes-validations`), so the API server
+//! rejects an inconsistent manifest with a readable message before the operator ever sees it.
+
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "mtls-operator.io";
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "mtls-operator";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "mtls-operator";
+pub const IDENTITY_LABEL: &str = "mtls-operator.io/identity";
+pub const VERSION_ID_ANNOTATION: &str = "mtls-operator.io/source-version-id";
+pub const FINGERPRINT_ANNOTATION: &str = "mtls-operator.io/certificate-sha256";
+
+/// A workload's client certificate, kept in sync from AWS Secrets Manager into a
+/// `kubernetes.io/tls` Secret.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mtls-operator.io",
+    version = "v1alpha1",
+    kind = "MtlsIdentity",
+    plural = "mtlsidentities",
+    shortname = "mtlsid",
+    namespaced,
+    status = "MtlsIdentityStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.certificate.notAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsIdentitySpec {
+    /// Where the certificate material lives in AWS Secrets Manager.
+    pub source: SourceSpec,
+    /// The Secret the operator writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetSpec>,
+    /// Safety-net polling period, a Go-style duration (`1h`, `15m`, `30s`); at least 1s.
+    #[serde(default = "default_refresh_interval")]
+    #[schemars(length(min = 2, max = 32))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.matches('^([0-9]+(ms|s|m|h))+$') && duration(self) >= duration('1s')"
+    ).message("refreshInterval must be a duration such as 1h, 15m or 30s, at least 1s"))]
+    pub refresh_interval: String,
+    /// What happens to the workloads that use the Secret when the certificate rotates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartSpec>,
+    /// Expiry warnings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<ExpirySpec>,
+}
+
+fn default_refresh_interval() -> String {
+    "1h".to_string()
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.versionStage) && has(self.versionId))"
+).message("set versionStage or versionId, not both"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.caSecretId) || self.format == 'Pem'"
+).message("caSecretId is for format Pem; with format Json the CA is the `ca` field"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.fields) || self.format == 'Json'"
+).message("fields apply to format Json only"))]
+pub struct SourceSpec {
+    /// Name or ARN of the secret in Secrets Manager.
+    #[schemars(length(min = 1, max = 2048))]
+    pub secret_id: String,
+    /// AWS region of the secret; the operator's default region when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The staging label to read (AWSCURRENT when neither this nor versionId is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub version_stage: Option<String>,
+    /// A pinned version id to read instead of a staging label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 32, max = 64))]
+    pub version_id: Option<String>,
+    /// `Json`: a JSON object with PEM (or base64 DER) values; `Pem`: one PEM bundle.
+    #[serde(default)]
+    pub format: SourceFormat,
+    /// JSON field names, for format Json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<JsonFieldNames>,
+    /// A separate secret with the CA certificate(s) in PEM, for format Pem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_id: Option<String>,
+}
+
+impl SourceSpec {
+    /// The version selector as the API asks for it: a pinned id, or a stage (AWSCURRENT by default).
+    pub fn version(&self) -> VersionSelector {
+        match (&self.version_id, &self.version_stage) {
+            (Some(id), _) => VersionSelector::Id(id.clone()),
+            (None, Some(stage)) => VersionSelector::Stage(stage.clone()),
+            (None, None) => VersionSelector::Stage("AWSCURRENT".to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum VersionSelector {
+    Stage(String),
+    Id(String),
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceFormat {
+    #[default]
+    Json,
+    Pem,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct JsonFieldNames {
+    #[serde(default = "default_certificate_field")]
+    pub certificate: String,
+    #[serde(default = "default_private_key_field")]
+    pub private_key: String,
+    #[serde(default = "default_ca_field")]
+    pub ca: String,
+}
+
+fn default_certificate_field() -> String {
+    "certificate".to_string()
+}
+fn default_private_key_field() -> String {
+    "private_key".to_string()
+}
+fn default_ca_field() -> String {
+    "ca".to_string()
+}
+
+impl Default for JsonFieldNames {
+    fn default() -> Self {
+        Self {
+            certificate: default_certificate_field(),
+            private_key: default_private_key_field(),
+            ca: default_ca_field(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSpec {
+    /// Name of the Secret to write, in the identity's namespace; defaults to the identity's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartSpec {
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    /// The workloads to restart; empty: every Deployment, StatefulSet and DaemonSet in the namespace
+    /// whose pod template uses the Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadRef>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// A rolling restart through a pod-template annotation derived from the certificate.
+    #[default]
+    Rollout,
+    /// Annotate the running Pods (the kubelet refreshes the mounted files promptly); no restart.
+    Annotate,
+    /// Only the Secret changes.
+    None,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub kind: WorkloadKind,
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpirySpec {
+    /// Warn this long before notAfter (a Go-style duration); default 720h (30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 32))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.matches('^([0-9]+(ms|s|m|h))+$')"
+    ).message("warnBefore must be a duration such as 720h"))]
+    pub warn_before: Option<String>,
+}
+
+/// What the operator observed and did; deterministic, so writing it does not trigger more work.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsIdentityStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The source version the Secret was written from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceStatus>,
+    /// Facts of the certificate in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// The last rotation: a new certificate replacing one that was already in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<RotationStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    pub from_version_id: String,
+    pub to_version_id: String,
+    /// SHA-256 of the new certificate: the restart token written to pod templates.
+    pub sha256_fingerprint: String,
+    /// When the operator wrote the new certificate (RFC 3339).
+    pub time: String,
+    /// Workloads restarted (or, for `Annotate`, whose Pods were annotated) for this rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarted_workloads: Vec<String>,
+    /// Every affected workload has been handled.
+    pub complete: bool,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// RFC 3339; changes only when `status` changes.
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    pub arn: String,
+    pub version_id: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    pub subject: String,
+    pub issuer: String,
+    pub serial_number: String,
+    /// RFC 3339.
+    pub not_before: String,
+    /// RFC 3339.
+    pub not_after: String,
+    pub sha256_fingerprint: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uris: Vec<String>,
+}
+
+impl MtlsIdentity {
+    /// The name of the Secret this identity writes.
+    pub fn target_secret_name(&self) -> String {
+        self.spec
+            .target
+            .as_ref()
+            .and_then(|target| target.secret_name.clone())
+            .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+
+    pub fn ready_condition(&self) -> Option<&Condition> {
+        self.status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == "Ready"))
+    }
+}
+
+/// The CRD as YAML, exactly as committed in `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&MtlsIdentity::crd())
+}
+
+/// Parses a Go-style duration (`1h30m`, `45s`, `500ms`), the format the CRD accepts.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, length) = if rest.starts_with("ms") {
+            (std::time::Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (std::time::Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (std::time::Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (std::time::Duration::from_secs(3600), 1)
+        } else {
+            return None;
+        };
+        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
+        rest = &rest[length..];
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_matches_the_types() {
+        let committed = include_str!("../../crds/mtlsidentity.yaml");
+        let generated = crd_yaml().unwrap_or_default();
+        assert!(
+            committed == generated,
+            "crds/mtlsidentity.yaml drifted from src/api: run `cargo run -- crd > crds/mtlsidentity.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_carries_the_cel_rules_and_columns() {
+        let yaml = crd_yaml().unwrap_or_default();
+        assert!(yaml.contains("set versionStage or versionId, not both"));
+        assert!(yaml.contains("x-kubernetes-validations"));
+        for column in ["Ready", "Reason", "Expires", "Age"] {
+            assert!(yaml.contains(&format!("name: {column}")), "{column}");
+        }
+        assert!(yaml.contains("shortNames:\n    - mtlsid"));
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45s"), Some(Duration::from_secs(45)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("1d"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration("10"), None);
+    }
+
+    #[test]
+    fn version_defaults_to_awscurrent_and_prefers_a_pinned_id() {
+        let mut source = SourceSpec {
+            secret_id: "ns/x".into(),
+            region: None,
+            version_stage: None,
+            version_id: None,
+            format: SourceFormat::Json,
+            fields: None,
+            ca_secret_id: None,
+        };
+        assert_eq!(
+            source.version(),
+            VersionSelector::Stage("AWSCURRENT".into())
+        );
+        source.version_stage = Some("AWSPENDING".into());
+        assert_eq!(
+            source.version(),
+            VersionSelector::Stage("AWSPENDING".into())
+        );
+        source.version_id = Some("v".repeat(32));
+        assert_eq!(source.version(), VersionSelector::Id("v".repeat(32)));
+    }
+}

@@ -1,0 +1,602 @@
+//! Pure decisions of a reconcile: what went wrong (with one fixed reason string), what the Secret
+//! should hold, what the status says, which Event to emit, and when to look again. No I/O.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::api::{
+    CertificateStatus, Condition, FINGERPRINT_ANNOTATION, IDENTITY_LABEL, MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE, MtlsIdentityStatus, RotationStatus, SourceStatus, VERSION_ID_ANNOTATION,
+};
+use crate::pki::{PkiError, ValidatedIdentity};
+use crate::source::SourceError;
+
+pub const READY: &str = "Ready";
+pub const REASON_SYNCED: &str = "Synced";
+
+/// Why an identity could not be synced. Each variant maps to one fixed reason.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncFailure {
+    #[error(
+        "secret {secret_id} is not allowed for namespace {namespace} by the operator's source policy \
+         (allowed: {allowed})"
+    )]
+    NotAllowed {
+        secret_id: String,
+        namespace: String,
+        allowed: String,
+    },
+    #[error(
+        "Secret {secret} already exists and is not owned by this MtlsIdentity; it is left untouched. \
+         Delete it or choose another spec.target.secretName"
+    )]
+    TargetConflict { secret: String },
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("{context}: {error}")]
+    Material { context: String, error: PkiError },
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl SyncFailure {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotAllowed { .. } => "SourceNotAllowed",
+            Self::TargetConflict { .. } => "TargetConflict",
+            Self::Source(error) => error.reason(),
+            Self::Material { error, .. } => error.reason(),
+            Self::InvalidSpec(_) => "InvalidSpec",
+        }
+    }
+}
+
+/// The facts of a successful sync, kept for status and Events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synced {
+    pub arn: String,
+    pub version_id: String,
+    pub certificate: CertificateStatus,
+    pub not_after_unix: i64,
+    pub secret_name: String,
+}
+
+pub fn certificate_status(identity: &ValidatedIdentity) -> CertificateStatus {
+    let facts = &identity.facts;
+    CertificateStatus {
+        subject: facts.subject.clone(),
+        issuer: facts.issuer.clone(),
+        serial_number: facts.serial_number.clone(),
+        not_before: facts.not_before_rfc3339(),
+        not_after: facts.not_after_rfc3339(),
+        sha256_fingerprint: facts.sha256_fingerprint.clone(),
+        dns_names: facts.dns_names.clone(),
+        uris: facts.uris.clone(),
+    }
+}
+
+/// The Secret the identity should own, as applied with server-side apply.
+pub fn desired_secret(
+    name: &str,
+    namespace: &str,
+    identity_name: &str,
+    owner: OwnerReference,
+    version_id: &str,
+    material: &ValidatedIdentity,
+) -> Secret {
+    let mut data = BTreeMap::new();
+    data.insert(
+        "tls.crt".to_string(),
+        ByteString(material.tls_crt.as_bytes().to_vec()),
+    );
+    data.insert(
+        "tls.key".to_string(),
+        ByteString(material.tls_key.expose().as_bytes().to_vec()),
+    );
+    if let Some(ca) = &material.ca_crt {
+        data.insert("ca.crt".to_string(), ByteString(ca.as_bytes().to_vec()));
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                (IDENTITY_LABEL.to_string(), identity_name.to_string()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (VERSION_ID_ANNOTATION.to_string(), version_id.to_string()),
+                (
+                    FINGERPRINT_ANNOTATION.to_string(),
+                    material.facts.sha256_fingerprint.clone(),
+                ),
+            ])),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_string()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// True when `existing` already holds everything `desired` sets, so no write is needed.
+pub fn secret_up_to_date(existing: &Secret, desired: &Secret) -> bool {
+    let contains = |have: &Option<BTreeMap<String, String>>,
+                    want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(key, value)| have.as_ref().and_then(|have| have.get(key)) == Some(value))
+    };
+    existing.type_ == desired.type_
+        && existing.data == desired.data
+        && contains(&existing.metadata.labels, &desired.metadata.labels)
+        && contains(
+            &existing.metadata.annotations,
+            &desired.metadata.annotations,
+        )
+}
+
+/// Whether `secret` has `owner_uid` as its controller.
+pub fn is_owned_by(secret: &Secret, owner_uid: &str) -> bool {
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true) && owner.uid == owner_uid)
+}
+
+/// The next status. Facts of the Secret in place are kept on failure: the Secret stays as it was.
+/// `now` is used only where a condition's status changes, so repeated outcomes give equal statuses.
+pub fn next_status(
+    previous: Option<&MtlsIdentityStatus>,
+    generation: Option<i64>,
+    outcome: &Result<Synced, SyncFailure>,
+    now: &str,
+) -> MtlsIdentityStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    let (condition_status, reason, message) = match outcome {
+        Ok(synced) => {
+            status.source = Some(SourceStatus {
+                arn: synced.arn.clone(),
+                version_id: synced.version_id.clone(),
+            });
+            status.certificate = Some(synced.certificate.clone());
+            status.secret_name = Some(synced.secret_name.clone());
+            (
+                "True",
+                REASON_SYNCED.to_string(),
+                format!(
+                    "Secret {} holds certificate {} from version {}, valid until {}",
+                    synced.secret_name,
+                    synced.certificate.serial_number,
+                    synced.version_id,
+                    synced.certificate.not_after
+                ),
+            )
+        }
+        Err(failure) => ("False", failure.reason().to_string(), failure.to_string()),
+    };
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: READY.to_string(),
+            status: condition_status.to_string(),
+            reason,
+            message,
+            last_transition_time: now.to_string(),
+            observed_generation: generation,
+        },
+    );
+    status
+}
+
+/// Replaces the condition of the same type, keeping its transition time when its status is unchanged.
+pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
+    if let Some(existing) = conditions.iter_mut().find(|c| c.type_ == condition.type_) {
+        if existing.status == condition.status {
+            condition.last_transition_time = existing.last_transition_time.clone();
+        }
+        *existing = condition;
+    } else {
+        conditions.push(condition);
+    }
+}
+
+pub const EXPIRING_SOON: &str = "ExpiringSoon";
+
+/// Sets the `ExpiringSoon` condition from the certificate now in the Secret (after a failed sync the
+/// previous condition stays, as the Secret does). Returns a Warning Event when it turns True; it is
+/// cleared when a newer certificate arrives. Ready is not affected.
+pub fn expiry(
+    status: &mut MtlsIdentityStatus,
+    outcome: &Result<Synced, SyncFailure>,
+    now_unix: i64,
+    warn_before: Duration,
+    now: &str,
+) -> Option<EventToEmit> {
+    let Ok(synced) = outcome else { return None };
+    let remaining = synced.not_after_unix.saturating_sub(now_unix);
+    let expiring = remaining <= i64::try_from(warn_before.as_secs()).unwrap_or(i64::MAX);
+    let was_expiring = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == EXPIRING_SOON && c.status == "True");
+    let (condition_status, reason, message) = if expiring {
+        (
+            "True",
+            EXPIRING_SOON,
+            format!(
+                "certificate {} expires at {} ({} days left) and Secrets Manager has no newer version",
+                synced.certificate.serial_number,
+                synced.certificate.not_after,
+                remaining / 86_400
+            ),
+        )
+    } else {
+        (
+            "False",
+            "Valid",
+            format!("certificate valid until {}", synced.certificate.not_after),
+        )
+    };
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: EXPIRING_SOON.to_string(),
+            status: condition_status.to_string(),
+            reason: reason.to_string(),
+            message: message.clone(),
+            last_transition_time: now.to_string(),
+            observed_generation: status.observed_generation,
+        },
+    );
+    (expiring && !was_expiring).then(|| EventToEmit {
+        warning: true,
+        reason: EXPIRING_SOON.to_string(),
+        note: message,
+    })
+}
+
+/// The rotation to act on: a new one when the certificate in the Secret changed from one that was
+/// already synced (never on first sync), else the previous one (so an interrupted rotation is finished
+/// after an operator restart, and a finished one is not repeated).
+pub fn rotation(
+    previous: Option<&MtlsIdentityStatus>,
+    synced: &Synced,
+    now: &str,
+) -> Option<RotationStatus> {
+    let previous = previous?;
+    let before = previous.certificate.as_ref()?;
+    if before.sha256_fingerprint != synced.certificate.sha256_fingerprint {
+        return Some(RotationStatus {
+            from_version_id: previous
+                .source
+                .as_ref()
+                .map(|source| source.version_id.clone())
+                .unwrap_or_default(),
+            to_version_id: synced.version_id.clone(),
+            sha256_fingerprint: synced.certificate.sha256_fingerprint.clone(),
+            time: now.to_string(),
+            restarted_workloads: Vec::new(),
+            complete: false,
+        });
+    }
+    previous.last_rotation.clone()
+}
+
+/// An Event to emit: only on a change (new version or certificate, or a new failure reason), so a
+/// failure that persists across reconciles, or an operator restart, does not repeat it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventToEmit {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+pub fn event_for(
+    previous: Option<&MtlsIdentityStatus>,
+    outcome: &Result<Synced, SyncFailure>,
+) -> Option<EventToEmit> {
+    let previous_ready =
+        previous.and_then(|status| status.conditions.iter().find(|c| c.type_ == READY));
+    match outcome {
+        Ok(synced) => {
+            let same_content = previous.is_some_and(|status| {
+                status.source.as_ref().map(|s| s.version_id.as_str()) == Some(&synced.version_id)
+                    && status
+                        .certificate
+                        .as_ref()
+                        .map(|c| c.sha256_fingerprint.as_str())
+                        == Some(&synced.certificate.sha256_fingerprint)
+            });
+            let was_ready = previous_ready.is_some_and(|c| c.status == "True");
+            let rotated = previous
+                .and_then(|status| status.certificate.as_ref())
+                .is_some_and(|c| c.sha256_fingerprint != synced.certificate.sha256_fingerprint);
+            (!(same_content && was_ready)).then(|| EventToEmit {
+                warning: false,
+                reason: if rotated { "Rotated" } else { REASON_SYNCED }.to_string(),
+                note: format!(
+                    "Secret {} written from version {} (certificate {}, expires {})",
+                    synced.secret_name,
+                    synced.version_id,
+                    synced.certificate.serial_number,
+                    synced.certificate.not_after
+                ),
+            })
+        }
+        Err(failure) => {
+            let same_failure =
+                previous_ready.is_some_and(|c| c.status == "False" && c.reason == failure.reason());
+            (!same_failure).then(|| EventToEmit {
+                warning: true,
+                reason: failure.reason().to_string(),
+                note: failure.to_string(),
+            })
+        }
+    }
+}
+
+/// When to look again. Healthy: at the refresh interval with up to 10% jitter, so a fleet created
+/// together does not poll together. Throttled or unavailable: exponential backoff from 5s. Not
+/// found or denied: slowly, as a person must act first. Bad material: at the refresh interval.
+pub fn requeue_after(
+    refresh_interval: Duration,
+    outcome: &Result<Synced, SyncFailure>,
+    consecutive_failures: u32,
+    jitter_fraction: f64,
+) -> Duration {
+    let jitter = |base: Duration| base + base.mul_f64(jitter_fraction.clamp(0.0, 1.0) * 0.1);
+    let backoff = |cap: Duration| {
+        let exponent = consecutive_failures.saturating_sub(1).min(16);
+        Duration::from_secs(5)
+            .saturating_mul(1u32 << exponent)
+            .min(cap)
+    };
+    let slow = refresh_interval.min(Duration::from_secs(300));
+    match outcome {
+        Ok(_) => jitter(refresh_interval),
+        Err(SyncFailure::Source(SourceError::Throttled { .. })) => {
+            jitter(backoff(Duration::from_secs(900)))
+        }
+        Err(SyncFailure::Source(SourceError::Unavailable { .. })) => {
+            jitter(backoff(slow.max(Duration::from_secs(5))))
+        }
+        Err(SyncFailure::Source(_)) => jitter(slow),
+        Err(_) => jitter(refresh_interval),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synced(version: &str, fingerprint: &str) -> Synced {
+        Synced {
+            arn: "arn:aws:secretsmanager:us-east-1:1:secret:ns/x-AbCdEf".into(),
+            version_id: version.into(),
+            certificate: CertificateStatus {
+                serial_number: "01".into(),
+                sha256_fingerprint: fingerprint.into(),
+                not_after: "2030-01-01T00:00:00Z".into(),
+                ..Default::default()
+            },
+            not_after_unix: 1_893_456_000,
+            secret_name: "x".into(),
+        }
+    }
+
+    fn denied() -> SyncFailure {
+        SyncFailure::Source(SourceError::AccessDenied {
+            secret_id: "ns/x".into(),
+            detail: "AccessDeniedException".into(),
+        })
+    }
+
+    #[test]
+    fn status_is_deterministic_and_keeps_transition_time() {
+        let outcome = Ok(synced("v1", "f1"));
+        let first = next_status(None, Some(1), &outcome, "2026-01-01T00:00:00Z");
+        let again = next_status(Some(&first), Some(1), &outcome, "2026-01-02T00:00:00Z");
+        assert_eq!(
+            first, again,
+            "same outcome, same status: no write, no new reconcile"
+        );
+        assert_eq!(first.conditions[0].status, "True");
+        assert_eq!(first.conditions[0].reason, "Synced");
+
+        let failed = next_status(
+            Some(&first),
+            Some(1),
+            &Err(denied()),
+            "2026-01-03T00:00:00Z",
+        );
+        let ready = &failed.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "AccessDenied")
+        );
+        assert_eq!(ready.last_transition_time, "2026-01-03T00:00:00Z");
+        // The Secret stays, and so do the facts that describe it.
+        assert_eq!(failed.source, first.source);
+        assert_eq!(failed.certificate, first.certificate);
+    }
+
+    #[test]
+    fn events_only_on_change() {
+        let first = next_status(None, Some(1), &Ok(synced("v1", "f1")), "t");
+        assert!(
+            event_for(None, &Ok(synced("v1", "f1"))).is_some(),
+            "first sync"
+        );
+        assert!(
+            event_for(Some(&first), &Ok(synced("v1", "f1"))).is_none(),
+            "resync"
+        );
+        let rotated = event_for(Some(&first), &Ok(synced("v2", "f2"))).map(|e| e.reason);
+        assert_eq!(rotated.as_deref(), Some("Rotated"));
+
+        let failed = next_status(Some(&first), Some(1), &Err(denied()), "t");
+        let warning = event_for(Some(&first), &Err(denied())).filter(|e| e.warning);
+        assert_eq!(warning.map(|e| e.reason).as_deref(), Some("AccessDenied"));
+        assert!(
+            event_for(Some(&failed), &Err(denied())).is_none(),
+            "same failure again"
+        );
+        let recovered = event_for(Some(&failed), &Ok(synced("v1", "f1")));
+        assert!(recovered.is_some_and(|e| !e.warning), "recovery is news");
+    }
+
+    #[test]
+    fn expiring_soon_warns_once_and_clears_on_a_newer_certificate() {
+        let day = 86_400;
+        let month = Duration::from_secs(30 * day as u64);
+        let soon = Synced {
+            not_after_unix: 1_000 * day + 10 * day,
+            ..synced("v1", "f1")
+        };
+        let mut status = next_status(None, Some(1), &Ok(soon.clone()), "t");
+        let event = expiry(&mut status, &Ok(soon.clone()), 1_000 * day, month, "t");
+        assert_eq!(event.map(|e| e.reason).as_deref(), Some("ExpiringSoon"));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "ExpiringSoon" && c.status == "True")
+        );
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        );
+        assert!(
+            expiry(&mut status, &Ok(soon), 1_000 * day, month, "t").is_none(),
+            "once"
+        );
+
+        let renewed = Synced {
+            not_after_unix: 1_000 * day + 365 * day,
+            ..synced("v2", "f2")
+        };
+        assert!(expiry(&mut status, &Ok(renewed), 1_000 * day, month, "t").is_none());
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "ExpiringSoon" && c.status == "False")
+        );
+    }
+
+    #[test]
+    fn rotation_is_recorded_only_when_the_certificate_changes() {
+        let first = next_status(None, Some(1), &Ok(synced("v1", "f1")), "t0");
+        assert!(
+            rotation(None, &synced("v1", "f1"), "t0").is_none(),
+            "first sync"
+        );
+        assert!(
+            rotation(Some(&first), &synced("v1", "f1"), "t1").is_none(),
+            "resync"
+        );
+        let rotated = rotation(Some(&first), &synced("v2", "f2"), "t2");
+        let rotated = rotated.as_ref();
+        assert_eq!(rotated.map(|r| r.from_version_id.as_str()), Some("v1"));
+        assert_eq!(rotated.map(|r| r.to_version_id.as_str()), Some("v2"));
+        assert_eq!(rotated.map(|r| r.complete), Some(false));
+        let mut after = next_status(Some(&first), Some(1), &Ok(synced("v2", "f2")), "t2");
+        after.last_rotation = rotated.cloned();
+        // Replayed (operator restart): the same rotation, not a new one.
+        assert_eq!(
+            rotation(Some(&after), &synced("v2", "f2"), "t3").as_ref(),
+            rotated
+        );
+    }
+
+    #[test]
+    fn requeue_backs_off_per_reason() {
+        let hour = Duration::from_secs(3600);
+        let ok = requeue_after(hour, &Ok(synced("v", "f")), 0, 0.0);
+        assert_eq!(ok, hour);
+        assert_eq!(
+            requeue_after(hour, &Ok(synced("v", "f")), 0, 1.0),
+            hour + hour / 10
+        );
+
+        let throttled = |n| {
+            requeue_after(
+                hour,
+                &Err(SyncFailure::Source(SourceError::Throttled {
+                    secret_id: "x".into(),
+                })),
+                n,
+                0.0,
+            )
+        };
+        assert_eq!(throttled(1), Duration::from_secs(5));
+        assert_eq!(throttled(2), Duration::from_secs(10));
+        assert_eq!(throttled(4), Duration::from_secs(40));
+        assert_eq!(throttled(30), Duration::from_secs(900), "capped");
+
+        assert_eq!(
+            requeue_after(hour, &Err(denied()), 3, 0.0),
+            Duration::from_secs(300)
+        );
+        let short = Duration::from_secs(10);
+        assert_eq!(requeue_after(short, &Err(denied()), 3, 0.0), short);
+        let conflict = Err(SyncFailure::TargetConflict {
+            secret: "ns/x".into(),
+        });
+        assert_eq!(requeue_after(hour, &conflict, 1, 0.0), hour);
+    }
+
+    #[test]
+    fn ownership_needs_the_controller_reference_with_our_uid() {
+        let with_owner = |uid: &str, controller: Option<bool>| Secret {
+            metadata: ObjectMeta {
+                owner_references: Some(vec![OwnerReference {
+                    uid: uid.into(),
+                    controller,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(is_owned_by(&with_owner("u1", Some(true)), "u1"));
+        assert!(!is_owned_by(&with_owner("u2", Some(true)), "u1"));
+        assert!(!is_owned_by(&with_owner("u1", None), "u1"));
+        assert!(!is_owned_by(&Secret::default(), "u1"));
+    }
+
+    #[test]
+    fn failure_reasons_are_fixed_strings() {
+        let reasons = [
+            SyncFailure::NotAllowed {
+                secret_id: "a".into(),
+                namespace: "b".into(),
+                allowed: "b/*".into(),
+            }
+            .reason(),
+            SyncFailure::TargetConflict { secret: "x".into() }.reason(),
+            denied().reason(),
+            SyncFailure::InvalidSpec("x".into()).reason(),
+        ];
+        assert_eq!(
+            reasons,
+            [
+                "SourceNotAllowed",
+                "TargetConflict",
+                "AccessDenied",
+                "InvalidSpec"
+            ]
+        );
+    }
+}

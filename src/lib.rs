@@ -1,0 +1,14 @@
+//! mtls-operator: keeps workloads' mTLS client certificates in sync with AWS Secrets Manager.
+//!
+//! - [`api`]: the `MtlsIdentity` custom resource.
+//! - [`pki`]: pure certificate logic: parse, validate, fingerprint, render Secret data.
+//! - [`source`]: Secrets Manager behind a trait, and the tenancy policy.
+//! - [`controller`]: reconcile, with pure decisions apart from the I/O.
+//! - [`restart`]: restart exactly the workloads that use a rotated Secret.
+
+pub mod api;
+pub mod controller;
+pub mod pki;
+pub mod restart;
+pub mod source;
+pub mod telemetry;

@@ -1,0 +1,423 @@
+//! Restarts exactly the workloads that use a rotated Secret.
+//!
+//! The token written to a pod template is the certificate's fingerprint, under a key per identity, so
+//! replaying a patch is a no-op and each rotation gives one rolling restart. A global cap bounds the
+//! rollouts in progress: a mass rotation becomes a queue, not a storm. Decisions are in [`decide`].
+
+pub mod decide;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+
+use crate::api::{FIELD_MANAGER, RestartPolicy, RestartSpec, WorkloadKind};
+use decide::RestartDecision;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// A Deployment, StatefulSet or DaemonSet, seen through what restarts need.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    Deployment(Deployment),
+    StatefulSet(StatefulSet),
+    DaemonSet(DaemonSet),
+}
+
+impl Workload {
+    pub fn kind(&self) -> WorkloadKind {
+        match self {
+            Self::Deployment(_) => WorkloadKind::Deployment,
+            Self::StatefulSet(_) => WorkloadKind::StatefulSet,
+            Self::DaemonSet(_) => WorkloadKind::DaemonSet,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Deployment(w) => &w.metadata,
+            Self::StatefulSet(w) => &w.metadata,
+            Self::DaemonSet(w) => &w.metadata,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.metadata().name.clone().unwrap_or_default()
+    }
+
+    /// `Kind/name`, as status and Events show it.
+    pub fn display(&self) -> String {
+        format!("{:?}/{}", self.kind(), self.name())
+    }
+
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        match self {
+            Self::Deployment(w) => w.spec.as_ref().map(|s| &s.template),
+            Self::StatefulSet(w) => w.spec.as_ref().map(|s| &s.template),
+            Self::DaemonSet(w) => w.spec.as_ref().map(|s| &s.template),
+        }
+    }
+
+    fn selector(&self) -> Option<&LabelSelector> {
+        match self {
+            Self::Deployment(w) => w.spec.as_ref().map(|s| &s.selector),
+            Self::StatefulSet(w) => w.spec.as_ref().map(|s| &s.selector),
+            Self::DaemonSet(w) => w.spec.as_ref().map(|s| &s.selector),
+        }
+    }
+
+    pub fn uses_secret(&self, secret: &str) -> bool {
+        self.template()
+            .and_then(|template| template.spec.as_ref())
+            .is_some_and(|spec| decide::pod_uses_secret(spec, secret))
+    }
+
+    pub fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
+        self.template()
+            .and_then(|template| template.metadata.as_ref())
+            .and_then(|metadata| metadata.annotations.as_ref())
+    }
+
+    pub fn paused(&self) -> bool {
+        matches!(self, Self::Deployment(w) if w.spec.as_ref().and_then(|s| s.paused) == Some(true))
+    }
+
+    /// Whether a rollout is still in progress (the controller has not caught up, or not every
+    /// replica runs the current template and is ready).
+    pub fn rollout_in_progress(&self) -> bool {
+        let generation = self.metadata().generation;
+        match self {
+            Self::Deployment(w) => {
+                let want = w.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                w.status.as_ref().is_none_or(|s| {
+                    s.observed_generation < generation
+                        || s.updated_replicas.unwrap_or(0) < want
+                        || s.ready_replicas.unwrap_or(0) < want
+                        || s.replicas.unwrap_or(0) > want
+                })
+            }
+            Self::StatefulSet(w) => {
+                let want = w.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                w.status.as_ref().is_none_or(|s| {
+                    s.observed_generation < generation
+                        || s.current_revision != s.update_revision
+                        || s.ready_replicas.unwrap_or(0) < want
+                })
+            }
+            Self::DaemonSet(w) => w.status.as_ref().is_none_or(|s| {
+                s.observed_generation < generation
+                    || s.updated_number_scheduled.unwrap_or(0) < s.desired_number_scheduled
+                    || s.number_ready < s.desired_number_scheduled
+            }),
+        }
+    }
+}
+
+/// What happened to the workloads for one rotation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestartReport {
+    /// Restarted (or, for `Annotate`, whose pods were annotated) now or earlier for this token.
+    pub done: Vec<String>,
+    /// Restarted by this call.
+    pub triggered: Vec<String>,
+    /// Waiting for a free rollout slot.
+    pub pending: Vec<String>,
+    /// Paused Deployments: left alone, with an Event.
+    pub paused: Vec<String>,
+    /// Named in `spec.restart.workloads` but absent.
+    pub missing: Vec<String>,
+    /// (workload, reason) for patches the API refused.
+    pub failed: Vec<(String, String)>,
+}
+
+impl RestartReport {
+    pub fn complete(&self) -> bool {
+        self.pending.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// One identity's rotation, as restarts need it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartRequest<'a> {
+    pub namespace: &'a str,
+    pub identity_name: &'a str,
+    pub policy: RestartPolicy,
+    /// The new certificate's fingerprint.
+    pub token: &'a str,
+    /// When the rotation was written (UNIX seconds).
+    pub rotated_at_unix: i64,
+}
+
+/// Shared by every reconcile: the cap on rollouts in progress and the rollouts this process started.
+pub struct Restarter {
+    client: kube::Client,
+    max_rollouts: usize,
+    in_flight: Mutex<HashSet<(String, WorkloadKind, String)>>,
+    /// Reconciles run concurrently: counting the rollouts in progress and starting one must be one
+    /// step, or several reconciles could each see a free slot.
+    start_lock: tokio::sync::Mutex<()>,
+}
+
+impl Restarter {
+    pub fn new(client: kube::Client, max_rollouts: usize) -> Self {
+        Self {
+            client,
+            max_rollouts: max_rollouts.max(1),
+            in_flight: Mutex::new(HashSet::new()),
+            start_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn get(
+        &self,
+        namespace: &str,
+        kind: WorkloadKind,
+        name: &str,
+    ) -> Result<Option<Workload>, kube::Error> {
+        Ok(match kind {
+            WorkloadKind::Deployment => Api::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::Deployment),
+            WorkloadKind::StatefulSet => Api::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::StatefulSet),
+            WorkloadKind::DaemonSet => Api::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::DaemonSet),
+        })
+    }
+
+    /// The workloads a rotation concerns: the listed ones, or every Deployment, StatefulSet and
+    /// DaemonSet in the namespace whose pod template uses `secret`. Also returns listed-but-missing.
+    pub async fn affected(
+        &self,
+        namespace: &str,
+        spec: &RestartSpec,
+        secret: &str,
+    ) -> Result<(Vec<Workload>, Vec<String>), RestartError> {
+        if !spec.workloads.is_empty() {
+            let mut found = Vec::new();
+            let mut missing = Vec::new();
+            for reference in &spec.workloads {
+                match self.get(namespace, reference.kind, &reference.name).await? {
+                    Some(workload) => found.push(workload),
+                    None => missing.push(format!("{:?}/{}", reference.kind, reference.name)),
+                }
+            }
+            return Ok((found, missing));
+        }
+        let params = ListParams::default();
+        let mut all: Vec<Workload> = Vec::new();
+        all.extend(
+            Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                .list(&params)
+                .await?
+                .items
+                .into_iter()
+                .map(Workload::Deployment),
+        );
+        all.extend(
+            Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                .list(&params)
+                .await?
+                .items
+                .into_iter()
+                .map(Workload::StatefulSet),
+        );
+        all.extend(
+            Api::<DaemonSet>::namespaced(self.client.clone(), namespace)
+                .list(&params)
+                .await?
+                .items
+                .into_iter()
+                .map(Workload::DaemonSet),
+        );
+        all.retain(|workload| workload.uses_secret(secret));
+        Ok((all, Vec::new()))
+    }
+
+    /// Rollouts this process started that are still in progress (finished ones are forgotten).
+    async fn rollouts_in_progress(&self) -> usize {
+        let keys: Vec<_> = match self.in_flight.lock() {
+            Ok(set) => set.iter().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
+        };
+        let mut busy = 0;
+        for key in keys {
+            let (namespace, kind, name) = &key;
+            let running = match self.get(namespace, *kind, name).await {
+                Ok(Some(workload)) => workload.rollout_in_progress(),
+                Ok(None) => false,
+                // Unknown: count it, so the cap errs on the side of fewer rollouts.
+                Err(_) => true,
+            };
+            if running {
+                busy += 1;
+            } else if let Ok(mut set) = self.in_flight.lock() {
+                set.remove(&key);
+            }
+        }
+        busy
+    }
+
+    /// Applies the request's policy for its token to `workloads`. `sibling_tokens(w)` gives the
+    /// current tokens of the other identities whose Secrets `w` uses: they go into the same patch, so
+    /// identities rotated together restart a workload once.
+    pub async fn apply(
+        &self,
+        request: &RestartRequest<'_>,
+        workloads: &[Workload],
+        sibling_tokens: &(dyn Fn(&Workload) -> BTreeMap<String, String> + Sync),
+    ) -> RestartReport {
+        let RestartRequest {
+            namespace,
+            identity_name,
+            policy,
+            token,
+            rotated_at_unix,
+        } = *request;
+        let key = decide::token_key(identity_name);
+        let mut report = RestartReport::default();
+        for workload in workloads {
+            // A workload created after the rotation mounted the new Secret from its start.
+            let rotated_since_created = workload
+                .metadata()
+                .creation_timestamp
+                .as_ref()
+                .is_none_or(|created| created.0.as_second() <= rotated_at_unix);
+            let name = workload.display();
+            match policy {
+                RestartPolicy::None => {}
+                RestartPolicy::Rollout => {
+                    let decision = decide::decide(
+                        workload.metadata().annotations.as_ref(),
+                        workload.template_annotations(),
+                        &key,
+                        token,
+                        rotated_since_created,
+                    );
+                    match decision {
+                        RestartDecision::UpToDate => report.done.push(name),
+                        RestartDecision::OptedOut | RestartDecision::NotNeeded => {}
+                        RestartDecision::Restart if workload.paused() => report.paused.push(name),
+                        RestartDecision::Restart => {
+                            let _slot = self.start_lock.lock().await;
+                            if self.rollouts_in_progress().await >= self.max_rollouts {
+                                report.pending.push(name);
+                                continue;
+                            }
+                            let mut tokens = sibling_tokens(workload);
+                            tokens.insert(key.clone(), token.to_string());
+                            match self.patch_template(namespace, workload, &tokens).await {
+                                Ok(()) => {
+                                    report.triggered.push(name.clone());
+                                    report.done.push(name);
+                                }
+                                Err(error) => report.failed.push((name, error.to_string())),
+                            }
+                        }
+                    }
+                }
+                RestartPolicy::Annotate => {
+                    match self.annotate_pods(namespace, workload, &key, token).await {
+                        Ok(changed) => {
+                            if changed {
+                                report.triggered.push(name.clone());
+                            }
+                            report.done.push(name);
+                        }
+                        Err(error) => report.failed.push((name, error.to_string())),
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    async fn patch_template(
+        &self,
+        namespace: &str,
+        workload: &Workload,
+        tokens: &BTreeMap<String, String>,
+    ) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({
+            "spec": {"template": {"metadata": {"annotations": tokens}}}
+        });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        let name = workload.name();
+        match workload {
+            Workload::Deployment(_) => {
+                Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                    .patch(&name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+            Workload::StatefulSet(_) => {
+                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                    .patch(&name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+            Workload::DaemonSet(_) => {
+                Api::<DaemonSet>::namespaced(self.client.clone(), namespace)
+                    .patch(&name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+        }
+        if let Ok(mut set) = self.in_flight.lock() {
+            set.insert((namespace.to_string(), workload.kind(), name));
+        }
+        Ok(())
+    }
+
+    /// `Annotate`: the running Pods get the token (the kubelet then refreshes mounted Secret volumes
+    /// promptly); no restart. Returns whether any Pod changed.
+    async fn annotate_pods(
+        &self,
+        namespace: &str,
+        workload: &Workload,
+        key: &str,
+        token: &str,
+    ) -> Result<bool, kube::Error> {
+        let Some(labels) = workload.selector().and_then(|s| s.match_labels.as_ref()) else {
+            return Ok(false);
+        };
+        let selector = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {key: token}}});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        let mut changed = false;
+        for pod in pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(key));
+            if current.map(String::as_str) == Some(token) {
+                continue;
+            }
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            pods.patch(&name, &params, &Patch::Merge(&patch)).await?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+}

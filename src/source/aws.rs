@@ -1,0 +1,142 @@
+//! AWS Secrets Manager through the real SDK. The endpoint, region and credentials come from the
+//! standard AWS configuration (`AWS_ENDPOINT_URL`, IRSA, Pod Identity, ...): there is no test-only
+//! path; tests point the endpoint at moto.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use super::{FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError, VersionSelector};
+
+pub struct SecretsManagerSource {
+    base: aws_config::SdkConfig,
+    /// One client per region, shared by every identity (connection pool, credentials cache).
+    clients: Mutex<HashMap<String, Client>>,
+    calls: AtomicU64,
+}
+
+impl SecretsManagerSource {
+    pub fn new(base: aws_config::SdkConfig) -> Self {
+        Self {
+            base,
+            clients: Mutex::new(HashMap::new()),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Secrets Manager API calls made so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn client(&self, region: Option<&str>) -> Client {
+        let key = region.unwrap_or_default().to_string();
+        let mut clients = match self.clients.lock() {
+            Ok(clients) => clients,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clients
+            .entry(key)
+            .or_insert_with(|| {
+                let mut config = aws_sdk_secretsmanager::config::Builder::from(&self.base);
+                if let Some(region) = region {
+                    config = config.region(aws_config::Region::new(region.to_string()));
+                }
+                Client::from_conf(config.build())
+            })
+            .clone()
+    }
+
+    async fn get(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+        let client = self.client(secret.region.as_deref());
+        let mut request = client.get_secret_value().secret_id(&secret.secret_id);
+        // Always name the stage: moto (moto#9451) and caches can lag behind a moved AWSCURRENT when
+        // it is left implicit; on AWS the explicit stage is the same request.
+        request = match &secret.version {
+            VersionSelector::Stage(stage) => request.version_stage(stage),
+            VersionSelector::Id(id) => request.version_id(id),
+        };
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let output = request
+            .send()
+            .await
+            .map_err(|error| classify(&secret.secret_id, &error))?;
+        let content = match (output.secret_string, output.secret_binary) {
+            (Some(text), _) => SecretContent::Text(text),
+            (None, Some(blob)) => SecretContent::Binary(blob.into_inner()),
+            (None, None) => {
+                return Err(SourceError::Empty {
+                    secret_id: secret.secret_id.clone(),
+                });
+            }
+        };
+        Ok(FetchedSecret {
+            arn: output.arn.unwrap_or_default(),
+            version_id: output.version_id.unwrap_or_default(),
+            content,
+        })
+    }
+}
+
+impl SecretSource for SecretsManagerSource {
+    fn fetch<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
+        self.get(secret).boxed()
+    }
+}
+
+/// Maps an SDK error to a reason by its error code, never by its text.
+fn classify<E, R>(secret_id: &str, error: &SdkError<E, R>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let secret_id = secret_id.to_string();
+    let code = error.code().unwrap_or_default();
+    let detail = match error.message() {
+        Some(message) => format!("{code}: {message}"),
+        None => code.to_string(),
+    };
+    match code {
+        "ResourceNotFoundException" => SourceError::NotFound { secret_id, detail },
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "DecryptionFailure" => SourceError::AccessDenied { secret_id, detail },
+        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
+            SourceError::Throttled { secret_id }
+        }
+        // A secret scheduled for deletion, or a version that does not exist.
+        "InvalidRequestException" | "InvalidParameterException" => {
+            SourceError::NotFound { secret_id, detail }
+        }
+        _ => {
+            let detail = match error {
+                SdkError::ConstructionFailure(_) => {
+                    "the request could not be built (are AWS credentials and region configured?)"
+                        .to_string()
+                }
+                SdkError::TimeoutError(_) => "timed out".to_string(),
+                SdkError::DispatchFailure(failure) => {
+                    if failure.is_timeout() {
+                        "timed out connecting".to_string()
+                    } else {
+                        "could not reach the endpoint".to_string()
+                    }
+                }
+                SdkError::ResponseError(_) => "unreadable response".to_string(),
+                _ if detail.is_empty() => "unknown error".to_string(),
+                _ => detail,
+            };
+            SourceError::Unavailable { secret_id, detail }
+        }
+    }
+}

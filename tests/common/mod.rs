@@ -1,0 +1,361 @@
+//! Shared by the integration tests: the CRD and RBAC installed once, an operator per test namespace
+//! (running as a ServiceAccount bound to `deploy/rbac.yaml`), test certificates, and lookups.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use mtls_operator::api::MtlsIdentity;
+use mtls_operator::controller::{self, Settings};
+use mtls_operator::source::{
+    FetchedSecret, SecretRef, SecretSource, SecretsManagerSource, SourceError,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use tokio::sync::{OnceCell, oneshot};
+use xtask::support::{self, wait_for};
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+static INSTALLED: OnceCell<()> = OnceCell::const_new();
+
+/// Applies the generated CRD and the documented ClusterRole (once per test binary).
+pub async fn install_crd_and_rbac() -> Result<()> {
+    INSTALLED
+        .get_or_try_init(|| async {
+            let admin = support::admin_client().await?;
+            let apply = PatchParams::apply("mtls-operator-tests").force();
+            let crd: CustomResourceDefinition =
+                serde_yaml::from_str(include_str!("../../crds/mtlsidentity.yaml"))?;
+            let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+            crds.patch(
+                "mtlsidentities.mtls-operator.io",
+                &apply,
+                &Patch::Apply(&crd),
+            )
+            .await?;
+            let role: ClusterRole = serde_yaml::from_str(include_str!("../../deploy/rbac.yaml"))?;
+            Api::<ClusterRole>::all(admin.clone())
+                .patch("mtls-operator", &apply, &Patch::Apply(&role))
+                .await?;
+            wait_for("the CRD to be established", TIMEOUT, || async {
+                let crd = crds.get("mtlsidentities.mtls-operator.io").await?;
+                let established = crd
+                    .status
+                    .and_then(|status| status.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                ensure!(established, "not established yet");
+                Ok(())
+            })
+            .await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// An operator watching one namespace, as ServiceAccount `mtls-operator` bound (RoleBinding) to the
+/// documented ClusterRole. Stops when dropped.
+pub struct Operator {
+    pub source: Arc<SecretsManagerSource>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn start_operator(namespace: &str) -> Result<Operator> {
+    start_operator_with(namespace, Settings::default()).await
+}
+
+/// An operator with `settings` (its namespace is set to `namespace`).
+pub async fn start_operator_with(namespace: &str, settings: Settings) -> Result<Operator> {
+    install_crd_and_rbac().await?;
+    let admin = support::admin_client().await?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "mtls-operator", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "mtls-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": namespace}]
+    }))?;
+    // Idempotent: a test may restart its operator.
+    Api::<RoleBinding>::namespaced(admin, namespace)
+        .patch(
+            "mtls-operator",
+            &PatchParams::apply("mtls-operator-tests").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    let client = support::service_account_client(namespace, "mtls-operator").await?;
+    let source = Arc::new(SecretsManagerSource::new(support::aws_config().await));
+    let settings = Settings {
+        namespace: Some(namespace.to_string()),
+        ..settings
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let faulty = Arc::new(FaultInjectingSource {
+        inner: source.clone(),
+    });
+    tokio::spawn(controller::run(client, faulty, settings, async {
+        let _ = stopped.await;
+    }));
+    Ok(Operator {
+        source,
+        stop: Some(stop),
+    })
+}
+
+/// Moto does not emulate AWS refusing or throttling a call: secrets whose id ends in
+/// `/fault-access-denied` or `/fault-throttled` get those errors; all others reach moto.
+struct FaultInjectingSource {
+    inner: Arc<SecretsManagerSource>,
+}
+
+impl SecretSource for FaultInjectingSource {
+    fn fetch<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
+        let secret_id = secret.secret_id.clone();
+        if secret_id.ends_with("/fault-access-denied") {
+            return Box::pin(async move {
+                Err(SourceError::AccessDenied {
+                    secret_id,
+                    detail: "AccessDeniedException: not authorized to perform GetSecretValue"
+                        .into(),
+                })
+            });
+        }
+        if secret_id.ends_with("/fault-throttled") {
+            return Box::pin(async move { Err(SourceError::Throttled { secret_id }) });
+        }
+        self.inner.fetch(secret)
+    }
+}
+
+/// A test CA that issues client and server certificates.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct LeafOptions {
+    pub common_name: String,
+    pub dns_names: Vec<String>,
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
+    /// `None`: no EKU extension at all.
+    pub extended_key_usages: Option<Vec<ExtendedKeyUsagePurpose>>,
+}
+
+impl Default for LeafOptions {
+    fn default() -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        Self {
+            common_name: "payments-client".into(),
+            dns_names: vec!["payments-client.example".into()],
+            not_before: now - time::Duration::days(1),
+            not_after: now + time::Duration::days(90),
+            extended_key_usages: Some(vec![ExtendedKeyUsagePurpose::ClientAuth]),
+        }
+    }
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<Self> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)?,
+        })
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn leaf(&self, options: &LeafOptions) -> Result<Leaf> {
+        let mut params = CertificateParams::new(options.dns_names.clone())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, options.common_name.as_str());
+        params.not_before = options.not_before;
+        params.not_after = options.not_after;
+        if let Some(usages) = &options.extended_key_usages {
+            params.extended_key_usages = usages.clone();
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+
+    pub fn server(&self) -> Result<Leaf> {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+}
+
+pub fn json_secret(certificate: &str, private_key: &str, ca: &str) -> String {
+    serde_json::json!({"certificate": certificate, "private_key": private_key, "ca": ca})
+        .to_string()
+}
+
+/// Creates or updates a secret in the environment's Secrets Manager; returns the new version id.
+pub async fn put_source(name: &str, value: &str) -> Result<String> {
+    let client = support::secrets_manager().await;
+    let exists = client
+        .describe_secret()
+        .secret_id(name)
+        .send()
+        .await
+        .is_ok();
+    let version = if exists {
+        client
+            .put_secret_value()
+            .secret_id(name)
+            .secret_string(value)
+            .send()
+            .await?
+            .version_id
+    } else {
+        client
+            .create_secret()
+            .name(name)
+            .secret_string(value)
+            .send()
+            .await?
+            .version_id
+    };
+    version.context("no VersionId")
+}
+
+pub fn identity(
+    name: &str,
+    secret_id: &str,
+    extra_spec: serde_json::Value,
+) -> Result<MtlsIdentity> {
+    let mut spec = serde_json::json!({
+        "source": {"secretId": secret_id},
+        "refreshInterval": "5s"
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (key, value) in extra {
+            spec.insert(key.clone(), value.clone());
+        }
+    }
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "mtls-operator.io/v1alpha1",
+        "kind": "MtlsIdentity",
+        "metadata": {"name": name},
+        "spec": spec
+    }))?)
+}
+
+pub async fn create_identity(namespace: &str, identity: &MtlsIdentity) -> Result<()> {
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
+    identities.create(&PostParams::default(), identity).await?;
+    Ok(())
+}
+
+/// Waits until the identity's Ready condition has `status` and `reason`; returns the identity.
+pub async fn wait_ready(
+    namespace: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> Result<MtlsIdentity> {
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
+    wait_for(
+        &format!("{namespace}/{name} Ready={status} reason={reason}"),
+        TIMEOUT,
+        || async {
+            let identity = identities.get(name).await?;
+            let ready = identity
+                .ready_condition()
+                .context("no Ready condition yet")?;
+            ensure!(
+                ready.status == status && ready.reason == reason,
+                "Ready={} reason={} message={}",
+                ready.status,
+                ready.reason,
+                ready.message
+            );
+            Ok(identity)
+        },
+    )
+    .await
+}
+
+/// Waits for an events.k8s.io Event about `name` with `reason`.
+pub async fn wait_event(namespace: &str, name: &str, reason: &str) -> Result<Event> {
+    let events: Api<Event> = Api::namespaced(support::admin_client().await?, namespace);
+    wait_for(
+        &format!("an Event {reason} about {name}"),
+        TIMEOUT,
+        || async {
+            events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|event| {
+                    event.reason.as_deref() == Some(reason)
+                        && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+                .context("no such Event yet")
+        },
+    )
+    .await
+}
+
+pub async fn get_secret(namespace: &str, name: &str) -> Result<Option<Secret>> {
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, namespace);
+    Ok(secrets.get_opt(name).await?)
+}
+
+pub fn secret_data(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .map(|value| String::from_utf8_lossy(&value.0).into_owned())
+}

@@ -1,0 +1,538 @@
+//! MtlsIdentity → validated kubernetes.io/tls Secret, on the real control plane and moto, with the
+//! operator running as a ServiceAccount bound to the documented ClusterRole.
+
+mod common;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use mtls_operator::api::{FINGERPRINT_ANNOTATION, MtlsIdentity, VERSION_ID_ANNOTATION};
+use rcgen::ExtendedKeyUsagePurpose;
+use sha2::{Digest, Sha256};
+use xtask::support::{self, wait_for};
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A rustls server that requires a client certificate from `ca_pem`, and a rustls client that
+/// presents `tls.crt`/`tls.key`: returns the SHA-256 of the client certificate the server saw.
+async fn mutual_tls_handshake(
+    ca: &TestCa,
+    tls_crt: &str,
+    tls_key: &str,
+    ca_crt: &str,
+) -> Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_crt.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let roots = Arc::new(roots);
+    let server_leaf = ca.server()?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()?;
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(server_leaf.der.clone())],
+            PrivateKeyDer::from_pem_slice(server_leaf.key_pem.as_bytes())?,
+        )?;
+    let client_chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(tls_crt.as_bytes()).collect::<Result<_, _>>()?;
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            client_chain,
+            PrivateKeyDer::from_pem_slice(tls_key.as_bytes())?,
+        )?;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        let mut tls = acceptor.accept(stream).await?;
+        let seen = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| sha256_hex(cert.as_ref()))
+            .context("no client certificate")?;
+        let mut buffer = [0u8; 4];
+        tls.read_exact(&mut buffer).await?;
+        tls.write_all(b"pong").await?;
+        tls.shutdown().await?;
+        Ok::<_, anyhow::Error>(seen)
+    });
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost")?, stream)
+        .await?;
+    tls.write_all(b"ping").await?;
+    let mut reply = [0u8; 4];
+    tls.read_exact(&mut reply).await?;
+    ensure!(&reply == b"pong", "unexpected reply");
+    server.await?
+}
+
+#[tokio::test]
+async fn json_identity_becomes_a_tls_secret_that_completes_mutual_tls() -> Result<()> {
+    let namespace = support::create_namespace("sync", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("partner CA")?;
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    let secret_id = format!("{namespace}/api-client");
+    let version = put_source(
+        &secret_id,
+        &json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()),
+    )
+    .await?;
+
+    create_identity(
+        &namespace,
+        &identity("payments", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    let synced = wait_ready(&namespace, "payments", "True", "Synced").await?;
+
+    let status = synced.status.clone().context("no status")?;
+    let certificate = status.certificate.context("no certificate facts")?;
+    assert_eq!(certificate.sha256_fingerprint, sha256_hex(&leaf.der));
+    assert_eq!(certificate.subject, "CN=payments-client");
+    assert_eq!(certificate.issuer, "CN=partner CA");
+    assert_eq!(
+        certificate.dns_names,
+        vec!["payments-client.example".to_string()]
+    );
+    assert!(!certificate.serial_number.is_empty());
+    assert!(certificate.not_after.ends_with('Z'));
+    let source = status.source.context("no source facts")?;
+    assert_eq!(source.version_id, version);
+    assert!(
+        source.arn.starts_with("arn:aws:secretsmanager:"),
+        "{}",
+        source.arn
+    );
+    assert_eq!(status.secret_name.as_deref(), Some("payments"));
+    assert_eq!(status.observed_generation, synced.metadata.generation);
+
+    let secret = get_secret(&namespace, "payments")
+        .await?
+        .context("no Secret")?;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("mtls-operator")
+    );
+    assert_eq!(
+        labels.get("mtls-operator.io/identity").map(String::as_str),
+        Some("payments")
+    );
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get(VERSION_ID_ANNOTATION), Some(&version));
+    assert_eq!(
+        annotations.get(FINGERPRINT_ANNOTATION),
+        Some(&sha256_hex(&leaf.der))
+    );
+    let owner = secret
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .context("no ownerReference")?;
+    assert_eq!(owner.kind, "MtlsIdentity");
+    assert_eq!(owner.controller, Some(true));
+    assert_eq!(Some(owner.uid), synced.metadata.uid.clone());
+    assert_eq!(
+        secret
+            .metadata
+            .managed_fields
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .filter(|f| f.manager.as_deref() == Some("mtls-operator"))
+            .count(),
+        1,
+        "written under the one field manager"
+    );
+
+    let tls_crt = secret_data(&secret, "tls.crt").context("no tls.crt")?;
+    let tls_key = secret_data(&secret, "tls.key").context("no tls.key")?;
+    let ca_crt = secret_data(&secret, "ca.crt").context("no ca.crt")?;
+    let seen = mutual_tls_handshake(&ca, &tls_crt, &tls_key, &ca_crt).await?;
+    assert_eq!(
+        seen, certificate.sha256_fingerprint,
+        "the server saw the synced certificate"
+    );
+
+    let event = wait_event(&namespace, "payments", "Synced").await?;
+    assert_eq!(event.type_.as_deref(), Some("Normal"));
+
+    // Deleting the identity garbage-collects its Secret (ownerReference).
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
+    identities
+        .delete("payments", &DeleteParams::foreground())
+        .await?;
+    wait_for("the Secret to be garbage-collected", TIMEOUT, || async {
+        ensure!(
+            get_secret(&namespace, "payments").await?.is_none(),
+            "Secret still there"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pem_bundle_with_separate_ca_secret_and_custom_target() -> Result<()> {
+    let namespace = support::create_namespace("pem", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("pem CA")?;
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    let bundle_id = format!("{namespace}/bundle");
+    let ca_id = format!("{namespace}/ca");
+    put_source(&bundle_id, &format!("{}{}", leaf.key_pem, leaf.cert_pem)).await?;
+    put_source(&ca_id, &ca.pem()).await?;
+    let spec = serde_json::json!({
+        "source": {"secretId": bundle_id, "format": "Pem", "caSecretId": ca_id},
+        "target": {"secretName": "client-tls"}
+    });
+    create_identity(&namespace, &identity("bundle", &bundle_id, spec)?).await?;
+    wait_ready(&namespace, "bundle", "True", "Synced").await?;
+    let secret = get_secret(&namespace, "client-tls")
+        .await?
+        .context("no Secret")?;
+    assert_eq!(
+        secret_data(&secret, "ca.crt").as_deref(),
+        Some(ca.pem().as_str())
+    );
+    let tls_crt = secret_data(&secret, "tls.crt").context("no tls.crt")?;
+    assert!(tls_crt.contains("BEGIN CERTIFICATE"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_server_rejects_an_inconsistent_manifest_with_a_readable_message() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("cel", &[]).await?;
+    let manifest = format!(
+        "apiVersion: mtls-operator.io/v1alpha1
+kind: MtlsIdentity
+metadata: {{name: both, namespace: {namespace}}}
+spec:
+  source:
+    secretId: {namespace}/x
+    versionStage: AWSCURRENT
+    versionId: 0123456789abcdef0123456789abcdef
+"
+    );
+    let path = std::env::temp_dir().join(format!("{namespace}.yaml"));
+    std::fs::write(&path, manifest)?;
+    let output = support::kubectl(&["apply", "-f", &path.display().to_string()])?;
+    let _ = std::fs::remove_file(&path);
+    assert!(!output.status.success(), "kubectl apply should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("set versionStage or versionId, not both"),
+        "unreadable refusal: {stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_edits_are_reverted_and_foreign_secrets_are_never_touched() -> Result<()> {
+    let namespace = support::create_namespace("owner", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("owner CA")?;
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    let secret_id = format!("{namespace}/client");
+    put_source(
+        &secret_id,
+        &json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()),
+    )
+    .await?;
+
+    create_identity(
+        &namespace,
+        &identity("edited", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&namespace, "edited", "True", "Synced").await?;
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let edit = serde_json::json!({"stringData": {"tls.crt": "tampered"}});
+    secrets
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&edit))
+        .await?;
+    wait_for("the edit to be reverted", TIMEOUT, || async {
+        let secret = get_secret(&namespace, "edited")
+            .await?
+            .context("no Secret")?;
+        ensure!(
+            secret_data(&secret, "tls.crt").as_deref() == Some(leaf.cert_pem.as_str()),
+            "tls.crt not restored yet"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // A same-named Secret that is not ours: TargetConflict, and it stays exactly as it was.
+    let foreign: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "foreign"},
+        "stringData": {"owner": "someone else"}
+    }))?;
+    let foreign = secrets.create(&PostParams::default(), &foreign).await?;
+    create_identity(
+        &namespace,
+        &identity("foreign", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    let conflicted = wait_ready(&namespace, "foreign", "False", "TargetConflict").await?;
+    let message = conflicted
+        .ready_condition()
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("not owned"), "{message}");
+    wait_event(&namespace, "foreign", "TargetConflict").await?;
+    let after = secrets.get("foreign").await?;
+    assert_eq!(
+        after.metadata.resource_version,
+        foreign.metadata.resource_version
+    );
+    Ok(())
+}
+
+/// Each bad source gets its own reason and Warning Event; none writes a Secret; the operator goes on.
+#[tokio::test]
+async fn bad_sources_get_specific_reasons() -> Result<()> {
+    let namespace = support::create_namespace("bad", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("bad CA")?;
+    let other_ca = TestCa::new("other CA")?;
+    let good = ca.leaf(&LeafOptions::default())?;
+    let other = ca.leaf(&LeafOptions::default())?;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca.leaf(&LeafOptions {
+        not_before: now - time::Duration::days(30),
+        not_after: now - time::Duration::days(1),
+        ..LeafOptions::default()
+    })?;
+    let future = ca.leaf(&LeafOptions {
+        not_before: now + time::Duration::days(1),
+        not_after: now + time::Duration::days(30),
+        ..LeafOptions::default()
+    })?;
+    let server_only = ca.leaf(&LeafOptions {
+        extended_key_usages: Some(vec![ExtendedKeyUsagePurpose::ServerAuth]),
+        ..LeafOptions::default()
+    })?;
+    let key_body: String = good
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("not-json", "certificate: nope".to_string(), "InvalidJson"),
+        (
+            "missing-field",
+            serde_json::json!({"certificate": good.cert_pem}).to_string(),
+            "MissingField",
+        ),
+        (
+            "empty-field",
+            json_secret(&good.cert_pem, "  ", &ca.pem()),
+            "EmptyField",
+        ),
+        (
+            "invalid-pem",
+            json_secret(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+                &good.key_pem,
+                &ca.pem(),
+            ),
+            "InvalidPem",
+        ),
+        (
+            "key-mismatch",
+            json_secret(&good.cert_pem, &other.key_pem, &ca.pem()),
+            "KeyMismatch",
+        ),
+        (
+            "wrong-ca",
+            json_secret(&good.cert_pem, &good.key_pem, &other_ca.pem()),
+            "ChainInvalid",
+        ),
+        (
+            "expired",
+            json_secret(&expired.cert_pem, &expired.key_pem, &ca.pem()),
+            "Expired",
+        ),
+        (
+            "not-yet-valid",
+            json_secret(&future.cert_pem, &future.key_pem, &ca.pem()),
+            "NotYetValid",
+        ),
+        (
+            "server-only",
+            json_secret(&server_only.cert_pem, &server_only.key_pem, &ca.pem()),
+            "MissingClientAuth",
+        ),
+        (
+            "encrypted-key",
+            json_secret(
+                &good.cert_pem,
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+                &ca.pem(),
+            ),
+            "EncryptedKey",
+        ),
+    ];
+    for (name, value, _) in &cases {
+        put_source(&format!("{namespace}/{name}"), value).await?;
+        create_identity(
+            &namespace,
+            &identity(name, &format!("{namespace}/{name}"), serde_json::json!({}))?,
+        )
+        .await?;
+    }
+    // Missing in Secrets Manager, and outside the namespace's prefix.
+    create_identity(
+        &namespace,
+        &identity(
+            "absent",
+            &format!("{namespace}/absent"),
+            serde_json::json!({}),
+        )?,
+    )
+    .await?;
+    put_source(
+        "someone-else/key",
+        &json_secret(&good.cert_pem, &good.key_pem, &ca.pem()),
+    )
+    .await
+    .ok();
+    create_identity(
+        &namespace,
+        &identity("not-allowed", "someone-else/key", serde_json::json!({}))?,
+    )
+    .await?;
+
+    // AWS refusing or throttling (injected in front of moto, which emulates neither).
+    for name in ["fault-access-denied", "fault-throttled"] {
+        create_identity(
+            &namespace,
+            &identity(name, &format!("{namespace}/{name}"), serde_json::json!({}))?,
+        )
+        .await?;
+    }
+
+    let mut expected: Vec<(String, &str)> =
+        cases.iter().map(|(n, _, r)| (n.to_string(), *r)).collect();
+    expected.push(("fault-access-denied".into(), "AccessDenied"));
+    expected.push(("fault-throttled".into(), "Throttled"));
+    expected.push(("absent".into(), "SourceNotFound"));
+    expected.push(("not-allowed".into(), "SourceNotAllowed"));
+    for (name, reason) in &expected {
+        let identity = wait_ready(&namespace, name, "False", reason).await?;
+        let message = identity
+            .ready_condition()
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(!message.is_empty(), "{name}: empty message");
+        assert!(
+            !message.contains(&key_body[..40]),
+            "{name}: key material in the message"
+        );
+        let event = wait_event(&namespace, name, reason).await?;
+        assert_eq!(event.type_.as_deref(), Some("Warning"), "{name}");
+        let note = event.note.unwrap_or_default();
+        assert!(
+            !note.contains(&key_body[..40]),
+            "{name}: key material in the Event"
+        );
+        if get_secret(&namespace, name).await?.is_some() {
+            bail!("{name}: a Secret was written from bad input");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> Result<()> {
+    let namespace = support::create_namespace("keep", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("keep CA")?;
+    let good = ca.leaf(&LeafOptions::default())?;
+    let other = ca.leaf(&LeafOptions::default())?;
+    let secret_id = format!("{namespace}/client");
+    let good_version = put_source(
+        &secret_id,
+        &json_secret(&good.cert_pem, &good.key_pem, &ca.pem()),
+    )
+    .await?;
+    create_identity(
+        &namespace,
+        &identity("keep", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&namespace, "keep", "True", "Synced").await?;
+    let before = get_secret(&namespace, "keep").await?.context("no Secret")?;
+
+    // A new version whose key does not match its certificate.
+    put_source(
+        &secret_id,
+        &json_secret(&good.cert_pem, &other.key_pem, &ca.pem()),
+    )
+    .await?;
+    let failed = wait_ready(&namespace, "keep", "False", "KeyMismatch").await?;
+    let after = get_secret(&namespace, "keep")
+        .await?
+        .context("the Secret was deleted")?;
+    assert_eq!(after.data, before.data, "the last good Secret must stay");
+    assert_eq!(
+        after
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(VERSION_ID_ANNOTATION),
+        Some(&good_version)
+    );
+    // Status still describes the certificate in the Secret.
+    let status = failed.status.context("no status")?;
+    assert_eq!(status.source.map(|s| s.version_id), Some(good_version));
+
+    // A good version again: synced.
+    let fixed = ca.leaf(&LeafOptions::default())?;
+    let fixed_version = put_source(
+        &secret_id,
+        &json_secret(&fixed.cert_pem, &fixed.key_pem, &ca.pem()),
+    )
+    .await?;
+    let synced = wait_ready(&namespace, "keep", "True", "Synced").await?;
+    assert_eq!(
+        synced.status.and_then(|s| s.source).map(|s| s.version_id),
+        Some(fixed_version)
+    );
+    Ok(())
+}
