@@ -51,6 +51,7 @@ fn kubectl_apply(environment: &Environment, manifest: &str) -> Result<()> {
         .env("KUBECONFIG", &environment.kubeconfig)
         .args(["apply", "-f", "-"])
         .stdin(Stdio::piped())
+        .stdout(std::io::stderr())
         .spawn()?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write;
@@ -255,6 +256,44 @@ spec:
         &["get", "secret", "payments-client-tls", "-n", NAMESPACE],
     )?;
 
+    say("a workload that mounts the Secret (kwok runs its pods on fake nodes)");
+    kubectl_apply(
+        &environment,
+        &format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: payments-api
+  namespace: {NAMESPACE}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: payments-api}}}}
+  template:
+    metadata: {{labels: {{app: payments-api}}}}
+    spec:
+      containers:
+      - name: api
+        image: example.invalid/payments-api:1
+        volumeMounts: [{{name: client-tls, mountPath: /etc/partner-tls, readOnly: true}}]
+      volumes:
+      - name: client-tls
+        secret: {{secretName: payments-client-tls}}
+"
+        ),
+    )?;
+    kubectl(
+        &environment,
+        &[
+            "rollout",
+            "status",
+            "-n",
+            NAMESPACE,
+            "deployment/payments-api",
+            "--timeout=120s",
+        ],
+    )?;
+    kubectl(&environment, &["get", "replicasets", "-n", NAMESPACE])?;
+
     say("rotating: a new certificate version becomes AWSCURRENT");
     let second_version = runtime.block_on(store_in_secrets_manager(
         &environment,
@@ -272,6 +311,17 @@ spec:
             "--timeout=60s",
         ],
     )?;
+    kubectl(
+        &environment,
+        &[
+            "wait",
+            "-n",
+            NAMESPACE,
+            "--for=jsonpath={.status.lastRotation.complete}=true",
+            "mtlsid/payments-client",
+            "--timeout=120s",
+        ],
+    )?;
     kubectl(&environment, &["get", "mtlsid", "-n", NAMESPACE])?;
     kubectl(
         &environment,
@@ -282,9 +332,22 @@ spec:
             "-n",
             NAMESPACE,
             "-o",
-            "jsonpath={.status.certificate}{\"\\n\"}",
+            "jsonpath=certificate: {.status.certificate}{\"\\n\"}lastRotation: {.status.lastRotation}{\"\\n\"}",
         ],
     )?;
+    say("exactly one rolling restart of the workload that uses the Secret: a second ReplicaSet");
+    kubectl(
+        &environment,
+        &[
+            "rollout",
+            "status",
+            "-n",
+            NAMESPACE,
+            "deployment/payments-api",
+            "--timeout=120s",
+        ],
+    )?;
+    kubectl(&environment, &["get", "replicasets", "-n", NAMESPACE])?;
 
     say("the environment is still running; explore it:");
     println!("{}", environment.exports());

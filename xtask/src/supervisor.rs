@@ -168,18 +168,23 @@ pub fn down(dir: &Path) -> Result<()> {
     if !dir.exists() {
         bail!("no environment at {}", dir.display());
     }
+    // Read every pid first: the supervisor removes the folder when it stops.
+    let others: Vec<u32> = fs::read_dir(dir.join("pids"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| read_pid(&entry.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
     if let Ok(pid) = read_pid(&dir.join(SUPERVISOR_PID)) {
         processes::terminate(pid, Duration::from_secs(30));
     }
-    // Whatever survived (a supervisor killed with SIGKILL takes its children along through
-    // PR_SET_PDEATHSIG, so this is a second line of defence).
-    if let Ok(entries) = fs::read_dir(dir.join("pids")) {
-        for entry in entries.flatten() {
-            if let Ok(pid) = read_pid(&entry.path())
-                && is_running(pid)
-            {
-                processes::terminate(pid, Duration::from_secs(5));
-            }
+    // Whatever the supervisor did not own (the demo's operator), or that survived it (a supervisor
+    // killed with SIGKILL takes its children along through PR_SET_PDEATHSIG; this is a second line).
+    for pid in others {
+        if is_running(pid) {
+            processes::terminate(pid, Duration::from_secs(5));
         }
     }
     if dir.exists() {
