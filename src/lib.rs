@@ -4,10 +4,11 @@
 //! - [`pki`]: pure certificate logic: parse, validate, fingerprint, render Secret data.
 //! - [`source`]: Secrets Manager behind a trait, and the tenancy policy.
 //! - [`controller`]: reconcile, with pure decisions apart from the I/O.
-//! - [`restart`]: restart exactly the workloads that use a rotated Secret.
 
 pub mod api;
 pub mod controller;
+pub mod leader;
+pub mod metrics;
 pub mod pki;
 pub mod restart;
 pub mod source;

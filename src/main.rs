@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use mtls_operator::controller::{self, Settings};
+use mtls_operator::leader::{self, LeaderSettings};
+use mtls_operator::metrics::Metrics;
 use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::policy::SourcePolicy;
 use tracing::{error, info};
@@ -20,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the MtlsIdentity CustomResourceDefinition as YAML.
     Crd,
 }
@@ -41,9 +43,30 @@ struct RunArgs {
     /// Most rolling restarts in progress at once, across all identities: a mass rotation queues.
     #[arg(long, env = "MAX_ROLLOUTS", default_value_t = 10)]
     max_rollouts: usize,
+    /// Only MtlsIdentities matching this label selector (shard identities over several operators).
+    #[arg(long, env = "IDENTITY_SELECTOR")]
+    identity_selector: Option<String>,
     /// Address of /healthz and /readyz.
     #[arg(long, env = "HEALTH_ADDRESS", default_value = "0.0.0.0:8081")]
     health_address: SocketAddr,
+    /// Address of /metrics (Prometheus text format).
+    #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: SocketAddr,
+    /// Reconcile only while holding a coordination.k8s.io Lease (for several replicas).
+    #[arg(long, env = "LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "mtls-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// How long a leader's claim lasts without renewal (a Go-style duration, whole seconds).
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s")]
+    lease_duration: String,
+    /// This replica's name in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,10 +94,10 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(error) => {
-                    error!(error = format!("{error:#}"), "operator failed");
+                    error!(error = format!("{error:#}"), "operator stopped");
                     std::process::ExitCode::FAILURE
                 }
             }
@@ -85,22 +108,44 @@ fn main() -> std::process::ExitCode {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let source = Arc::new(SecretsManagerSource::new(aws));
+    let metrics = Arc::new(Metrics::new());
+    let source = Arc::new(SecretsManagerSource::new(aws).with_metrics(metrics.clone()));
     let settings = Settings {
         namespace: args.namespace,
         policy: SourcePolicy::from_patterns(args.allowed_sources),
         max_rollouts: args.max_rollouts,
+        identity_selector: args.identity_selector,
     };
     let ready = Arc::new(AtomicBool::new(false));
     let health = tokio::spawn(serve_health(args.health_address, ready.clone()));
+    let metrics_server = tokio::spawn(serve_metrics(args.metrics_address, metrics.clone()));
     info!(
         version = env!("CARGO_PKG_VERSION"),
         "mtls-operator starting"
     );
+    // A standby is ready too: it serves, and takes over when the leader goes.
     ready.store(true, Ordering::Relaxed);
-    controller::run(client, source, settings, shutdown_signal()).await;
+    let result = if args.leader_election {
+        let lease_duration = mtls_operator::api::parse_duration(&args.lease_duration)
+            .filter(|duration| duration.as_secs() >= 2)
+            .ok_or_else(|| anyhow::anyhow!("--lease-duration must be at least 2s"))?;
+        let identity = args
+            .identity
+            .unwrap_or_else(|| format!("mtls-operator-{}", std::process::id()));
+        let leader = LeaderSettings {
+            lease_name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration: lease_duration,
+        };
+        leader::run_as_leader(client, source, settings, metrics, leader, shutdown_signal()).await
+    } else {
+        controller::run(client, source, settings, metrics, shutdown_signal()).await;
+        Ok(())
+    };
     health.abort();
-    Ok(())
+    metrics_server.abort();
+    result.map_err(Into::into)
 }
 
 async fn shutdown_signal() {
@@ -117,6 +162,17 @@ async fn shutdown_signal() {
         }
     }
     info!("shutdown requested");
+}
+
+async fn serve(address: SocketAddr, app: axum::Router, what: &str) {
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => {
+            if let Err(error) = axum::serve(listener, app).await {
+                error!(%error, what, "server stopped");
+            }
+        }
+        Err(error) => error!(%error, %address, what, "cannot listen"),
+    }
 }
 
 async fn serve_health(address: SocketAddr, ready: Arc<AtomicBool>) {
@@ -137,12 +193,23 @@ async fn serve_health(address: SocketAddr, ready: Arc<AtomicBool>) {
                 }
             }),
         );
-    match tokio::net::TcpListener::bind(address).await {
-        Ok(listener) => {
-            if let Err(error) = axum::serve(listener, app).await {
-                error!(%error, "health server stopped");
+    serve(address, app, "health").await;
+}
+
+async fn serve_metrics(address: SocketAddr, metrics: Arc<Metrics>) {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    metrics.encode(),
+                )
             }
-        }
-        Err(error) => error!(%error, %address, "cannot listen for health checks"),
-    }
+        }),
+    );
+    serve(address, app, "metrics").await;
 }

@@ -3,168 +3,20 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::*;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use mtls_operator::api::{MtlsIdentity, RotationStatus, VERSION_ID_ANNOTATION};
+use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
 use mtls_operator::controller::Settings;
 use mtls_operator::restart::Workload;
 use xtask::support::{self, wait_for};
-
-const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// A pod template that uses Secret `secret` in one of the ways the operator must find.
-fn pod_template(app: &str, secret: Option<(&str, &str)>) -> serde_json::Value {
-    let mut spec =
-        serde_json::json!({"containers": [{"name": "app", "image": "example.invalid/app:1"}]});
-    match secret {
-        Some(("volume", name)) => {
-            spec["volumes"] = serde_json::json!([{"name": "tls", "secret": {"secretName": name}}]);
-        }
-        Some(("projected", name)) => {
-            spec["volumes"] = serde_json::json!([{"name": "tls", "projected": {"sources": [{"secret": {"name": name}}]}}]);
-        }
-        Some(("env", name)) => {
-            spec["containers"][0]["envFrom"] = serde_json::json!([{"secretRef": {"name": name}}]);
-        }
-        _ => {}
-    }
-    serde_json::json!({"metadata": {"labels": {"app": app}}, "spec": spec})
-}
-
-async fn create_deployment(
-    namespace: &str,
-    name: &str,
-    secret: Option<(&str, &str)>,
-) -> Result<()> {
-    let deployment: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, secret)}
-    }))?;
-    Api::<Deployment>::namespaced(support::admin_client().await?, namespace)
-        .create(&PostParams::default(), &deployment)
-        .await?;
-    Ok(())
-}
-
-async fn create_stateful_set(
-    namespace: &str,
-    name: &str,
-    secret: Option<(&str, &str)>,
-) -> Result<()> {
-    let set: StatefulSet = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"replicas": 1, "serviceName": name, "selector": {"matchLabels": {"app": name}},
-                 "template": pod_template(name, secret)}
-    }))?;
-    Api::<StatefulSet>::namespaced(support::admin_client().await?, namespace)
-        .create(&PostParams::default(), &set)
-        .await?;
-    Ok(())
-}
-
-async fn create_daemon_set(
-    namespace: &str,
-    name: &str,
-    secret: Option<(&str, &str)>,
-) -> Result<()> {
-    let set: DaemonSet = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"selector": {"matchLabels": {"app": name}}, "template": pod_template(name, secret)}
-    }))?;
-    Api::<DaemonSet>::namespaced(support::admin_client().await?, namespace)
-        .create(&PostParams::default(), &set)
-        .await?;
-    Ok(())
-}
-
-/// Every workload in the namespace, by `Kind/name`.
-async fn workloads(namespace: &str) -> Result<BTreeMap<String, Workload>> {
-    let admin = support::admin_client().await?;
-    let mut all = BTreeMap::new();
-    for w in Api::<Deployment>::namespaced(admin.clone(), namespace)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        let w = Workload::Deployment(w);
-        all.insert(w.display(), w);
-    }
-    for w in Api::<StatefulSet>::namespaced(admin.clone(), namespace)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        let w = Workload::StatefulSet(w);
-        all.insert(w.display(), w);
-    }
-    for w in Api::<DaemonSet>::namespaced(admin, namespace)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        let w = Workload::DaemonSet(w);
-        all.insert(w.display(), w);
-    }
-    Ok(all)
-}
-
-/// Each workload's generation: every pod-template change (a rollout) adds one.
-async fn generations(namespace: &str) -> Result<BTreeMap<String, i64>> {
-    Ok(workloads(namespace)
-        .await?
-        .into_iter()
-        .map(|(name, w)| (name, w.metadata().generation.unwrap_or(0)))
-        .collect())
-}
-
-async fn wait_all_rolled_out(namespace: &str) -> Result<()> {
-    wait_for("every workload rolled out", ROLLOUT_TIMEOUT, || async {
-        let busy: Vec<String> = workloads(namespace)
-            .await?
-            .into_iter()
-            .filter(|(_, w)| w.rollout_in_progress())
-            .map(|(name, _)| name)
-            .collect();
-        ensure!(busy.is_empty(), "still rolling: {busy:?}");
-        Ok(())
-    })
-    .await
-}
-
-async fn wait_rotation(namespace: &str, name: &str, version: &str) -> Result<RotationStatus> {
-    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
-    wait_for(
-        &format!("{name} to finish rotating to {version}"),
-        ROLLOUT_TIMEOUT,
-        || async {
-            let identity = identities.get(name).await?;
-            let rotation = identity
-                .status
-                .and_then(|s| s.last_rotation)
-                .context("no rotation yet")?;
-            ensure!(
-                rotation.to_version_id == version && rotation.complete,
-                "rotation {rotation:?}"
-            );
-            Ok(rotation)
-        },
-    )
-    .await
-}
-
-fn good_secret(ca: &TestCa) -> Result<String> {
-    let leaf = ca.leaf(&LeafOptions::default())?;
-    Ok(json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()))
-}
 
 #[tokio::test]
 async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> Result<()> {

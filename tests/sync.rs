@@ -438,6 +438,26 @@ async fn bad_sources_get_specific_reasons() -> Result<()> {
     )
     .await?;
 
+    // Format Pem: a bundle without a key, without a certificate, with two keys, with a DSA key.
+    let dsa = "-----BEGIN DSA PRIVATE KEY-----\nMIIBuwIBAAKBgQC7\n-----END DSA PRIVATE KEY-----\n";
+    let pem_cases: Vec<(&str, String, &str)> = vec![
+        ("pem-no-key", good.cert_pem.clone(), "MissingPrivateKey"),
+        ("pem-no-cert", good.key_pem.clone(), "MissingCertificate"),
+        ("pem-two-keys", format!("{}{}{}", good.cert_pem, good.key_pem, other.key_pem), "MultipleKeys"),
+        ("pem-dsa", format!("{}{dsa}", good.cert_pem), "UnsupportedKey"),
+        (
+            "pem-truncated",
+            "-----BEGIN CERTIFICATE-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END CERTIFICATE-----\n".to_string(),
+            "InvalidPem",
+        ),
+    ];
+    for (name, value, _) in &pem_cases {
+        let id = format!("{namespace}/{name}");
+        put_source(&id, value).await?;
+        let spec = serde_json::json!({"source": {"secretId": id, "format": "Pem"}});
+        create_identity(&namespace, &identity(name, &id, spec)?).await?;
+    }
+
     // AWS refusing or throttling (injected in front of moto, which emulates neither).
     for name in ["fault-access-denied", "fault-throttled"] {
         create_identity(
@@ -447,8 +467,11 @@ async fn bad_sources_get_specific_reasons() -> Result<()> {
         .await?;
     }
 
-    let mut expected: Vec<(String, &str)> =
-        cases.iter().map(|(n, _, r)| (n.to_string(), *r)).collect();
+    let mut expected: Vec<(String, &str)> = cases
+        .iter()
+        .chain(pem_cases.iter())
+        .map(|(n, _, r)| (n.to_string(), *r))
+        .collect();
     expected.push(("fault-access-denied".into(), "AccessDenied"));
     expected.push(("fault-throttled".into(), "Throttled"));
     expected.push(("absent".into(), "SourceNotFound"));

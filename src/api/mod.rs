@@ -356,6 +356,15 @@ mod tests {
     }
 
     #[test]
+    fn chart_crd_matches_the_types() {
+        let in_chart = include_str!("../../charts/mtls-operator/crds/mtlsidentity.yaml");
+        assert!(
+            in_chart == crd_yaml().unwrap_or_default(),
+            "charts/mtls-operator/crds/mtlsidentity.yaml drifted: copy crds/mtlsidentity.yaml there"
+        );
+    }
+
+    #[test]
     fn crd_carries_the_cel_rules_and_columns() {
         let yaml = crd_yaml().unwrap_or_default();
         assert!(yaml.contains("set versionStage or versionId, not both"));

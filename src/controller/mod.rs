@@ -22,6 +22,7 @@ use crate::api::RestartPolicy;
 use crate::api::{
     FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, SourceFormat, parse_duration,
 };
+use crate::metrics::{IdentityLabels, Metrics, OutcomeLabels, SyncLabels};
 use crate::pki;
 use crate::restart::{RestartReport, RestartRequest, Restarter};
 use crate::source::policy::SourcePolicy;
@@ -58,6 +59,9 @@ pub struct Settings {
     pub policy: SourcePolicy,
     /// Cap on rolling restarts in progress at once, across all identities.
     pub max_rollouts: usize,
+    /// Only identities with these labels (a label selector), to shard identities over several
+    /// operators or to canary a new version; all when `None`.
+    pub identity_selector: Option<String>,
 }
 
 impl Default for Settings {
@@ -66,6 +70,7 @@ impl Default for Settings {
             namespace: None,
             policy: SourcePolicy::default(),
             max_rollouts: 10,
+            identity_selector: None,
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct Context {
     pub settings: Settings,
     recorder: Recorder,
     restarter: Restarter,
+    metrics: Arc<Metrics>,
     /// Consecutive source failures per identity, for backoff; forgotten on success.
     failures: Mutex<HashMap<ObjectRef<MtlsIdentity>, u32>>,
 }
@@ -91,6 +97,7 @@ impl Context {
         settings: Settings,
         identities: Store<MtlsIdentity>,
         trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<MtlsIdentity>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
@@ -101,6 +108,7 @@ impl Context {
             restarter: Restarter::new(client.clone(), settings.max_rollouts),
             identities,
             trigger,
+            metrics,
             client,
             source,
             settings,
@@ -129,6 +137,7 @@ pub async fn run(
     client: kube::Client,
     source: Arc<dyn SecretSource>,
     settings: Settings,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (identities, secrets): (Api<MtlsIdentity>, Api<PartialObjectMeta<Secret>>) =
@@ -142,7 +151,11 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     // Only spec changes (generation) trigger a sync: our own status writes must not, or every
     // status write would cost another Secrets Manager call.
-    let identity_changes = watcher(identities, watcher::Config::default())
+    let mut identity_config = watcher::Config::default();
+    if let Some(selector) = &settings.identity_selector {
+        identity_config = identity_config.labels(selector);
+    }
+    let identity_changes = watcher(identities, identity_config)
         .default_backoff()
         .reflect(writer)
         .applied_objects()
@@ -161,6 +174,7 @@ pub async fn run(
         settings,
         reader.clone(),
         trigger,
+        metrics,
     ));
     info!(
         namespace = context.settings.namespace.as_deref().unwrap_or("(all)"),
@@ -199,6 +213,20 @@ async fn reconcile(
     identity: Arc<MtlsIdentity>,
     context: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(identity, &context).await;
+    context
+        .metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(
+    identity: Arc<MtlsIdentity>,
+    context: &Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let context = context.clone();
     let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = identity.name_any();
     let key = ObjectRef::from_obj(identity.as_ref());
@@ -240,10 +268,29 @@ async fn reconcile(
             }
             rotation.restarted_workloads.sort();
             rotation.complete = report.complete();
+            let restarts = |outcome: &str, count: usize| {
+                context
+                    .metrics
+                    .restarts
+                    .get_or_create(&OutcomeLabels {
+                        outcome: outcome.to_string(),
+                    })
+                    .inc_by(count as u64);
+            };
+            restarts("triggered", report.triggered.len());
+            restarts("failed", report.failed.len());
             restarts_pending = !rotation.complete;
             publish_restart_events(&context, &identity, &namespace, &report).await;
         }
     }
+    record_metrics(
+        &context.metrics,
+        &namespace,
+        &name,
+        previous,
+        &status,
+        &outcome,
+    );
     if previous != Some(&status) {
         let identities: Api<MtlsIdentity> = Api::namespaced(context.client.clone(), &namespace);
         let patch = serde_json::json!({ "status": status });
@@ -282,6 +329,65 @@ async fn reconcile(
         failures,
         rand::random::<f64>(),
     )))
+}
+
+/// Updates the per-identity gauges and the sync counters from the new status and outcome.
+fn record_metrics(
+    metrics: &Metrics,
+    namespace: &str,
+    name: &str,
+    previous: Option<&crate::api::MtlsIdentityStatus>,
+    status: &crate::api::MtlsIdentityStatus,
+    outcome: &Result<Synced, SyncFailure>,
+) {
+    let labels = IdentityLabels {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    let (sync_outcome, reason) = match outcome {
+        Ok(_) => ("success", decide::REASON_SYNCED),
+        Err(failure) => ("failure", failure.reason()),
+    };
+    metrics
+        .syncs
+        .get_or_create(&SyncLabels {
+            outcome: sync_outcome.to_string(),
+            reason: reason.to_string(),
+        })
+        .inc();
+    metrics
+        .identity_ready
+        .get_or_create(&labels)
+        .set(i64::from(outcome.is_ok()));
+    // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
+    if let Some(certificate) = &status.certificate {
+        let unix = |text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|time| time.timestamp())
+                .ok()
+        };
+        if let Some(not_after) = unix(&certificate.not_after) {
+            metrics
+                .certificate_not_after
+                .get_or_create(&labels)
+                .set(not_after);
+        }
+        if let Some(not_before) = unix(&certificate.not_before) {
+            metrics
+                .certificate_not_before
+                .get_or_create(&labels)
+                .set(not_before);
+        }
+    }
+    let new_rotation = status.last_rotation.as_ref().is_some_and(|rotation| {
+        previous
+            .and_then(|p| p.last_rotation.as_ref())
+            .map(|r| &r.sha256_fingerprint)
+            != Some(&rotation.sha256_fingerprint)
+    });
+    if new_rotation {
+        metrics.rotations.inc();
+    }
 }
 
 /// Restarts the workloads that use the target Secret for this rotation, per `spec.restart`.

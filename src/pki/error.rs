@@ -96,7 +96,9 @@ pub enum PkiError {
     },
 
     /// The private key belongs to another certificate.
-    #[error("the private key does not match the public key of the leaf certificate (subject \"{subject}\")")]
+    #[error(
+        "the private key does not match the public key of the leaf certificate (subject \"{subject}\")"
+    )]
     KeyMismatch {
         /// Subject of the leaf certificate, to tell the person which certificate was meant.
         subject: String,

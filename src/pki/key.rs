@@ -123,7 +123,10 @@ impl PrivateKey {
             .map_err(|_| {
                 PkiError::invalid_pem(
                     &self.origin,
-                    format!("the {} private key is malformed and cannot be loaded", kind.name()),
+                    format!(
+                        "the {} private key is malformed and cannot be loaded",
+                        kind.name()
+                    ),
                 )
             })?;
         Ok((kind, signing_key))
@@ -207,7 +210,9 @@ pub(crate) fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
             return None;
         }
         let (len_bytes, rest) = rest.split_at(n);
-        let len = len_bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let len = len_bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         (len, rest)
     };
     if rest.len() < len {
@@ -253,9 +258,8 @@ pub(crate) fn detect(der: &[u8]) -> Detected {
 
 /// Find the key type, rejecting the ones the TLS stack (or the brief) does not support.
 pub(crate) fn classify(encoding: KeyEncoding, der: &[u8]) -> Result<KeyKind, KeyProblem> {
-    let (outer, _) = expect(der, SEQUENCE).ok_or(KeyProblem::Malformed(
-        "private key DER is not a SEQUENCE",
-    ))?;
+    let (outer, _) =
+        expect(der, SEQUENCE).ok_or(KeyProblem::Malformed("private key DER is not a SEQUENCE"))?;
     match encoding {
         KeyEncoding::Pkcs8 => classify_pkcs8(outer),
         KeyEncoding::Pkcs1 => classify_pkcs1(outer),

@@ -54,7 +54,9 @@ pub(crate) fn parse_blocks(text: &str) -> Result<Vec<Block>, PemProblem> {
         let n = blocks.len() + 1;
         let after_begin = &rest[start + BEGIN.len()..];
         let Some(label_end) = after_begin.find(DASHES) else {
-            return Err(PemProblem(format!("block {n}: BEGIN line is not terminated by -----")));
+            return Err(PemProblem(format!(
+                "block {n}: BEGIN line is not terminated by -----"
+            )));
         };
         let label = after_begin[..label_end].trim();
         if label.is_empty() || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -119,8 +121,12 @@ pub(crate) fn decode_base64(b64: &str) -> Result<Vec<u8>, String> {
         use base64::DecodeError as E;
         match e {
             E::InvalidByte(offset, _) => format!("invalid character in base64 at offset {offset}"),
-            E::InvalidLength(_) => "truncated base64 (length is not a whole number of base64 groups)".to_owned(),
-            E::InvalidLastSymbol(_, _) => "truncated or corrupt base64 (bad final symbol)".to_owned(),
+            E::InvalidLength(_) => {
+                "truncated base64 (length is not a whole number of base64 groups)".to_owned()
+            }
+            E::InvalidLastSymbol(_, _) => {
+                "truncated or corrupt base64 (bad final symbol)".to_owned()
+            }
             E::InvalidPadding => "corrupt base64 padding".to_owned(),
         }
     })

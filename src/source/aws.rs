@@ -3,18 +3,21 @@
 //! path; tests point the endpoint at moto.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
+use crate::metrics::Metrics;
+
 use super::{FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError, VersionSelector};
 
 pub struct SecretsManagerSource {
     base: aws_config::SdkConfig,
+    metrics: Option<Arc<Metrics>>,
     /// One client per region, shared by every identity (connection pool, credentials cache).
     clients: Mutex<HashMap<String, Client>>,
     calls: AtomicU64,
@@ -26,6 +29,15 @@ impl SecretsManagerSource {
             base,
             clients: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            metrics: None,
+        }
+    }
+
+    /// Counts every call in `mtls_secretsmanager_calls_total`.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
         }
     }
 
@@ -62,10 +74,18 @@ impl SecretsManagerSource {
             VersionSelector::Id(id) => request.version_id(id),
         };
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let output = request
+        let result = request
             .send()
             .await
-            .map_err(|error| classify(&secret.secret_id, &error))?;
+            .map_err(|error| classify(&secret.secret_id, &error));
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "success",
+                Err(error) => error.reason(),
+            };
+            metrics.record_aws_call("GetSecretValue", outcome);
+        }
+        let output = result?;
         let content = match (output.secret_string, output.secret_binary) {
             (Some(text), _) => SecretContent::Text(text),
             (None, Some(blob)) => SecretContent::Binary(blob.into_inner()),

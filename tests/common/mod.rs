@@ -1,19 +1,22 @@
 //! Shared by the integration tests: the CRD and RBAC installed once, an operator per test namespace
-//! (running as a ServiceAccount bound to `deploy/rbac.yaml`), test certificates, and lookups.
+//! (running as a ServiceAccount bound to the chart's rules, `charts/mtls-operator/files/operator-rules.yaml`), test certificates, and lookups.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use mtls_operator::api::MtlsIdentity;
+use mtls_operator::api::{MtlsIdentity, RotationStatus};
 use mtls_operator::controller::{self, Settings};
+use mtls_operator::restart::Workload;
 use mtls_operator::source::{
     FetchedSecret, SecretRef, SecretSource, SecretsManagerSource, SourceError,
 };
@@ -43,7 +46,17 @@ pub async fn install_crd_and_rbac() -> Result<()> {
                 &Patch::Apply(&crd),
             )
             .await?;
-            let role: ClusterRole = serde_yaml::from_str(include_str!("../../deploy/rbac.yaml"))?;
+            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+                "../../charts/mtls-operator/files/operator-rules.yaml"
+            ))?;
+            let role = ClusterRole {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("mtls-operator".into()),
+                    ..Default::default()
+                },
+                rules: Some(rules),
+                ..Default::default()
+            };
             Api::<ClusterRole>::all(admin.clone())
                 .patch("mtls-operator", &apply, &Patch::Apply(&role))
                 .await?;
@@ -113,7 +126,8 @@ pub async fn start_operator_with(namespace: &str, settings: Settings) -> Result<
     let faulty = Arc::new(FaultInjectingSource {
         inner: source.clone(),
     });
-    tokio::spawn(controller::run(client, faulty, settings, async {
+    let metrics = Arc::new(mtls_operator::metrics::Metrics::new());
+    tokio::spawn(controller::run(client, faulty, settings, metrics, async {
         let _ = stopped.await;
     }));
     Ok(Operator {
@@ -358,4 +372,153 @@ pub fn secret_data(secret: &Secret, key: &str) -> Option<String> {
         .as_ref()
         .and_then(|data| data.get(key))
         .map(|value| String::from_utf8_lossy(&value.0).into_owned())
+}
+
+// Workloads and rotations.
+
+pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A pod template that uses Secret `secret` in one of the ways the operator must find.
+pub fn pod_template(app: &str, secret: Option<(&str, &str)>) -> serde_json::Value {
+    let mut spec =
+        serde_json::json!({"containers": [{"name": "app", "image": "example.invalid/app:1"}]});
+    match secret {
+        Some(("volume", name)) => {
+            spec["volumes"] = serde_json::json!([{"name": "tls", "secret": {"secretName": name}}]);
+        }
+        Some(("projected", name)) => {
+            spec["volumes"] = serde_json::json!([{"name": "tls", "projected": {"sources": [{"secret": {"name": name}}]}}]);
+        }
+        Some(("env", name)) => {
+            spec["containers"][0]["envFrom"] = serde_json::json!([{"secretRef": {"name": name}}]);
+        }
+        _ => {}
+    }
+    serde_json::json!({"metadata": {"labels": {"app": app}}, "spec": spec})
+}
+
+pub async fn create_deployment(
+    namespace: &str,
+    name: &str,
+    secret: Option<(&str, &str)>,
+) -> Result<()> {
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, secret)}
+    }))?;
+    Api::<Deployment>::namespaced(support::admin_client().await?, namespace)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    Ok(())
+}
+
+pub async fn create_stateful_set(
+    namespace: &str,
+    name: &str,
+    secret: Option<(&str, &str)>,
+) -> Result<()> {
+    let set: StatefulSet = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": 1, "serviceName": name, "selector": {"matchLabels": {"app": name}},
+                 "template": pod_template(name, secret)}
+    }))?;
+    Api::<StatefulSet>::namespaced(support::admin_client().await?, namespace)
+        .create(&PostParams::default(), &set)
+        .await?;
+    Ok(())
+}
+
+pub async fn create_daemon_set(
+    namespace: &str,
+    name: &str,
+    secret: Option<(&str, &str)>,
+) -> Result<()> {
+    let set: DaemonSet = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"app": name}}, "template": pod_template(name, secret)}
+    }))?;
+    Api::<DaemonSet>::namespaced(support::admin_client().await?, namespace)
+        .create(&PostParams::default(), &set)
+        .await?;
+    Ok(())
+}
+
+/// Every workload in the namespace, by `Kind/name`.
+pub async fn workloads(namespace: &str) -> Result<BTreeMap<String, Workload>> {
+    let admin = support::admin_client().await?;
+    let mut all = BTreeMap::new();
+    for w in Api::<Deployment>::namespaced(admin.clone(), namespace)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let w = Workload::Deployment(w);
+        all.insert(w.display(), w);
+    }
+    for w in Api::<StatefulSet>::namespaced(admin.clone(), namespace)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let w = Workload::StatefulSet(w);
+        all.insert(w.display(), w);
+    }
+    for w in Api::<DaemonSet>::namespaced(admin, namespace)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let w = Workload::DaemonSet(w);
+        all.insert(w.display(), w);
+    }
+    Ok(all)
+}
+
+/// Each workload's generation: every pod-template change (a rollout) adds one.
+pub async fn generations(namespace: &str) -> Result<BTreeMap<String, i64>> {
+    Ok(workloads(namespace)
+        .await?
+        .into_iter()
+        .map(|(name, w)| (name, w.metadata().generation.unwrap_or(0)))
+        .collect())
+}
+
+pub async fn wait_all_rolled_out(namespace: &str) -> Result<()> {
+    wait_for("every workload rolled out", ROLLOUT_TIMEOUT, || async {
+        let busy: Vec<String> = workloads(namespace)
+            .await?
+            .into_iter()
+            .filter(|(_, w)| w.rollout_in_progress())
+            .map(|(name, _)| name)
+            .collect();
+        ensure!(busy.is_empty(), "still rolling: {busy:?}");
+        Ok(())
+    })
+    .await
+}
+
+pub async fn wait_rotation(namespace: &str, name: &str, version: &str) -> Result<RotationStatus> {
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
+    wait_for(
+        &format!("{name} to finish rotating to {version}"),
+        ROLLOUT_TIMEOUT,
+        || async {
+            let identity = identities.get(name).await?;
+            let rotation = identity
+                .status
+                .and_then(|s| s.last_rotation)
+                .context("no rotation yet")?;
+            ensure!(
+                rotation.to_version_id == version && rotation.complete,
+                "rotation {rotation:?}"
+            );
+            Ok(rotation)
+        },
+    )
+    .await
+}
+
+pub fn good_secret(ca: &TestCa) -> Result<String> {
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    Ok(json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()))
 }

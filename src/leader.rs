@@ -1,0 +1,128 @@
+//! High availability: several replicas, one leader, elected over a `coordination.k8s.io` Lease
+//! (kube-lease-manager). Only the leader runs the controller, so only the leader writes. A leader
+//! that loses the lease drops the controller at once (no further writes) and returns an error, so the
+//! process exits and comes back as a standby; a standby takes over within the lease duration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{info, warn};
+
+use crate::api::FIELD_MANAGER;
+use crate::controller::{self, Settings};
+use crate::metrics::Metrics;
+use crate::source::SecretSource;
+
+#[derive(Debug, Clone)]
+pub struct LeaderSettings {
+    pub lease_name: String,
+    pub namespace: String,
+    /// This replica's name in the Lease (the Pod name).
+    pub identity: String,
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("cannot use Lease {namespace}/{name}: {detail}")]
+    Lease {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
+    #[error("lost the leader Lease; stopping so that a standby takes over")]
+    Lost,
+}
+
+impl LeaderError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Lease { .. } => "LeaseError",
+            Self::Lost => "LeaseLost",
+        }
+    }
+}
+
+/// Waits for the lease, then runs the controller while holding it, until `shutdown` or until the
+/// lease is lost.
+pub async fn run_as_leader(
+    client: kube::Client,
+    source: Arc<dyn SecretSource>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    leader: LeaderSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), LeaderError> {
+    let lease_error = |detail: String| LeaderError::Lease {
+        namespace: leader.namespace.clone(),
+        name: leader.lease_name.clone(),
+        detail,
+    };
+    let duration = leader.duration.as_secs().max(2);
+    let manager = LeaseManagerBuilder::new(client.clone(), &leader.lease_name)
+        .with_namespace(&leader.namespace)
+        .with_identity(&leader.identity)
+        .with_duration(duration)
+        // Renew well before expiry: a third of the duration.
+        .with_grace((duration / 3).max(1))
+        .with_field_manager(FIELD_MANAGER)
+        .build()
+        .await
+        .map_err(|error| lease_error(error.to_string()))?;
+    let (mut is_leader, lease_task) = manager.watch().await;
+    tokio::pin!(shutdown);
+
+    info!(identity = %leader.identity, lease = %leader.lease_name, "waiting for the leader Lease");
+    loop {
+        if *is_leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                drop(is_leader);
+                let _ = lease_task.await;
+                return Ok(());
+            }
+            changed = is_leader.changed() => {
+                if changed.is_err() {
+                    return Err(lease_error("the lease manager stopped".into()));
+                }
+            }
+        }
+    }
+    info!(identity = %leader.identity, "acquired the leader Lease; reconciling");
+    metrics.leader.set(1);
+
+    let outcome = {
+        let lost = async {
+            loop {
+                if is_leader.changed().await.is_err() || !*is_leader.borrow_and_update() {
+                    return;
+                }
+            }
+        };
+        let controller = controller::run(
+            client,
+            source,
+            settings,
+            metrics.clone(),
+            std::future::pending(),
+        );
+        // Dropping the controller future cancels every reconcile in flight: no write after this.
+        tokio::select! {
+            _ = controller => Ok(()),
+            _ = lost => {
+                warn!(identity = %leader.identity, "lost the leader Lease");
+                Err(LeaderError::Lost)
+            }
+            _ = &mut shutdown => Ok(()),
+        }
+    };
+    metrics.leader.set(0);
+    // Closing the channel makes the lease manager release the Lease, so a standby need not wait
+    // for it to expire.
+    drop(is_leader);
+    let _ = lease_task.await;
+    outcome
+}

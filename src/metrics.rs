@@ -1,0 +1,170 @@
+//! Prometheus metrics. Label values are bounded: namespace and name of identities, fixed reason
+//! strings, fixed operation and outcome names; never error text.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// "success" or "failure".
+    pub outcome: String,
+    /// "Synced", or the failure's fixed reason.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub operation: String,
+    /// "success", or the error's fixed reason.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub certificate_not_after: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    pub identity_ready: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    pub syncs: Family<SyncLabels, Counter>,
+    pub aws_calls: Family<CallLabels, Counter>,
+    pub rotations: Counter,
+    pub restarts: Family<OutcomeLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub leader: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mtls");
+        let metrics = Self {
+            registry: Registry::default(),
+            certificate_not_after: Family::default(),
+            certificate_not_before: Family::default(),
+            identity_ready: Family::default(),
+            syncs: Family::default(),
+            aws_calls: Family::default(),
+            rotations: Counter::default(),
+            restarts: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            leader: Gauge::default(),
+        };
+        // Named like cert-manager's, so its users' alerts translate.
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of the certificate in the identity's Secret (Unix seconds)",
+            metrics.certificate_not_after.clone(),
+        );
+        registry.register(
+            "certificate_not_before_timestamp_seconds",
+            "notBefore of the certificate in the identity's Secret (Unix seconds)",
+            metrics.certificate_not_before.clone(),
+        );
+        registry.register(
+            "identity_ready",
+            "1 when the identity is Ready, 0 when not",
+            metrics.identity_ready.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Syncs by outcome and reason",
+            metrics.syncs.clone(),
+        );
+        registry.register(
+            "secretsmanager_calls",
+            "AWS Secrets Manager API calls by operation and outcome",
+            metrics.aws_calls.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Certificates replaced by a new version",
+            metrics.rotations.clone(),
+        );
+        registry.register(
+            "restarts",
+            "Workload restarts for rotations, by outcome (triggered, failed)",
+            metrics.restarts.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            metrics.leader.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    pub fn record_aws_call(&self, operation: &str, outcome: &str) {
+        self.aws_calls
+            .get_or_create(&CallLabels {
+                operation: operation.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_names() {
+        let metrics = Metrics::new();
+        let labels = IdentityLabels {
+            namespace: "payments".into(),
+            name: "client".into(),
+        };
+        metrics
+            .certificate_not_after
+            .get_or_create(&labels)
+            .set(1_900_000_000);
+        metrics.record_aws_call("GetSecretValue", "success");
+        let text = metrics.encode();
+        assert!(text.contains(
+            "mtls_certificate_expiration_timestamp_seconds{namespace=\"payments\",name=\"client\"} 1900000000"
+        ), "{text}");
+        assert!(text.contains(
+            "mtls_secretsmanager_calls_total{operation=\"GetSecretValue\",outcome=\"success\"} 1"
+        ), "{text}");
+        assert!(text.contains("mtls_reconcile_duration_seconds_bucket"));
+        assert!(text.contains("mtls_leader 0"));
+    }
+}

@@ -1,0 +1,518 @@
+//! The Helm chart on the real control plane: installed under PodSecurity `restricted`, upgraded and
+//! uninstalled with the real helm; the operator running with the chart's own ServiceAccount (RBAC
+//! enforced by the API server) in cluster-wide and single-namespace mode; two replicas with one
+//! leader, failover after a kill, and /metrics.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use mtls_operator::api::MtlsIdentity;
+use mtls_operator::controller::{self, Settings};
+use mtls_operator::metrics::Metrics;
+use mtls_operator::source::SecretsManagerSource;
+use tokio::sync::oneshot;
+use xtask::support::{self, wait_for};
+
+fn chart() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("charts")
+        .join("mtls-operator")
+        .display()
+        .to_string()
+}
+
+fn helm(args: &[&str]) -> Result<Output> {
+    let environment = support::environment();
+    let output = Command::new(&environment.helm)
+        .env("KUBECONFIG", &environment.kubeconfig)
+        .env("HELM_CACHE_HOME", environment.dir.join("helm-cache"))
+        .env("HELM_CONFIG_HOME", environment.dir.join("helm-config"))
+        .env("HELM_DATA_HOME", environment.dir.join("helm-data"))
+        .args(args)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "helm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
+/// Installs the chart as `release` into `namespace` with `values` (`key=value`).
+fn helm_install(release: &str, namespace: &str, values: &[&str]) -> Result<()> {
+    let chart = chart();
+    let mut args = vec!["install", release, chart.as_str(), "--namespace", namespace];
+    args.extend(["--set", "image.repository=example.invalid/mtls-operator"]);
+    for value in values {
+        args.extend(["--set", value]);
+    }
+    helm(&args)?;
+    Ok(())
+}
+
+async fn wait_ready_pods(namespace: &str, deployment: &str, replicas: i32) -> Result<()> {
+    let admin = support::admin_client().await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin, namespace);
+    wait_for(
+        &format!("{replicas} ready pods of {namespace}/{deployment}"),
+        ROLLOUT_TIMEOUT,
+        || async {
+            let workload =
+                mtls_operator::restart::Workload::Deployment(deployments.get(deployment).await?);
+            let ready = match &workload {
+                mtls_operator::restart::Workload::Deployment(d) => d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            ensure!(
+                ready == replicas && !workload.rollout_in_progress(),
+                "{ready} of {replicas} ready"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace(
+        "helm",
+        &[
+            ("pod-security.kubernetes.io/enforce", "restricted"),
+            ("pod-security.kubernetes.io/warn", "restricted"),
+        ],
+    )
+    .await?;
+    let release = format!("helm-{}", std::process::id());
+    let deployment = format!("{release}-mtls-operator");
+    helm_install(&release, &namespace, &[])?;
+    // Pods exist only if admission accepted them under `restricted`; kwok then runs them.
+    wait_ready_pods(&namespace, &deployment, 2).await?;
+    let admin = support::admin_client().await?;
+    let pods = Api::<Pod>::namespaced(admin.clone(), &namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=mtls-operator"))
+        .await?;
+    assert_eq!(pods.items.len(), 2);
+    for pod in &pods.items {
+        assert_eq!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Running")
+        );
+    }
+    for (kind, name) in [
+        ("serviceaccount", deployment.clone()),
+        ("service", format!("{deployment}-metrics")),
+        ("poddisruptionbudget", deployment.clone()),
+        ("role", format!("{deployment}-leader-election")),
+        ("clusterrole", deployment.clone()),
+        ("clusterrolebinding", deployment.clone()),
+    ] {
+        let output = support::kubectl(&["get", "-n", &namespace, kind, &name])?;
+        assert!(output.status.success(), "{kind}/{name}: {output:?}");
+    }
+    let rendered_rules = Api::<ClusterRole>::all(admin.clone())
+        .get(&deployment)
+        .await?
+        .rules;
+    assert_eq!(
+        rendered_rules,
+        Some(documented_rules()?),
+        "the chart grants exactly the documented rules"
+    );
+
+    // Upgrade with changed values.
+    let chart = chart();
+    helm(&[
+        "upgrade",
+        &release,
+        &chart,
+        "--namespace",
+        &namespace,
+        "--reuse-values",
+        "--set",
+        "replicaCount=3",
+        "--set",
+        "maxRollouts=3",
+    ])?;
+    wait_ready_pods(&namespace, &deployment, 3).await?;
+    let upgraded = Api::<Deployment>::namespaced(admin.clone(), &namespace)
+        .get(&deployment)
+        .await?;
+    let args = upgraded
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].args.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(args.contains(&"--max-rollouts=3".to_string()), "{args:?}");
+
+    // An identity (and so its Secret) outlives the chart: uninstall keeps the CRD.
+    let identities: Api<MtlsIdentity> = Api::namespaced(admin.clone(), &namespace);
+    identities
+        .create(
+            &PostParams::default(),
+            &identity("kept", &format!("{namespace}/kept"), serde_json::json!({}))?,
+        )
+        .await?;
+    helm(&["uninstall", &release, "--namespace", &namespace])?;
+    wait_for("the chart's objects to go", TIMEOUT, || async {
+        let gone = Api::<Deployment>::namespaced(admin.clone(), &namespace)
+            .get_opt(&deployment)
+            .await?
+            .is_none()
+            && Api::<ClusterRole>::all(admin.clone())
+                .get_opt(&deployment)
+                .await?
+                .is_none();
+        ensure!(gone, "still there");
+        Ok(())
+    })
+    .await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin);
+    assert!(
+        crds.get_opt("mtlsidentities.mtls-operator.io")
+            .await?
+            .is_some(),
+        "uninstall keeps the CRD"
+    );
+    assert!(
+        identities.get_opt("kept").await?.is_some(),
+        "and the users' identities"
+    );
+    Ok(())
+}
+
+fn documented_rules() -> Result<Vec<k8s_openapi::api::rbac::v1::PolicyRule>> {
+    Ok(serde_yaml::from_str(include_str!(
+        "../charts/mtls-operator/files/operator-rules.yaml"
+    ))?)
+}
+
+/// Runs the controller in this process as the chart's ServiceAccount, on identities labelled
+/// `selector` only (other tests' namespaces are left alone).
+async fn start_as_chart(
+    release_namespace: &str,
+    service_account: &str,
+    namespace: Option<&str>,
+    selector: &str,
+) -> Result<oneshot::Sender<()>> {
+    let client = support::service_account_client(release_namespace, service_account).await?;
+    let source = Arc::new(SecretsManagerSource::new(support::aws_config().await));
+    let settings = Settings {
+        namespace: namespace.map(str::to_string),
+        identity_selector: Some(selector.to_string()),
+        ..Settings::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(controller::run(
+        client,
+        source,
+        settings,
+        Arc::new(Metrics::new()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(stop)
+}
+
+/// Syncs and rotates one labelled identity used by a Deployment in `namespace`.
+async fn sync_and_rotate(namespace: &str, label: (&str, &str)) -> Result<()> {
+    let ca = TestCa::new("chart CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let mut client = identity("client", &secret_id, serde_json::json!({}))?;
+    client.metadata.labels = Some([(label.0.to_string(), label.1.to_string())].into());
+    create_identity(namespace, &client).await?;
+    wait_ready(namespace, "client", "True", "Synced").await?;
+    create_deployment(namespace, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(namespace).await?;
+    let before = generations(namespace).await?;
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    wait_rotation(namespace, "client", &version).await?;
+    wait_all_rolled_out(namespace).await?;
+    let after = generations(namespace).await?;
+    assert_eq!(
+        after.get("Deployment/app").copied(),
+        before.get("Deployment/app").map(|g| g + 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_runs_with_the_charts_service_account_in_both_modes() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let selector_value = format!("chart-{}", std::process::id());
+    let label = ("mtls-operator.io/test-shard", selector_value.as_str());
+    let selector = format!("{}={}", label.0, label.1);
+
+    // Cluster-wide: ClusterRole + ClusterRoleBinding.
+    let wide_ns = support::create_namespace("wide", &[]).await?;
+    let wide_release = format!("wide-{}", std::process::id());
+    helm_install(&wide_release, &wide_ns, &[])?;
+    let stop_wide = start_as_chart(
+        &wide_ns,
+        &format!("{wide_release}-mtls-operator"),
+        None,
+        &selector,
+    )
+    .await?;
+    let apps = support::create_namespace("wideapps", &[]).await?;
+    sync_and_rotate(&apps, label).await?;
+    let _ = stop_wide.send(());
+
+    // Single namespace: Role + RoleBinding in the watched namespace only.
+    let single_ns = support::create_namespace("single", &[]).await?;
+    let watched = support::create_namespace("watched", &[]).await?;
+    let single_release = format!("single-{}", std::process::id());
+    helm_install(
+        &single_release,
+        &single_ns,
+        &[&format!("watchNamespace={watched}")],
+    )?;
+    let service_account = format!("{single_release}-mtls-operator");
+    let stop_single =
+        start_as_chart(&single_ns, &service_account, Some(&watched), &selector).await?;
+    sync_and_rotate(&watched, label).await?;
+    // The single-namespace ServiceAccount can do nothing elsewhere.
+    let scoped = support::service_account_client(&single_ns, &service_account).await?;
+    let elsewhere: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(scoped, &apps);
+    match elsewhere.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => bail!("expected 403 outside the watched namespace, got {other:?}"),
+    }
+    let _ = stop_single.send(());
+    Ok(())
+}
+
+/// Kills its process when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+/// Starts the real operator binary as the chart's ServiceAccount with leader election.
+fn start_replica(
+    kubeconfig: &std::path::Path,
+    lease_namespace: &str,
+    lease: &str,
+    name: &str,
+    selector: &str,
+    metrics_port: u16,
+) -> Result<Process> {
+    let environment = support::environment();
+    let log = std::fs::File::create(environment.dir.join("logs").join(format!("{name}.log")))?;
+    let child = Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
+        .args(["run", "--leader-election", "--lease-duration=4s"])
+        .arg(format!("--lease-name={lease}"))
+        .arg(format!("--lease-namespace={lease_namespace}"))
+        .arg(format!("--identity={name}"))
+        .arg(format!("--identity-selector={selector}"))
+        .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
+        .arg(format!("--health-address=127.0.0.1:{}", free_port()?))
+        .envs(environment.variables())
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(Process(child))
+}
+
+async fn lease_holder(namespace: &str, lease: &str) -> Result<String> {
+    let leases: Api<Lease> = Api::namespaced(support::admin_client().await?, namespace);
+    leases
+        .get(lease)
+        .await?
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .filter(|holder| !holder.is_empty())
+        .context("no holder")
+}
+
+#[tokio::test]
+async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let release_ns = support::create_namespace("ha", &[]).await?;
+    let release = format!("ha-{}", std::process::id());
+    helm_install(&release, &release_ns, &[])?;
+    let service_account = format!("{release}-mtls-operator");
+    // A kubeconfig that acts as the chart's ServiceAccount.
+    let token_client = support::service_account_client(&release_ns, &service_account).await?;
+    drop(token_client);
+    let token = String::from_utf8(
+        support::kubectl(&[
+            "create",
+            "token",
+            "-n",
+            &release_ns,
+            &service_account,
+            "--duration=1h",
+        ])?
+        .stdout,
+    )?;
+    let environment = support::environment();
+    let kubeconfig = environment.dir.join(format!("{release}.kubeconfig"));
+    let admin_config = std::fs::read_to_string(&environment.kubeconfig)?;
+    let server = environment.apiserver_url.clone();
+    let ca = admin_config
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("certificate-authority-data: "))
+        .context("no CA in the kubeconfig")?;
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server}', certificate-authority-data: {ca}}}}}]\n\
+             users: [{{name: u, user: {{token: '{}'}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+            token.trim()
+        ),
+    )?;
+
+    let shard = format!("ha-{}", std::process::id());
+    let selector = format!("mtls-operator.io/test-shard={shard}");
+    let lease = format!("{release}-lease");
+    let ports = [free_port()?, free_port()?];
+    let mut replicas = vec![
+        Some(start_replica(
+            &kubeconfig,
+            &release_ns,
+            &lease,
+            "replica-a",
+            &selector,
+            ports[0],
+        )?),
+        Some(start_replica(
+            &kubeconfig,
+            &release_ns,
+            &lease,
+            "replica-b",
+            &selector,
+            ports[1],
+        )?),
+    ];
+    let leader = wait_for("a leader", TIMEOUT, || lease_holder(&release_ns, &lease)).await?;
+    let (leader_index, standby_index) = if leader == "replica-a" {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+
+    let apps = support::create_namespace("haapps", &[]).await?;
+    let ca = TestCa::new("ha CA")?;
+    let secret_id = format!("{apps}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let mut client = identity("client", &secret_id, serde_json::json!({}))?;
+    client.metadata.labels =
+        Some([("mtls-operator.io/test-shard".to_string(), shard.clone())].into());
+    create_identity(&apps, &client).await?;
+    let synced = wait_ready(&apps, "client", "True", "Synced").await?;
+    let not_after = synced
+        .status
+        .and_then(|s| s.certificate)
+        .map(|c| c.not_after)
+        .context("no facts")?;
+    let not_after = chrono::DateTime::parse_from_rfc3339(&not_after)?.timestamp();
+
+    // /metrics: the leader reports the expiry and its AWS calls; the standby has reconciled nothing.
+    let leader_metrics = wait_for("the leader's metrics", TIMEOUT, || async {
+        let text = http_get(ports[leader_index], "/metrics").await?;
+        ensure!(text.contains("mtls_leader 1"), "not leader in metrics");
+        ensure!(
+            text.contains(&format!(
+                "mtls_certificate_expiration_timestamp_seconds{{namespace=\"{apps}\",name=\"client\"}} {not_after}"
+            )),
+            "no expiry gauge yet"
+        );
+        Ok(text)
+    })
+    .await?;
+    assert!(
+        leader_metrics.contains(
+            "mtls_secretsmanager_calls_total{operation=\"GetSecretValue\",outcome=\"success\"}"
+        ),
+        "{leader_metrics}"
+    );
+    let standby_metrics = http_get(ports[standby_index], "/metrics").await?;
+    assert!(
+        standby_metrics.contains("mtls_leader 0"),
+        "{standby_metrics}"
+    );
+    assert!(
+        standby_metrics.contains("mtls_reconcile_duration_seconds_count 0"),
+        "{standby_metrics}"
+    );
+
+    create_deployment(&apps, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&apps).await?;
+    let before = generations(&apps).await?;
+
+    // Kill the leader (SIGKILL: no goodbye), and rotate during the handover.
+    let killed_at = Instant::now();
+    drop(replicas[leader_index].take());
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    let standby_name = if standby_index == 0 {
+        "replica-a"
+    } else {
+        "replica-b"
+    };
+    wait_for(
+        "the standby to take over",
+        Duration::from_secs(60),
+        || async {
+            let holder = lease_holder(&release_ns, &lease).await?;
+            ensure!(holder == standby_name, "holder {holder}");
+            Ok(())
+        },
+    )
+    .await?;
+    let takeover = killed_at.elapsed();
+    eprintln!("takeover after {takeover:?} (lease duration 4s)");
+    wait_rotation(&apps, "client", &version).await?;
+    wait_all_rolled_out(&apps).await?;
+    let after = generations(&apps).await?;
+    assert_eq!(
+        after.get("Deployment/app").copied(),
+        before.get("Deployment/app").map(|g| g + 1),
+        "exactly one rollout across the handover"
+    );
+    drop(replicas);
+    Ok(())
+}
