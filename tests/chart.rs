@@ -199,6 +199,40 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
     Ok(())
 }
 
+#[tokio::test]
+async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let lint = helm(&["lint", "--strict", &chart()])?;
+    assert!(String::from_utf8_lossy(&lint.stdout).contains("0 chart(s) failed"));
+    // The examples, as a user would apply them (server-side dry run: admission and schema run).
+    let admin = support::admin_client().await?;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin);
+    if namespaces.get_opt("payments").await?.is_none() {
+        let namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "payments"}}))?;
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await?;
+    }
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for file in ["mtlsidentity.yaml", "client-deployment.yaml"] {
+        let path = examples.join(file).display().to_string();
+        let output = support::kubectl(&["apply", "--dry-run=server", "-f", &path])?;
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let policy: serde_json::Value =
+        serde_json::from_str(include_str!("../examples/iam-policy.json"))?;
+    assert_eq!(
+        policy["Statement"][0]["Action"][0],
+        "secretsmanager:GetSecretValue"
+    );
+    Ok(())
+}
+
 fn documented_rules() -> Result<Vec<k8s_openapi::api::rbac::v1::PolicyRule>> {
     Ok(serde_yaml::from_str(include_str!(
         "../charts/mtls-operator/files/operator-rules.yaml"
