@@ -46,6 +46,17 @@ struct RunArgs {
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
+    /// Act on `spec.egress`: create operator-managed egress proxies (needs RBAC on Deployments and
+    /// Services; the chart's `egress.enabled` grants it).
+    #[arg(long, env = "ENABLE_EGRESS")]
+    enable_egress: bool,
+    /// Image of the egress proxies: the operator's own (the chart sets it).
+    #[arg(
+        long,
+        env = "PROXY_IMAGE",
+        default_value = "ghcr.io/mtls-operator/mtls-operator:0.1.0"
+    )]
+    proxy_image: String,
     /// Address of /healthz and /readyz.
     #[arg(long, env = "HEALTH_ADDRESS", default_value = "0.0.0.0:8081")]
     health_address: SocketAddr,
@@ -115,6 +126,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy: SourcePolicy::from_patterns(args.allowed_sources),
         max_rollouts: args.max_rollouts,
         identity_selector: args.identity_selector,
+        egress_image: args.enable_egress.then_some(args.proxy_image),
     };
     let ready = Arc::new(AtomicBool::new(false));
     let health = tokio::spawn(serve_health(args.health_address, ready.clone()));

@@ -53,6 +53,39 @@ pub struct MtlsIdentitySpec {
     /// Expiry warnings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry: Option<ExpirySpec>,
+    /// An operator-managed egress mTLS proxy: a Deployment and a Service named after the identity
+    /// that take plain HTTP and call `upstream` over mutual TLS with this identity's certificate.
+    /// Needs the operator's `--enable-egress` (the chart's `egress.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressSpec {
+    /// The one upstream the proxy calls, e.g. `https://api.partner.example` (https only).
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('https://')")
+        .message("egress.upstream must be an https:// URL"))]
+    #[schemars(length(min = 9, max = 2048))]
+    pub upstream: String,
+    /// The Service port applications call with plain HTTP.
+    #[serde(default = "default_egress_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default = "default_egress_replicas")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: i32,
+    /// Verify the upstream with the Secret's `ca.crt` instead of the system roots.
+    #[serde(default)]
+    pub verify_upstream_with_secret_ca: bool,
+}
+
+fn default_egress_port() -> i32 {
+    8080
+}
+
+fn default_egress_replicas() -> i32 {
+    2
 }
 
 fn default_refresh_interval() -> String {

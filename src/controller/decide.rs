@@ -141,10 +141,9 @@ pub fn secret_up_to_date(existing: &Secret, desired: &Secret) -> bool {
         )
 }
 
-/// Whether `secret` has `owner_uid` as its controller.
-pub fn is_owned_by(secret: &Secret, owner_uid: &str) -> bool {
-    secret
-        .metadata
+/// Whether an object has `owner_uid` as its controller.
+pub fn is_owned_by(metadata: &ObjectMeta, owner_uid: &str) -> bool {
+    metadata
         .owner_references
         .iter()
         .flatten()
@@ -570,10 +569,10 @@ mod tests {
             },
             ..Default::default()
         };
-        assert!(is_owned_by(&with_owner("u1", Some(true)), "u1"));
-        assert!(!is_owned_by(&with_owner("u2", Some(true)), "u1"));
-        assert!(!is_owned_by(&with_owner("u1", None), "u1"));
-        assert!(!is_owned_by(&Secret::default(), "u1"));
+        assert!(is_owned_by(&with_owner("u1", Some(true)).metadata, "u1"));
+        assert!(!is_owned_by(&with_owner("u2", Some(true)).metadata, "u1"));
+        assert!(!is_owned_by(&with_owner("u1", None).metadata, "u1"));
+        assert!(!is_owned_by(&Secret::default().metadata, "u1"));
     }
 
     #[test]

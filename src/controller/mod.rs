@@ -2,6 +2,7 @@
 //! field manager, then status and Events. The decisions live in [`decide`]; this module does the I/O.
 
 pub mod decide;
+pub mod egress;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,8 @@ pub struct Settings {
     /// Only identities with these labels (a label selector), to shard identities over several
     /// operators or to canary a new version; all when `None`.
     pub identity_selector: Option<String>,
+    /// The image of operator-managed egress proxies; `None`: `spec.egress` is not acted on.
+    pub egress_image: Option<String>,
 }
 
 impl Default for Settings {
@@ -71,6 +74,7 @@ impl Default for Settings {
             policy: SourcePolicy::default(),
             max_rollouts: 10,
             identity_selector: None,
+            egress_image: None,
         }
     }
 }
@@ -283,6 +287,7 @@ async fn reconcile_inner(
             publish_restart_events(&context, &identity, &namespace, &report).await;
         }
     }
+    reconcile_egress(&identity, &namespace, &mut status, &now, &context).await?;
     record_metrics(
         &context.metrics,
         &namespace,
@@ -329,6 +334,96 @@ async fn reconcile_inner(
         failures,
         rand::random::<f64>(),
     )))
+}
+
+/// Creates (or removes) the operator-managed egress proxy of `spec.egress`, and says how it went in
+/// the `Egress` condition.
+async fn reconcile_egress(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    status: &mut crate::api::MtlsIdentityStatus,
+    now: &str,
+    context: &Context,
+) -> Result<(), ReconcileError> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    let name = identity.name_any();
+    let uid = identity.uid().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(context.client.clone(), namespace);
+    let Some(spec) = &identity.spec.egress else {
+        if status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == egress::EGRESS_CONDITION)
+        {
+            // `spec.egress` was removed: remove what it made (only if it is ours).
+            if let Some(made) = deployments.get_opt(&name).await?
+                && decide::is_owned_by(&made.metadata, &uid)
+            {
+                deployments.delete(&name, &Default::default()).await?;
+            }
+            if let Some(made) = services.get_opt(&name).await?
+                && decide::is_owned_by(&made.metadata, &uid)
+            {
+                services.delete(&name, &Default::default()).await?;
+            }
+            status
+                .conditions
+                .retain(|c| c.type_ != egress::EGRESS_CONDITION);
+        }
+        return Ok(());
+    };
+    let (condition_status, reason, message) = match (&context.settings.egress_image, &status.secret_name) {
+        (None, _) => (
+            "False",
+            "EgressDisabled",
+            "this operator runs without --enable-egress (chart value egress.enabled=true, which also \
+             grants the RBAC it needs): no proxy Deployment or Service is created"
+                .to_string(),
+        ),
+        (Some(_), None) => (
+            "False",
+            "EgressWaiting",
+            "waiting for the first good certificate before starting the proxy".to_string(),
+        ),
+        (Some(image), Some(secret)) => {
+            let Some(owner) = identity.controller_owner_ref(&()) else {
+                return Ok(());
+            };
+            let apply = PatchParams::apply(FIELD_MANAGER).force();
+            let built = egress::deployment(&name, namespace, spec, secret, image, &owner)
+                .and_then(|d| Ok((d, egress::service(&name, namespace, spec, &owner)?)));
+            match built {
+                Ok((deployment, service)) => {
+                    deployments.patch(&name, &apply, &Patch::Apply(&deployment)).await?;
+                    services.patch(&name, &apply, &Patch::Apply(&service)).await?;
+                    (
+                        "True",
+                        "EgressReady",
+                        format!(
+                            "Deployment and Service {name} forward http://{name}.{namespace}:{} to {} \
+                             with this identity's certificate",
+                            spec.port, spec.upstream
+                        ),
+                    )
+                }
+                Err(error) => ("False", "EgressInvalid", format!("cannot build the proxy: {error}")),
+            }
+        }
+    };
+    decide::set_condition(
+        &mut status.conditions,
+        crate::api::Condition {
+            type_: egress::EGRESS_CONDITION.to_string(),
+            status: condition_status.to_string(),
+            reason: reason.to_string(),
+            message,
+            last_transition_time: now.to_string(),
+            observed_generation: identity.metadata.generation,
+        },
+    );
+    Ok(())
 }
 
 /// Updates the per-identity gauges and the sync counters from the new status and outcome.
@@ -592,7 +687,7 @@ async fn sync(
     let existing = secrets.get_opt(target).await?;
     let owner_uid = identity.uid().unwrap_or_default();
     if let Some(existing) = &existing
-        && !decide::is_owned_by(existing, &owner_uid)
+        && !decide::is_owned_by(&existing.metadata, &owner_uid)
     {
         return Ok(Err(SyncFailure::TargetConflict {
             secret: format!("{namespace}/{target}"),

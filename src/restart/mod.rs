@@ -73,6 +73,14 @@ impl Workload {
         }
     }
 
+    pub fn managed_by_operator(&self) -> bool {
+        self.metadata()
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(crate::api::MANAGED_BY_LABEL))
+            .is_some_and(|value| value == crate::api::MANAGED_BY_VALUE)
+    }
+
     pub fn uses_secret(&self, secret: &str) -> bool {
         self.template()
             .and_then(|template| template.spec.as_ref())
@@ -242,7 +250,8 @@ impl Restarter {
                 .into_iter()
                 .map(Workload::DaemonSet),
         );
-        all.retain(|workload| workload.uses_secret(secret));
+        // The operator's own egress proxies reload their certificate: never restart them.
+        all.retain(|workload| workload.uses_secret(secret) && !workload.managed_by_operator());
         Ok((all, Vec::new()))
     }
 

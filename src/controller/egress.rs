@@ -1,0 +1,210 @@
+//! The operator-managed egress proxy of an identity with `spec.egress`: a Deployment and a Service,
+//! both named after the identity and owned by it (garbage-collected with it), that mount the target
+//! Secret and run `mtls-operator proxy` from the operator's own image. Built here, without I/O.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+use crate::api::{EgressSpec, IDENTITY_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+
+pub const EGRESS_CONDITION: &str = "Egress";
+/// Where the proxy container mounts the Secret.
+const CERT_DIR: &str = "/etc/mtls";
+const PROXY_PORT: i32 = 8080;
+const ADMIN_PORT: i32 = 9090;
+
+fn labels(identity: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (IDENTITY_LABEL.to_string(), identity.to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "mtls-egress".to_string(),
+        ),
+    ])
+}
+
+fn selector(identity: &str) -> serde_json::Value {
+    serde_json::json!({
+        IDENTITY_LABEL: identity,
+        "app.kubernetes.io/name": "mtls-egress",
+    })
+}
+
+/// The proxy Deployment: PodSecurity `restricted`, the Secret read-only, probes on the admin port.
+pub fn deployment(
+    identity: &str,
+    namespace: &str,
+    egress: &EgressSpec,
+    secret: &str,
+    image: &str,
+    owner: &OwnerReference,
+) -> Result<Deployment, serde_json::Error> {
+    let mut args = vec![
+        "proxy".to_string(),
+        format!("--listen=0.0.0.0:{PROXY_PORT}"),
+        format!("--admin-address=0.0.0.0:{ADMIN_PORT}"),
+        format!("--upstream={}", egress.upstream),
+        format!("--cert-dir={CERT_DIR}"),
+    ];
+    if egress.verify_upstream_with_secret_ca {
+        args.push(format!("--upstream-ca={CERT_DIR}/ca.crt"));
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": identity,
+            "namespace": namespace,
+            "labels": labels(identity),
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "replicas": egress.replicas,
+            "selector": {"matchLabels": selector(identity)},
+            "template": {
+                "metadata": {"labels": labels(identity)},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "proxy",
+                        "image": image,
+                        "args": args,
+                        "ports": [
+                            {"name": "http", "containerPort": PROXY_PORT},
+                            {"name": "admin", "containerPort": ADMIN_PORT}
+                        ],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"}},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "admin"}},
+                        "resources": {
+                            "requests": {"cpu": "20m", "memory": "32Mi"},
+                            "limits": {"memory": "128Mi"}
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        },
+                        "volumeMounts": [{"name": "client-tls", "mountPath": CERT_DIR, "readOnly": true}]
+                    }],
+                    "volumes": [{"name": "client-tls", "secret": {"secretName": secret}}]
+                }
+            }
+        }
+    }))
+}
+
+/// The Service applications call with plain HTTP: `http://<identity>.<namespace>:<port>`.
+pub fn service(
+    identity: &str,
+    namespace: &str,
+    egress: &EgressSpec,
+    owner: &OwnerReference,
+) -> Result<Service, serde_json::Error> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": identity,
+            "namespace": namespace,
+            "labels": labels(identity),
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "selector": selector(identity),
+            "ports": [{"name": "http", "port": egress.port, "targetPort": "http"}]
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn egress(verify: bool) -> EgressSpec {
+        EgressSpec {
+            upstream: "https://api.partner.example".into(),
+            port: 80,
+            replicas: 2,
+            verify_upstream_with_secret_ca: verify,
+        }
+    }
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "mtls-operator.io/v1alpha1".into(),
+            kind: "MtlsIdentity".into(),
+            name: "client".into(),
+            uid: "u1".into(),
+            controller: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deployment_is_restricted_owned_and_mounts_the_secret() -> Result<(), serde_json::Error> {
+        let built = deployment(
+            "client",
+            "ns",
+            &egress(true),
+            "client-tls",
+            "img:1",
+            &owner(),
+        )?;
+        assert_eq!(built.metadata.owner_references, Some(vec![owner()]));
+        let pod = built.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        let container = &pod.containers[0];
+        let args = container.args.clone().unwrap_or_default();
+        assert!(args.contains(&"--upstream=https://api.partner.example".to_string()));
+        assert!(args.contains(&"--upstream-ca=/etc/mtls/ca.crt".to_string()));
+        let security = container.security_context.clone().unwrap_or_default();
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            pod.security_context.and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
+        let volume = pod.volumes.unwrap_or_default().remove(0);
+        assert_eq!(
+            volume.secret.and_then(|s| s.secret_name).as_deref(),
+            Some("client-tls")
+        );
+        let plain = deployment(
+            "client",
+            "ns",
+            &egress(false),
+            "client-tls",
+            "img:1",
+            &owner(),
+        )?;
+        let args = plain
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|s| s.containers[0].args.clone().unwrap_or_default())
+            .unwrap_or_default();
+        assert!(!args.iter().any(|a| a.starts_with("--upstream-ca")));
+        Ok(())
+    }
+
+    #[test]
+    fn service_selects_the_proxy_pods() -> Result<(), serde_json::Error> {
+        let built = service("client", "ns", &egress(false), &owner())?;
+        let spec = built.spec.unwrap_or_default();
+        assert_eq!(spec.ports.unwrap_or_default()[0].port, 80);
+        let selector = spec.selector.unwrap_or_default();
+        assert_eq!(
+            selector.get(IDENTITY_LABEL).map(String::as_str),
+            Some("client")
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! Operator-managed egress proxies (`spec.egress`) on the real control plane: created only when the
+//! operator is allowed to (and then with exactly the chart's extra RBAC), accepted under PodSecurity
+//! `restricted`, owned by the identity and removed with it.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use mtls_operator::api::MtlsIdentity;
+use mtls_operator::controller::Settings;
+use xtask::support::{self, wait_for};
+
+/// The chart's extra egress rules as a ClusterRole, bound to the operator's ServiceAccount.
+async fn grant_egress_rules(namespace: &str) -> Result<()> {
+    let admin = support::admin_client().await?;
+    let apply = PatchParams::apply("mtls-operator-tests").force();
+    let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+        "../charts/mtls-operator/files/egress-rules.yaml"
+    ))?;
+    let role = ClusterRole {
+        metadata: kube::api::ObjectMeta {
+            name: Some("mtls-operator-egress".into()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("mtls-operator-egress", &apply, &Patch::Apply(&role))
+        .await?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "mtls-operator-egress", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "mtls-operator-egress"},
+        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": namespace}]
+    }))?;
+    Api::<RoleBinding>::namespaced(admin, namespace)
+        .patch("mtls-operator-egress", &apply, &Patch::Apply(&binding))
+        .await?;
+    Ok(())
+}
+
+async fn egress_condition(
+    namespace: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> Result<String> {
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
+    wait_for(&format!("Egress={status} {reason}"), TIMEOUT, || async {
+        let identity = identities.get(name).await?;
+        let condition = identity
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Egress"))
+            .context("no Egress condition")?;
+        ensure!(
+            condition.status == status && condition.reason == reason,
+            "{condition:?}"
+        );
+        Ok(condition.message)
+    })
+    .await
+}
+
+fn egress_identity(namespace: &str) -> Result<MtlsIdentity> {
+    identity(
+        "partner",
+        &format!("{namespace}/partner"),
+        serde_json::json!({"egress": {"upstream": "https://api.partner.example", "port": 80}}),
+    )
+}
+
+#[tokio::test]
+async fn egress_proxy_is_created_under_restricted_and_removed_with_its_identity() -> Result<()> {
+    let namespace = support::create_namespace(
+        "egress",
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await?;
+    grant_egress_rules(&namespace).await?;
+    let settings = Settings {
+        egress_image: Some("example.invalid/mtls-operator:test".into()),
+        ..Settings::default()
+    };
+    let _operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("egress CA")?;
+    put_source(&format!("{namespace}/partner"), &good_secret(&ca)?).await?;
+    create_identity(&namespace, &egress_identity(&namespace)?).await?;
+    wait_ready(&namespace, "partner", "True", "Synced").await?;
+    let message = egress_condition(&namespace, "partner", "True", "EgressReady").await?;
+    assert!(message.contains("https://api.partner.example"), "{message}");
+
+    let admin = support::admin_client().await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(admin.clone(), &namespace);
+    let identity = Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
+        .get("partner")
+        .await?;
+    let deployment = deployments.get("partner").await?;
+    let owner = deployment
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        owner.first().map(|o| &o.uid),
+        identity.metadata.uid.as_ref()
+    );
+    let service = services.get("partner").await?;
+    assert_eq!(
+        service.spec.and_then(|s| s.ports).map(|p| p[0].port),
+        Some(80)
+    );
+    // Admitted under `restricted` and running (kwok): the proxy pods exist and run.
+    wait_for("the proxy pods to run", ROLLOUT_TIMEOUT, || async {
+        let pods = Api::<Pod>::namespaced(admin.clone(), &namespace)
+            .list(&ListParams::default().labels("app.kubernetes.io/name=mtls-egress"))
+            .await?;
+        let running = pods
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        ensure!(running == 2, "{running} running");
+        Ok(())
+    })
+    .await?;
+
+    Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
+        .delete("partner", &DeleteParams::foreground())
+        .await?;
+    wait_for("the proxy to be garbage-collected", TIMEOUT, || async {
+        ensure!(
+            deployments.get_opt("partner").await?.is_none()
+                && services.get_opt("partner").await?.is_none(),
+            "still there"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_egress_enabled_the_operator_creates_nothing_and_says_why() -> Result<()> {
+    let namespace = support::create_namespace("noegress", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("no egress CA")?;
+    put_source(&format!("{namespace}/partner"), &good_secret(&ca)?).await?;
+    create_identity(&namespace, &egress_identity(&namespace)?).await?;
+    let message = egress_condition(&namespace, "partner", "False", "EgressDisabled").await?;
+    assert!(message.contains("egress.enabled"), "{message}");
+    let identity = wait_ready(&namespace, "partner", "True", "Synced").await?;
+    assert!(identity.status.is_some());
+    let deployments: Api<Deployment> = Api::namespaced(support::admin_client().await?, &namespace);
+    assert!(deployments.get_opt("partner").await?.is_none());
+    Ok(())
+}
