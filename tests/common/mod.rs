@@ -255,31 +255,7 @@ pub fn json_secret(certificate: &str, private_key: &str, ca: &str) -> String {
 
 /// Creates or updates a secret in the environment's Secrets Manager; returns the new version id.
 pub async fn put_source(name: &str, value: &str) -> Result<String> {
-    let client = support::secrets_manager().await;
-    let exists = client
-        .describe_secret()
-        .secret_id(name)
-        .send()
-        .await
-        .is_ok();
-    let version = if exists {
-        client
-            .put_secret_value()
-            .secret_id(name)
-            .secret_string(value)
-            .send()
-            .await?
-            .version_id
-    } else {
-        client
-            .create_secret()
-            .name(name)
-            .secret_string(value)
-            .send()
-            .await?
-            .version_id
-    };
-    version.context("no VersionId")
+    support::environment().put_secret(name, value).await
 }
 
 pub fn identity(

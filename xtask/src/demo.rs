@@ -103,46 +103,6 @@ impl SampleCa {
     }
 }
 
-async fn store_in_secrets_manager(environment: &Environment, value: &str) -> Result<String> {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&environment.aws_endpoint_url)
-        .region(aws_config::Region::new(environment.aws_region.clone()))
-        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
-            &environment.aws_access_key_id,
-            &environment.aws_secret_access_key,
-            None,
-            None,
-            "demo",
-        ))
-        .load()
-        .await;
-    let client = aws_sdk_secretsmanager::Client::new(&config);
-    let version = if client
-        .describe_secret()
-        .secret_id(SECRET_ID)
-        .send()
-        .await
-        .is_ok()
-    {
-        client
-            .put_secret_value()
-            .secret_id(SECRET_ID)
-            .secret_string(value)
-            .send()
-            .await?
-            .version_id
-    } else {
-        client
-            .create_secret()
-            .name(SECRET_ID)
-            .secret_string(value)
-            .send()
-            .await?
-            .version_id
-    };
-    version.context("Secrets Manager returned no VersionId")
-}
-
 /// Starts the operator binary detached, with its pid where `testenv down` finds it.
 fn start_operator(environment: &Environment, binary: &Path) -> Result<()> {
     let log = fs::File::create(environment.dir.join("logs").join("operator.log"))?;
@@ -214,10 +174,8 @@ pub fn run(progress: &dyn Fn(&str)) -> Result<()> {
     say(&format!(
         "storing a sample client certificate in Secrets Manager as {SECRET_ID}"
     ));
-    let first_version = runtime.block_on(store_in_secrets_manager(
-        &environment,
-        &ca.client_secret_json(90)?,
-    ))?;
+    let first_version =
+        runtime.block_on(environment.put_secret(SECRET_ID, &ca.client_secret_json(90)?))?;
     eprintln!("version {first_version}");
 
     say("applying a sample MtlsIdentity");
@@ -295,10 +253,8 @@ spec:
     kubectl(&environment, &["get", "replicasets", "-n", NAMESPACE])?;
 
     say("rotating: a new certificate version becomes AWSCURRENT");
-    let second_version = runtime.block_on(store_in_secrets_manager(
-        &environment,
-        &ca.client_secret_json(365)?,
-    ))?;
+    let second_version =
+        runtime.block_on(environment.put_secret(SECRET_ID, &ca.client_secret_json(365)?))?;
     eprintln!("version {second_version}");
     kubectl(
         &environment,

@@ -136,19 +136,7 @@ pub async fn service_account_client(namespace: &str, name: &str) -> Result<kube:
 
 /// The AWS configuration that reaches the environment's Secrets Manager (moto).
 pub async fn aws_config() -> aws_config::SdkConfig {
-    let environment = environment();
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&environment.aws_endpoint_url)
-        .region(aws_config::Region::new(environment.aws_region.clone()))
-        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
-            &environment.aws_access_key_id,
-            &environment.aws_secret_access_key,
-            None,
-            None,
-            "testenv",
-        ))
-        .load()
-        .await
+    environment().aws_config().await
 }
 
 pub async fn secrets_manager() -> aws_sdk_secretsmanager::Client {

@@ -94,6 +94,52 @@ impl Environment {
         ]
     }
 
+    /// The AWS configuration that reaches this environment's Secrets Manager (moto).
+    pub async fn aws_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.aws_endpoint_url)
+            .region(aws_config::Region::new(self.aws_region.clone()))
+            .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+                &self.aws_access_key_id,
+                &self.aws_secret_access_key,
+                None,
+                None,
+                "testenv",
+            ))
+            .load()
+            .await
+    }
+
+    /// Creates secret `name` with `value`, or stores `value` as its new AWSCURRENT version; returns
+    /// the version id.
+    pub async fn put_secret(&self, name: &str, value: &str) -> Result<String> {
+        let client = aws_sdk_secretsmanager::Client::new(&self.aws_config().await);
+        let exists = client
+            .describe_secret()
+            .secret_id(name)
+            .send()
+            .await
+            .is_ok();
+        let version = if exists {
+            client
+                .put_secret_value()
+                .secret_id(name)
+                .secret_string(value)
+                .send()
+                .await?
+                .version_id
+        } else {
+            client
+                .create_secret()
+                .name(name)
+                .secret_string(value)
+                .send()
+                .await?
+                .version_id
+        };
+        version.context("Secrets Manager returned no VersionId")
+    }
+
     pub async fn admin_client(&self) -> Result<kube::Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
