@@ -93,18 +93,45 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
 fn test(cargo_args: &[&str]) -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
     // Attached: the environment stops when this process ends, even if it is killed.
-    let started =
+    let supervisor =
         supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
         .current_dir(xtask::project_root())
         .args(["test", "--workspace", "--locked"])
         .args(cargo_args);
-    for (name, value) in started.environment.variables() {
+    for (name, value) in supervisor.environment.variables() {
         cargo.env(name, value);
     }
-    let status = cargo.status().context("running cargo test")?;
-    started.stop()?;
+    // Pass the output through, and count what the test binaries report, for one closing line.
+    let started = std::time::Instant::now();
+    let mut child = cargo
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(counts) = line.strip_prefix("test result: ") {
+                let number = |word: &str| {
+                    counts
+                        .split(';')
+                        .find_map(|part| part.trim().strip_suffix(word))
+                        .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                passed += number(" passed");
+                failed += number(" failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    supervisor.stop()?;
+    eprintln!("xtask: the suite took {:.0?}", started.elapsed());
+    println!("tests: {passed} passed, {failed} failed");
     Ok(if status.success() {
         ExitCode::SUCCESS
     } else {
