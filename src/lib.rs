@@ -10,6 +10,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
+pub mod proxy;
 pub mod restart;
 pub mod source;
 pub mod telemetry;

@@ -25,6 +25,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the MtlsIdentity CustomResourceDefinition as YAML.
     Crd,
+    /// Egress mTLS proxy: plain HTTP in, mutual TLS to one upstream with the mounted certificate,
+    /// reloaded on rotation without a restart (as a sidecar, or operator-managed via spec.egress).
+    Proxy(Box<mtls_operator::proxy::ProxyArgs>),
 }
 
 #[derive(clap::Args)]
@@ -93,25 +96,41 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Proxy(args) => {
+            mtls_operator::telemetry::init();
+            block_on("proxy", async move {
+                mtls_operator::proxy::run(*args, shutdown_signal())
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", error.reason()))
+            })
+        }
         Command::Run(args) => {
             mtls_operator::telemetry::init();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    error!(%error, "cannot start the async runtime");
-                    return std::process::ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(run(*args)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(error) => {
-                    error!(error = format!("{error:#}"), "operator stopped");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            block_on("operator", run(*args))
+        }
+    }
+}
+
+/// Runs `future` on a multi-threaded runtime; logs the error it ends with.
+fn block_on(
+    what: &str,
+    future: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!(%error, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            error!(error = format!("{error:#}"), "{what} stopped");
+            std::process::ExitCode::FAILURE
         }
     }
 }
