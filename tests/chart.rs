@@ -215,7 +215,11 @@ async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Resu
             .await?;
     }
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
-    for file in ["mtlsidentity.yaml", "client-deployment.yaml"] {
+    for file in [
+        "mtlsidentity.yaml",
+        "client-deployment.yaml",
+        "proxy-sidecar.yaml",
+    ] {
         let path = examples.join(file).display().to_string();
         let output = support::kubectl(&["apply", "--dry-run=server", "-f", &path])?;
         assert!(
