@@ -160,3 +160,52 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_secretsmanager::error::{ErrorMetadata, SdkError};
+    use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
+
+    use super::classify;
+
+    fn service_error(code: &str) -> SdkError<GetSecretValueError, ()> {
+        let metadata = ErrorMetadata::builder()
+            .code(code)
+            .message("from AWS")
+            .build();
+        SdkError::service_error(GetSecretValueError::generic(metadata), ())
+    }
+
+    #[test]
+    fn error_codes_map_to_fixed_reasons() {
+        let cases = [
+            ("ResourceNotFoundException", "SourceNotFound"),
+            ("InvalidRequestException", "SourceNotFound"),
+            ("AccessDeniedException", "AccessDenied"),
+            ("DecryptionFailure", "AccessDenied"),
+            ("UnrecognizedClientException", "AccessDenied"),
+            ("ThrottlingException", "Throttled"),
+            ("InternalServiceError", "SourceUnavailable"),
+        ];
+        for (code, reason) in cases {
+            let error = classify("ns/x", &service_error(code));
+            assert_eq!(error.reason(), reason, "{code}");
+            assert!(error.to_string().contains("ns/x"), "{error}");
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_unavailable_with_a_plain_detail() {
+        let timeout: SdkError<GetSecretValueError, ()> = SdkError::timeout_error("slow");
+        let error = classify("ns/x", &timeout);
+        assert_eq!(error.reason(), "SourceUnavailable");
+        assert!(error.to_string().contains("timed out"), "{error}");
+        let unbuilt: SdkError<GetSecretValueError, ()> =
+            SdkError::construction_failure("no region");
+        assert!(
+            classify("ns/x", &unbuilt)
+                .to_string()
+                .contains("credentials and region")
+        );
+    }
+}
