@@ -228,16 +228,15 @@ async fn reconcile(
 
 async fn reconcile_inner(
     identity: Arc<MtlsIdentity>,
-    context: &Arc<Context>,
+    context: &Context,
 ) -> Result<Action, ReconcileError> {
-    let context = context.clone();
     let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = identity.name_any();
     let key = ObjectRef::from_obj(identity.as_ref());
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
     let target = identity.target_secret_name();
 
-    let outcome = sync(&identity, &namespace, &target, &secrets, &context).await?;
+    let outcome = sync(&identity, &namespace, &target, &secrets, context).await?;
 
     let previous = identity.status.as_ref();
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -264,7 +263,7 @@ async fn reconcile_inner(
             && rotation.sha256_fingerprint == synced.certificate.sha256_fingerprint
         {
             let report =
-                restart_workloads(&identity, &namespace, &target, rotation, &context).await?;
+                restart_workloads(&identity, &namespace, &target, rotation, context).await?;
             for workload in &report.done {
                 if !rotation.restarted_workloads.contains(workload) {
                     rotation.restarted_workloads.push(workload.clone());
@@ -284,10 +283,10 @@ async fn reconcile_inner(
             restarts("triggered", report.triggered.len());
             restarts("failed", report.failed.len());
             restarts_pending = !rotation.complete;
-            publish_restart_events(&context, &identity, &namespace, &report).await;
+            publish_restart_events(context, &identity, &namespace, &report).await;
         }
     }
-    reconcile_egress(&identity, &namespace, &mut status, &now, &context).await?;
+    reconcile_egress(&identity, &namespace, &mut status, &now, context).await?;
     record_metrics(
         &context.metrics,
         &namespace,
@@ -307,7 +306,7 @@ async fn reconcile_inner(
         .into_iter()
         .chain(expiring_event)
     {
-        publish(&context, &identity.object_ref(&()), event).await;
+        publish(context, &identity.object_ref(&()), event).await;
     }
     match &outcome {
         Ok(synced) => info!(
