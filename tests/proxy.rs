@@ -34,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use xtask::support::wait_for;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type TestBody = BoxBody<Bytes, BoxError>;
@@ -366,7 +367,7 @@ impl RunningProxy {
     async fn ready(args: ProxyArgs) -> Result<Self> {
         let proxy = Self::start(args).await?;
         let admin = proxy.admin;
-        wait_for("the proxy to be ready", || async move {
+        wait_for("the proxy to be ready", TIMEOUT, || async move {
             let (status, body) = get_text(admin, "/readyz").await?;
             ensure!(status == StatusCode::OK, "{status} {body}");
             Ok(())
@@ -467,23 +468,6 @@ impl Drop for Setup {
 
 // ---------------------------------------------------------------------------------------------
 // Client helpers
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return Ok(value),
-            Err(error) if started.elapsed() >= TIMEOUT => {
-                return Err(error.context(format!("timed out waiting for {what}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-        }
-    }
-}
 
 /// How the application talks to the proxy.
 #[derive(Clone, Copy, Debug)]
@@ -728,7 +712,7 @@ async fn upstream_refuses_a_client_without_a_certificate() -> Result<()> {
         "the upstream answered a client without a certificate"
     );
     let failures = setup.upstream.handshake_failures.clone();
-    wait_for("the upstream to count a failed handshake", || {
+    wait_for("the upstream to count a failed handshake", TIMEOUT, || {
         let failures = failures.clone();
         async move {
             ensure!(failures.load(Ordering::SeqCst) >= 1, "no failed handshake");
@@ -888,7 +872,7 @@ async fn rotation_without_restart(alpn: Alpn, app: App) -> Result<()> {
     setup.cert_dir.write_pair(&second)?;
     let expected = second.sha256();
     let addr = proxy.addr;
-    wait_for("requests to use the new certificate", || {
+    wait_for("requests to use the new certificate", TIMEOUT, || {
         let expected = expected.clone();
         async move {
             let seen = peer_seen_as(app, addr).await?;
@@ -954,7 +938,7 @@ async fn a_bad_new_pair_is_refused_and_the_old_certificate_kept() -> Result<()> 
     let unrelated = setup.ca.client("unrelated")?;
     setup.cert_dir.write(&other.cert_pem, &unrelated.key_pem)?;
     let admin = &proxy;
-    wait_for("the reload failure to be counted", || async move {
+    wait_for("the reload failure to be counted", TIMEOUT, || async move {
         let failures = admin
             .metric("mtls_proxy_certificate_reloads_total{outcome=\"failure\"}")
             .await?;
@@ -984,7 +968,7 @@ async fn a_bad_new_pair_is_refused_and_the_old_certificate_kept() -> Result<()> 
     setup.cert_dir.write_pair(&other)?;
     let expected = other.sha256();
     let addr = proxy.addr;
-    wait_for("the fixed pair to be used", || {
+    wait_for("the fixed pair to be used", TIMEOUT, || {
         let expected = expected.clone();
         async move {
             ensure!(peer_seen(addr).await? == expected, "old certificate");
@@ -1002,7 +986,7 @@ async fn not_ready_without_a_certificate() -> Result<()> {
     let proxy =
         RunningProxy::start(args(&setup.upstream.url(), &setup.ca_file, &empty_dir.path)).await?;
     let admin = proxy.admin;
-    wait_for("the admin port", || async move {
+    wait_for("the admin port", TIMEOUT, || async move {
         get_text(admin, "/healthz").await.map(|_| ())
     })
     .await?;
@@ -1024,7 +1008,7 @@ async fn shutdown_lets_an_in_flight_request_finish() -> Result<()> {
 
     proxy.request_stop();
     let admin = proxy.admin;
-    wait_for("/readyz to say shutting down", || async move {
+    wait_for("/readyz to say shutting down", TIMEOUT, || async move {
         let (status, body) = get_text(admin, "/readyz").await?;
         ensure!(status == StatusCode::SERVICE_UNAVAILABLE, "{status}");
         ensure!(body.contains("shutting down"), "{body}");
@@ -1033,7 +1017,7 @@ async fn shutdown_lets_an_in_flight_request_finish() -> Result<()> {
     .await?;
     // The proxy port no longer accepts new connections.
     let addr = proxy.addr;
-    wait_for("the proxy port to close", || async move {
+    wait_for("the proxy port to close", TIMEOUT, || async move {
         match send(addr, Request::get("/echo").body(empty())?).await {
             Ok(response) => bail!("still answering: {}", response.status()),
             Err(_) => Ok(()),
