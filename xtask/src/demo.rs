@@ -64,6 +64,23 @@ fn kubectl_apply(environment: &Environment, manifest: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits for the demo Deployment's rollout, then shows its ReplicaSets.
+fn show_rollout(environment: &Environment) -> Result<()> {
+    kubectl(
+        environment,
+        &[
+            "rollout",
+            "status",
+            "-n",
+            NAMESPACE,
+            "deployment/payments-api",
+            "--timeout=120s",
+        ],
+    )?;
+    kubectl(environment, &["get", "replicasets", "-n", NAMESPACE])?;
+    Ok(())
+}
+
 struct SampleCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
@@ -239,18 +256,7 @@ spec:
 "
         ),
     )?;
-    kubectl(
-        &environment,
-        &[
-            "rollout",
-            "status",
-            "-n",
-            NAMESPACE,
-            "deployment/payments-api",
-            "--timeout=120s",
-        ],
-    )?;
-    kubectl(&environment, &["get", "replicasets", "-n", NAMESPACE])?;
+    show_rollout(&environment)?;
 
     say("rotating: a new certificate version becomes AWSCURRENT");
     let second_version =
@@ -292,18 +298,7 @@ spec:
         ],
     )?;
     say("exactly one rolling restart of the workload that uses the Secret: a second ReplicaSet");
-    kubectl(
-        &environment,
-        &[
-            "rollout",
-            "status",
-            "-n",
-            NAMESPACE,
-            "deployment/payments-api",
-            "--timeout=120s",
-        ],
-    )?;
-    kubectl(&environment, &["get", "replicasets", "-n", NAMESPACE])?;
+    show_rollout(&environment)?;
 
     say("the environment is still running; explore it:");
     println!("{}", environment.exports());
