@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use mtls_operator::controller::{self, Settings};
 use mtls_operator::leader::{self, LeaderSettings};
 use mtls_operator::metrics::Metrics;
+use mtls_operator::restart::RestartLimits;
 use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::policy::SourcePolicy;
 use tracing::{error, info};
@@ -32,20 +33,46 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated or repeated (default: all namespaces). The
+    /// operator then needs RBAC only in them.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Secrets Manager secrets a namespace may read: globs with a `{namespace}` placeholder,
-    /// comma-separated or repeated. Default `{namespace}/*`; `*` allows every secret.
+    /// comma-separated or repeated. Default `{namespace}/*`. Name patterns apply to the operator's
+    /// own account only; `arn:` patterns (matched against the whole ARN) allow other accounts.
     #[arg(
         long = "allowed-source",
         env = "ALLOWED_SOURCES",
         value_delimiter = ','
     )]
     allowed_sources: Vec<String>,
+    /// Regions identities may read from, comma-separated (default: the operator's own region).
+    #[arg(
+        long = "allowed-region",
+        env = "ALLOWED_REGIONS",
+        value_delimiter = ','
+    )]
+    allowed_regions: Vec<String>,
+    /// The operator's own AWS account (default: STS GetCallerIdentity).
+    #[arg(long, env = "AWS_ACCOUNT_ID")]
+    aws_account_id: Option<String>,
     /// Most rolling restarts in progress at once, across all identities: a mass rotation queues.
     #[arg(long, env = "MAX_ROLLOUTS", default_value_t = 10)]
     max_rollouts: usize,
+    /// Most rolling restarts in progress at once in one namespace (its fair share of the above).
+    #[arg(long, env = "MAX_ROLLOUTS_PER_NAMESPACE", default_value_t = 3)]
+    max_rollouts_per_namespace: usize,
+    /// A rollout not finished after this long gives its slot back (Event RestartStalled).
+    #[arg(long, env = "ROLLOUT_DEADLINE", default_value = "10m")]
+    rollout_deadline: String,
+    /// Allow `spec.restart.policy: Annotate`, which patches Pods (needs RBAC pods: list, patch; the
+    /// chart's restart.annotate.enabled grants it).
+    #[arg(long, env = "ENABLE_ANNOTATE")]
+    enable_annotate: bool,
+    /// Where operator-managed egress proxies' admin (metrics) port may be reached from: a JSON array
+    /// of NetworkPolicy peers. Default: nowhere.
+    #[arg(long, env = "EGRESS_ADMIN_FROM")]
+    egress_admin_from: Option<String>,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -139,11 +166,48 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let metrics = Arc::new(Metrics::new());
-    let source = Arc::new(SecretsManagerSource::new(aws).with_metrics(metrics.clone()));
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()).with_metrics(metrics.clone()));
+    let default_region = source.default_region();
+    let allowed_regions = if args.allowed_regions.is_empty() {
+        default_region.iter().cloned().collect()
+    } else {
+        args.allowed_regions
+    };
+    if let Some(bad) = allowed_regions
+        .iter()
+        .find(|region| !mtls_operator::source::id::is_valid_region(region))
+    {
+        anyhow::bail!("--allowed-region {bad:?} is not a region name");
+    }
+    let own_account = match args.aws_account_id {
+        Some(account) => Some(account),
+        None => mtls_operator::source::caller_account(&aws).await,
+    };
+    let rollout_deadline = mtls_operator::api::parse_duration(&args.rollout_deadline)
+        .ok_or_else(|| anyhow::anyhow!("--rollout-deadline must be a duration such as 10m"))?;
+    let egress_admin_from = match args.egress_admin_from.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(json) => serde_json::from_str(json).map_err(|error| {
+            anyhow::anyhow!(
+                "--egress-admin-from is not a JSON array of NetworkPolicy peers: {error}"
+            )
+        })?,
+    };
     let settings = Settings {
-        namespace: args.namespace,
-        policy: SourcePolicy::from_patterns(args.allowed_sources),
-        max_rollouts: args.max_rollouts,
+        namespaces: args
+            .namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        policy: SourcePolicy::new(args.allowed_sources, own_account, allowed_regions),
+        default_region,
+        restart_limits: RestartLimits {
+            max_rollouts: args.max_rollouts,
+            max_per_namespace: args.max_rollouts_per_namespace,
+            deadline: rollout_deadline,
+        },
+        allow_annotate: args.enable_annotate,
+        egress_admin_from,
         identity_selector: args.identity_selector,
         egress_image: args.enable_egress.then_some(args.proxy_image),
     };

@@ -131,6 +131,18 @@ impl Metrics {
         text
     }
 
+    /// Removes a deleted identity's series, so `/metrics` does not grow with every identity that
+    /// ever existed.
+    pub fn forget_identity(&self, namespace: &str, name: &str) {
+        let labels = IdentityLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.certificate_not_after.remove(&labels);
+        self.certificate_not_before.remove(&labels);
+        self.identity_ready.remove(&labels);
+    }
+
     pub fn record_aws_call(&self, operation: &str, outcome: &str) {
         self.aws_calls
             .get_or_create(&CallLabels {
@@ -166,5 +178,7 @@ mod tests {
         ), "{text}");
         assert!(text.contains("mtls_reconcile_duration_seconds_bucket"));
         assert!(text.contains("mtls_leader 0"));
+        metrics.forget_identity("payments", "client");
+        assert!(!metrics.encode().contains("name=\"client\""));
     }
 }

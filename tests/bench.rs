@@ -71,12 +71,15 @@ async fn fleet_sync_polling_cost_and_rotation_latency() -> Result<()> {
 
     let refresh = Duration::from_secs(60);
     let client = support::admin_client().await?;
-    let source = Arc::new(SecretsManagerSource::new(support::aws_config().await));
+    let aws = support::aws_config().await;
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
     let (stop, stopped) = oneshot::channel::<()>();
     let settings = Settings {
-        namespace: Some(namespace.clone()),
+        namespaces: vec![namespace.clone()],
         ..Settings::default()
-    };
+    }
+    .with_aws_defaults(&aws)
+    .await;
     tokio::spawn(controller::run(
         client.clone(),
         source.clone(),

@@ -1,7 +1,8 @@
 //! The Helm chart on the real control plane: installed under PodSecurity `restricted`, upgraded and
 //! uninstalled with the real helm; the operator running with the chart's own ServiceAccount (RBAC
-//! enforced by the API server) in cluster-wide and single-namespace mode; two replicas with one
-//! leader, failover after a kill, and /metrics.
+//! enforced by the API server) in cluster-wide and single-namespace mode; in namespaced mode the
+//! ServiceAccount can do nothing outside its namespaces (asked with `kubectl auth can-i`); two
+//! replicas with one leader, failover after a kill, and /metrics.
 
 mod common;
 
@@ -15,7 +16,7 @@ use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use mtls_operator::api::MtlsIdentity;
@@ -138,7 +139,7 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         "the chart grants exactly the documented rules"
     );
 
-    // Upgrade with changed values.
+    // Upgrade with changed values; Annotate and egress add their rules, and only then.
     let chart = chart();
     helm(&[
         "upgrade",
@@ -151,17 +152,29 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         "replicaCount=3",
         "--set",
         "maxRollouts=3",
+        "--set",
+        "restart.annotate.enabled=true",
+        "--set",
+        "egress.enabled=true",
     ])?;
     wait_ready_pods(&namespace, &deployment, 3).await?;
-    let upgraded = Api::<Deployment>::namespaced(admin.clone(), &namespace)
-        .get(&deployment)
-        .await?;
-    let args = upgraded
-        .spec
-        .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].args.clone().unwrap_or_default())
-        .unwrap_or_default();
+    let args = operator_args(&namespace, &deployment).await?;
     assert!(args.contains(&"--max-rollouts=3".to_string()), "{args:?}");
+    assert!(args.contains(&"--enable-annotate".to_string()), "{args:?}");
+    assert!(args.contains(&"--enable-egress".to_string()), "{args:?}");
+    assert!(
+        args.contains(&"--egress-admin-from=[]".to_string()),
+        "{args:?}"
+    );
+    let upgraded_rules = Api::<ClusterRole>::all(admin.clone())
+        .get(&deployment)
+        .await?
+        .rules;
+    assert_eq!(
+        upgraded_rules,
+        Some(documented_rules_with(true, true)?),
+        "the Annotate and egress rules are added when enabled"
+    );
 
     // An identity (and so its Secret) outlives the chart: uninstall keeps the CRD.
     let identities: Api<MtlsIdentity> = Api::namespaced(admin.clone(), &namespace);
@@ -237,10 +250,216 @@ async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Resu
     Ok(())
 }
 
-fn documented_rules() -> Result<Vec<k8s_openapi::api::rbac::v1::PolicyRule>> {
+/// The operator's base rules (`files/operator-rules.yaml`): what the chart grants by default.
+fn documented_rules() -> Result<Vec<PolicyRule>> {
     Ok(serde_yaml::from_str(include_str!(
         "../charts/mtls-operator/files/operator-rules.yaml"
     ))?)
+}
+
+/// The rules the chart grants with `restart.annotate.enabled` and `egress.enabled` as given: the
+/// base rules, then `files/annotate-rules.yaml`, then `files/egress-rules.yaml` (the chart's order).
+fn documented_rules_with(annotate: bool, egress: bool) -> Result<Vec<PolicyRule>> {
+    let mut rules = documented_rules()?;
+    if annotate {
+        rules.extend(serde_yaml::from_str::<Vec<PolicyRule>>(include_str!(
+            "../charts/mtls-operator/files/annotate-rules.yaml"
+        ))?);
+    }
+    if egress {
+        rules.extend(serde_yaml::from_str::<Vec<PolicyRule>>(include_str!(
+            "../charts/mtls-operator/files/egress-rules.yaml"
+        ))?);
+    }
+    Ok(rules)
+}
+
+/// The operator container's args in the chart's Deployment.
+async fn operator_args(namespace: &str, deployment: &str) -> Result<Vec<String>> {
+    let admin = support::admin_client().await?;
+    let deployment = Api::<Deployment>::namespaced(admin, namespace)
+        .get(deployment)
+        .await?;
+    Ok(deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.into_iter().next())
+        .and_then(|c| c.args)
+        .unwrap_or_default())
+}
+
+/// `kubectl auth can-i VERB RESOURCE` as `user` (impersonated by the admin), in `namespace`, or
+/// across all namespaces with `None`. A denial prints "no" and exits 1, so the answer is read from
+/// stdout, and anything but "yes" or "no" is an error.
+fn can_i(user: &str, verb: &str, resource: &str, namespace: Option<&str>) -> Result<bool> {
+    let as_user = format!("--as={user}");
+    let mut args = vec!["auth", "can-i", verb, resource, as_user.as_str()];
+    match namespace {
+        Some(namespace) => args.extend(["--namespace", namespace]),
+        None => args.push("--all-namespaces"),
+    }
+    let output = support::kubectl(&args)?;
+    let answer = String::from_utf8_lossy(&output.stdout);
+    match answer.split_whitespace().next() {
+        Some("yes") => Ok(true),
+        Some("no") => Ok(false),
+        _ => bail!(
+            "kubectl {} answered {answer:?}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+/// Waits until `user` may `verb` `resource` in `namespace` (RBAC objects reach the authorizer's cache
+/// a moment after they are created).
+async fn wait_allowed(user: &str, verb: &str, resource: &str, namespace: &str) -> Result<()> {
+    wait_for(
+        &format!("{user} to be allowed to {verb} {resource} in {namespace}"),
+        TIMEOUT,
+        || async {
+            ensure!(can_i(user, verb, resource, Some(namespace))?, "not yet");
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn namespaced_mode_cannot_touch_other_namespaces() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let release_ns = support::create_namespace("nsmode", &[]).await?;
+    let watched = [
+        support::create_namespace("nswatched", &[]).await?,
+        support::create_namespace("nswatched", &[]).await?,
+    ];
+    let unwatched = support::create_namespace("nsunwatched", &[]).await?;
+    let release = format!("nsmode-{}", std::process::id());
+    let name = format!("{release}-mtls-operator");
+    let user = format!("system:serviceaccount:{release_ns}:{name}");
+    // No --wait: nothing here needs the operator's Pods.
+    let values = format!("watchNamespaces={{{},{}}}", watched[0], watched[1]);
+    helm_install(&release, &release_ns, &[&values])?;
+
+    // The operator is told exactly these namespaces, and gets a Role in each, nothing cluster-wide.
+    let args = operator_args(&release_ns, &name).await?;
+    assert!(
+        args.contains(&format!("--namespace={},{}", watched[0], watched[1])),
+        "{args:?}"
+    );
+    assert!(!args.contains(&"--enable-annotate".to_string()), "{args:?}");
+    let admin = support::admin_client().await?;
+    assert!(
+        Api::<ClusterRole>::all(admin.clone())
+            .get_opt(&name)
+            .await?
+            .is_none(),
+        "no ClusterRole in namespaced mode"
+    );
+    assert!(
+        Api::<ClusterRoleBinding>::all(admin.clone())
+            .get_opt(&name)
+            .await?
+            .is_none(),
+        "no ClusterRoleBinding in namespaced mode"
+    );
+    for namespace in &watched {
+        let role = Api::<Role>::namespaced(admin.clone(), namespace)
+            .get(&name)
+            .await?;
+        assert_eq!(role.rules, Some(documented_rules()?), "{namespace}");
+    }
+
+    // In the watched namespaces: what the operator needs (it writes its Secrets with create and
+    // update, never patch), not Pods (Annotate is off by default). Waiting for the allowed answers
+    // first also makes the denials below meaningful.
+    for namespace in &watched {
+        for (verb, resource) in [
+            ("list", "secrets"),
+            ("create", "secrets"),
+            ("update", "secrets"),
+            ("patch", "deployments"),
+        ] {
+            wait_allowed(&user, verb, resource, namespace).await?;
+        }
+        for (verb, resource) in [
+            ("patch", "pods"),
+            ("patch", "secrets"),
+            ("delete", "secrets"),
+        ] {
+            assert!(
+                !can_i(&user, verb, resource, Some(namespace.as_str()))?,
+                "{verb} {resource} in {namespace} (Annotate off)"
+            );
+        }
+    }
+
+    // Elsewhere: nothing.
+    let denied = [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "secrets"),
+        ("update", "secrets"),
+        ("patch", "secrets"),
+        ("patch", "deployments"),
+        ("patch", "pods"),
+    ];
+    let elsewhere = ["kube-system", unwatched.as_str(), release_ns.as_str()];
+    for namespace in elsewhere {
+        for (verb, resource) in denied {
+            assert!(
+                !can_i(&user, verb, resource, Some(namespace))?,
+                "{verb} {resource} in unwatched namespace {namespace}"
+            );
+        }
+    }
+    for (verb, resource) in [("list", "secrets"), ("watch", "secrets"), ("list", "pods")] {
+        assert!(
+            !can_i(&user, verb, resource, None)?,
+            "{verb} {resource} cluster-wide"
+        );
+    }
+
+    // Annotate enabled: Pods in the watched namespaces, and still nowhere else.
+    let chart = chart();
+    helm(&[
+        "upgrade",
+        &release,
+        &chart,
+        "--namespace",
+        &release_ns,
+        "--reuse-values",
+        "--set",
+        "restart.annotate.enabled=true",
+    ])?;
+    let args = operator_args(&release_ns, &name).await?;
+    assert!(args.contains(&"--enable-annotate".to_string()), "{args:?}");
+    for namespace in &watched {
+        wait_allowed(&user, "patch", "pods", namespace).await?;
+        let role = Api::<Role>::namespaced(admin.clone(), namespace)
+            .get(&name)
+            .await?;
+        assert_eq!(
+            role.rules,
+            Some(documented_rules_with(true, false)?),
+            "{namespace}"
+        );
+    }
+    for namespace in elsewhere {
+        for (verb, resource) in denied {
+            assert!(
+                !can_i(&user, verb, resource, Some(namespace))?,
+                "{verb} {resource} in unwatched namespace {namespace} with Annotate"
+            );
+        }
+    }
+    assert!(
+        !can_i(&user, "patch", "pods", None)?,
+        "patch pods cluster-wide with Annotate"
+    );
+
+    helm(&["uninstall", &release, "--namespace", &release_ns])?;
+    Ok(())
 }
 
 /// Runs the controller in this process as the chart's ServiceAccount, on identities labelled
@@ -252,12 +471,15 @@ async fn start_as_chart(
     selector: &str,
 ) -> Result<oneshot::Sender<()>> {
     let client = support::service_account_client(release_namespace, service_account).await?;
-    let source = Arc::new(SecretsManagerSource::new(support::aws_config().await));
+    let aws = support::aws_config().await;
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
     let settings = Settings {
-        namespace: namespace.map(str::to_string),
+        namespaces: namespace.map(str::to_string).into_iter().collect(),
         identity_selector: Some(selector.to_string()),
         ..Settings::default()
-    };
+    }
+    .with_aws_defaults(&aws)
+    .await;
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(controller::run(
         client,

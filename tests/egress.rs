@@ -8,6 +8,7 @@ use anyhow::{Context, Result, ensure};
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mtls_operator::api::MtlsIdentity;
@@ -67,6 +68,13 @@ async fn egress_condition(
     .await
 }
 
+/// Where metrics are scraped from, as the chart would configure it.
+fn scrapers() -> Result<Vec<NetworkPolicyPeer>> {
+    Ok(serde_json::from_value(serde_json::json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]))?)
+}
+
 fn egress_identity(namespace: &str) -> Result<MtlsIdentity> {
     identity(
         "partner",
@@ -85,6 +93,7 @@ async fn egress_proxy_is_created_under_restricted_and_removed_with_its_identity(
     grant_egress_rules(&namespace).await?;
     let settings = Settings {
         egress_image: Some("example.invalid/mtls-operator:test".into()),
+        egress_admin_from: scrapers()?,
         ..Settings::default()
     };
     let _operator = start_operator_with(&namespace, settings).await?;
@@ -94,6 +103,10 @@ async fn egress_proxy_is_created_under_restricted_and_removed_with_its_identity(
     wait_ready(&namespace, "partner", "True", "Synced").await?;
     let message = egress_condition(&namespace, "partner", "True", "EgressReady").await?;
     assert!(message.contains("https://api.partner.example"), "{message}");
+    assert!(
+        message.contains("CNI"),
+        "says NetworkPolicy needs a CNI: {message}"
+    );
 
     let admin = support::admin_client().await?;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
@@ -115,6 +128,50 @@ async fn egress_proxy_is_created_under_restricted_and_removed_with_its_identity(
     assert_eq!(
         service.spec.and_then(|s| s.ports).map(|p| p[0].port),
         Some(80)
+    );
+    // Only pods of this namespace may use the proxy (and so the certificate); the admin port is
+    // reachable only from the configured scrapers.
+    let policy = Api::<NetworkPolicy>::namespaced(admin.clone(), &namespace)
+        .get("partner")
+        .await?;
+    assert_eq!(
+        policy
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .first()
+            .map(|o| o.uid.clone()),
+        identity.metadata.uid.clone()
+    );
+    let spec = policy.spec.context("NetworkPolicy spec")?;
+    let selected = spec
+        .pod_selector
+        .and_then(|s| s.match_labels)
+        .unwrap_or_default();
+    let pod_labels = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    assert!(
+        !selected.is_empty() && selected.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "the policy selects the proxy pods"
+    );
+    let rules = spec.ingress.unwrap_or_default();
+    let proxy_rule = &rules[0];
+    let peers = proxy_rule.from.clone().unwrap_or_default();
+    assert_eq!(peers.len(), 1);
+    assert!(peers[0].namespace_selector.is_none() && peers[0].ip_block.is_none());
+    let admin_peers: Vec<_> = rules
+        .iter()
+        .skip(1)
+        .flat_map(|r| r.from.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        admin_peers,
+        scrapers()?,
+        "the admin port only from the scrapers"
     );
     // Admitted under `restricted` and running (kwok): the proxy pods exist and run.
     wait_for("the proxy pods to run", ROLLOUT_TIMEOUT, || async {
@@ -159,5 +216,57 @@ async fn without_egress_enabled_the_operator_creates_nothing_and_says_why() -> R
     assert!(identity.status.is_some());
     let deployments: Api<Deployment> = Api::namespaced(support::admin_client().await?, &namespace);
     assert!(deployments.get_opt("partner").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn egress_never_takes_over_objects_it_does_not_own() -> Result<()> {
+    let namespace = support::create_namespace("egress-takeover", &[]).await?;
+    grant_egress_rules(&namespace).await?;
+    let admin = support::admin_client().await?;
+    // Someone else's Service already has the identity's name (the attacker names the identity after
+    // it, hoping the operator adopts it and deletes it with the identity).
+    let foreign: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "partner", "labels": {"owner": "someone-else"}},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 443}]}
+    }))?;
+    let services: Api<Service> = Api::namespaced(admin.clone(), &namespace);
+    let created = services.create(&Default::default(), &foreign).await?;
+    let settings = Settings {
+        egress_image: Some("example.invalid/mtls-operator:test".into()),
+        ..Settings::default()
+    };
+    let _operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("takeover CA")?;
+    put_source(&format!("{namespace}/partner"), &good_secret(&ca)?).await?;
+    create_identity(&namespace, &egress_identity(&namespace)?).await?;
+    let message = egress_condition(&namespace, "partner", "False", "EgressConflict").await?;
+    assert!(message.contains("Service"), "{message}");
+    let after = services.get("partner").await?;
+    assert_eq!(
+        after.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    assert!(after.metadata.owner_references.is_none());
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    assert!(
+        deployments.get_opt("partner").await?.is_none(),
+        "no proxy is started while its Service name is taken"
+    );
+    // Deleting the identity leaves the foreign Service alone.
+    Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
+        .delete("partner", &DeleteParams::foreground())
+        .await?;
+    wait_for("the identity to go", TIMEOUT, || async {
+        let gone = Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
+            .get_opt("partner")
+            .await?
+            .is_none();
+        ensure!(gone, "still there");
+        Ok(())
+    })
+    .await?;
+    let still = services.get("partner").await?;
+    assert_eq!(still.metadata.uid, created.metadata.uid);
     Ok(())
 }

@@ -817,6 +817,8 @@ async fn upstream_with_an_untrusted_certificate_is_a_502_tls() -> Result<()> {
     let body = response.into_body().collect().await?.to_bytes();
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("TLS"), "{body}");
+    // The class, not TLS internals: nothing about the certificate or the verifier's verdict.
+    assert_eq!(body, "mtls-proxy: TLS with the upstream failed\n");
     assert_eq!(
         proxy
             .metric("mtls_proxy_upstream_errors_total{kind=\"tls\"}")

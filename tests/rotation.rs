@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
 use mtls_operator::controller::Settings;
-use mtls_operator::restart::Workload;
+use mtls_operator::restart::{RestartLimits, Workload};
 use xtask::support::{self, wait_for};
 
 #[tokio::test]
@@ -227,7 +227,11 @@ async fn two_identities_rotated_together_restart_their_shared_deployment_once() 
 #[tokio::test]
 async fn annotate_policy_annotates_pods_without_a_rollout() -> Result<()> {
     let namespace = support::create_namespace("annotate", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
+    let settings = Settings {
+        allow_annotate: true,
+        ..Settings::default()
+    };
+    let _operator = start_operator_with(&namespace, settings).await?;
     let ca = TestCa::new("annotate CA")?;
     let secret_id = format!("{namespace}/client");
     put_source(&secret_id, &good_secret(&ca)?).await?;
@@ -318,7 +322,11 @@ async fn mass_rotation_queues_behind_the_rollout_cap() -> Result<()> {
     const CAP: usize = 5;
     let namespace = support::create_namespace("mass", &[]).await?;
     let settings = Settings {
-        max_rollouts: CAP,
+        restart_limits: RestartLimits {
+            max_rollouts: CAP,
+            max_per_namespace: CAP,
+            ..RestartLimits::default()
+        },
         ..Settings::default()
     };
     let _operator = start_operator_with(&namespace, settings).await?;

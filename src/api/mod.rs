@@ -60,7 +60,7 @@ pub struct MtlsIdentitySpec {
     pub egress: Option<EgressSpec>,
 }
 
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressSpec {
     /// The one upstream the proxy calls, e.g. `https://api.partner.example` (https only).
@@ -78,6 +78,11 @@ pub struct EgressSpec {
     /// Verify the upstream with the Secret's `ca.crt` instead of the system roots.
     #[serde(default)]
     pub verify_upstream_with_secret_ca: bool,
+    /// Who may send requests through the proxy (NetworkPolicy peers). Default: only pods in the
+    /// identity's namespace. Needs a CNI that enforces NetworkPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    pub allow_from: Option<Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>>,
 }
 
 fn default_egress_port() -> i32 {
@@ -107,16 +112,21 @@ pub struct SourceSpec {
     /// Name or ARN of the secret in Secrets Manager.
     #[schemars(length(min = 1, max = 2048))]
     pub secret_id: String,
-    /// AWS region of the secret; the operator's default region when absent.
+    /// AWS region of the secret; the operator's default region when absent. Must be one of the
+    /// operator's allowed regions; with an ARN, it may only repeat the ARN's region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 4, max = 32),
+        regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+    )]
     pub region: Option<String>,
     /// The staging label to read (AWSCURRENT when neither this nor versionId is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_+=.@-]+$"))]
     pub version_stage: Option<String>,
     /// A pinned version id to read instead of a staging label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 32, max = 64))]
+    #[schemars(length(min = 32, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub version_id: Option<String>,
     /// `Json`: a JSON object with PEM (or base64 DER) values; `Pem`: one PEM bundle.
     #[serde(default)]
@@ -124,8 +134,10 @@ pub struct SourceSpec {
     /// JSON field names, for format Json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<JsonFieldNames>,
-    /// A separate secret with the CA certificate(s) in PEM, for format Pem.
+    /// A separate secret with the CA certificate(s) in PEM, for format Pem; the same policy as
+    /// `secretId` applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
     pub ca_secret_id: Option<String>,
 }
 
@@ -157,10 +169,13 @@ pub enum SourceFormat {
 #[serde(rename_all = "camelCase")]
 pub struct JsonFieldNames {
     #[serde(default = "default_certificate_field")]
+    #[schemars(length(min = 1, max = 256))]
     pub certificate: String,
     #[serde(default = "default_private_key_field")]
+    #[schemars(length(min = 1, max = 256))]
     pub private_key: String,
     #[serde(default = "default_ca_field")]
+    #[schemars(length(min = 1, max = 256))]
     pub ca: String,
 }
 
@@ -202,9 +217,15 @@ pub struct RestartSpec {
     #[serde(default)]
     pub policy: RestartPolicy,
     /// The workloads to restart; empty: every Deployment, StatefulSet and DaemonSet in the namespace
-    /// whose pod template uses the Secret.
+    /// whose pod template uses the Secret. A listed workload that does not use the Secret is not
+    /// restarted (Event `WorkloadNotUsingSecret`) unless `force` is set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
     pub workloads: Vec<WorkloadRef>,
+    /// Restart the listed workloads even if their pod template does not use the Secret (for
+    /// applications that read the certificate another way, such as a CSI driver).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -222,7 +243,10 @@ pub enum RestartPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRef {
     pub kind: WorkloadKind,
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 

@@ -8,12 +8,15 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use crate::api::SourceSpec;
 use crate::api::{
     CertificateStatus, Condition, FINGERPRINT_ANNOTATION, IDENTITY_LABEL, MANAGED_BY_LABEL,
     MANAGED_BY_VALUE, MtlsIdentityStatus, RotationStatus, SourceStatus, VERSION_ID_ANNOTATION,
 };
 use crate::pki::{PkiError, ValidatedIdentity};
-use crate::source::SourceError;
+use crate::source::id::{SecretId, parse_region, parse_secret_id};
+use crate::source::policy::{Denied, SourcePolicy};
+use crate::source::{SecretRef, SourceError, VersionSelector};
 
 pub const READY: &str = "Ready";
 pub const REASON_SYNCED: &str = "Synced";
@@ -21,14 +24,17 @@ pub const REASON_SYNCED: &str = "Synced";
 /// Why an identity could not be synced. Each variant maps to one fixed reason.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncFailure {
+    /// The patterns and the precise cause stay in `denied`, for the operator's log: the tenant sees
+    /// a fixed sentence, never the policy of other namespaces.
     #[error(
-        "secret {secret_id} is not allowed for namespace {namespace} by the operator's source policy \
-         (allowed: {allowed})"
+        "secret {secret_id} is not one that namespace {namespace} may read through the operator \
+         (by default: secrets named {namespace}/... in the operator's own AWS account and region); \
+         nothing was written. Use such a secret, or ask the cluster admin to allow this one"
     )]
     NotAllowed {
         secret_id: String,
         namespace: String,
-        allowed: String,
+        denied: Denied,
     },
     #[error(
         "Secret {secret} already exists and is not owned by this MtlsIdentity; it is left untouched. \
@@ -44,6 +50,15 @@ pub enum SyncFailure {
 }
 
 impl SyncFailure {
+    /// What only the operator's log shows: the policy's verdict, AWS's own words.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::NotAllowed { denied, .. } => denied.to_string(),
+            Self::Source(error) => error.detail().to_string(),
+            _ => String::new(),
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NotAllowed { .. } => "SourceNotAllowed",
@@ -53,6 +68,92 @@ impl SyncFailure {
             Self::InvalidSpec(_) => "InvalidSpec",
         }
     }
+}
+
+/// A source id that passed strict parsing and the policy, with the request that reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedSecret {
+    pub id: SecretId,
+    pub request: SecretRef,
+}
+
+/// The identity's source ids, checked before any AWS call: parsed strictly (else `InvalidSpec`),
+/// in one region (an ARN's own, which `spec.source.region` may only repeat), allowed by the policy
+/// (else `SourceNotAllowed`). Returns the main secret and the separate CA secret, if any.
+pub fn check_source(
+    source: &SourceSpec,
+    namespace: &str,
+    policy: &SourcePolicy,
+    default_region: Option<&str>,
+) -> Result<(CheckedSecret, Option<CheckedSecret>), SyncFailure> {
+    let spec_region = match &source.region {
+        Some(region) => Some(
+            parse_region(region).map_err(|error| SyncFailure::InvalidSpec(error.to_string()))?,
+        ),
+        None => None,
+    };
+    let check = |text: &str, version: VersionSelector| {
+        let id =
+            parse_secret_id(text).map_err(|error| SyncFailure::InvalidSpec(error.to_string()))?;
+        let region = match (&id, spec_region) {
+            (SecretId::Arn(arn), Some(region)) if arn.region != region => {
+                return Err(SyncFailure::InvalidSpec(format!(
+                    "spec.source.region {region} differs from the region of the ARN {text}; \
+                     omit spec.source.region"
+                )));
+            }
+            (SecretId::Arn(arn), _) => arn.region.clone(),
+            (SecretId::Name(_), Some(region)) => region.to_string(),
+            (SecretId::Name(_), None) => default_region
+                .ok_or_else(|| {
+                    SyncFailure::InvalidSpec(
+                        "no region: set spec.source.region, or the operator's AWS region".into(),
+                    )
+                })?
+                .to_string(),
+        };
+        policy
+            .check_request(namespace, &id, &region)
+            .map_err(|denied| SyncFailure::NotAllowed {
+                secret_id: text.to_string(),
+                namespace: namespace.to_string(),
+                denied,
+            })?;
+        Ok(CheckedSecret {
+            request: SecretRef {
+                secret_id: text.to_string(),
+                region,
+                version,
+            },
+            id,
+        })
+    };
+    let main = check(&source.secret_id, source.version())?;
+    let ca = match &source.ca_secret_id {
+        Some(ca_id) => Some(check(ca_id, VersionSelector::Stage("AWSCURRENT".into()))?),
+        None => None,
+    };
+    Ok((main, ca))
+}
+
+/// The policy again, on the canonical ARN and name Secrets Manager returned for `checked`.
+pub fn check_resolved(
+    checked: &CheckedSecret,
+    namespace: &str,
+    policy: &SourcePolicy,
+    arn: &str,
+    name: &str,
+) -> Result<(), SyncFailure> {
+    let denied = |denied| SyncFailure::NotAllowed {
+        secret_id: checked.request.secret_id.clone(),
+        namespace: namespace.to_string(),
+        denied,
+    };
+    let arn = crate::source::id::parse_arn(arn)
+        .map_err(|_| denied(Denied::Resolved(arn.chars().take(256).collect())))?;
+    policy
+        .check_resolved(namespace, &checked.id, &checked.request.region, &arn, name)
+        .map_err(denied)
 }
 
 /// The facts of a successful sync, kept for status and Events.
@@ -575,13 +676,78 @@ mod tests {
         assert!(!is_owned_by(&Secret::default().metadata, "u1"));
     }
 
+    fn source(secret_id: &str, region: Option<&str>, ca: Option<&str>) -> SourceSpec {
+        SourceSpec {
+            secret_id: secret_id.into(),
+            region: region.map(String::from),
+            version_stage: None,
+            version_id: None,
+            format: crate::api::SourceFormat::Pem,
+            fields: None,
+            ca_secret_id: ca.map(String::from),
+        }
+    }
+
+    #[test]
+    fn source_ids_are_checked_before_any_call() {
+        let policy = SourcePolicy::new(
+            vec![],
+            Some("123456789012".into()),
+            vec!["eu-west-1".into(), "eu-central-1".into()],
+        );
+        let check = |spec: &SourceSpec| check_source(spec, "payments", &policy, Some("eu-west-1"));
+        let Ok((main, None)) = check(&source("payments/x", None, None)) else {
+            panic!("a name under the namespace in the default region is allowed");
+        };
+        assert_eq!(main.request.region, "eu-west-1");
+        let Ok((main, _)) = check(&source("payments/x", Some("eu-central-1"), None)) else {
+            panic!("an allowed region");
+        };
+        assert_eq!(main.request.region, "eu-central-1");
+        let reason = |spec: &SourceSpec| check(spec).err().map(|failure| failure.reason());
+        let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:payments/x-AbCdEf";
+        assert_eq!(reason(&source(arn, None, None)), None);
+        assert_eq!(reason(&source(arn, Some("eu-west-1"), None)), None);
+        assert_eq!(
+            reason(&source(arn, Some("eu-central-1"), None)),
+            Some("InvalidSpec")
+        );
+        assert_eq!(
+            reason(&source("payments/x", Some("us-east-1"), None)),
+            Some("SourceNotAllowed")
+        );
+        assert_eq!(
+            reason(&source("payments/x", Some("../../x"), None)),
+            Some("InvalidSpec")
+        );
+        assert_eq!(
+            reason(&source("payments/x", None, Some("billing/ca"))),
+            Some("SourceNotAllowed")
+        );
+        assert_eq!(
+            reason(&source(
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:payments/x:billing/y",
+                None,
+                None
+            )),
+            Some("InvalidSpec")
+        );
+        let no_region = check_source(&source("payments/x", None, None), "payments", &policy, None);
+        assert_eq!(no_region.err().map(|f| f.reason()), Some("InvalidSpec"));
+        // The refusal names neither the patterns nor other namespaces.
+        let refused = check(&source("billing/x", None, None))
+            .err()
+            .map(|f| f.to_string());
+        assert!(refused.is_some_and(|text| !text.contains('*') && !text.contains("allowed:")));
+    }
+
     #[test]
     fn failure_reasons_are_fixed_strings() {
         let reasons = [
             SyncFailure::NotAllowed {
                 secret_id: "a".into(),
                 namespace: "b".into(),
-                allowed: "b/*".into(),
+                denied: Denied::Name("a".into()),
             }
             .reason(),
             SyncFailure::TargetConflict { secret: "x".into() }.reason(),

@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use crate::api::{EgressSpec, IDENTITY_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 
 pub const EGRESS_CONDITION: &str = "Egress";
+/// A same-named Deployment, Service or NetworkPolicy that the identity does not own.
+pub const REASON_CONFLICT: &str = "EgressConflict";
 /// Where the proxy container mounts the Secret.
 const CERT_DIR: &str = "/etc/mtls";
 const PROXY_PORT: i32 = 8080;
@@ -126,6 +129,48 @@ pub fn service(
     }))
 }
 
+/// Who may use the proxy (and so the identity's certificate): by default only pods in the identity's
+/// namespace (a `podSelector: {}` peer without a namespace selector), or `spec.egress.allowFrom`; the
+/// admin port only from `admin_from` (where the chart says metrics are scraped), else from nowhere.
+pub fn network_policy(
+    identity: &str,
+    namespace: &str,
+    egress: &EgressSpec,
+    admin_from: &[NetworkPolicyPeer],
+    owner: &OwnerReference,
+) -> Result<NetworkPolicy, serde_json::Error> {
+    let same_namespace = vec![serde_json::json!({"podSelector": {}})];
+    let clients = match &egress.allow_from {
+        Some(peers) => serde_json::to_value(peers)?,
+        None => serde_json::Value::Array(same_namespace),
+    };
+    let mut ingress = vec![serde_json::json!({
+        "from": clients,
+        "ports": [{"protocol": "TCP", "port": PROXY_PORT}]
+    })];
+    if !admin_from.is_empty() {
+        ingress.push(serde_json::json!({
+            "from": admin_from,
+            "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]
+        }));
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": identity,
+            "namespace": namespace,
+            "labels": labels(identity),
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector(identity)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,7 +181,39 @@ mod tests {
             port: 80,
             replicas: 2,
             verify_upstream_with_secret_ca: verify,
+            allow_from: None,
         }
+    }
+
+    #[test]
+    fn network_policy_admits_the_namespace_or_the_listed_peers_only()
+    -> Result<(), serde_json::Error> {
+        let built = network_policy("client", "ns", &egress(false), &[], &owner())?;
+        let spec = built.spec.unwrap_or_default();
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+        let rules = spec.ingress.unwrap_or_default();
+        assert_eq!(rules.len(), 1, "no admin rule without admin peers");
+        let peers = rules[0].from.clone().unwrap_or_default();
+        assert_eq!(peers.len(), 1);
+        assert!(peers[0].namespace_selector.is_none(), "same namespace only");
+        assert!(peers[0].pod_selector.is_some());
+        let mut listed = egress(false);
+        let peer: NetworkPolicyPeer = serde_json::from_value(
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "payments"}}}),
+        )?;
+        listed.allow_from = Some(vec![peer.clone()]);
+        let built = network_policy(
+            "client",
+            "ns",
+            &listed,
+            std::slice::from_ref(&peer),
+            &owner(),
+        )?;
+        let rules = built.spec.unwrap_or_default().ingress.unwrap_or_default();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].from, Some(vec![peer.clone()]));
+        assert_eq!(rules[1].from, Some(vec![peer]));
+        Ok(())
     }
 
     fn owner() -> OwnerReference {

@@ -1,14 +1,16 @@
 //! Reconciles MtlsIdentities: fetch, validate, then write the Secret with server-side apply under one
 //! field manager, then status and Events. The decisions live in [`decide`]; this module does the I/O.
 
+pub mod budget;
 pub mod decide;
 pub mod egress;
+pub mod write;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -25,13 +27,17 @@ use crate::api::{
 };
 use crate::metrics::{IdentityLabels, Metrics, OutcomeLabels, SyncLabels};
 use crate::pki;
-use crate::restart::{RestartReport, RestartRequest, Restarter};
+use crate::restart::{RestartLimits, RestartReport, RestartRequest, Restarter};
 use crate::source::policy::SourcePolicy;
-use crate::source::{FetchedSecret, SecretContent, SecretRef, SecretSource, VersionSelector};
-use decide::{SyncFailure, Synced};
+use crate::source::{FetchedSecret, SecretContent, SecretSource};
+use budget::FetchBudget;
+use decide::{CheckedSecret, SyncFailure, Synced};
+use write::Written;
 
 /// How long a rotation waits for sibling identities (sharing a workload) to sync before restarting.
 const ROTATION_SETTLE: Duration = Duration::from_secs(3);
+/// The shortest refresh interval, whatever the spec says.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// `spec.expiry.warnBefore` default: 30 days.
 const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -55,11 +61,17 @@ impl ReconcileError {
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Watch one namespace; all when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (one controller each, RBAC only there); all when empty.
+    pub namespaces: Vec<String>,
     pub policy: SourcePolicy,
-    /// Cap on rolling restarts in progress at once, across all identities.
-    pub max_rollouts: usize,
+    /// The region of identities without `spec.source.region` (the operator's own).
+    pub default_region: Option<String>,
+    /// Caps on rolling restarts: in progress at once, per namespace, and how long one may take.
+    pub restart_limits: RestartLimits,
+    /// Allow `spec.restart.policy: Annotate`, which patches Pods (RBAC `pods: patch`).
+    pub allow_annotate: bool,
+    /// Where operator-managed egress proxies' admin port may be reached from (NetworkPolicy peers).
+    pub egress_admin_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
     /// Only identities with these labels (a label selector), to shard identities over several
     /// operators or to canary a new version; all when `None`.
     pub identity_selector: Option<String>,
@@ -70,12 +82,38 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            namespace: None,
-            policy: SourcePolicy::default(),
-            max_rollouts: 10,
+            namespaces: Vec::new(),
+            policy: SourcePolicy::new(Vec::new(), None, Vec::new()),
+            default_region: None,
+            restart_limits: RestartLimits::default(),
+            allow_annotate: false,
+            egress_admin_from: Vec::new(),
             identity_selector: None,
             egress_image: None,
         }
+    }
+}
+
+impl Settings {
+    /// Fills what the AWS configuration knows: the default region and, when the policy allows no
+    /// region yet, a policy with the same patterns for the operator's own account (STS) and region.
+    pub async fn with_aws_defaults(mut self, aws: &aws_config::SdkConfig) -> Self {
+        let region = aws.region().map(|region| region.to_string());
+        if self.default_region.is_none() {
+            self.default_region = region.clone();
+        }
+        if self.policy.allowed_regions().is_empty() {
+            let account = match self.policy.own_account() {
+                Some(account) => Some(account.to_string()),
+                None => crate::source::caller_account(aws).await,
+            };
+            self.policy = SourcePolicy::new(
+                self.policy.patterns().to_vec(),
+                account,
+                region.into_iter().collect(),
+            );
+        }
+        self
     }
 }
 
@@ -88,43 +126,50 @@ pub struct Context {
     pub source: Arc<dyn SecretSource>,
     pub settings: Settings,
     recorder: Recorder,
-    restarter: Restarter,
+    restarter: Arc<Restarter>,
     metrics: Arc<Metrics>,
-    /// Consecutive source failures per identity, for backoff; forgotten on success.
+    /// Per-identity state, forgotten when the identity is deleted.
+    state: Arc<IdentityState>,
+}
+
+/// What the controller remembers per identity (bounded by the identities that exist).
+#[derive(Default)]
+pub struct IdentityState {
+    /// Consecutive source failures, for backoff; forgotten on success.
     failures: Mutex<HashMap<ObjectRef<MtlsIdentity>, u32>>,
+    /// Secrets Manager reads, rate-limited per identity.
+    budget: Mutex<FetchBudget<ObjectRef<MtlsIdentity>>>,
+}
+
+impl IdentityState {
+    /// Forgets a deleted identity: its backoff, its read budget and its metric series.
+    fn forget(&self, identity: &MtlsIdentity, metrics: &Metrics) {
+        let key = ObjectRef::from_obj(identity);
+        lock(&self.failures).remove(&key);
+        lock(&self.budget).forget(&key);
+        metrics.forget_identity(
+            identity.namespace().as_deref().unwrap_or_default(),
+            &identity.name_any(),
+        );
+    }
+
+    /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.
+    fn take_fetch(&self, key: &ObjectRef<MtlsIdentity>, refresh: Duration) -> Option<Duration> {
+        lock(&self.budget).take(key, refresh, std::time::Instant::now())
+    }
+}
+
+/// A poisoned lock still holds consistent data here (plain maps): use it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl Context {
-    fn new(
-        client: kube::Client,
-        source: Arc<dyn SecretSource>,
-        settings: Settings,
-        identities: Store<MtlsIdentity>,
-        trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<MtlsIdentity>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_string(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            restarter: Restarter::new(client.clone(), settings.max_rollouts),
-            identities,
-            trigger,
-            metrics,
-            client,
-            source,
-            settings,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
     fn count_failure(&self, key: &ObjectRef<MtlsIdentity>, failed: bool) -> u32 {
-        let mut failures = match self.failures.lock() {
-            Ok(failures) => failures,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut failures = lock(&self.state.failures);
         if failed {
             let count = failures.entry(key.clone()).or_insert(0);
             *count = count.saturating_add(1);
@@ -136,7 +181,8 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown` completes.
+/// Runs the controller until `shutdown` completes: one controller for the whole cluster, or one per
+/// watched namespace (so the operator needs RBAC only in those), sharing the restart caps.
 pub async fn run(
     client: kube::Client,
     source: Arc<dyn SecretSource>,
@@ -144,8 +190,50 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    info!(
+        namespaces = ?settings.namespaces,
+        policy = ?settings.policy.patterns(),
+        allowed_regions = ?settings.policy.allowed_regions(),
+        own_account = settings.policy.own_account().unwrap_or("(unknown)"),
+        "controller starting"
+    );
+    let restarter = Arc::new(Restarter::new(
+        client.clone(),
+        settings.restart_limits,
+        settings.allow_annotate,
+    ));
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = scopes.into_iter().map(|namespace| {
+        run_scope(
+            client.clone(),
+            source.clone(),
+            settings.clone(),
+            metrics.clone(),
+            restarter.clone(),
+            namespace,
+            shutdown.clone(),
+        )
+    });
+    futures::future::join_all(controllers).await;
+    info!("controller stopped");
+}
+
+async fn run_scope(
+    client: kube::Client,
+    source: Arc<dyn SecretSource>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    restarter: Arc<Restarter>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let (identities, secrets): (Api<MtlsIdentity>, Api<PartialObjectMeta<Secret>>) =
-        match &settings.namespace {
+        match &namespace {
             Some(namespace) => (
                 Api::namespaced(client.clone(), namespace),
                 Api::namespaced(client.clone(), namespace),
@@ -153,15 +241,25 @@ pub async fn run(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
     let (reader, writer) = reflector::store();
+    let state = Arc::new(IdentityState::default());
     // Only spec changes (generation) trigger a sync: our own status writes must not, or every
     // status write would cost another Secrets Manager call.
     let mut identity_config = watcher::Config::default();
     if let Some(selector) = &settings.identity_selector {
         identity_config = identity_config.labels(selector);
     }
+    let forget = {
+        let (state, metrics) = (state.clone(), metrics.clone());
+        move |event: &watcher::Event<MtlsIdentity>| {
+            if let watcher::Event::Delete(identity) = event {
+                state.forget(identity, &metrics);
+            }
+        }
+    };
     let identity_changes = watcher(identities, identity_config)
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(forget)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
@@ -172,19 +270,21 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
-    let context = Arc::new(Context::new(
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.to_string(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
         client,
+        identities: reader.clone(),
+        trigger,
         source,
         settings,
-        reader.clone(),
-        trigger,
+        restarter,
         metrics,
-    ));
-    info!(
-        namespace = context.settings.namespace.as_deref().unwrap_or("(all)"),
-        policy = ?context.settings.policy.patterns(),
-        "controller starting"
-    );
+        state,
+    });
     Controller::for_stream(identity_changes, reader)
         .owns_stream(owned_secrets)
         .reconcile_on(triggered)
@@ -196,7 +296,6 @@ pub async fn run(
             }
         })
         .await;
-    info!("controller stopped");
 }
 
 fn error_policy(
@@ -235,6 +334,14 @@ async fn reconcile_inner(
     let key = ObjectRef::from_obj(identity.as_ref());
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
     let target = identity.target_secret_name();
+    // The CRD's 1s floor, enforced here too (an identity written before the rule, or a lax server).
+    let refresh = parse_duration(&identity.spec.refresh_interval)
+        .unwrap_or(Duration::from_secs(3600))
+        .max(MIN_REFRESH);
+    // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
+    if let Some(wait) = context.state.take_fetch(&key, refresh) {
+        return Ok(Action::requeue(wait));
+    }
 
     let outcome = sync(&identity, &namespace, &target, &secrets, context).await?;
 
@@ -315,17 +422,20 @@ async fn reconcile_inner(
             fingerprint = %synced.certificate.sha256_fingerprint,
             "synced"
         ),
-        Err(failure) => {
-            warn!(identity = %key, reason = failure.reason(), message = %failure, "sync failed")
-        }
+        // The detail (AWS's own words, the policy's verdict) goes to the operator's log only.
+        Err(failure) => warn!(
+            identity = %key,
+            reason = failure.reason(),
+            message = %failure,
+            detail = %failure.detail(),
+            "sync failed"
+        ),
     }
     if restarts_pending {
         // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
         return Ok(Action::requeue(ROTATION_SETTLE));
     }
 
-    let refresh =
-        parse_duration(&identity.spec.refresh_interval).unwrap_or(Duration::from_secs(3600));
     let failures = context.count_failure(&key, outcome.is_err());
     Ok(Action::requeue(decide::requeue_after(
         refresh,
@@ -335,8 +445,9 @@ async fn reconcile_inner(
     )))
 }
 
-/// Creates (or removes) the operator-managed egress proxy of `spec.egress`, and says how it went in
-/// the `Egress` condition.
+/// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
+/// and a NetworkPolicy, each only if absent or already ours; says how it went in the `Egress`
+/// condition.
 async fn reconcile_egress(
     identity: &MtlsIdentity,
     namespace: &str,
@@ -346,27 +457,22 @@ async fn reconcile_egress(
 ) -> Result<(), ReconcileError> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     let name = identity.name_any();
     let uid = identity.uid().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), namespace);
     let services: Api<Service> = Api::namespaced(context.client.clone(), namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(context.client.clone(), namespace);
     let Some(spec) = &identity.spec.egress else {
         if status
             .conditions
             .iter()
             .any(|c| c.type_ == egress::EGRESS_CONDITION)
         {
-            // `spec.egress` was removed: remove what it made (only if it is ours).
-            if let Some(made) = deployments.get_opt(&name).await?
-                && decide::is_owned_by(&made.metadata, &uid)
-            {
-                deployments.delete(&name, &Default::default()).await?;
-            }
-            if let Some(made) = services.get_opt(&name).await?
-                && decide::is_owned_by(&made.metadata, &uid)
-            {
-                services.delete(&name, &Default::default()).await?;
-            }
+            // `spec.egress` was removed: remove what it made (only what is ours).
+            write::delete_owned(&deployments, &name, &uid).await?;
+            write::delete_owned(&services, &name, &uid).await?;
+            write::delete_owned(&policies, &name, &uid).await?;
             status
                 .conditions
                 .retain(|c| c.type_ != egress::EGRESS_CONDITION);
@@ -390,22 +496,69 @@ async fn reconcile_egress(
             let Some(owner) = identity.controller_owner_ref(&()) else {
                 return Ok(());
             };
-            let apply = PatchParams::apply(FIELD_MANAGER).force();
-            let built = egress::deployment(&name, namespace, spec, secret, image, &owner)
-                .and_then(|d| Ok((d, egress::service(&name, namespace, spec, &owner)?)));
+            let built = egress::deployment(&name, namespace, spec, secret, image, &owner).and_then(
+                |deployment| {
+                    let service = egress::service(&name, namespace, spec, &owner)?;
+                    let policy = egress::network_policy(
+                        &name,
+                        namespace,
+                        spec,
+                        &context.settings.egress_admin_from,
+                        &owner,
+                    )?;
+                    Ok((deployment, service, policy))
+                },
+            );
             match built {
-                Ok((deployment, service)) => {
-                    deployments.patch(&name, &apply, &Patch::Apply(&deployment)).await?;
-                    services.patch(&name, &apply, &Patch::Apply(&service)).await?;
-                    (
-                        "True",
-                        "EgressReady",
-                        format!(
-                            "Deployment and Service {name} forward http://{name}.{namespace}:{} to {} \
-                             with this identity's certificate",
-                            spec.port, spec.upstream
-                        ),
-                    )
+                Ok((deployment, service, policy)) => {
+                    // Nothing is written while any of the three names is taken by a foreign
+                    // object; then the NetworkPolicy first, so the proxy never serves without it.
+                    let mut conflicts = Vec::new();
+                    for (foreign, kind) in [
+                        (is_foreign(&policies, &name, &uid).await?, "NetworkPolicy"),
+                        (is_foreign(&deployments, &name, &uid).await?, "Deployment"),
+                        (is_foreign(&services, &name, &uid).await?, "Service"),
+                    ] {
+                        if foreign {
+                            conflicts.push(kind);
+                        }
+                    }
+                    if conflicts.is_empty() {
+                        let written = [
+                            guarded(&policies, &name, policy, &uid, "NetworkPolicy").await?,
+                            guarded(&deployments, &name, deployment, &uid, "Deployment").await?,
+                            guarded(&services, &name, service, &uid, "Service").await?,
+                        ];
+                        conflicts.extend(written.into_iter().flatten());
+                    }
+                    if conflicts.is_empty() {
+                        (
+                            "True",
+                            "EgressReady",
+                            format!(
+                                "Deployment and Service {name} forward http://{name}.{namespace}:{} to \
+                                 {} with this identity's certificate; NetworkPolicy {name} admits {} \
+                                 (enforced only by a CNI that implements NetworkPolicy)",
+                                spec.port,
+                                spec.upstream,
+                                if spec.allow_from.is_some() {
+                                    "the peers in spec.egress.allowFrom"
+                                } else {
+                                    "only pods in this namespace"
+                                }
+                            ),
+                        )
+                    } else {
+                        (
+                            "False",
+                            egress::REASON_CONFLICT,
+                            format!(
+                                "{} {name} already exist(s) and not owned by this MtlsIdentity: left \
+                                 untouched, no proxy started. Delete them or rename the identity",
+                                conflicts.join(", ")
+                            ),
+                        )
+                    }
                 }
                 Err(error) => ("False", "EgressInvalid", format!("cannot build the proxy: {error}")),
             }
@@ -423,6 +576,48 @@ async fn reconcile_egress(
         },
     );
     Ok(())
+}
+
+/// Whether `name` exists and is not owned by `owner_uid` (metadata only).
+async fn is_foreign<K>(api: &Api<K>, name: &str, owner_uid: &str) -> Result<bool, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(write::metadata(api, name)
+        .await?
+        .is_some_and(|seen| !decide::is_owned_by(&seen.metadata, owner_uid)))
+}
+
+/// Writes one egress object if absent or ours; `Some(kind)` when a foreign one is in the way.
+async fn guarded<K>(
+    api: &Api<K>,
+    name: &str,
+    desired: K,
+    owner_uid: &str,
+    kind: &'static str,
+) -> Result<Option<&'static str>, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    // Controllers update a Deployment's status often: a precondition that lost a race is retried
+    // with fresh metadata a few times before the reconcile is.
+    let mut attempt = 0;
+    loop {
+        let seen = write::metadata(api, name).await?;
+        let result = write::write_owned(
+            api,
+            name,
+            desired.clone(),
+            owner_uid,
+            seen.as_ref().map(|seen| &seen.metadata),
+        )
+        .await;
+        match result {
+            Ok(written) => return Ok((written == Written::Conflict).then_some(kind)),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < 3 => attempt += 1,
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 /// Updates the per-identity gauges and the sync counters from the new status and outcome.
@@ -496,11 +691,12 @@ async fn restart_workloads(
     if spec.policy == RestartPolicy::None {
         return Ok(RestartReport::default());
     }
-    let (workloads, missing) = context
+    let affected = context
         .restarter
         .affected(namespace, &spec, target)
         .await
         .map_err(|crate::restart::RestartError::Kube(error)| ReconcileError::Kube(error))?;
+    let workloads = affected.workloads;
     let rotated_at = chrono::DateTime::parse_from_rfc3339(&rotation.time)
         .map(|time| time.timestamp())
         .unwrap_or_else(|_| chrono::Utc::now().timestamp());
@@ -530,6 +726,8 @@ async fn restart_workloads(
         }
         return Ok(RestartReport {
             pending: workloads.iter().map(|w| w.display()).collect(),
+            missing: affected.missing,
+            not_using: affected.not_using,
             ..RestartReport::default()
         });
     }
@@ -564,7 +762,8 @@ async fn restart_workloads(
         .restarter
         .apply(&request, &workloads, &sibling_tokens)
         .await;
-    report.missing = missing;
+    report.missing = affected.missing;
+    report.not_using = affected.not_using;
     Ok(report)
 }
 
@@ -634,6 +833,32 @@ async fn publish_restart_events(
         );
         publish(context, &identity_ref, warn("WorkloadNotFound", note)).await;
     }
+    if !report.not_using.is_empty() {
+        let note = format!(
+            "listed in spec.restart.workloads but their pod template does not use Secret {}, so they \
+             were not restarted: {} (set spec.restart.force: true to restart them anyway)",
+            identity.target_secret_name(),
+            report.not_using.join(", ")
+        );
+        publish(context, &identity_ref, warn("WorkloadNotUsingSecret", note)).await;
+    }
+    if !report.annotate_disabled.is_empty() {
+        let note = format!(
+            "restart policy Annotate is not enabled on this operator (chart value \
+             restart.annotate.enabled, which grants pods: patch); not annotated: {}",
+            report.annotate_disabled.join(", ")
+        );
+        publish(context, &identity_ref, warn("AnnotateDisabled", note)).await;
+    }
+    for workload in &report.stalled {
+        warn!(namespace, workload = %workload, "rollout past the deadline: its slot is released");
+        let note = format!(
+            "{workload} has not finished rolling out within the operator's rollout deadline; its \
+             restart slot was released so other rotations can proceed. Check why its pods do not \
+             become ready"
+        );
+        publish(context, &identity_ref, warn("RestartStalled", note)).await;
+    }
 }
 
 async fn publish(
@@ -667,15 +892,16 @@ async fn sync(
     context: &Context,
 ) -> Result<Result<Synced, SyncFailure>, ReconcileError> {
     let source = &identity.spec.source;
-    for secret_id in std::iter::once(&source.secret_id).chain(source.ca_secret_id.iter()) {
-        if !context.settings.policy.allows(namespace, secret_id) {
-            return Ok(Err(SyncFailure::NotAllowed {
-                secret_id: secret_id.clone(),
-                namespace: namespace.to_string(),
-                allowed: context.settings.policy.patterns().join(", "),
-            }));
-        }
-    }
+    let checked = decide::check_source(
+        source,
+        namespace,
+        &context.settings.policy,
+        context.settings.default_region.as_deref(),
+    );
+    let (main, ca) = match checked {
+        Ok(checked) => checked,
+        Err(failure) => return Ok(Err(failure)),
+    };
     if parse_duration(&identity.spec.refresh_interval).is_none() {
         return Ok(Err(SyncFailure::InvalidSpec(format!(
             "refreshInterval {:?} is not a duration such as 1h or 30s",
@@ -683,27 +909,28 @@ async fn sync(
         ))));
     }
 
-    let existing = secrets.get_opt(target).await?;
+    // Metadata first: a Secret we do not own is never read, only refused.
+    let seen = write::metadata(secrets, target).await?;
     let owner_uid = identity.uid().unwrap_or_default();
-    if let Some(existing) = &existing
-        && !decide::is_owned_by(&existing.metadata, &owner_uid)
+    if let Some(seen) = &seen
+        && !decide::is_owned_by(&seen.metadata, &owner_uid)
     {
         return Ok(Err(SyncFailure::TargetConflict {
             secret: format!("{namespace}/{target}"),
         }));
     }
 
-    let fetched = match fetch_material(identity, context).await {
-        Ok(fetched) => fetched,
-        Err(failure) => return Ok(Err(failure)),
-    };
-    let (main, material) = fetched;
+    let (fetched, material) =
+        match fetch_material(identity, namespace, &main, ca.as_ref(), context).await {
+            Ok(fetched) => fetched,
+            Err(failure) => return Ok(Err(failure)),
+        };
     let now = chrono::Utc::now().timestamp();
     let validated = match pki::validate(&material, now) {
         Ok(validated) => validated,
         Err(error) => {
             return Ok(Err(SyncFailure::Material {
-                context: format!("version {} of {}", main.version_id, source.secret_id),
+                context: format!("version {} of {}", fetched.version_id, source.secret_id),
                 error,
             }));
         }
@@ -719,51 +946,83 @@ async fn sync(
         namespace,
         &identity.name_any(),
         owner,
-        &main.version_id,
+        &fetched.version_id,
         &validated,
     );
+    // Our own Secret: read it whole to see whether it already holds what it should.
+    let existing = match &seen {
+        Some(_) => secrets.get_opt(target).await?,
+        None => None,
+    };
+    // Replaced by a foreign Secret since the metadata check: refuse it, as above.
+    if let Some(existing) = &existing
+        && !decide::is_owned_by(&existing.metadata, &owner_uid)
+    {
+        return Ok(Err(SyncFailure::TargetConflict {
+            secret: format!("{namespace}/{target}"),
+        }));
+    }
     let up_to_date = existing
         .as_ref()
         .is_some_and(|existing| decide::secret_up_to_date(existing, &desired));
     if !up_to_date {
-        secrets
-            .patch(
-                target,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await?;
+        match &existing {
+            // Absent when we looked: create, so one created meanwhile is never overwritten.
+            None => {
+                if write::create_if_absent(secrets, &desired).await? == Written::Conflict {
+                    return Ok(Err(SyncFailure::TargetConflict {
+                        secret: format!("{namespace}/{target}"),
+                    }));
+                }
+            }
+            // Ours (checked above): replaced with its resourceVersion as the precondition.
+            Some(existing) => write::replace_owned_secret(secrets, existing, desired).await?,
+        }
     }
     Ok(Ok(Synced {
-        arn: main.arn,
-        version_id: main.version_id,
+        arn: fetched.arn,
+        version_id: fetched.version_id,
         certificate: decide::certificate_status(&validated),
         not_after_unix: validated.facts.not_after,
         secret_name: target.to_string(),
     }))
 }
 
+/// Fetches a checked secret and checks the policy again on the canonical ARN and name Secrets
+/// Manager returned; a refused value is dropped here, before it is parsed or written.
+async fn fetch_checked(
+    checked: &CheckedSecret,
+    namespace: &str,
+    context: &Context,
+) -> Result<FetchedSecret, SyncFailure> {
+    let fetched = context.source.fetch(&checked.request).await?;
+    decide::check_resolved(
+        checked,
+        namespace,
+        &context.settings.policy,
+        &fetched.arn,
+        &fetched.name,
+    )?;
+    Ok(fetched)
+}
+
 /// Fetches the source (and the separate CA secret, if any) and parses it into material.
 async fn fetch_material(
     identity: &MtlsIdentity,
+    namespace: &str,
+    main: &CheckedSecret,
+    ca: Option<&CheckedSecret>,
     context: &Context,
 ) -> Result<(FetchedSecret, pki::Material), SyncFailure> {
     let source = &identity.spec.source;
-    let main = context
-        .source
-        .fetch(&SecretRef {
-            secret_id: source.secret_id.clone(),
-            region: source.region.clone(),
-            version: source.version(),
-        })
-        .await?;
+    let fetched = fetch_checked(main, namespace, context).await?;
     let material_error =
         |error: pki::PkiError, of: &FetchedSecret, id: &str| SyncFailure::Material {
             context: format!("version {} of {id}", of.version_id),
             error,
         };
-    let text =
-        content_text(&main.content).map_err(|e| material_error(e, &main, &source.secret_id))?;
+    let text = content_text(&fetched.content)
+        .map_err(|e| material_error(e, &fetched, &source.secret_id))?;
     let material = match source.format {
         SourceFormat::Json => {
             let fields = source.fields.clone().unwrap_or_default();
@@ -775,28 +1034,21 @@ async fn fetch_material(
             pki::parse_json(text, &fields)
         }
         SourceFormat::Pem => {
-            let ca = match &source.ca_secret_id {
-                Some(ca_id) => {
-                    let ca = context
-                        .source
-                        .fetch(&SecretRef {
-                            secret_id: ca_id.clone(),
-                            region: source.region.clone(),
-                            version: VersionSelector::Stage("AWSCURRENT".to_string()),
-                        })
-                        .await?;
-                    let text = content_text(&ca.content)
-                        .map_err(|e| material_error(e, &ca, ca_id))?
+            let ca_text = match ca {
+                Some(ca) => {
+                    let ca_fetched = fetch_checked(ca, namespace, context).await?;
+                    let text = content_text(&ca_fetched.content)
+                        .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?
                         .to_string();
                     Some(text)
                 }
                 None => None,
             };
-            pki::parse_pem_bundle(text, ca.as_deref())
+            pki::parse_pem_bundle(text, ca_text.as_deref())
         }
     }
-    .map_err(|error| material_error(error, &main, &source.secret_id))?;
-    Ok((main, material))
+    .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
+    Ok((fetched, material))
 }
 
 fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {

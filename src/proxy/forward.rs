@@ -512,7 +512,8 @@ async fn forward(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<P
                 ErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
                 ErrorKind::Other => (StatusCode::BAD_GATEWAY, "upstream request failed"),
             };
-            text(status, kind.as_str(), &format!("{reason}: {detail}"))
+            // The class only: the detail (certificate names, TLS alerts, addresses) is in the log.
+            text(status, kind.as_str(), reason)
         }
     }
 }

@@ -6,13 +6,15 @@
 
 pub mod decide;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 
 use crate::api::{FIELD_MANAGER, RestartPolicy, RestartSpec, WorkloadKind};
 use decide::RestartDecision;
@@ -21,6 +23,14 @@ use decide::RestartDecision;
 pub enum RestartError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+}
+
+/// A poisoned lock still holds a consistent map here: use it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 /// A Deployment, StatefulSet or DaemonSet, seen through what restarts need.
@@ -93,6 +103,34 @@ impl Workload {
             .and_then(|metadata| metadata.annotations.as_ref())
     }
 
+    /// Whether `pod` belongs to this workload: its controller is the StatefulSet or DaemonSet itself,
+    /// or, for a Deployment, one of its ReplicaSets (named `<deployment>-<pod-template-hash>`).
+    pub fn owns_pod(&self, pod: &Pod) -> bool {
+        let Some(controller) = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|owner| owner.controller == Some(true))
+        else {
+            return false;
+        };
+        match self {
+            Self::Deployment(_) => {
+                let hash = pod
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get("pod-template-hash"));
+                controller.kind == "ReplicaSet"
+                    && hash.is_some_and(|hash| controller.name == format!("{}-{hash}", self.name()))
+            }
+            Self::StatefulSet(_) | Self::DaemonSet(_) => {
+                Some(&controller.uid) == self.metadata().uid.as_ref()
+            }
+        }
+    }
+
     pub fn paused(&self) -> bool {
         matches!(self, Self::Deployment(w) if w.spec.as_ref().and_then(|s| s.paused) == Some(true))
     }
@@ -143,12 +181,59 @@ pub struct RestartReport {
     pub missing: Vec<String>,
     /// (workload, reason) for patches the API refused.
     pub failed: Vec<(String, String)>,
+    /// Named in `spec.restart.workloads` but not using the Secret (and `force` not set).
+    pub not_using: Vec<String>,
+    /// Not handled because `Annotate` is not enabled on this operator.
+    pub annotate_disabled: Vec<String>,
+    /// Rollouts (any identity's, in this namespace) past the deadline: their slot was released.
+    pub stalled: Vec<String>,
 }
 
 impl RestartReport {
     pub fn complete(&self) -> bool {
         self.pending.is_empty() && self.failed.is_empty()
     }
+}
+
+/// Bounds on rolling restarts, so a mass rotation is a queue and no namespace can hold the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartLimits {
+    /// Rollouts in progress at once, across all namespaces.
+    pub max_rollouts: usize,
+    /// Rollouts in progress at once in one namespace: its fair share.
+    pub max_per_namespace: usize,
+    /// A rollout still in progress after this long gives its slot back (`RestartStalled`).
+    pub deadline: Duration,
+}
+
+impl Default for RestartLimits {
+    fn default() -> Self {
+        Self {
+            max_rollouts: 10,
+            max_per_namespace: 3,
+            deadline: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The workloads one rotation concerns.
+#[derive(Debug, Default)]
+pub struct Affected {
+    pub workloads: Vec<Workload>,
+    /// Listed in `spec.restart.workloads` but absent.
+    pub missing: Vec<String>,
+    /// Listed, present, but not using the Secret (not restarted unless `force`).
+    pub not_using: Vec<String>,
+}
+
+type WorkloadKey = (String, WorkloadKind, String);
+
+/// How busy the rollout slots are, as seen by one namespace.
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    in_namespace: usize,
+    stalled: Vec<String>,
 }
 
 /// One identity's rotation, as restarts need it.
@@ -166,19 +251,26 @@ pub struct RestartRequest<'a> {
 /// Shared by every reconcile: the cap on rollouts in progress and the rollouts this process started.
 pub struct Restarter {
     client: kube::Client,
-    max_rollouts: usize,
-    in_flight: Mutex<HashSet<(String, WorkloadKind, String)>>,
+    limits: RestartLimits,
+    allow_annotate: bool,
+    /// Rollouts this process started, with when.
+    in_flight: Mutex<HashMap<WorkloadKey, Instant>>,
     /// Reconciles run concurrently: counting the rollouts in progress and starting one must be one
     /// step, or several reconciles could each see a free slot.
     start_lock: tokio::sync::Mutex<()>,
 }
 
 impl Restarter {
-    pub fn new(client: kube::Client, max_rollouts: usize) -> Self {
+    pub fn new(client: kube::Client, limits: RestartLimits, allow_annotate: bool) -> Self {
         Self {
             client,
-            max_rollouts: max_rollouts.max(1),
-            in_flight: Mutex::new(HashSet::new()),
+            limits: RestartLimits {
+                max_rollouts: limits.max_rollouts.max(1),
+                max_per_namespace: limits.max_per_namespace.max(1),
+                deadline: limits.deadline,
+            },
+            allow_annotate,
+            in_flight: Mutex::new(HashMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -212,17 +304,23 @@ impl Restarter {
         namespace: &str,
         spec: &RestartSpec,
         secret: &str,
-    ) -> Result<(Vec<Workload>, Vec<String>), RestartError> {
+    ) -> Result<Affected, RestartError> {
         if !spec.workloads.is_empty() {
-            let mut found = Vec::new();
-            let mut missing = Vec::new();
+            let mut affected = Affected::default();
             for reference in &spec.workloads {
                 match self.get(namespace, reference.kind, &reference.name).await? {
-                    Some(workload) => found.push(workload),
-                    None => missing.push(format!("{:?}/{}", reference.kind, reference.name)),
+                    // A tenant names a workload, but the identity may only restart what uses its
+                    // Secret: anything else in the namespace is not its to restart.
+                    Some(workload) if !spec.force && !workload.uses_secret(secret) => {
+                        affected.not_using.push(workload.display());
+                    }
+                    Some(workload) => affected.workloads.push(workload),
+                    None => affected
+                        .missing
+                        .push(format!("{:?}/{}", reference.kind, reference.name)),
                 }
             }
-            return Ok((found, missing));
+            return Ok(affected);
         }
         let params = ListParams::default();
         let mut all: Vec<Workload> = Vec::new();
@@ -252,31 +350,43 @@ impl Restarter {
         );
         // The operator's own egress proxies reload their certificate: never restart them.
         all.retain(|workload| workload.uses_secret(secret) && !workload.managed_by_operator());
-        Ok((all, Vec::new()))
+        Ok(Affected {
+            workloads: all,
+            ..Affected::default()
+        })
     }
 
-    /// Rollouts this process started that are still in progress (finished ones are forgotten).
-    async fn rollouts_in_progress(&self) -> usize {
-        let keys: Vec<_> = match self.in_flight.lock() {
-            Ok(set) => set.iter().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
-        };
-        let mut busy = 0;
-        for key in keys {
-            let (namespace, kind, name) = &key;
-            let running = match self.get(namespace, *kind, name).await {
+    /// Rollouts this process started that are still in progress, in all and in `namespace`. Finished
+    /// ones are forgotten; ones past the deadline too, reported as stalled, so a workload that never
+    /// becomes ready cannot hold a slot forever.
+    async fn slots(&self, namespace: &str) -> Slots {
+        let entries: Vec<(WorkloadKey, Instant)> = lock(&self.in_flight)
+            .iter()
+            .map(|(key, started)| (key.clone(), *started))
+            .collect();
+        let mut slots = Slots::default();
+        for (key, started) in entries {
+            let (workload_namespace, kind, name) = &key;
+            let running = match self.get(workload_namespace, *kind, name).await {
                 Ok(Some(workload)) => workload.rollout_in_progress(),
                 Ok(None) => false,
                 // Unknown: count it, so the cap errs on the side of fewer rollouts.
                 Err(_) => true,
             };
-            if running {
-                busy += 1;
-            } else if let Ok(mut set) = self.in_flight.lock() {
-                set.remove(&key);
+            let overdue = started.elapsed() >= self.limits.deadline;
+            if !running || overdue {
+                lock(&self.in_flight).remove(&key);
+                if running && workload_namespace == namespace {
+                    slots.stalled.push(format!("{kind:?}/{name}"));
+                }
+                continue;
+            }
+            slots.total += 1;
+            if workload_namespace == namespace {
+                slots.in_namespace += 1;
             }
         }
-        busy
+        slots
     }
 
     /// Applies the request's policy for its token to `workloads`. `sibling_tokens(w)` gives the
@@ -321,7 +431,11 @@ impl Restarter {
                         RestartDecision::Restart if workload.paused() => report.paused.push(name),
                         RestartDecision::Restart => {
                             let _slot = self.start_lock.lock().await;
-                            if self.rollouts_in_progress().await >= self.max_rollouts {
+                            let slots = self.slots(namespace).await;
+                            report.stalled.extend(slots.stalled);
+                            if slots.total >= self.limits.max_rollouts
+                                || slots.in_namespace >= self.limits.max_per_namespace
+                            {
                                 report.pending.push(name);
                                 continue;
                             }
@@ -336,6 +450,9 @@ impl Restarter {
                             }
                         }
                     }
+                }
+                RestartPolicy::Annotate if !self.allow_annotate => {
+                    report.annotate_disabled.push(name);
                 }
                 RestartPolicy::Annotate => {
                     match self.annotate_pods(namespace, workload, &key, token).await {
@@ -384,9 +501,10 @@ impl Restarter {
                     .await?;
             }
         }
-        if let Ok(mut set) = self.in_flight.lock() {
-            set.insert((namespace.to_string(), workload.kind(), name));
-        }
+        lock(&self.in_flight).insert(
+            (namespace.to_string(), workload.kind(), name),
+            Instant::now(),
+        );
         Ok(())
     }
 
@@ -399,14 +517,16 @@ impl Restarter {
         key: &str,
         token: &str,
     ) -> Result<bool, kube::Error> {
-        let Some(labels) = workload.selector().and_then(|s| s.match_labels.as_ref()) else {
+        // The workload's whole selector (matchExpressions too); an empty or unreadable one selects
+        // nothing here, never every Pod in the namespace.
+        let Some(selector) = workload
+            .selector()
+            .cloned()
+            .and_then(|selector| Selector::try_from(selector).ok())
+            .filter(|selector| !selector.selects_all())
+        else {
             return Ok(false);
         };
-        let selector = labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let patch = serde_json::json!({"metadata": {"annotations": {key: token}}});
         let params = PatchParams {
@@ -415,9 +535,12 @@ impl Restarter {
         };
         let mut changed = false;
         for pod in pods
-            .list(&ListParams::default().labels(&selector))
+            .list(&ListParams::default().labels_from(&selector))
             .await?
             .items
+            .into_iter()
+            // Only the workload's own Pods, even if another workload's Pods match its labels.
+            .filter(|pod| workload.owns_pod(pod))
         {
             let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(key));
             if current.map(String::as_str) == Some(token) {

@@ -46,26 +46,30 @@ impl SecretsManagerSource {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn client(&self, region: Option<&str>) -> Client {
-        let key = region.unwrap_or_default().to_string();
+    /// The operator's default region (`AWS_REGION`, profile, IMDS), if any.
+    pub fn default_region(&self) -> Option<String> {
+        self.base.region().map(|region| region.to_string())
+    }
+
+    /// The client for `region`. Callers pass only regions the source policy allowed, so the cache
+    /// is bounded by the operator's configuration, not by what tenants write.
+    fn client(&self, region: &str) -> Client {
         let mut clients = match self.clients.lock() {
             Ok(clients) => clients,
             Err(poisoned) => poisoned.into_inner(),
         };
         clients
-            .entry(key)
+            .entry(region.to_string())
             .or_insert_with(|| {
-                let mut config = aws_sdk_secretsmanager::config::Builder::from(&self.base);
-                if let Some(region) = region {
-                    config = config.region(aws_config::Region::new(region.to_string()));
-                }
+                let config = aws_sdk_secretsmanager::config::Builder::from(&self.base)
+                    .region(aws_config::Region::new(region.to_string()));
                 Client::from_conf(config.build())
             })
             .clone()
     }
 
     async fn get(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
-        let client = self.client(secret.region.as_deref());
+        let client = self.client(&secret.region);
         let mut request = client.get_secret_value().secret_id(&secret.secret_id);
         // Always name the stage: moto (moto#9451) and caches can lag behind a moved AWSCURRENT when
         // it is left implicit; on AWS the explicit stage is the same request.
@@ -97,9 +101,27 @@ impl SecretsManagerSource {
         };
         Ok(FetchedSecret {
             arn: output.arn.unwrap_or_default(),
+            name: output.name.unwrap_or_default(),
             version_id: output.version_id.unwrap_or_default(),
             content,
         })
+    }
+}
+
+/// The account of the operator's own credentials (STS GetCallerIdentity), or `None` when STS cannot
+/// say; the source policy then allows ARN ids only through explicit `arn:` patterns.
+pub async fn caller_account(config: &aws_config::SdkConfig) -> Option<String> {
+    let sts = aws_sdk_sts::Client::new(config);
+    match sts.get_caller_identity().send().await {
+        Ok(identity) => identity.account,
+        Err(error) => {
+            tracing::warn!(
+                code = error.code().unwrap_or_default(),
+                "STS GetCallerIdentity failed: the operator's own account is unknown; ARN ids need \
+                 an arn: pattern in --allowed-source (or set --aws-account-id)"
+            );
+            None
+        }
     }
 }
 
@@ -153,8 +175,9 @@ where
                     }
                 }
                 SdkError::ResponseError(_) => "unreadable response".to_string(),
-                _ if detail.is_empty() => "unknown error".to_string(),
-                _ => detail,
+                // The code only: AWS's message can name the role or the account.
+                _ if code.is_empty() => "unknown error".to_string(),
+                _ => code.to_string(),
             };
             SourceError::Unavailable { secret_id, detail }
         }
@@ -191,6 +214,7 @@ mod tests {
             let error = classify("ns/x", &service_error(code));
             assert_eq!(error.reason(), reason, "{code}");
             assert!(error.to_string().contains("ns/x"), "{error}");
+            assert!(!error.to_string().contains("from AWS"), "{error}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! a fake in unit tests. One shared client per region.
 
 mod aws;
+pub mod id;
 pub mod policy;
 
 use std::fmt;
@@ -9,13 +10,14 @@ use std::fmt;
 use futures::future::BoxFuture;
 
 pub use crate::api::VersionSelector;
-pub use aws::SecretsManagerSource;
+pub use aws::{SecretsManagerSource, caller_account};
 
-/// Which secret, where, at which version.
+/// Which secret, where, at which version. Built only from an id that passed `id::parse_secret_id`
+/// and a region that passed the policy, so clients are never made for unchecked regions.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SecretRef {
     pub secret_id: String,
-    pub region: Option<String>,
+    pub region: String,
     pub version: VersionSelector,
 }
 
@@ -37,27 +39,47 @@ impl fmt::Debug for SecretContent {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedSecret {
+    /// The canonical ARN and name Secrets Manager returned: checked against the policy again.
     pub arn: String,
+    pub name: String,
     pub version_id: String,
     pub content: SecretContent,
 }
 
-/// Why a fetch failed; each kind has a fixed reason shared by status, Events and metrics.
+/// Why a fetch failed; each kind has a fixed reason shared by status, Events and metrics. The text
+/// (shown in status and Events) is a fixed sentence: AWS's own message, which can name the role, the
+/// account or a KMS key, stays in `detail`, which only the operator's log shows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
-    #[error("secret {secret_id} was not found in Secrets Manager ({detail})")]
+    #[error(
+        "secret {secret_id} (or the version asked for) was not found in Secrets Manager, or is \
+         scheduled for deletion; check spec.source.secretId, versionId and region"
+    )]
     NotFound { secret_id: String, detail: String },
-    #[error("access to secret {secret_id} was denied ({detail}); check the operator's IAM policy")]
+    #[error(
+        "AWS denied the operator access to secret {secret_id}; grant its role \
+         secretsmanager:GetSecretValue (and kms:Decrypt for a customer-managed key) on it"
+    )]
     AccessDenied { secret_id: String, detail: String },
     #[error("Secrets Manager throttled the request for {secret_id}; retrying with backoff")]
     Throttled { secret_id: String },
     #[error("secret {secret_id} has neither SecretString nor SecretBinary")]
     Empty { secret_id: String },
-    #[error("Secrets Manager request for {secret_id} failed: {detail}")]
+    #[error("Secrets Manager could not be reached for secret {secret_id} ({detail}); retrying")]
     Unavailable { secret_id: String, detail: String },
 }
 
 impl SourceError {
+    /// AWS's own words, for the operator's log only.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::NotFound { detail, .. }
+            | Self::AccessDenied { detail, .. }
+            | Self::Unavailable { detail, .. } => detail,
+            Self::Throttled { .. } | Self::Empty { .. } => "",
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NotFound { .. } => "SourceNotFound",

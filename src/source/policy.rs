@@ -1,138 +1,435 @@
 //! Tenancy: which Secrets Manager secrets an identity in a namespace may read through the operator's
-//! IAM role. Decided before any AWS call.
+//! IAM role. Decided twice: on the id as written, before any call, and on the canonical ARN and name
+//! that Secrets Manager returns, before anything is written.
 //!
 //! A pattern is a glob (`*` matches any run of characters, `/` included) with a `{namespace}`
-//! placeholder. The secure default is `{namespace}/*`: a namespace reads only secrets named under its
-//! own prefix. For an ARN, patterns that do not start with `arn:` are matched against the secret name
-//! in it (the part after `:secret:`, which on AWS carries a 6-character suffix).
+//! placeholder, which is substituted as literal text (never as glob syntax). The secure default is
+//! `{namespace}/*`: a namespace reads only secrets named under its own prefix.
+//!
+//! - Name patterns (not starting with `arn:`) apply only to secrets in the operator's own account.
+//! - `arn:` patterns match the whole ARN: the only way to allow another account's secrets.
+//! - Every secret must be in an allowed region (default: the operator's own region).
+
+use super::id::{SecretArn, SecretId, strip_suffix};
+
+pub const DEFAULT_PATTERN: &str = "{namespace}/*";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourcePolicy {
     patterns: Vec<String>,
+    /// The operator's own AWS account; `None` when unknown, and then ARN ids need an `arn:` pattern.
+    own_account: Option<String>,
+    /// Regions identities may read from; empty allows none.
+    allowed_regions: Vec<String>,
 }
 
-pub const DEFAULT_PATTERN: &str = "{namespace}/*";
+/// Why the policy refused a secret; kept for the operator's log, never shown to the tenant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("region {0} is not among the allowed regions")]
+    Region(String),
+    #[error("account {0} is not the operator's own and no arn: pattern allows it")]
+    Account(String),
+    #[error("name {0} matches no allowed pattern")]
+    Name(String),
+    #[error("Secrets Manager resolved the id to {0}, which is not what was asked")]
+    Resolved(String),
+}
 
-impl Default for SourcePolicy {
-    fn default() -> Self {
-        Self {
-            patterns: vec![DEFAULT_PATTERN.to_string()],
-        }
-    }
+/// A secret as the policy sees it: where it is and what it may be called.
+struct Location<'a> {
+    region: &'a str,
+    /// The secret is in the operator's own account.
+    own_account: bool,
+    account: &'a str,
+    /// Every name Secrets Manager could resolve the id to; each must be allowed.
+    names: Vec<&'a str>,
+    /// The ARN, for `arn:` patterns.
+    arn: Option<String>,
 }
 
 impl SourcePolicy {
-    pub fn from_patterns(patterns: Vec<String>) -> Self {
-        if patterns.is_empty() {
-            Self::default()
+    /// `patterns` empty: the default `{namespace}/*`.
+    pub fn new(
+        patterns: Vec<String>,
+        own_account: Option<String>,
+        allowed_regions: Vec<String>,
+    ) -> Self {
+        let patterns = if patterns.is_empty() {
+            vec![DEFAULT_PATTERN.to_string()]
         } else {
-            Self { patterns }
+            patterns
+        };
+        Self {
+            patterns,
+            own_account,
+            allowed_regions,
         }
     }
 
-    pub fn allow_all() -> Self {
-        Self {
-            patterns: vec!["*".to_string()],
-        }
+    /// Any secret of any account in `regions`: for tests and single-tenant clusters.
+    pub fn allow_all(regions: Vec<String>) -> Self {
+        Self::new(vec!["*".into(), "arn:*".into()], None, regions)
     }
 
     pub fn patterns(&self) -> &[String] {
         &self.patterns
     }
 
-    pub fn allows(&self, namespace: &str, secret_id: &str) -> bool {
-        let name = secret_id
-            .strip_prefix("arn:")
-            .and_then(|rest| rest.split_once(":secret:"))
-            .map_or(secret_id, |(_, name)| name);
-        self.patterns.iter().any(|pattern| {
-            let pattern = pattern.replace("{namespace}", namespace);
-            let subject = if pattern.starts_with("arn:") {
-                secret_id
-            } else {
-                name
-            };
-            glob_matches(&pattern, subject)
-        })
+    pub fn allowed_regions(&self) -> &[String] {
+        &self.allowed_regions
+    }
+
+    pub fn own_account(&self) -> Option<&str> {
+        self.own_account.as_deref()
+    }
+
+    /// Before any call: may `namespace` read `id` in `region` (the region the call would go to)?
+    pub fn check_request(
+        &self,
+        namespace: &str,
+        id: &SecretId,
+        region: &str,
+    ) -> Result<(), Denied> {
+        let location = match id {
+            SecretId::Name(name) => Location {
+                region,
+                // A name always resolves in the caller's own account.
+                own_account: true,
+                account: self.own_account.as_deref().unwrap_or("(own)"),
+                names: vec![name.as_str()],
+                arn: None,
+            },
+            SecretId::Arn(arn) => {
+                if arn.region != region {
+                    return Err(Denied::Region(arn.region.clone()));
+                }
+                Location {
+                    region,
+                    own_account: self.own_account.as_deref() == Some(arn.account.as_str()),
+                    account: &arn.account,
+                    names: arn.candidate_names(),
+                    arn: Some(arn.to_string()),
+                }
+            }
+        };
+        self.decide(namespace, &location)
+    }
+
+    /// After the call, on what Secrets Manager returned: the canonical ARN and name of the secret it
+    /// read, which must be in the region asked, consistent with each other, and allowed.
+    pub fn check_resolved(
+        &self,
+        namespace: &str,
+        requested: &SecretId,
+        region: &str,
+        arn: &SecretArn,
+        name: &str,
+    ) -> Result<(), Denied> {
+        let consistent = arn.resource == name || strip_suffix(&arn.resource) == Some(name);
+        if !consistent {
+            return Err(Denied::Resolved(arn.to_string()));
+        }
+        if arn.region != region {
+            return Err(Denied::Region(arn.region.clone()));
+        }
+        let own_account = match &self.own_account {
+            Some(own) => *own == arn.account,
+            // Unknown own account: only a plain name is known to resolve in it.
+            None => matches!(requested, SecretId::Name(_)),
+        };
+        let location = Location {
+            region,
+            own_account,
+            account: &arn.account,
+            names: vec![name],
+            arn: Some(arn.to_string()),
+        };
+        self.decide(namespace, &location)
+    }
+
+    fn decide(&self, namespace: &str, location: &Location<'_>) -> Result<(), Denied> {
+        if !self.allowed_regions.iter().any(|r| r == location.region) {
+            return Err(Denied::Region(location.region.to_string()));
+        }
+        let (arn_patterns, name_patterns): (Vec<&String>, Vec<&String>) =
+            self.patterns.iter().partition(|p| p.starts_with("arn:"));
+        if let Some(arn) = &location.arn
+            && arn_patterns
+                .iter()
+                .any(|pattern| glob_matches(pattern, namespace, arn))
+        {
+            return Ok(());
+        }
+        if !location.own_account {
+            return Err(Denied::Account(location.account.to_string()));
+        }
+        for name in &location.names {
+            if !name_patterns
+                .iter()
+                .any(|pattern| glob_matches(pattern, namespace, name))
+            {
+                return Err(Denied::Name(name.to_string()));
+            }
+        }
+        Ok(())
     }
 }
 
-/// `*` matches any run of characters; everything else matches itself.
-fn glob_matches(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let Some(first) = parts.next() else {
+/// `*` in `pattern` matches any run of characters; `{namespace}` matches `namespace` literally;
+/// everything else matches itself. The pattern is split on `*` before the namespace is substituted,
+/// so nothing in a namespace (or a name) can act as glob syntax.
+fn glob_matches(pattern: &str, namespace: &str, text: &str) -> bool {
+    let segments: Vec<String> = pattern
+        .split('*')
+        .map(|segment| segment.replace("{namespace}", namespace))
+        .collect();
+    let Some((first, rest)) = segments.split_first() else {
         return text.is_empty();
     };
-    let Some(mut rest) = text.strip_prefix(first) else {
+    let Some(mut remaining) = text.strip_prefix(first.as_str()) else {
         return false;
     };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
+    let Some((last, middle)) = rest.split_last() else {
         // No `*` at all: the whole text must equal the pattern.
-        return rest.is_empty();
+        return remaining.is_empty();
     };
-    for part in middle {
-        match rest.find(part) {
-            Some(index) => rest = &rest[index + part.len()..],
+    for segment in middle {
+        match remaining.find(segment.as_str()) {
+            Some(index) => remaining = &remaining[index + segment.len()..],
             None => return false,
         }
     }
-    rest.len() >= last.len() && rest.ends_with(last)
+    remaining.len() >= last.len() && remaining.ends_with(last.as_str())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::id::{parse_arn, parse_secret_id};
     use super::*;
 
+    const OWN: &str = "123456789012";
+
+    fn policy(patterns: &[&str]) -> SourcePolicy {
+        SourcePolicy::new(
+            patterns.iter().map(|p| p.to_string()).collect(),
+            Some(OWN.into()),
+            vec!["eu-west-1".into()],
+        )
+    }
+
+    fn allows(policy: &SourcePolicy, namespace: &str, id: &str) -> bool {
+        parse_secret_id(id)
+            .is_ok_and(|id| policy.check_request(namespace, &id, "eu-west-1").is_ok())
+    }
+
     #[test]
-    fn default_allows_only_the_namespace_prefix() {
-        let policy = SourcePolicy::default();
-        assert!(policy.allows("payments", "payments/api-client"));
-        assert!(policy.allows("payments", "payments/deep/path"));
-        assert!(!policy.allows("payments", "billing/api-client"));
-        assert!(!policy.allows("payments", "payments-evil/api-client"));
-        assert!(!policy.allows("payments", "payments"));
-        assert!(policy.allows(
-            "payments",
-            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:payments/api-client-AbCdEf"
-        ));
-        assert!(!policy.allows(
-            "payments",
-            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:billing/api-client-AbCdEf"
+    fn default_allows_only_the_namespace_prefix_in_the_own_account_and_region() {
+        let policy = policy(&[]);
+        assert!(allows(&policy, "payments", "payments/api-client"));
+        assert!(allows(&policy, "payments", "payments/deep/path"));
+        assert!(!allows(&policy, "payments", "billing/api-client"));
+        assert!(!allows(&policy, "payments", "payments-evil/api-client"));
+        assert!(!allows(&policy, "payments", "payments"));
+        let own = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:payments/api-client-AbCdEf";
+        assert!(allows(&policy, "payments", own));
+        let other_tenant =
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:billing/api-client-AbCdEf";
+        assert!(!allows(&policy, "payments", other_tenant));
+        let other_account =
+            "arn:aws:secretsmanager:eu-west-1:999999999999:secret:payments/x-AbCdEf";
+        assert!(!allows(&policy, "payments", other_account));
+        let other_region = "arn:aws:secretsmanager:us-east-1:123456789012:secret:payments/x-AbCdEf";
+        assert!(!allows(&policy, "payments", other_region));
+        let Ok(id) = parse_secret_id("payments/x") else {
+            panic!("valid");
+        };
+        assert_eq!(
+            policy.check_request("payments", &id, "us-east-1"),
+            Err(Denied::Region("us-east-1".into()))
+        );
+    }
+
+    #[test]
+    fn the_suffix_cannot_smuggle_a_name_past_a_pattern() {
+        // `teams/a/x-client` may be the name `teams/a/x` with suffix `client` in a full ARN.
+        let policy = policy(&["teams/{namespace}/*-client"]);
+        assert!(allows(&policy, "a", "teams/a/payments-client"));
+        assert!(!allows(
+            &policy,
+            "a",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:teams/a/x-client"
         ));
     }
 
     #[test]
-    fn patterns_and_allow_all() {
-        let policy = SourcePolicy::from_patterns(vec![
-            "shared/certs/*".into(),
-            "teams/{namespace}/*-client".into(),
-            "arn:aws:secretsmanager:*:111111111111:secret:{namespace}/*".into(),
-        ]);
-        assert!(policy.allows("a", "shared/certs/x"));
-        assert!(policy.allows("a", "teams/a/payments-client"));
-        assert!(!policy.allows("a", "teams/b/payments-client"));
-        assert!(!policy.allows("a", "teams/a/payments-server"));
-        assert!(policy.allows(
+    fn other_accounts_only_through_arn_patterns() {
+        let policy = policy(&["arn:aws:secretsmanager:*:111111111111:secret:{namespace}/*"]);
+        assert!(allows(
+            &policy,
             "a",
             "arn:aws:secretsmanager:eu-west-1:111111111111:secret:a/x-AbCdEf"
         ));
-        assert!(!policy.allows(
+        assert!(!allows(
+            &policy,
             "a",
-            "arn:aws:secretsmanager:eu-west-1:222222222222:secret:b/x-AbCdEf"
+            "arn:aws:secretsmanager:eu-west-1:222222222222:secret:a/x-AbCdEf"
         ));
-        assert!(SourcePolicy::allow_all().allows("a", "anything/at/all"));
-        assert_eq!(SourcePolicy::from_patterns(vec![]), SourcePolicy::default());
+        assert!(!allows(
+            &policy,
+            "a",
+            "arn:aws:secretsmanager:eu-west-1:111111111111:secret:b/x-AbCdEf"
+        ));
+        // Unknown own account: ARN ids need an arn: pattern, names still work by name patterns.
+        let unknown = SourcePolicy::new(vec![], None, vec!["eu-west-1".into()]);
+        assert!(allows(&unknown, "a", "a/x"));
+        assert!(!allows(
+            &unknown,
+            "a",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:a/x-AbCdEf"
+        ));
     }
 
     #[test]
-    fn glob_edge_cases() {
-        assert!(glob_matches("abc", "abc"));
-        assert!(!glob_matches("abc", "abcd"));
-        assert!(glob_matches("a*c", "ac"));
-        assert!(glob_matches("a*b*c", "a-b-c"));
-        assert!(!glob_matches("a*b*c", "a-c"));
-        assert!(glob_matches("*", ""));
-        assert!(!glob_matches("ab*ba", "aba"));
+    fn resolved_arn_and_name_are_checked_again() -> Result<(), super::super::id::IdError> {
+        let policy = policy(&[]);
+        let requested = parse_secret_id("payments/x")?;
+        let arn = |resource: &str| {
+            parse_arn(&format!(
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:{resource}"
+            ))
+        };
+        let good = arn("payments/x-AbCdEf")?;
+        assert_eq!(
+            policy.check_resolved("payments", &requested, "eu-west-1", &good, "payments/x"),
+            Ok(())
+        );
+        let foreign = arn("billing/api-client-AbCdEf")?;
+        assert!(
+            policy
+                .check_resolved(
+                    "payments",
+                    &requested,
+                    "eu-west-1",
+                    &foreign,
+                    "billing/api-client"
+                )
+                .is_err()
+        );
+        // The name must be the ARN's: a lying name is refused.
+        assert!(
+            policy
+                .check_resolved("payments", &requested, "eu-west-1", &foreign, "payments/x")
+                .is_err()
+        );
+        let elsewhere =
+            parse_arn("arn:aws:secretsmanager:eu-west-1:999999999999:secret:payments/x-AbCdEf")?;
+        assert!(
+            policy
+                .check_resolved(
+                    "payments",
+                    &requested,
+                    "eu-west-1",
+                    &elsewhere,
+                    "payments/x"
+                )
+                .is_err()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn glob_edge_cases_and_no_escape_through_the_namespace() {
+        assert!(glob_matches("abc", "", "abc"));
+        assert!(!glob_matches("abc", "", "abcd"));
+        assert!(glob_matches("a*c", "", "ac"));
+        assert!(glob_matches("a*b*c", "", "a-b-c"));
+        assert!(!glob_matches("a*b*c", "", "a-c"));
+        assert!(glob_matches("*", "", ""));
+        assert!(!glob_matches("ab*ba", "", "aba"));
+        // A namespace is literal text, even if it held glob syntax.
+        assert!(!glob_matches("{namespace}/*", "*", "billing/x"));
+        assert!(glob_matches("{namespace}/*", "*", "*/x"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::super::id::{SecretId, is_valid_name, parse_secret_id, strip_suffix};
+    use super::*;
+
+    /// Every name Secrets Manager could resolve an id to (a plain name is itself; an ARN's resource
+    /// is the name, or the name plus a suffix).
+    fn resolutions(id: &SecretId) -> Vec<String> {
+        match id {
+            SecretId::Name(name) => vec![name.clone()],
+            SecretId::Arn(arn) => {
+                let mut names = vec![arn.resource.clone()];
+                names.extend(strip_suffix(&arn.resource).map(str::to_string));
+                names
+            }
+        }
+    }
+
+    fn name_part() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z]{1,3}",
+            Just("payments".to_string()),
+            Just("billing".to_string()),
+            "[A-Za-z0-9/_+=.@*?{}:-]{0,12}",
+        ]
+    }
+
+    fn ids() -> impl Strategy<Value = String> {
+        let account = prop_oneof![
+            Just("123456789012".to_string()),
+            Just("999999999999".to_string()),
+            "[0-9]{10,13}"
+        ];
+        let region = prop_oneof![
+            Just("eu-west-1".to_string()),
+            Just("us-east-1".to_string()),
+            "[a-z-]{2,10}[0-9]"
+        ];
+        let name =
+            || (name_part(), name_part(), name_part()).prop_map(|(a, b, c)| format!("{a}/{b}{c}"));
+        prop_oneof![
+            name(),
+            (region, account, name()).prop_map(|(region, account, name)| format!(
+                "arn:aws:secretsmanager:{region}:{account}:secret:{name}"
+            )),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn allowed_ids_resolve_only_under_an_allowed_pattern(
+            id in ids(),
+            namespace in prop_oneof![Just("payments"), Just("billing"), Just("a")],
+        ) {
+            let patterns = vec!["{namespace}/*".to_string(), "shared/*-client".to_string()];
+            let policy = SourcePolicy::new(
+                patterns.clone(),
+                Some("123456789012".into()),
+                vec!["eu-west-1".into()],
+            );
+            if let Ok(parsed) = parse_secret_id(&id)
+                && policy.check_request(namespace, &parsed, "eu-west-1").is_ok()
+            {
+                for name in resolutions(&parsed) {
+                    prop_assert!(is_valid_name(&name));
+                    let under_a_pattern = patterns
+                        .iter()
+                        .any(|pattern| glob_matches(pattern, namespace, &name));
+                    prop_assert!(under_a_pattern, "{id} resolves to {name}");
+                }
+                if let SecretId::Arn(arn) = &parsed {
+                    prop_assert_eq!(arn.account.as_str(), "123456789012");
+                    prop_assert_eq!(arn.region.as_str(), "eu-west-1");
+                }
+            }
+        }
     }
 }

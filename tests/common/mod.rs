@@ -60,6 +60,21 @@ pub async fn install_crd_and_rbac() -> Result<()> {
             Api::<ClusterRole>::all(admin.clone())
                 .patch("mtls-operator", &apply, &Patch::Apply(&role))
                 .await?;
+            // Granted only to operators that enable Annotate, as the chart does.
+            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+                "../../charts/mtls-operator/files/annotate-rules.yaml"
+            ))?;
+            let annotate = ClusterRole {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("mtls-operator-annotate".into()),
+                    ..Default::default()
+                },
+                rules: Some(rules),
+                ..Default::default()
+            };
+            Api::<ClusterRole>::all(admin.clone())
+                .patch("mtls-operator-annotate", &apply, &Patch::Apply(&annotate))
+                .await?;
             wait_for("the CRD to be established", TIMEOUT, || async {
                 let crd = crds.get("mtlsidentities.mtls-operator.io").await?;
                 let established = crd
@@ -82,6 +97,9 @@ pub async fn install_crd_and_rbac() -> Result<()> {
 /// documented ClusterRole. Stops when dropped.
 pub struct Operator {
     pub source: Arc<SecretsManagerSource>,
+    pub metrics: Arc<mtls_operator::metrics::Metrics>,
+    /// Fetches of `/fault-slow` ids that have started (and are being held back).
+    pub slow_fetches: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -99,48 +117,91 @@ pub async fn start_operator(namespace: &str) -> Result<Operator> {
 
 /// An operator with `settings` (its namespace is set to `namespace`).
 pub async fn start_operator_with(namespace: &str, settings: Settings) -> Result<Operator> {
+    start_operator_for(&[namespace], settings).await
+}
+
+/// One operator watching `namespaces`, as ServiceAccount `mtls-operator` of the first, bound to the
+/// documented ClusterRole in each (RoleBindings: RBAC only there).
+pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Result<Operator> {
     install_crd_and_rbac().await?;
-    let admin = support::admin_client().await?;
-    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": "mtls-operator", "namespace": namespace},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "mtls-operator"},
-        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": namespace}]
-    }))?;
-    // Idempotent: a test may restart its operator.
-    Api::<RoleBinding>::namespaced(admin, namespace)
-        .patch(
-            "mtls-operator",
-            &PatchParams::apply("mtls-operator-tests").force(),
-            &Patch::Apply(&binding),
-        )
-        .await?;
-    let client = support::service_account_client(namespace, "mtls-operator").await?;
-    let source = Arc::new(SecretsManagerSource::new(support::aws_config().await));
+    let home = *namespaces.first().context("no namespace")?;
+    for namespace in namespaces {
+        bind_cluster_role_to(namespace, "mtls-operator", home).await?;
+        if settings.allow_annotate {
+            bind_cluster_role_to(namespace, "mtls-operator-annotate", home).await?;
+        }
+    }
+    let client = support::service_account_client(home, "mtls-operator").await?;
+    let aws = support::aws_config().await;
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
     let settings = Settings {
-        namespace: Some(namespace.to_string()),
+        namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
         ..settings
-    };
+    }
+    .with_aws_defaults(&aws)
+    .await;
     let (stop, stopped) = oneshot::channel::<()>();
+    let slow_fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let faulty = Arc::new(FaultInjectingSource {
         inner: source.clone(),
+        slow_fetches: slow_fetches.clone(),
     });
     let metrics = Arc::new(mtls_operator::metrics::Metrics::new());
-    tokio::spawn(controller::run(client, faulty, settings, metrics, async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(controller::run(
+        client,
+        faulty,
+        settings,
+        metrics.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Ok(Operator {
         source,
+        metrics,
+        slow_fetches,
         stop: Some(stop),
     })
 }
 
+/// Binds ClusterRole `role` in `namespace` to the test operator's ServiceAccount (of `home`).
+pub async fn bind_cluster_role_to(namespace: &str, role: &str, home: &str) -> Result<()> {
+    let admin = support::admin_client().await?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": role, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": home}]
+    }))?;
+    // Idempotent: a test may restart its operator.
+    Api::<RoleBinding>::namespaced(admin, namespace)
+        .patch(
+            role,
+            &PatchParams::apply("mtls-operator-tests").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Moto does not emulate AWS refusing or throttling a call: secrets whose id ends in
-/// `/fault-access-denied` or `/fault-throttled` get those errors; all others reach moto.
+/// `/fault-access-denied` or `/fault-throttled` get those errors. An id `X/fault-resolves-to/Y`
+/// reads secret `Y` from moto, as if Secrets Manager had resolved the id to another secret than the
+/// one written (the answer then carries Y's real ARN and name). All others reach moto as they are.
 struct FaultInjectingSource {
     inner: Arc<SecretsManagerSource>,
+    slow_fetches: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Ids containing this are held back this long before they reach moto (a slow Secrets Manager).
+pub const SLOW: &str = "/fault-slow";
+pub const SLOW_DELAY: Duration = Duration::from_secs(5);
+
+/// The role AWS names in the injected AccessDenied message: it must never reach status or Events.
+pub const INJECTED_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/mtls-operator-prod";
+
+pub const RESOLVES_TO: &str = "/fault-resolves-to/";
 
 impl SecretSource for FaultInjectingSource {
     fn fetch<'a>(
@@ -148,12 +209,31 @@ impl SecretSource for FaultInjectingSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
         let secret_id = secret.secret_id.clone();
+        if secret_id.contains(SLOW) {
+            self.slow_fetches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let inner = self.inner.clone();
+            return Box::pin(async move {
+                tokio::time::sleep(SLOW_DELAY).await;
+                inner.fetch(secret).await
+            });
+        }
+        if let Some((_, elsewhere)) = secret_id.split_once(RESOLVES_TO) {
+            let redirected = SecretRef {
+                secret_id: elsewhere.to_string(),
+                ..secret.clone()
+            };
+            let inner = self.inner.clone();
+            return Box::pin(async move { inner.fetch(&redirected).await });
+        }
         if secret_id.ends_with("/fault-access-denied") {
             return Box::pin(async move {
                 Err(SourceError::AccessDenied {
                     secret_id,
-                    detail: "AccessDeniedException: not authorized to perform GetSecretValue"
-                        .into(),
+                    detail: format!(
+                        "AccessDeniedException: User: {INJECTED_ROLE_ARN} is not authorized to \
+                         perform: secretsmanager:GetSecretValue"
+                    ),
                 })
             });
         }

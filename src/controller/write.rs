@@ -1,0 +1,141 @@
+//! Writes that never take over an object the operator does not own (a Secret, Deployment, Service or
+//! NetworkPolicy with the same name). An absent object is created, so a foreign object created in the
+//! meantime makes the create fail instead of being overwritten; an object we own is applied with its
+//! `resourceVersion` as a precondition, so a replacement in the meantime makes the apply fail.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::FIELD_MANAGER;
+
+use super::decide::is_owned_by;
+
+/// What a guarded write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Created, or applied over our own object.
+    Done,
+    /// A same-named object that this identity does not own: left untouched.
+    Conflict,
+}
+
+/// The metadata of `name`, if it exists: enough to decide ownership without reading a foreign
+/// object's content (a foreign Secret's data never enters the operator's memory).
+pub async fn metadata<K>(
+    api: &Api<K>,
+    name: &str,
+) -> Result<Option<PartialObjectMeta<K>>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    api.get_metadata_opt(name).await
+}
+
+/// Writes `desired` (named `name`) if the object is absent or owned by `owner_uid`. `seen` is the
+/// metadata read before (None: absent then).
+pub async fn write_owned<K>(
+    api: &Api<K>,
+    name: &str,
+    mut desired: K,
+    owner_uid: &str,
+    seen: Option<&ObjectMeta>,
+) -> Result<Written, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    match seen {
+        None => create_if_absent(api, &desired).await,
+        Some(seen) if !is_owned_by(seen, owner_uid) => Ok(Written::Conflict),
+        Some(seen) => {
+            // A precondition: if the object was replaced since we looked, the apply fails (409)
+            // and the reconcile looks again.
+            desired.meta_mut().resource_version = seen.resource_version.clone();
+            api.patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await?;
+            Ok(Written::Done)
+        }
+    }
+}
+
+/// Creates `desired` under the operator's field manager; `Conflict` when the name is taken.
+pub async fn create_if_absent<K>(api: &Api<K>, desired: &K) -> Result<Written, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api.create(&params, desired).await {
+        Ok(_) => Ok(Written::Done),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Written::Conflict),
+        Err(error) => Err(error),
+    }
+}
+
+/// Replaces our own Secret's content with `desired`'s, keeping what others added to its labels and
+/// annotations. A full replace (not an apply) so that a key `desired` no longer has (`ca.crt`) goes,
+/// under the same field manager the Secret was created with; `existing`'s `resourceVersion` is the
+/// precondition.
+pub async fn replace_owned_secret(
+    api: &Api<Secret>,
+    existing: &Secret,
+    desired: Secret,
+) -> Result<(), kube::Error> {
+    let mut next = existing.clone();
+    next.metadata.managed_fields = None;
+    next.type_ = desired.type_;
+    next.data = desired.data;
+    next.string_data = None;
+    for (mine, theirs) in [
+        (desired.metadata.labels, &mut next.metadata.labels),
+        (desired.metadata.annotations, &mut next.metadata.annotations),
+    ] {
+        theirs
+            .get_or_insert_with(Default::default)
+            .extend(mine.unwrap_or_default());
+    }
+    next.metadata.owner_references = desired.metadata.owner_references;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    api.replace(&existing.name_any(), &params, &next).await?;
+    Ok(())
+}
+
+/// Deletes `name` only if `owner_uid` owns it, with a uid precondition so a same-named replacement
+/// is never deleted.
+pub async fn delete_owned<K>(api: &Api<K>, name: &str, owner_uid: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Some(seen) = api.get_metadata_opt(name).await? else {
+        return Ok(());
+    };
+    if !is_owned_by(&seen.metadata, owner_uid) {
+        return Ok(());
+    }
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: seen.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(error) => Err(error),
+    }
+}

@@ -1,0 +1,624 @@
+//! The tenancy boundary under attack, on the real control plane and moto: each test sends what an
+//! attacker in one namespace would (the manifest, the timing) and asserts the safe outcome: the
+//! reason, no Secret, no foreign object changed, no rollout elsewhere.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use mtls_operator::api::MtlsIdentity;
+use mtls_operator::controller::Settings;
+use mtls_operator::restart::RestartLimits;
+use xtask::support::{self, wait_for};
+
+/// The canonical ARN moto gives `name`, and the operator's own account and region.
+async fn arn_of(name: &str) -> Result<String> {
+    let described = support::secrets_manager()
+        .await
+        .describe_secret()
+        .secret_id(name)
+        .send()
+        .await?;
+    described.arn.context("no ARN")
+}
+
+fn region() -> String {
+    std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into())
+}
+
+/// Asserts that no Secret named `name` exists in `namespace`.
+async fn assert_no_secret(namespace: &str, name: &str) -> Result<()> {
+    ensure!(
+        get_secret(namespace, name).await?.is_none(),
+        "Secret {namespace}/{name} must not exist"
+    );
+    Ok(())
+}
+
+/// A victim namespace whose certificate the attacker wants: `{victim}/api-client` and `{victim}/ca`.
+async fn victim() -> Result<(String, TestCa)> {
+    let victim = support::create_namespace("billing", &[]).await?;
+    let ca = TestCa::new("billing CA")?;
+    put_source(&format!("{victim}/api-client"), &good_secret(&ca)?).await?;
+    put_source(&format!("{victim}/ca"), &ca.pem()).await?;
+    Ok((victim, ca))
+}
+
+#[tokio::test]
+async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
+    let (victim, _) = victim().await?;
+    let namespace = support::create_namespace("payments", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let own = put_source(
+        &format!("{namespace}/x"),
+        &good_secret(&TestCa::new("own")?)?,
+    )
+    .await;
+    own?;
+    let victim_arn = arn_of(&format!("{victim}/api-client")).await?;
+    let account = victim_arn
+        .split(':')
+        .nth(4)
+        .context("account in ARN")?
+        .to_string();
+    let region = region();
+    let arn = |account: &str, region: &str, resource: &str| {
+        format!("arn:aws:secretsmanager:{region}:{account}:secret:{resource}")
+    };
+    // (identity name, secretId, expected reason)
+    let attacks = [
+        // Hole 1, as reported: a colon makes the policy and Secrets Manager read different names.
+        (
+            "colon",
+            arn(
+                &account,
+                &region,
+                &format!("{namespace}/x:{victim}/api-client"),
+            ),
+            "InvalidSpec",
+        ),
+        // Partial and full ARNs of the victim's secret.
+        (
+            "partial",
+            arn(&account, &region, &format!("{victim}/api-client")),
+            "SourceNotAllowed",
+        ),
+        ("full", victim_arn.clone(), "SourceNotAllowed"),
+        // Glob characters in names are not names.
+        ("star", format!("{namespace}/*"), "InvalidSpec"),
+        ("question", format!("{namespace}/?"), "InvalidSpec"),
+        ("brace", format!("{namespace}/{{namespace}}"), "InvalidSpec"),
+        // Secrets Manager does not normalise paths: a literal name that does not exist.
+        (
+            "dotdot",
+            format!("{namespace}/../{victim}/api-client"),
+            "SourceNotFound",
+        ),
+        // Hole 2: another account's secret under the namespace's own prefix.
+        (
+            "account",
+            arn("999999999999", &region, &format!("{namespace}/x-AbCdEf")),
+            "SourceNotAllowed",
+        ),
+        // Hole 2: another region.
+        (
+            "arn-region",
+            arn(&account, "eu-central-1", &format!("{namespace}/x-AbCdEf")),
+            "SourceNotAllowed",
+        ),
+        // Hole 1, second end: the id is allowed, but Secrets Manager answers with the victim's
+        // secret (the fault injector makes it resolve elsewhere): refused on the returned ARN.
+        (
+            "resolved",
+            format!("{namespace}{RESOLVES_TO}{victim}/api-client"),
+            "SourceNotAllowed",
+        ),
+    ];
+    for (name, secret_id, _) in &attacks {
+        create_identity(
+            &namespace,
+            &identity(name, secret_id, serde_json::json!({}))?,
+        )
+        .await?;
+    }
+    // spec.source.region outside the allowed regions, and caSecretId of the victim.
+    create_identity(
+        &namespace,
+        &identity(
+            "region",
+            &format!("{namespace}/x"),
+            serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "region": "eu-central-1"}}),
+        )?,
+    )
+    .await?;
+    put_source(&format!("{namespace}/bundle"), &{
+        let ca = TestCa::new("bundle")?;
+        let leaf = ca.leaf(&LeafOptions::default())?;
+        format!("{}{}", leaf.cert_pem, leaf.key_pem)
+    })
+    .await?;
+    create_identity(
+        &namespace,
+        &identity(
+            "ca",
+            &format!("{namespace}/bundle"),
+            serde_json::json!({"source": {
+                "secretId": format!("{namespace}/bundle"),
+                "format": "Pem",
+                "caSecretId": format!("{victim}/ca"),
+            }}),
+        )?,
+    )
+    .await?;
+
+    let all = attacks
+        .iter()
+        .map(|(name, _, reason)| (*name, *reason))
+        .chain([("region", "SourceNotAllowed"), ("ca", "SourceNotAllowed")]);
+    for (name, reason) in all {
+        let refused = wait_ready(&namespace, name, "False", reason).await?;
+        assert_no_secret(&namespace, name).await?;
+        let status = refused.status.clone().unwrap_or_default();
+        ensure!(status.certificate.is_none(), "{name}: no certificate facts");
+        let message = &refused.ready_condition().context("Ready")?.message;
+        // The refusal names neither the policy's patterns nor the victim's resolved secret.
+        ensure!(
+            !message.contains("allowed:") && !message.contains("{namespace}/*"),
+            "{message}"
+        );
+        // Nor what Secrets Manager resolved the id to.
+        if name == "resolved" {
+            ensure!(!message.contains(&victim_arn), "{message}");
+        }
+        wait_event(&namespace, name, reason).await?;
+    }
+    // The control: the namespace's own secret, by name and by its full ARN, is synced.
+    let own_arn = arn_of(&format!("{namespace}/x")).await?;
+    create_identity(
+        &namespace,
+        &identity("own-name", &format!("{namespace}/x"), serde_json::json!({}))?,
+    )
+    .await?;
+    create_identity(
+        &namespace,
+        &identity("own-arn", &own_arn, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&namespace, "own-name", "True", "Synced").await?;
+    let synced = wait_ready(&namespace, "own-arn", "True", "Synced").await?;
+    ensure!(
+        synced.status.and_then(|s| s.source).map(|s| s.arn) == Some(own_arn),
+        "the status shows the canonical ARN"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
+    let namespace = support::create_namespace("crd-limits", &[]).await?;
+    install_crd_and_rbac().await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
+    let long = "a".repeat(300);
+    let bad_specs = [
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "region": "../../x"}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "region": long.clone()}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "fields": {"certificate": long.clone()}}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pem", "caSecretId": "c".repeat(3000)}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "versionStage": "AWS CURRENT"}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")}, "refreshInterval": "0s"}),
+    ];
+    for (index, spec) in bad_specs.into_iter().enumerate() {
+        let object = identity(
+            &format!("bad-{index}"),
+            &format!("{namespace}/x"),
+            spec.clone(),
+        )?;
+        let created = identities.create(&PostParams::default(), &object).await;
+        match created {
+            Err(kube::Error::Api(status)) => ensure!(status.code == 422, "{spec}: {status:?}"),
+            other => anyhow::bail!("{spec} must be refused by the API server, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_foreign_secret_created_during_the_fetch_is_not_taken_over() -> Result<()> {
+    let namespace = support::create_namespace("race", &[]).await?;
+    let operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("race CA")?;
+    let secret_id = format!("{namespace}{SLOW}");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    create_identity(
+        &namespace,
+        &identity("client", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    // The operator has looked at the target (absent) and is now waiting for Secrets Manager: the
+    // attacker creates a Secret with the target's name in that window.
+    wait_for("the slow fetch to start", TIMEOUT, || async {
+        ensure!(operator.slow_fetches.load(Ordering::SeqCst) > 0, "not yet");
+        Ok(())
+    })
+    .await?;
+    let foreign: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "client"},
+        "stringData": {"owner": "someone else"}
+    }))?;
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let created = secrets.create(&PostParams::default(), &foreign).await?;
+    wait_ready(&namespace, "client", "False", "TargetConflict").await?;
+    let after = secrets.get("client").await?;
+    ensure!(
+        after.metadata.resource_version == created.metadata.resource_version,
+        "the foreign Secret was modified"
+    );
+    ensure!(after.metadata.owner_references.is_none(), "no owner added");
+    ensure!(
+        secret_data(&after, "tls.key").is_none(),
+        "no key written into it"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn edits_of_the_target_do_not_drive_aws_calls_and_deletion_forgets_the_identity() -> Result<()>
+{
+    let namespace = support::create_namespace("edit-storm", &[]).await?;
+    let operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("storm CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(&namespace, &identity("client", &secret_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    let text = operator.metrics.encode();
+    ensure!(
+        text.contains(&format!("namespace=\"{namespace}\",name=\"client\"")),
+        "{text}"
+    );
+
+    // 40 edits of the Secret's labels, as fast as the API server takes them: each is a watch event
+    // on an owned Secret, so each asks for a reconcile.
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let before = operator.source.calls();
+    let started = Instant::now();
+    for edit in 0..40 {
+        let patch = serde_json::json!({"metadata": {"labels": {"edit": edit.to_string()}}});
+        secrets
+            .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    // Let the reconciles those edits asked for run (they are requeued, not dropped).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let elapsed = started.elapsed();
+    let calls = operator.source.calls() - before;
+    // The budget: a burst of 5, then one per 10 s.
+    let allowed = 5 + elapsed.as_secs() / 10 + 1;
+    ensure!(
+        calls <= allowed,
+        "{calls} Secrets Manager calls for 40 edits in {elapsed:?} (at most {allowed})"
+    );
+
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
+    identities
+        .delete("client", &DeleteParams::default())
+        .await?;
+    wait_for("the identity's metric series to go", TIMEOUT, || async {
+        let text = operator.metrics.encode();
+        ensure!(
+            !text.contains(&format!("namespace=\"{namespace}\",name=\"client\"")),
+            "still exported"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn errors_shown_to_the_tenant_do_not_carry_aws_details() -> Result<()> {
+    let namespace = support::create_namespace("disclosure", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let secret_id = format!("{namespace}/fault-access-denied");
+    create_identity(
+        &namespace,
+        &identity("client", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    let denied = wait_ready(&namespace, "client", "False", "AccessDenied").await?;
+    let message = denied.ready_condition().context("Ready")?.message.clone();
+    ensure!(message.contains(&secret_id), "names the secret: {message}");
+    ensure!(
+        message.contains("secretsmanager:GetSecretValue"),
+        "says what to do: {message}"
+    );
+    // The injected AWS message names the role and account: it must stay in the operator's log.
+    ensure!(!message.contains(INJECTED_ROLE_ARN), "{message}");
+    let event = wait_event(&namespace, "client", "AccessDenied").await?;
+    let note = event.note.unwrap_or_default();
+    ensure!(!note.contains(INJECTED_ROLE_ARN), "{note}");
+    Ok(())
+}
+
+/// A Deployment whose pods never become ready: its node selector matches no node.
+async fn create_stuck_deployment(namespace: &str, name: &str, secret: &str) -> Result<()> {
+    let mut template = pod_template(name, Some(("volume", secret)));
+    template["spec"]["nodeSelector"] = serde_json::json!({"no-such-node": "true"});
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template}
+    }))?;
+    Api::<Deployment>::namespaced(support::admin_client().await?, namespace)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_of_never_ready_workloads_cannot_block_other_namespaces_rollouts() -> Result<()>
+{
+    let evil = support::create_namespace("evil", &[]).await?;
+    let payments = support::create_namespace("fair", &[]).await?;
+    let settings = Settings {
+        restart_limits: RestartLimits {
+            max_rollouts: 4,
+            max_per_namespace: 3,
+            deadline: Duration::from_secs(40),
+        },
+        ..Settings::default()
+    };
+    let _operator = start_operator_for(&[&evil, &payments], settings).await?;
+    let ca = TestCa::new("fair CA")?;
+    for namespace in [&evil, &payments] {
+        put_source(&format!("{namespace}/client"), &good_secret(&ca)?).await?;
+        create_identity(
+            namespace,
+            &identity(
+                "client",
+                &format!("{namespace}/client"),
+                serde_json::json!({}),
+            )?,
+        )
+        .await?;
+        wait_ready(namespace, "client", "True", "Synced").await?;
+    }
+    for index in 0..4 {
+        create_stuck_deployment(&evil, &format!("stuck-{index}"), "client").await?;
+    }
+    create_deployment(&payments, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&payments).await?;
+
+    // Evil rotates first and fills its share with rollouts that never finish.
+    let evil_version = put_source(&format!("{evil}/client"), &good_secret(&ca)?).await?;
+    wait_for("evil's rollouts to start", ROLLOUT_TIMEOUT, || async {
+        let rolled = generations(&evil)
+            .await?
+            .values()
+            .filter(|g| **g > 1)
+            .count();
+        ensure!(
+            rolled == 3,
+            "{rolled} of 4 stuck Deployments rolled (share is 3)"
+        );
+        Ok(())
+    })
+    .await?;
+    // Payments still rolls, although evil holds rollouts that never become ready.
+    let before = generations(&payments).await?;
+    let version = put_source(&format!("{payments}/client"), &good_secret(&ca)?).await?;
+    let rotation = wait_rotation(&payments, "client", &version).await?;
+    ensure!(
+        rotation.restarted_workloads == vec!["Deployment/api".to_string()],
+        "{rotation:?}"
+    );
+    let after = generations(&payments).await?;
+    ensure!(
+        after["Deployment/api"] == before["Deployment/api"] + 1,
+        "one rollout: {before:?} {after:?}"
+    );
+    // ... while evil still held its slots: none stalled yet, its fourth still waiting.
+    let evil_rolled = generations(&evil)
+        .await?
+        .values()
+        .filter(|g| **g > 1)
+        .count();
+    ensure!(
+        evil_rolled == 3,
+        "evil's slots were still held ({evil_rolled} rolled)"
+    );
+    let stalled_yet = Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+        support::admin_client().await?,
+        &evil,
+    )
+    .list(&ListParams::default())
+    .await?
+    .items
+    .iter()
+    .any(|event| event.reason.as_deref() == Some("RestartStalled"));
+    ensure!(
+        !stalled_yet,
+        "payments rolled only because evil's rollouts hit the deadline"
+    );
+    // After the deadline evil's slots are released (RestartStalled) and its last workload rolls.
+    // (The deadline is 40 s after evil's rollouts started, within wait_event's 60 s.)
+    wait_event(&evil, "client", "RestartStalled").await?;
+    wait_for(
+        "evil's fourth rollout after the deadline",
+        ROLLOUT_TIMEOUT,
+        || async {
+            let rolled = generations(&evil)
+                .await?
+                .values()
+                .filter(|g| **g > 1)
+                .count();
+            ensure!(rolled == 4, "{rolled} of 4");
+            Ok(())
+        },
+    )
+    .await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &evil);
+    let evil_rotation = identities
+        .get("client")
+        .await?
+        .status
+        .and_then(|s| s.last_rotation);
+    ensure!(
+        evil_rotation.is_some_and(|r| r.to_version_id == evil_version),
+        "evil's rotation is recorded"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn listed_workloads_that_do_not_use_the_secret_are_not_restarted() -> Result<()> {
+    let namespace = support::create_namespace("listed", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("listed CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    // The attacker lists a workload that has nothing to do with the certificate.
+    let spec = serde_json::json!({"restart": {"workloads": [
+        {"kind": "Deployment", "name": "user"},
+        {"kind": "Deployment", "name": "bystander"}
+    ]}});
+    create_identity(&namespace, &identity("client", &secret_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "user", Some(("volume", "client"))).await?;
+    create_deployment(&namespace, "bystander", None).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    let rotation = wait_rotation(&namespace, "client", &version).await?;
+    ensure!(
+        rotation.restarted_workloads == vec!["Deployment/user".to_string()],
+        "{rotation:?}"
+    );
+    let event = wait_event(&namespace, "client", "WorkloadNotUsingSecret").await?;
+    ensure!(
+        event
+            .note
+            .unwrap_or_default()
+            .contains("Deployment/bystander")
+    );
+    let after = generations(&namespace).await?;
+    ensure!(
+        after["Deployment/bystander"] == before["Deployment/bystander"],
+        "bystander untouched"
+    );
+    ensure!(
+        after["Deployment/user"] == before["Deployment/user"] + 1,
+        "user rolled once"
+    );
+    Ok(())
+}
+
+/// Pods of `namespace` by name, with their annotations.
+async fn pod_annotations(namespace: &str) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+    let pods: Api<Pod> = Api::namespaced(support::admin_client().await?, namespace);
+    Ok(pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|pod| {
+            (
+                pod.metadata.name.clone().unwrap_or_default(),
+                pod.metadata.annotations.clone().unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn annotate_touches_only_the_workloads_own_pods() -> Result<()> {
+    let namespace = support::create_namespace("annotate-scope", &[]).await?;
+    let settings = Settings {
+        allow_annotate: true,
+        ..Settings::default()
+    };
+    let _operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("scope CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"restart": {"policy": "Annotate"}});
+    create_identity(&namespace, &identity("client", &secret_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    // `reloader` selects app=shared AND tier in (a); `other`'s pods carry app=shared too.
+    let mut template = pod_template("shared", Some(("volume", "client")));
+    template["metadata"]["labels"]["tier"] = "a".into();
+    let reloader: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "reloader"},
+        "spec": {"replicas": 1, "template": template, "selector": {
+            "matchLabels": {"app": "shared"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]
+        }}
+    }))?;
+    let mut other_template = pod_template("shared", None);
+    other_template["metadata"]["labels"]["tier"] = "b".into();
+    let other: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "other"},
+        "spec": {"replicas": 1, "template": other_template, "selector": {
+            "matchLabels": {"app": "shared", "tier": "b"}
+        }}
+    }))?;
+    let deployments: Api<Deployment> = Api::namespaced(support::admin_client().await?, &namespace);
+    deployments
+        .create(&PostParams::default(), &reloader)
+        .await?;
+    deployments.create(&PostParams::default(), &other).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    wait_rotation(&namespace, "client", &version).await?;
+    let key = "mtls-operator.io/cert.client";
+    let annotations = pod_annotations(&namespace).await?;
+    let (annotated, untouched): (Vec<_>, Vec<_>) = annotations
+        .iter()
+        .partition(|(_, annotations)| annotations.contains_key(key));
+    ensure!(
+        annotated.len() == 1 && annotated[0].0.starts_with("reloader-"),
+        "only reloader's pod: {annotations:?}"
+    );
+    ensure!(
+        untouched.iter().all(|(name, _)| name.starts_with("other-")),
+        "{annotations:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn annotate_is_refused_unless_the_operator_enables_it() -> Result<()> {
+    let namespace = support::create_namespace("annotate-off", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("off CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"restart": {"policy": "Annotate"}});
+    create_identity(&namespace, &identity("client", &secret_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    wait_event(&namespace, "client", "AnnotateDisabled").await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
+    let status = identities.get("client").await?.status.unwrap_or_default();
+    ensure!(
+        status.source.map(|s| s.version_id) == Some(version),
+        "the Secret still rotates"
+    );
+    let annotations = pod_annotations(&namespace).await?;
+    ensure!(
+        annotations
+            .values()
+            .all(|a| !a.contains_key("mtls-operator.io/cert.client")),
+        "{annotations:?}"
+    );
+    Ok(())
+}
