@@ -10,6 +10,7 @@ use mtls_operator::leader::{self, LeaderSettings};
 use mtls_operator::metrics::Metrics;
 use mtls_operator::restart::RestartLimits;
 use mtls_operator::source::SecretsManagerSource;
+use mtls_operator::source::fleet::SweepMode;
 use mtls_operator::source::policy::SourcePolicy;
 use tracing::{error, info};
 
@@ -73,6 +74,15 @@ struct RunArgs {
     /// of NetworkPolicy peers. Default: nowhere.
     #[arg(long, env = "EGRESS_ADMIN_FROM")]
     egress_admin_from: Option<String>,
+    /// How secret versions are checked between reads: `describe` (DescribeSecret per distinct
+    /// secret), `list` (ListSecrets pages: fewest calls, needs ListSecrets on *), `get` (no sweep:
+    /// values are read again at each identity's refreshInterval).
+    #[arg(long, env = "SWEEP_MODE", value_enum, default_value_t = SweepMode::Describe)]
+    sweep_mode: SweepMode,
+    /// How often the sweep checks each secret's version at most (an identity's shorter
+    /// refreshInterval wins for its secret).
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m")]
+    sweep_interval: String,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -193,7 +203,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             )
         })?,
     };
+    let sweep_interval = mtls_operator::api::parse_duration(&args.sweep_interval)
+        .filter(|interval| interval.as_secs() >= 1)
+        .ok_or_else(|| anyhow::anyhow!("--sweep-interval must be a duration of at least 1s"))?;
     let settings = Settings {
+        sweep_mode: args.sweep_mode,
+        sweep_interval,
         namespaces: args
             .namespaces
             .into_iter()

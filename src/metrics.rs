@@ -47,6 +47,11 @@ pub struct Metrics {
     pub restarts: Family<OutcomeLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge<i64, AtomicI64>,
+    /// Distinct secrets in the version index.
+    pub index_size: Gauge<i64, AtomicI64>,
+    pub sweep_duration: Histogram,
+    /// Version changes the sweep or an event found.
+    pub changes_detected: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +74,9 @@ impl Metrics {
             restarts: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             leader: Gauge::default(),
+            index_size: Gauge::default(),
+            sweep_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            changes_detected: Counter::default(),
         };
         // Named like cert-manager's, so its users' alerts translate.
         registry.register(
@@ -110,6 +118,21 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time spent in one reconcile",
             metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "source_index_secrets",
+            "Distinct Secrets Manager secrets the watched identities reference",
+            metrics.index_size.clone(),
+        );
+        registry.register(
+            "sweep_duration_seconds",
+            "Time one version sweep took",
+            metrics.sweep_duration.clone(),
+        );
+        registry.register(
+            "source_changes_detected",
+            "Secret version changes found by the sweep or an event",
+            metrics.changes_detected.clone(),
         );
         registry.register(
             "leader",

@@ -16,6 +16,10 @@ pub const MANAGED_BY_VALUE: &str = "mtls-operator";
 pub const IDENTITY_LABEL: &str = "mtls-operator.io/identity";
 pub const VERSION_ID_ANNOTATION: &str = "mtls-operator.io/source-version-id";
 pub const FINGERPRINT_ANNOTATION: &str = "mtls-operator.io/certificate-sha256";
+/// The version of `spec.source.caSecretId` the Secret was written from.
+pub const CA_VERSION_ID_ANNOTATION: &str = "mtls-operator.io/ca-source-version-id";
+/// SHA-256 of the Secret's data as written: a manual edit is seen without reading AWS.
+pub const DATA_DIGEST_ANNOTATION: &str = "mtls-operator.io/data-sha256";
 
 /// A workload's client certificate, kept in sync from AWS Secrets Manager into a
 /// `kubernetes.io/tls` Secret.

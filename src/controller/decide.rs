@@ -10,8 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use crate::api::SourceSpec;
 use crate::api::{
-    CertificateStatus, Condition, FINGERPRINT_ANNOTATION, IDENTITY_LABEL, MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE, MtlsIdentityStatus, RotationStatus, SourceStatus, VERSION_ID_ANNOTATION,
+    CA_VERSION_ID_ANNOTATION, CertificateStatus, Condition, DATA_DIGEST_ANNOTATION,
+    FINGERPRINT_ANNOTATION, IDENTITY_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentityStatus,
+    RotationStatus, SourceStatus, VERSION_ID_ANNOTATION,
 };
 use crate::pki::{PkiError, ValidatedIdentity};
 use crate::source::id::{SecretId, parse_region, parse_secret_id};
@@ -187,6 +188,7 @@ pub fn desired_secret(
     identity_name: &str,
     owner: OwnerReference,
     version_id: &str,
+    ca_version_id: Option<&str>,
     material: &ValidatedIdentity,
 ) -> Secret {
     let mut data = BTreeMap::new();
@@ -209,13 +211,23 @@ pub fn desired_secret(
                 (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
                 (IDENTITY_LABEL.to_string(), identity_name.to_string()),
             ])),
-            annotations: Some(BTreeMap::from([
-                (VERSION_ID_ANNOTATION.to_string(), version_id.to_string()),
-                (
-                    FINGERPRINT_ANNOTATION.to_string(),
-                    material.facts.sha256_fingerprint.clone(),
-                ),
-            ])),
+            annotations: Some({
+                let mut annotations = BTreeMap::from([
+                    (VERSION_ID_ANNOTATION.to_string(), version_id.to_string()),
+                    (
+                        FINGERPRINT_ANNOTATION.to_string(),
+                        material.facts.sha256_fingerprint.clone(),
+                    ),
+                    (DATA_DIGEST_ANNOTATION.to_string(), data_digest(&data)),
+                ]);
+                if let Some(ca_version_id) = ca_version_id {
+                    annotations.insert(
+                        CA_VERSION_ID_ANNOTATION.to_string(),
+                        ca_version_id.to_string(),
+                    );
+                }
+                annotations
+            }),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
@@ -223,6 +235,68 @@ pub fn desired_secret(
         data: Some(data),
         ..Default::default()
     }
+}
+
+/// SHA-256 over the Secret's data (keys in order, each key and value length-prefixed).
+pub fn data_digest(data: &BTreeMap<String, ByteString>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (key, value) in data {
+        for part in [key.as_bytes(), value.0.as_slice()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The source versions (main, CA) an intact Secret of ours was written from: `None` when its data
+/// no longer matches the digest written with it (edited by hand) or it lacks the annotations.
+pub fn carried_versions(secret: &Secret) -> Option<(String, Option<String>)> {
+    let annotations = secret.metadata.annotations.as_ref()?;
+    let digest = annotations.get(DATA_DIGEST_ANNOTATION)?;
+    let data = secret.data.clone().unwrap_or_default();
+    if *digest != data_digest(&data) {
+        return None;
+    }
+    Some((
+        annotations.get(VERSION_ID_ANNOTATION)?.clone(),
+        annotations.get(CA_VERSION_ID_ANNOTATION).cloned(),
+    ))
+}
+
+/// The facts of the last successful sync as status records them, to carry on without reading AWS:
+/// only while Ready is True, for the current generation and target, and before notAfter (an expired
+/// certificate is read and validated again, so it is reported as `Expired`).
+pub fn synced_from_status(
+    status: Option<&MtlsIdentityStatus>,
+    generation: Option<i64>,
+    target: &str,
+    now_unix: i64,
+) -> Option<Synced> {
+    let status = status?;
+    let ready = status.conditions.iter().find(|c| c.type_ == READY)?;
+    if ready.status != "True" || status.observed_generation != generation {
+        return None;
+    }
+    let source = status.source.as_ref()?;
+    let certificate = status.certificate.as_ref()?;
+    if status.secret_name.as_deref() != Some(target) {
+        return None;
+    }
+    let not_after_unix = chrono::DateTime::parse_from_rfc3339(&certificate.not_after)
+        .ok()?
+        .timestamp();
+    if not_after_unix <= now_unix {
+        return None;
+    }
+    Some(Synced {
+        arn: source.arn.clone(),
+        version_id: source.version_id.clone(),
+        certificate: certificate.clone(),
+        not_after_unix,
+        secret_name: target.to_string(),
+    })
 }
 
 /// True when `existing` already holds everything `desired` sets, so no write is needed.

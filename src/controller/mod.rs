@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod decide;
 pub mod egress;
+pub mod sync;
 pub mod write;
 
 use std::collections::HashMap;
@@ -22,16 +23,15 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::RestartPolicy;
-use crate::api::{
-    FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, SourceFormat, parse_duration,
-};
+use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, parse_duration};
 use crate::metrics::{IdentityLabels, Metrics, OutcomeLabels, SyncLabels};
-use crate::pki;
 use crate::restart::{RestartLimits, RestartReport, RestartRequest, Restarter};
+use crate::source::SecretSource;
+use crate::source::fleet::{Fleet, SweepMode};
 use crate::source::policy::SourcePolicy;
-use crate::source::{FetchedSecret, SecretContent, SecretSource};
 use budget::FetchBudget;
-use decide::{CheckedSecret, SyncFailure, Synced};
+use decide::{SyncFailure, Synced};
+use sync::SyncStep;
 use write::Written;
 
 /// How long a rotation waits for sibling identities (sharing a workload) to sync before restarting.
@@ -72,6 +72,9 @@ pub struct Settings {
     pub allow_annotate: bool,
     /// Where operator-managed egress proxies' admin port may be reached from (NetworkPolicy peers).
     pub egress_admin_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// How versions are checked between reads, and how often at most.
+    pub sweep_mode: SweepMode,
+    pub sweep_interval: Duration,
     /// Only identities with these labels (a label selector), to shard identities over several
     /// operators or to canary a new version; all when `None`.
     pub identity_selector: Option<String>,
@@ -88,6 +91,8 @@ impl Default for Settings {
             restart_limits: RestartLimits::default(),
             allow_annotate: false,
             egress_admin_from: Vec::new(),
+            sweep_mode: SweepMode::default(),
+            sweep_interval: Duration::from_secs(300),
             identity_selector: None,
             egress_image: None,
         }
@@ -128,6 +133,8 @@ pub struct Context {
     recorder: Recorder,
     restarter: Arc<Restarter>,
     metrics: Arc<Metrics>,
+    /// The version index and its sweep, shared by every scope.
+    fleet: Arc<Fleet>,
     /// Per-identity state, forgotten when the identity is deleted.
     state: Arc<IdentityState>,
 }
@@ -139,18 +146,20 @@ pub struct IdentityState {
     failures: Mutex<HashMap<ObjectRef<MtlsIdentity>, u32>>,
     /// Secrets Manager reads, rate-limited per identity.
     budget: Mutex<FetchBudget<ObjectRef<MtlsIdentity>>>,
+    /// The source version last read and refused (bad material): not read again until it changes.
+    known_bad: Mutex<HashMap<ObjectRef<MtlsIdentity>, String>>,
 }
 
 impl IdentityState {
     /// Forgets a deleted identity: its backoff, its read budget and its metric series.
-    fn forget(&self, identity: &MtlsIdentity, metrics: &Metrics) {
+    fn forget(&self, identity: &MtlsIdentity, metrics: &Metrics, fleet: &Fleet) {
         let key = ObjectRef::from_obj(identity);
+        let namespace = identity.namespace().unwrap_or_default();
         lock(&self.failures).remove(&key);
         lock(&self.budget).forget(&key);
-        metrics.forget_identity(
-            identity.namespace().as_deref().unwrap_or_default(),
-            &identity.name_any(),
-        );
+        lock(&self.known_bad).remove(&key);
+        fleet.unregister(&(namespace.clone(), identity.name_any()));
+        metrics.forget_identity(&namespace, &identity.name_any());
     }
 
     /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.
@@ -203,35 +212,63 @@ pub async fn run(
         settings.allow_annotate,
     ));
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let fleet = Arc::new(Fleet::new(
+        source.clone(),
+        settings.sweep_mode,
+        settings.sweep_interval,
+        Some(metrics.clone()),
+    ));
+    info!(
+        mode = settings.sweep_mode.as_str(),
+        interval = ?settings.sweep_interval,
+        "version sweep"
+    );
+    let sweep = tokio::spawn(fleet.clone().run_sweep(shutdown.clone()));
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
-    let controllers = scopes.into_iter().map(|namespace| {
-        run_scope(
-            client.clone(),
-            source.clone(),
-            settings.clone(),
-            metrics.clone(),
-            restarter.clone(),
-            namespace,
-            shutdown.clone(),
-        )
-    });
+    let shared = Shared {
+        client,
+        source,
+        settings,
+        metrics,
+        restarter,
+        fleet,
+    };
+    let controllers = scopes
+        .into_iter()
+        .map(|namespace| run_scope(shared.clone(), namespace, shutdown.clone()));
     futures::future::join_all(controllers).await;
+    sweep.abort();
     info!("controller stopped");
 }
 
-async fn run_scope(
+/// What every scope's controller shares.
+#[derive(Clone)]
+struct Shared {
     client: kube::Client,
     source: Arc<dyn SecretSource>,
     settings: Settings,
     metrics: Arc<Metrics>,
     restarter: Arc<Restarter>,
+    fleet: Arc<Fleet>,
+}
+
+async fn run_scope(
+    shared: Shared,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let Shared {
+        client,
+        source,
+        settings,
+        metrics,
+        restarter,
+        fleet,
+    } = shared;
     let (identities, secrets): (Api<MtlsIdentity>, Api<PartialObjectMeta<Secret>>) =
         match &namespace {
             Some(namespace) => (
@@ -249,10 +286,10 @@ async fn run_scope(
         identity_config = identity_config.labels(selector);
     }
     let forget = {
-        let (state, metrics) = (state.clone(), metrics.clone());
+        let (state, metrics, fleet) = (state.clone(), metrics.clone(), fleet.clone());
         move |event: &watcher::Event<MtlsIdentity>| {
             if let watcher::Event::Delete(identity) = event {
-                state.forget(identity, &metrics);
+                state.forget(identity, &metrics, &fleet);
             }
         }
     };
@@ -270,6 +307,13 @@ async fn run_scope(
     .default_backoff()
     .touched_objects();
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
+    // The sweep asks for the identities of a changed secret (those in this scope).
+    let notify_trigger = trigger.clone();
+    fleet.subscribe(Arc::new(move |(identity_namespace, name)| {
+        if namespace.as_ref().is_none_or(|n| n == identity_namespace) {
+            let _ = notify_trigger.unbounded_send(ObjectRef::new(name).within(identity_namespace));
+        }
+    }));
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -283,6 +327,7 @@ async fn run_scope(
         settings,
         restarter,
         metrics,
+        fleet,
         state,
     });
     Controller::for_stream(identity_changes, reader)
@@ -332,18 +377,31 @@ async fn reconcile_inner(
     let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = identity.name_any();
     let key = ObjectRef::from_obj(identity.as_ref());
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
     let target = identity.target_secret_name();
     // The CRD's 1s floor, enforced here too (an identity written before the rule, or a lax server).
     let refresh = parse_duration(&identity.spec.refresh_interval)
         .unwrap_or(Duration::from_secs(3600))
         .max(MIN_REFRESH);
-    // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
-    if let Some(wait) = context.state.take_fetch(&key, refresh) {
-        return Ok(Action::requeue(wait));
-    }
 
-    let outcome = sync(&identity, &namespace, &target, &secrets, context).await?;
+    let outcome = match sync::sync(&identity, &namespace, &target, refresh, context).await? {
+        SyncStep::Done(outcome) => *outcome,
+        SyncStep::Wait(wait) => return Ok(Action::requeue(wait)),
+        // Nothing read: carry on from the status (restarts still pending, expiry, egress), or, if
+        // the identity is failing on a version already refused, wait for a change.
+        SyncStep::Unchanged => match decide::synced_from_status(
+            identity.status.as_ref(),
+            identity.metadata.generation,
+            &target,
+            chrono::Utc::now().timestamp(),
+        ) {
+            Some(synced) => Ok(synced),
+            None => {
+                return Ok(Action::requeue(
+                    refresh + refresh.mul_f64(rand::random::<f64>() * 0.1),
+                ));
+            }
+        },
+    };
 
     let previous = identity.status.as_ref();
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -879,181 +937,5 @@ async fn publish(
     };
     if let Err(error) = context.recorder.publish(&event, reference).await {
         warn!(error = %error, "could not publish an Event");
-    }
-}
-
-/// Everything up to and including the Secret write. `Ok(Err(..))`: the sync failed for a reason the
-/// user must see (status, Event); `Err(..)`: the Kubernetes API failed and the reconcile is retried.
-async fn sync(
-    identity: &MtlsIdentity,
-    namespace: &str,
-    target: &str,
-    secrets: &Api<Secret>,
-    context: &Context,
-) -> Result<Result<Synced, SyncFailure>, ReconcileError> {
-    let source = &identity.spec.source;
-    let checked = decide::check_source(
-        source,
-        namespace,
-        &context.settings.policy,
-        context.settings.default_region.as_deref(),
-    );
-    let (main, ca) = match checked {
-        Ok(checked) => checked,
-        Err(failure) => return Ok(Err(failure)),
-    };
-    if parse_duration(&identity.spec.refresh_interval).is_none() {
-        return Ok(Err(SyncFailure::InvalidSpec(format!(
-            "refreshInterval {:?} is not a duration such as 1h or 30s",
-            identity.spec.refresh_interval
-        ))));
-    }
-
-    // Metadata first: a Secret we do not own is never read, only refused.
-    let seen = write::metadata(secrets, target).await?;
-    let owner_uid = identity.uid().unwrap_or_default();
-    if let Some(seen) = &seen
-        && !decide::is_owned_by(&seen.metadata, &owner_uid)
-    {
-        return Ok(Err(SyncFailure::TargetConflict {
-            secret: format!("{namespace}/{target}"),
-        }));
-    }
-
-    let (fetched, material) =
-        match fetch_material(identity, namespace, &main, ca.as_ref(), context).await {
-            Ok(fetched) => fetched,
-            Err(failure) => return Ok(Err(failure)),
-        };
-    let now = chrono::Utc::now().timestamp();
-    let validated = match pki::validate(&material, now) {
-        Ok(validated) => validated,
-        Err(error) => {
-            return Ok(Err(SyncFailure::Material {
-                context: format!("version {} of {}", fetched.version_id, source.secret_id),
-                error,
-            }));
-        }
-    };
-
-    let Some(owner) = identity.controller_owner_ref(&()) else {
-        return Ok(Err(SyncFailure::InvalidSpec(
-            "the MtlsIdentity has no uid yet".to_string(),
-        )));
-    };
-    let desired = decide::desired_secret(
-        target,
-        namespace,
-        &identity.name_any(),
-        owner,
-        &fetched.version_id,
-        &validated,
-    );
-    // Our own Secret: read it whole to see whether it already holds what it should.
-    let existing = match &seen {
-        Some(_) => secrets.get_opt(target).await?,
-        None => None,
-    };
-    // Replaced by a foreign Secret since the metadata check: refuse it, as above.
-    if let Some(existing) = &existing
-        && !decide::is_owned_by(&existing.metadata, &owner_uid)
-    {
-        return Ok(Err(SyncFailure::TargetConflict {
-            secret: format!("{namespace}/{target}"),
-        }));
-    }
-    let up_to_date = existing
-        .as_ref()
-        .is_some_and(|existing| decide::secret_up_to_date(existing, &desired));
-    if !up_to_date {
-        match &existing {
-            // Absent when we looked: create, so one created meanwhile is never overwritten.
-            None => {
-                if write::create_if_absent(secrets, &desired).await? == Written::Conflict {
-                    return Ok(Err(SyncFailure::TargetConflict {
-                        secret: format!("{namespace}/{target}"),
-                    }));
-                }
-            }
-            // Ours (checked above): replaced with its resourceVersion as the precondition.
-            Some(existing) => write::replace_owned_secret(secrets, existing, desired).await?,
-        }
-    }
-    Ok(Ok(Synced {
-        arn: fetched.arn,
-        version_id: fetched.version_id,
-        certificate: decide::certificate_status(&validated),
-        not_after_unix: validated.facts.not_after,
-        secret_name: target.to_string(),
-    }))
-}
-
-/// Fetches a checked secret and checks the policy again on the canonical ARN and name Secrets
-/// Manager returned; a refused value is dropped here, before it is parsed or written.
-async fn fetch_checked(
-    checked: &CheckedSecret,
-    namespace: &str,
-    context: &Context,
-) -> Result<FetchedSecret, SyncFailure> {
-    let fetched = context.source.fetch(&checked.request).await?;
-    decide::check_resolved(
-        checked,
-        namespace,
-        &context.settings.policy,
-        &fetched.arn,
-        &fetched.name,
-    )?;
-    Ok(fetched)
-}
-
-/// Fetches the source (and the separate CA secret, if any) and parses it into material.
-async fn fetch_material(
-    identity: &MtlsIdentity,
-    namespace: &str,
-    main: &CheckedSecret,
-    ca: Option<&CheckedSecret>,
-    context: &Context,
-) -> Result<(FetchedSecret, pki::Material), SyncFailure> {
-    let source = &identity.spec.source;
-    let fetched = fetch_checked(main, namespace, context).await?;
-    let material_error =
-        |error: pki::PkiError, of: &FetchedSecret, id: &str| SyncFailure::Material {
-            context: format!("version {} of {id}", of.version_id),
-            error,
-        };
-    let text = content_text(&fetched.content)
-        .map_err(|e| material_error(e, &fetched, &source.secret_id))?;
-    let material = match source.format {
-        SourceFormat::Json => {
-            let fields = source.fields.clone().unwrap_or_default();
-            let fields = pki::JsonFields {
-                certificate: fields.certificate,
-                private_key: fields.private_key,
-                ca: fields.ca,
-            };
-            pki::parse_json(text, &fields)
-        }
-        SourceFormat::Pem => {
-            let ca_text = match ca {
-                Some(ca) => {
-                    let ca_fetched = fetch_checked(ca, namespace, context).await?;
-                    let text = content_text(&ca_fetched.content)
-                        .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?
-                        .to_string();
-                    Some(text)
-                }
-                None => None,
-            };
-            pki::parse_pem_bundle(text, ca_text.as_deref())
-        }
-    }
-    .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
-    Ok((fetched, material))
-}
-
-fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
-    match content {
-        SecretContent::Text(text) => Ok(text),
-        SecretContent::Binary(bytes) => pki::decode_binary(bytes),
     }
 }

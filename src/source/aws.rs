@@ -13,7 +13,21 @@ use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
 
-use super::{FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError, VersionSelector};
+use super::{
+    DescribedSecret, FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError,
+    VersionSelector,
+};
+
+type Reply = tokio::sync::oneshot::Sender<Result<FetchedSecret, SourceError>>;
+/// Reads waiting for a batch, and whether a caller is flushing them.
+type BatchQueue = (Vec<(SecretRef, Reply)>, bool);
+
+/// BatchGetSecretValue takes at most 20 ids.
+const BATCH_MAX: usize = 20;
+/// The first read of a batch waits for others to join it: until none joined for one step, the
+/// batch is full, or the window is over.
+const BATCH_STEP: std::time::Duration = std::time::Duration::from_millis(20);
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub struct SecretsManagerSource {
     base: aws_config::SdkConfig,
@@ -21,6 +35,21 @@ pub struct SecretsManagerSource {
     /// One client per region, shared by every identity (connection pool, credentials cache).
     clients: Mutex<HashMap<String, Client>>,
     calls: AtomicU64,
+    calls_by_operation: Mutex<HashMap<&'static str, u64>>,
+    /// Single flight: reads in progress, with the callers waiting for the same answer.
+    in_flight: Mutex<HashMap<SecretRef, Vec<Reply>>>,
+    /// AWSCURRENT reads waiting for a BatchGetSecretValue, per region; `true` while one caller
+    /// is flushing that region's queue.
+    batches: Mutex<HashMap<String, BatchQueue>>,
+    /// The role may not call BatchGetSecretValue: read one by one from then on.
+    batch_refused: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl SecretsManagerSource {
@@ -29,7 +58,194 @@ impl SecretsManagerSource {
             base,
             clients: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            calls_by_operation: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            batches: Mutex::new(HashMap::new()),
+            batch_refused: std::sync::atomic::AtomicBool::new(false),
             metrics: None,
+        }
+    }
+
+    /// Calls made so far of one operation (`GetSecretValue`, `BatchGetSecretValue`, ...).
+    pub fn calls_of(&self, operation: &str) -> u64 {
+        lock(&self.calls_by_operation)
+            .get(operation)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn count(&self, operation: &'static str, outcome: &str) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.calls_by_operation).entry(operation).or_insert(0) += 1;
+        if let Some(metrics) = &self.metrics {
+            metrics.record_aws_call(operation, outcome);
+        }
+    }
+
+    /// A read, coalesced with identical reads in progress (single flight), batched when it asks
+    /// for AWSCURRENT.
+    async fn read(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+        let waiting = {
+            let mut in_flight = lock(&self.in_flight);
+            match in_flight.get_mut(secret) {
+                Some(waiters) => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    waiters.push(reply);
+                    Some(answer)
+                }
+                None => {
+                    in_flight.insert(secret.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(answer) = waiting {
+            return answer.await.unwrap_or_else(|_| {
+                Err(SourceError::Unavailable {
+                    secret_id: secret.secret_id.clone(),
+                    detail: "the shared read was cancelled".into(),
+                })
+            });
+        }
+        let batchable = secret.version == VersionSelector::Stage("AWSCURRENT".into())
+            && !self.batch_refused.load(Ordering::Relaxed);
+        let result = if batchable {
+            self.batched(secret).await
+        } else {
+            self.get(secret).await
+        };
+        let waiters = lock(&self.in_flight).remove(secret).unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+        result
+    }
+
+    /// Joins the region's batch; the caller that opened it waits a moment for others, then sends
+    /// every queued read in BatchGetSecretValue calls of up to 20.
+    async fn batched(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let flush = {
+            let mut batches = lock(&self.batches);
+            let (queue, flushing) = batches.entry(secret.region.clone()).or_default();
+            queue.push((secret.clone(), reply));
+            !std::mem::replace(flushing, true)
+        };
+        if flush {
+            let opened = std::time::Instant::now();
+            let mut queued = 0;
+            loop {
+                tokio::time::sleep(BATCH_STEP).await;
+                let now_queued = lock(&self.batches)
+                    .get(&secret.region)
+                    .map_or(0, |(queue, _)| queue.len());
+                if now_queued == queued
+                    || now_queued >= BATCH_MAX
+                    || opened.elapsed() >= BATCH_WINDOW
+                {
+                    break;
+                }
+                queued = now_queued;
+            }
+            loop {
+                let chunk: Vec<(SecretRef, Reply)> = {
+                    let mut batches = lock(&self.batches);
+                    let (queue, flushing) = batches.entry(secret.region.clone()).or_default();
+                    if queue.is_empty() {
+                        *flushing = false;
+                        break;
+                    }
+                    let take = queue.len().min(BATCH_MAX);
+                    queue.drain(..take).collect()
+                };
+                self.send_batch(&secret.region, chunk).await;
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(SourceError::Unavailable {
+                secret_id: secret.secret_id.clone(),
+                detail: "the batched read was cancelled".into(),
+            })
+        })
+    }
+
+    async fn send_batch(&self, region: &str, chunk: Vec<(SecretRef, Reply)>) {
+        if chunk.len() == 1 || self.batch_refused.load(Ordering::Relaxed) {
+            for (secret, reply) in chunk {
+                let _ = reply.send(self.get(&secret).await);
+            }
+            return;
+        }
+        let client = self.client(region);
+        let ids: Vec<String> = chunk.iter().map(|(s, _)| s.secret_id.clone()).collect();
+        let result = client
+            .batch_get_secret_value()
+            .set_secret_id_list(Some(ids.clone()))
+            .send()
+            .await;
+        let output = match result {
+            Ok(output) => {
+                self.count("BatchGetSecretValue", "success");
+                output
+            }
+            Err(error) => {
+                let failure = classify(&ids.join(","), &error);
+                self.count("BatchGetSecretValue", failure.reason());
+                if matches!(failure, SourceError::AccessDenied { .. }) {
+                    // The role lacks secretsmanager:BatchGetSecretValue: one by one from now on.
+                    tracing::warn!(
+                        "BatchGetSecretValue refused; reading secrets one by one (grant \
+                         secretsmanager:BatchGetSecretValue to batch)"
+                    );
+                    self.batch_refused.store(true, Ordering::Relaxed);
+                }
+                for (secret, reply) in chunk {
+                    let answer = match &failure {
+                        SourceError::AccessDenied { .. } => self.get(&secret).await,
+                        other => Err(with_secret_id(other, &secret.secret_id)),
+                    };
+                    let _ = reply.send(answer);
+                }
+                return;
+            }
+        };
+        let values = output.secret_values();
+        let errors = output.errors();
+        for (secret, reply) in chunk {
+            let id = secret.secret_id.as_str();
+            let answered = values.iter().find(|value| {
+                value.name() == Some(id)
+                    || value.arn() == Some(id)
+                    || value.arn().is_some_and(|arn| {
+                        arn.strip_prefix(id)
+                            .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
+                    })
+            });
+            let answer = if let Some(value) = answered {
+                let content = match (value.secret_string(), value.secret_binary()) {
+                    (Some(text), _) => Ok(SecretContent::Text(text.to_string())),
+                    (None, Some(blob)) => Ok(SecretContent::Binary(blob.as_ref().to_vec())),
+                    (None, None) => Err(SourceError::Empty {
+                        secret_id: id.to_string(),
+                    }),
+                };
+                content.map(|content| FetchedSecret {
+                    arn: value.arn().unwrap_or_default().to_string(),
+                    name: value.name().unwrap_or_default().to_string(),
+                    version_id: value.version_id().unwrap_or_default().to_string(),
+                    content,
+                })
+            } else if let Some(error) = errors.iter().find(|e| e.secret_id() == Some(id)) {
+                Err(classify_code(
+                    id,
+                    error.error_code().unwrap_or_default(),
+                    error.message().unwrap_or_default(),
+                ))
+            } else {
+                // Not in the answer (an id form the batch did not echo): read it alone.
+                self.get(&secret).await
+            };
+            let _ = reply.send(answer);
         }
     }
 
@@ -77,18 +293,17 @@ impl SecretsManagerSource {
             VersionSelector::Stage(stage) => request.version_stage(stage),
             VersionSelector::Id(id) => request.version_id(id),
         };
-        self.calls.fetch_add(1, Ordering::Relaxed);
         let result = request
             .send()
             .await
             .map_err(|error| classify(&secret.secret_id, &error));
-        if let Some(metrics) = &self.metrics {
-            let outcome = match &result {
+        self.count(
+            "GetSecretValue",
+            match &result {
                 Ok(_) => "success",
                 Err(error) => error.reason(),
-            };
-            metrics.record_aws_call("GetSecretValue", outcome);
-        }
+            },
+        );
         let output = result?;
         let content = match (output.secret_string, output.secret_binary) {
             (Some(text), _) => SecretContent::Text(text),
@@ -130,7 +345,123 @@ impl SecretSource for SecretsManagerSource {
         &'a self,
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
-        self.get(secret).boxed()
+        self.read(secret).boxed()
+    }
+
+    fn describe<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
+        async move {
+            let result = self
+                .client(&secret.region)
+                .describe_secret()
+                .secret_id(&secret.secret_id)
+                .send()
+                .await
+                .map_err(|error| classify(&secret.secret_id, &error));
+            self.count(
+                "DescribeSecret",
+                match &result {
+                    Ok(_) => "success",
+                    Err(error) => error.reason(),
+                },
+            );
+            let output = result?;
+            // Scheduled for deletion: as good as gone for new reads.
+            if output.deleted_date().is_some() {
+                return Err(SourceError::NotFound {
+                    secret_id: secret.secret_id.clone(),
+                    detail: "scheduled for deletion".into(),
+                });
+            }
+            Ok(DescribedSecret {
+                arn: output.arn().unwrap_or_default().to_string(),
+                name: output.name().unwrap_or_default().to_string(),
+                versions: output
+                    .version_ids_to_stages()
+                    .map(|map| map.iter().map(|(v, s)| (v.clone(), s.clone())).collect())
+                    .unwrap_or_default(),
+            })
+        }
+        .boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        region: &'a str,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<DescribedSecret>, SourceError>> {
+        async move {
+            use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
+            let client = self.client(region);
+            let mut found = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut request = client.list_secrets().max_results(100);
+                if !names.is_empty() {
+                    request = request.filters(
+                        Filter::builder()
+                            .key(FilterNameStringType::Name)
+                            .set_values(Some(names.to_vec()))
+                            .build(),
+                    );
+                }
+                let result = request
+                    .set_next_token(token.take())
+                    .send()
+                    .await
+                    .map_err(|error| classify(&format!("(list in {region})"), &error));
+                self.count(
+                    "ListSecrets",
+                    match &result {
+                        Ok(_) => "success",
+                        Err(error) => error.reason(),
+                    },
+                );
+                let output = result?;
+                for entry in output.secret_list() {
+                    if entry.deleted_date().is_some() {
+                        continue;
+                    }
+                    found.push(DescribedSecret {
+                        arn: entry.arn().unwrap_or_default().to_string(),
+                        name: entry.name().unwrap_or_default().to_string(),
+                        versions: entry
+                            .secret_versions_to_stages()
+                            .map(|map| map.iter().map(|(v, s)| (v.clone(), s.clone())).collect())
+                            .unwrap_or_default(),
+                    });
+                }
+                match output.next_token() {
+                    Some(next) if !next.is_empty() => token = Some(next.to_string()),
+                    _ => break,
+                }
+            }
+            Ok(found)
+        }
+        .boxed()
+    }
+}
+
+/// The same failure, about another secret of the batch.
+fn with_secret_id(error: &SourceError, secret_id: &str) -> SourceError {
+    let secret_id = secret_id.to_string();
+    match error {
+        SourceError::NotFound { detail, .. } => SourceError::NotFound {
+            secret_id,
+            detail: detail.clone(),
+        },
+        SourceError::AccessDenied { detail, .. } => SourceError::AccessDenied {
+            secret_id,
+            detail: detail.clone(),
+        },
+        SourceError::Throttled { .. } => SourceError::Throttled { secret_id },
+        SourceError::Empty { .. } => SourceError::Empty { secret_id },
+        SourceError::Unavailable { detail, .. } => SourceError::Unavailable {
+            secret_id,
+            detail: detail.clone(),
+        },
     }
 }
 
@@ -140,27 +471,10 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let secret_id = secret_id.to_string();
     let code = error.code().unwrap_or_default();
-    let detail = match error.message() {
-        Some(message) => format!("{code}: {message}"),
-        None => code.to_string(),
-    };
-    match code {
-        "ResourceNotFoundException" => SourceError::NotFound { secret_id, detail },
-        "AccessDeniedException"
-        | "UnrecognizedClientException"
-        | "InvalidSignatureException"
-        | "ExpiredTokenException"
-        | "DecryptionFailure" => SourceError::AccessDenied { secret_id, detail },
-        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
-            SourceError::Throttled { secret_id }
-        }
-        // A secret scheduled for deletion, or a version that does not exist.
-        "InvalidRequestException" | "InvalidParameterException" => {
-            SourceError::NotFound { secret_id, detail }
-        }
-        _ => {
+    let classified = classify_code(secret_id, code, error.message().unwrap_or_default());
+    match classified {
+        SourceError::Unavailable { secret_id, .. } => {
             let detail = match error {
                 SdkError::ConstructionFailure(_) => {
                     "the request could not be built (are AWS credentials and region configured?)"
@@ -181,6 +495,37 @@ where
             };
             SourceError::Unavailable { secret_id, detail }
         }
+        other => other,
+    }
+}
+
+/// Maps an AWS error code (of a call, or of one secret in a batch) to a reason. `message` is AWS's
+/// text: kept as the log-only detail.
+fn classify_code(secret_id: &str, code: &str, message: &str) -> SourceError {
+    let secret_id = secret_id.to_string();
+    let detail = if message.is_empty() {
+        code.to_string()
+    } else {
+        format!("{code}: {message}")
+    };
+    match code {
+        "ResourceNotFoundException" => SourceError::NotFound { secret_id, detail },
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "DecryptionFailure" => SourceError::AccessDenied { secret_id, detail },
+        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
+            SourceError::Throttled { secret_id }
+        }
+        // A secret scheduled for deletion, or a version that does not exist.
+        "InvalidRequestException" | "InvalidParameterException" => {
+            SourceError::NotFound { secret_id, detail }
+        }
+        _ => SourceError::Unavailable {
+            secret_id,
+            detail: code.to_string(),
+        },
     }
 }
 

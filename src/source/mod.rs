@@ -2,7 +2,9 @@
 //! a fake in unit tests. One shared client per region.
 
 mod aws;
+pub mod fleet;
 pub mod id;
+pub mod index;
 pub mod policy;
 
 use std::fmt;
@@ -91,10 +93,59 @@ impl SourceError {
     }
 }
 
-/// Fetches certificate material. Implementations share clients and may cache.
+/// What DescribeSecret or ListSecrets says about a secret, without its value.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DescribedSecret {
+    pub arn: String,
+    pub name: String,
+    /// Version id → its staging labels.
+    pub versions: Vec<(String, Vec<String>)>,
+}
+
+impl DescribedSecret {
+    /// The version that carries `stage`, if any.
+    pub fn version_with_stage(&self, stage: &str) -> Option<&str> {
+        self.versions
+            .iter()
+            .find(|(_, stages)| stages.iter().any(|s| s == stage))
+            .map(|(version, _)| version.as_str())
+    }
+}
+
+/// Fetches certificate material, and tells versions without reading values (for the sweep).
+/// Implementations share clients, batch and coalesce concurrent reads.
 pub trait SecretSource: Send + Sync + 'static {
     fn fetch<'a>(
         &'a self,
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>>;
+
+    /// DescribeSecret: the secret's versions and stages, no value, no KMS decrypt.
+    fn describe<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
+        Box::pin(async move {
+            Err(SourceError::Unavailable {
+                secret_id: secret.secret_id.clone(),
+                detail: "this source cannot describe secrets".into(),
+            })
+        })
+    }
+
+    /// ListSecrets in `region`: every secret (`names` empty) or those whose name starts with one
+    /// of `names` (at most 10), with their versions and stages.
+    fn list<'a>(
+        &'a self,
+        region: &'a str,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<DescribedSecret>, SourceError>> {
+        let _ = names;
+        Box::pin(async move {
+            Err(SourceError::Unavailable {
+                secret_id: format!("(list in {region})"),
+                detail: "this source cannot list secrets".into(),
+            })
+        })
+    }
 }

@@ -242,6 +242,21 @@ impl SecretSource for FaultInjectingSource {
         }
         self.inner.fetch(secret)
     }
+
+    fn describe<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<mtls_operator::source::DescribedSecret, SourceError>> {
+        self.inner.describe(secret)
+    }
+
+    fn list<'a>(
+        &'a self,
+        region: &'a str,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<mtls_operator::source::DescribedSecret>, SourceError>> {
+        self.inner.list(region, names)
+    }
 }
 
 /// A test CA that issues client and server certificates.

@@ -1,0 +1,278 @@
+//! One identity's sync: check the source ids, look at the target Secret, decide whether a value must
+//! be read at all (the fleet's version index says whether anything changed), read it, check the
+//! canonical ARN again, validate, and write the Secret without ever taking over a foreign one.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{MtlsIdentity, SourceFormat, parse_duration};
+use crate::pki;
+use crate::source::{FetchedSecret, SecretContent};
+
+use super::decide::{self, CheckedSecret, SyncFailure, Synced};
+use super::write::{self, Written};
+use super::{Context, ReconcileError, lock};
+
+/// What a sync did.
+pub enum SyncStep {
+    /// Read and written (or refused, with the reason the user must see).
+    Done(Box<Result<Synced, SyncFailure>>),
+    /// Nothing changed: no value was read, the Secret and status stand.
+    Unchanged,
+    /// A read is needed, but the identity's read budget is spent: look again then.
+    Wait(Duration),
+}
+
+impl SyncStep {
+    fn done(outcome: Result<Synced, SyncFailure>) -> Self {
+        Self::Done(Box::new(outcome))
+    }
+}
+
+/// Everything up to and including the Secret write. `Err(..)`: the Kubernetes API failed and the
+/// reconcile is retried.
+pub async fn sync(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    target: &str,
+    refresh: Duration,
+    context: &Context,
+) -> Result<SyncStep, ReconcileError> {
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    let source = &identity.spec.source;
+    let key = ObjectRef::from_obj(identity);
+    let identity_key = (namespace.to_string(), identity.name_any());
+    let checked = decide::check_source(
+        source,
+        namespace,
+        &context.settings.policy,
+        context.settings.default_region.as_deref(),
+    );
+    let (main, ca) = match checked {
+        Ok(checked) => checked,
+        Err(failure) => {
+            context.fleet.unregister(&identity_key);
+            return Ok(SyncStep::done(Err(failure)));
+        }
+    };
+    if parse_duration(&identity.spec.refresh_interval).is_none() {
+        return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(format!(
+            "refreshInterval {:?} is not a duration such as 1h or 30s",
+            identity.spec.refresh_interval
+        )))));
+    }
+    // Only secrets the policy allowed enter the index.
+    let requests: Vec<_> = std::iter::once(&main)
+        .chain(ca.as_ref())
+        .map(|checked| checked.request.clone())
+        .collect();
+    context.fleet.register(&identity_key, &requests, refresh);
+
+    // Metadata first: a Secret we do not own is never read, only refused.
+    let seen = write::metadata(&secrets, target).await?;
+    let owner_uid = identity.uid().unwrap_or_default();
+    let conflict = || {
+        Ok(SyncStep::done(Err(SyncFailure::TargetConflict {
+            secret: format!("{namespace}/{target}"),
+        })))
+    };
+    if let Some(seen) = &seen
+        && !decide::is_owned_by(&seen.metadata, &owner_uid)
+    {
+        return conflict();
+    }
+    // Our own Secret: read it whole, to see whether it is intact and what it was written from.
+    let existing = match &seen {
+        Some(_) => secrets.get_opt(target).await?,
+        None => None,
+    };
+    // Replaced by a foreign Secret since the metadata check: refuse it, as above.
+    if let Some(existing) = &existing
+        && !decide::is_owned_by(&existing.metadata, &owner_uid)
+    {
+        return conflict();
+    }
+
+    // Is a read needed? Not if the Secret is intact, the spec unchanged, and the index expects the
+    // versions the Secret carries.
+    let now_unix = chrono::Utc::now().timestamp();
+    let carried_facts = decide::synced_from_status(
+        identity.status.as_ref(),
+        identity.metadata.generation,
+        target,
+        now_unix,
+    );
+    let carried = existing
+        .as_ref()
+        .and_then(decide::carried_versions)
+        .filter(|(version, _)| {
+            carried_facts
+                .as_ref()
+                .is_some_and(|synced| synced.version_id == *version)
+        });
+    let failed_spec_current = identity
+        .status
+        .as_ref()
+        .is_some_and(|status| status.observed_generation == identity.metadata.generation);
+    let known_bad = lock(&context.state.known_bad).get(&key).cloned();
+    let known_bad = known_bad.filter(|_| failed_spec_current);
+    let now = Instant::now();
+    let must_read = |checked: &CheckedSecret, carried: Option<&str>| {
+        context.fleet.needs_read(
+            &checked.request,
+            carried,
+            known_bad.as_deref(),
+            refresh,
+            now,
+        )
+    };
+    let read = must_read(&main, carried.as_ref().map(|(main, _)| main.as_str()))
+        | ca.as_ref()
+            .is_some_and(|ca| must_read(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref())));
+    if !read {
+        return Ok(SyncStep::Unchanged);
+    }
+    // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
+    if let Some(wait) = context.state.take_fetch(&key, refresh) {
+        return Ok(SyncStep::Wait(wait));
+    }
+
+    let (fetched, ca_version, material) =
+        match fetch_material(identity, namespace, &main, ca.as_ref(), context).await {
+            Ok(fetched) => fetched,
+            Err(failure) => return Ok(SyncStep::done(Err(failure))),
+        };
+    let validated = match pki::validate(&material, now_unix) {
+        Ok(validated) => validated,
+        Err(error) => {
+            // Not read again until a new version arrives (or the refresh interval passes).
+            lock(&context.state.known_bad).insert(key.clone(), fetched.version_id.clone());
+            return Ok(SyncStep::done(Err(SyncFailure::Material {
+                context: format!("version {} of {}", fetched.version_id, source.secret_id),
+                error,
+            })));
+        }
+    };
+    lock(&context.state.known_bad).remove(&key);
+
+    let Some(owner) = identity.controller_owner_ref(&()) else {
+        return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
+            "the MtlsIdentity has no uid yet".to_string(),
+        ))));
+    };
+    let desired = decide::desired_secret(
+        target,
+        namespace,
+        &identity.name_any(),
+        owner,
+        &fetched.version_id,
+        ca_version.as_deref(),
+        &validated,
+    );
+    let up_to_date = existing
+        .as_ref()
+        .is_some_and(|existing| decide::secret_up_to_date(existing, &desired));
+    if !up_to_date {
+        match &existing {
+            // Absent when we looked: create, so one created meanwhile is never overwritten.
+            None => {
+                if write::create_if_absent(&secrets, &desired).await? == Written::Conflict {
+                    return conflict();
+                }
+            }
+            // Ours (checked above): replaced with its resourceVersion as the precondition.
+            Some(existing) => write::replace_owned_secret(&secrets, existing, desired).await?,
+        }
+    }
+    Ok(SyncStep::done(Ok(Synced {
+        arn: fetched.arn,
+        version_id: fetched.version_id,
+        certificate: decide::certificate_status(&validated),
+        not_after_unix: validated.facts.not_after,
+        secret_name: target.to_string(),
+    })))
+}
+
+/// Fetches a checked secret and checks the policy again on the canonical ARN and name Secrets
+/// Manager returned; a refused value is dropped here, before it is parsed or written. What was read
+/// is recorded in the fleet's index.
+async fn fetch_checked(
+    checked: &CheckedSecret,
+    namespace: &str,
+    context: &Context,
+) -> Result<FetchedSecret, SyncFailure> {
+    let fetched = context.source.fetch(&checked.request).await?;
+    decide::check_resolved(
+        checked,
+        namespace,
+        &context.settings.policy,
+        &fetched.arn,
+        &fetched.name,
+    )?;
+    context.fleet.record_read(
+        &checked.request,
+        &fetched.version_id,
+        &fetched.arn,
+        &fetched.name,
+    );
+    Ok(fetched)
+}
+
+/// Fetches the source (and the separate CA secret, if any) and parses it into material. Returns
+/// the main secret as read, the CA secret's version, and the material.
+async fn fetch_material(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    main: &CheckedSecret,
+    ca: Option<&CheckedSecret>,
+    context: &Context,
+) -> Result<(FetchedSecret, Option<String>, pki::Material), SyncFailure> {
+    let source = &identity.spec.source;
+    let fetched = fetch_checked(main, namespace, context).await?;
+    let material_error =
+        |error: pki::PkiError, of: &FetchedSecret, id: &str| SyncFailure::Material {
+            context: format!("version {} of {id}", of.version_id),
+            error,
+        };
+    let text = content_text(&fetched.content)
+        .map_err(|e| material_error(e, &fetched, &source.secret_id))?;
+    let mut ca_version = None;
+    let material = match source.format {
+        SourceFormat::Json => {
+            let fields = source.fields.clone().unwrap_or_default();
+            let fields = pki::JsonFields {
+                certificate: fields.certificate,
+                private_key: fields.private_key,
+                ca: fields.ca,
+            };
+            pki::parse_json(text, &fields)
+        }
+        SourceFormat::Pem => {
+            let ca_text = match ca {
+                Some(ca) => {
+                    let ca_fetched = fetch_checked(ca, namespace, context).await?;
+                    let text = content_text(&ca_fetched.content)
+                        .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?
+                        .to_string();
+                    ca_version = Some(ca_fetched.version_id.clone());
+                    Some(text)
+                }
+                None => None,
+            };
+            pki::parse_pem_bundle(text, ca_text.as_deref())
+        }
+    }
+    .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
+    Ok((fetched, ca_version, material))
+}
+
+fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
+    match content {
+        SecretContent::Text(text) => Ok(text),
+        SecretContent::Binary(bytes) => pki::decode_binary(bytes),
+    }
+}

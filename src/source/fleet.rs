@@ -1,0 +1,399 @@
+//! Change detection for the whole fleet: one [`VersionIndex`] of the distinct secrets that watched
+//! identities reference, kept current by a sweep that reads versions, never values (DescribeSecret
+//! per secret, or ListSecrets pages), and asks exactly the identities of a changed secret to
+//! reconcile. A value is read only when its version changed, its Secret needs repair, or the sweep
+//! cannot tell (then at the identity's refresh interval, as a plain poller would).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tracing::{debug, warn};
+
+use super::index::{IdentityKey, VersionIndex};
+use super::{DescribedSecret, SecretRef, SecretSource, SourceError, VersionSelector};
+
+/// How versions are checked between reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SweepMode {
+    /// ListSecrets pages of 100 (`SecretVersionsToStages`): the fewest calls; needs
+    /// `secretsmanager:ListSecrets` on `*`.
+    List,
+    /// One DescribeSecret per distinct secret: resource-scoped IAM, no KMS decrypt.
+    #[default]
+    Describe,
+    /// No sweep: each secret's value is read again at its identities' refresh interval.
+    Get,
+}
+
+impl SweepMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Describe => "describe",
+            Self::Get => "get",
+        }
+    }
+}
+
+/// Asks the controller to reconcile one identity.
+pub type Notify = Arc<dyn Fn(&IdentityKey) + Send + Sync>;
+
+pub struct Fleet {
+    index: Mutex<VersionIndex>,
+    source: Arc<dyn SecretSource>,
+    mode: SweepMode,
+    interval: Duration,
+    notify: Mutex<Vec<Notify>>,
+    /// Wakes the sweep when a new secret enters the index.
+    wake: tokio::sync::Notify,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// ListSecrets accepts at most this many name filter values.
+const LIST_FILTER_MAX: usize = 10;
+/// DescribeSecret calls in flight at once.
+const DESCRIBE_CONCURRENCY: usize = 8;
+/// A secret whose version has not been confirmed for this many refresh intervals is read again
+/// (the sweep may be failing: the refresh interval still bounds staleness).
+const STALE_AFTER_INTERVALS: u32 = 2;
+
+impl Fleet {
+    pub fn new(
+        source: Arc<dyn SecretSource>,
+        mode: SweepMode,
+        interval: Duration,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
+        Self {
+            index: Mutex::new(VersionIndex::default()),
+            source,
+            mode,
+            interval: interval.max(Duration::from_secs(1)),
+            notify: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            metrics,
+        }
+    }
+
+    pub fn mode(&self) -> SweepMode {
+        self.mode
+    }
+
+    /// Adds a receiver of reconcile requests (one per controller scope).
+    pub fn subscribe(&self, notify: Notify) {
+        lock(&self.notify).push(notify);
+    }
+
+    /// Records the secrets an identity reads (after the source policy allowed them).
+    pub fn register(&self, identity: &IdentityKey, secrets: &[SecretRef], refresh: Duration) {
+        let grew = {
+            let mut index = lock(&self.index);
+            let before = index.len();
+            index.register(identity, secrets, refresh);
+            self.record_size(index.len());
+            index.len() > before
+        };
+        if grew {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn unregister(&self, identity: &IdentityKey) {
+        let mut index = lock(&self.index);
+        index.unregister(identity);
+        self.record_size(index.len());
+    }
+
+    fn record_size(&self, size: usize) {
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .index_size
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Whether an identity must read `secret`'s value now, given the version its Secret carries
+    /// (`None`: no intact Secret of ours). See [`needs_read`].
+    pub fn needs_read(
+        &self,
+        secret: &SecretRef,
+        carried: Option<&str>,
+        known_bad: Option<&str>,
+        refresh: Duration,
+        now: Instant,
+    ) -> bool {
+        let mut index = lock(&self.index);
+        let expected = index.current_or_seed(secret, carried, now);
+        let checked = index.checked_at(secret);
+        needs_read(&Freshness {
+            mode: self.mode,
+            carried,
+            expected: expected.as_deref(),
+            known_bad,
+            age: checked.map(|checked| now.saturating_duration_since(checked)),
+            refresh,
+        })
+    }
+
+    /// A read returned this version.
+    pub fn record_read(&self, secret: &SecretRef, version_id: &str, arn: &str, name: &str) {
+        lock(&self.index).record_read(secret, version_id, arn, name, Instant::now());
+    }
+
+    /// An event says `name_or_arn` changed: check its version now (the event's own version id is
+    /// not trusted: events arrive duplicated and out of order; DescribeSecret tells the truth).
+    pub async fn changed(&self, name_or_arn: &str) -> usize {
+        let secrets = lock(&self.index).matching(name_or_arn);
+        for secret in &secrets {
+            let described = self.source.describe(secret).await;
+            self.apply(secret, described.map(Some));
+        }
+        secrets.len()
+    }
+
+    /// Runs the sweep until `shutdown`; nothing to do in `get` mode.
+    pub async fn run_sweep(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        if self.mode == SweepMode::Get {
+            return shutdown.await;
+        }
+        tokio::pin!(shutdown);
+        loop {
+            let now = Instant::now();
+            let next = lock(&self.index)
+                .next_due(now, self.interval)
+                .unwrap_or(now + self.interval);
+            let wait = next
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(200));
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(wait) => {},
+                _ = self.wake.notified() => {
+                    // Let a burst of new identities register before sweeping them together.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+            self.sweep_once().await;
+        }
+    }
+
+    /// Checks every due secret once.
+    pub async fn sweep_once(&self) {
+        let started = Instant::now();
+        let due = lock(&self.index).due(started, self.interval);
+        if due.is_empty() {
+            return;
+        }
+        match self.mode {
+            SweepMode::Get => {}
+            SweepMode::Describe => {
+                futures::stream::iter(due)
+                    .for_each_concurrent(DESCRIBE_CONCURRENCY, |due| async move {
+                        let described = self.source.describe(&due.secret).await;
+                        self.apply(&due.secret, described.map(Some));
+                    })
+                    .await;
+            }
+            SweepMode::List => {
+                let mut by_region: BTreeMap<String, Vec<super::index::Due>> = BTreeMap::new();
+                for due in due {
+                    by_region
+                        .entry(due.secret.region.clone())
+                        .or_default()
+                        .push(due);
+                }
+                for (region, due) in by_region {
+                    self.sweep_list(&region, due).await;
+                }
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .sweep_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// One ListSecrets walk for a region: filtered by name when few secrets are due and all their
+    /// names are known, else every page.
+    async fn sweep_list(&self, region: &str, due: Vec<super::index::Due>) {
+        let names: Vec<String> = due.iter().filter_map(|d| d.name.clone()).collect();
+        let filters = if names.len() == due.len() && names.len() <= LIST_FILTER_MAX {
+            names
+        } else {
+            Vec::new()
+        };
+        match self.source.list(region, &filters).await {
+            Ok(listed) => {
+                for due in &due {
+                    let id = due.secret.secret_id.as_str();
+                    let found = listed.iter().find(|d| {
+                        d.name == id || d.arn == id || due.name.as_deref() == Some(d.name.as_str())
+                    });
+                    // Absent from the list: gone, or not yet visible (eventual consistency);
+                    // DescribeSecret tells which.
+                    let described = match found {
+                        Some(found) => Ok(Some(found.clone())),
+                        None => self.source.describe(&due.secret).await.map(Some),
+                    };
+                    self.apply(&due.secret, described);
+                }
+            }
+            Err(error) => {
+                warn!(
+                    region,
+                    reason = error.reason(),
+                    detail = error.detail(),
+                    "ListSecrets failed; versions are checked again at the next sweep, and \
+                     identities read their values at their refresh interval meanwhile"
+                );
+            }
+        }
+    }
+
+    /// Feeds one secret's sweep result into the index and notifies the identities whose secret
+    /// changed (or disappeared).
+    fn apply(&self, secret: &SecretRef, described: Result<Option<DescribedSecret>, SourceError>) {
+        let observed = match (&secret.version, described) {
+            (VersionSelector::Stage(stage), Ok(Some(described))) => {
+                Some(described.version_with_stage(stage).map(str::to_string))
+            }
+            (VersionSelector::Id(id), Ok(Some(_))) => Some(Some(id.clone())),
+            (_, Ok(None)) | (_, Err(SourceError::NotFound { .. })) => Some(None),
+            (_, Err(error)) => {
+                // Not checked: the identity falls back to reading at its refresh interval.
+                debug!(
+                    secret = %secret.secret_id,
+                    reason = error.reason(),
+                    detail = error.detail(),
+                    "version check failed"
+                );
+                None
+            }
+        };
+        let Some(version) = observed else { return };
+        let changed = lock(&self.index).observe(secret, version.as_deref(), Instant::now());
+        if changed.is_empty() {
+            return;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.changes_detected.inc();
+        }
+        let notify = lock(&self.notify).clone();
+        for identity in &changed {
+            for notify in &notify {
+                notify(identity);
+            }
+        }
+    }
+
+    /// Distinct secrets in the index.
+    pub fn len(&self) -> usize {
+        lock(&self.index).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.index).is_empty()
+    }
+}
+
+/// What decides whether a value must be read.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness<'a> {
+    pub mode: SweepMode,
+    /// The version the identity's intact Secret carries (`None`: absent, foreign, edited, or the
+    /// spec changed since it was written).
+    pub carried: Option<&'a str>,
+    /// The version the index expects.
+    pub expected: Option<&'a str>,
+    /// A version this identity already read and refused (bad material): not read again until it
+    /// changes or the refresh interval passes.
+    pub known_bad: Option<&'a str>,
+    /// Since the version was last read or confirmed.
+    pub age: Option<Duration>,
+    pub refresh: Duration,
+}
+
+/// Read when the Secret needs (re)writing, when the expected version differs from the carried one
+/// (and is not one already refused), or when the version is older than the refresh interval allows
+/// (in `get` mode: one interval; with a sweep: two, which only a failing sweep reaches).
+pub fn needs_read(freshness: &Freshness<'_>) -> bool {
+    let Freshness {
+        mode,
+        carried,
+        expected,
+        known_bad,
+        age,
+        refresh,
+    } = *freshness;
+    let limit = match mode {
+        SweepMode::Get => refresh,
+        SweepMode::List | SweepMode::Describe => refresh.saturating_mul(STALE_AFTER_INTERVALS),
+    };
+    if age.is_none_or(|age| age >= limit) {
+        return true;
+    }
+    match (carried, expected) {
+        (None, _) => known_bad.is_none() || expected != known_bad,
+        (Some(_), None) => true,
+        (Some(carried), Some(expected)) => carried != expected && Some(expected) != known_bad,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn fresh<'a>(carried: Option<&'a str>, expected: Option<&'a str>) -> Freshness<'a> {
+        Freshness {
+            mode: SweepMode::Describe,
+            carried,
+            expected,
+            known_bad: None,
+            age: Some(Duration::from_secs(1)),
+            refresh: HOUR,
+        }
+    }
+
+    #[test]
+    fn reads_only_what_changed_or_needs_repair() {
+        assert!(!needs_read(&fresh(Some("v1"), Some("v1"))), "up to date");
+        assert!(needs_read(&fresh(Some("v1"), Some("v2"))), "a new version");
+        assert!(needs_read(&fresh(None, Some("v1"))), "no intact Secret");
+        let refused = Freshness {
+            known_bad: Some("v2"),
+            ..fresh(Some("v1"), Some("v2"))
+        };
+        assert!(!needs_read(&refused), "v2 was already refused");
+        let stale = Freshness {
+            age: Some(2 * HOUR),
+            ..fresh(Some("v1"), Some("v1"))
+        };
+        assert!(
+            needs_read(&stale),
+            "the sweep has not confirmed it for two intervals"
+        );
+        let polled = Freshness {
+            mode: SweepMode::Get,
+            age: Some(HOUR),
+            ..fresh(Some("v1"), Some("v1"))
+        };
+        assert!(needs_read(&polled), "get mode reads every interval");
+        let unknown = Freshness {
+            age: None,
+            ..fresh(Some("v1"), Some("v1"))
+        };
+        assert!(needs_read(&unknown));
+    }
+}

@@ -1,0 +1,375 @@
+//! The version index: the distinct secrets the watched identities reference (several identities on
+//! one secret share one entry) and what is known of each one's current version. Sans-IO: the sweep
+//! and the event consumer feed it observations, the controller asks it whether a value must be read.
+//!
+//! Two facts per secret, kept apart on purpose:
+//! - `current`: the version the last *read* (GetSecretValue / BatchGetSecretValue) returned, or,
+//!   before any read in this process, the version the identity's Secret already carries (so an
+//!   operator restart or a leader change reads nothing). Reads are authoritative.
+//! - `listed`: what the last sweep (DescribeSecret / ListSecrets) or event said. A change of it is
+//!   what asks for a read; a sweep that lags (ListSecrets is eventually consistent) can only cause one
+//!   extra read, never a write of an older version, because what is written comes from the read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::{SecretRef, VersionSelector};
+
+/// One identity, by namespace and name.
+pub type IdentityKey = (String, String);
+
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    /// The identities on this secret, each with its refresh interval.
+    identities: BTreeMap<IdentityKey, Duration>,
+    /// The version the last read returned (or the Secret carried when the index was empty).
+    current: Option<String>,
+    /// What the last sweep or event said.
+    listed: Option<String>,
+    /// The canonical ARN and name, once a read or a sweep told them (events name secrets so).
+    arn: Option<String>,
+    name: Option<String>,
+    /// When the version was last read, confirmed by a sweep, or seeded from a Secret: how fresh
+    /// `current` is.
+    checked: Option<Instant>,
+    /// When a sweep (or a read) last looked at the version: when the sweep looks again.
+    swept: Option<Instant>,
+}
+
+impl Entry {
+    /// The shortest refresh interval of the identities on this secret: how stale it may get.
+    fn refresh(&self) -> Duration {
+        self.identities
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(Duration::MAX)
+    }
+}
+
+/// A secret the sweep should check now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub secret: SecretRef,
+    /// The canonical name, when known (for ListSecrets name filters).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct VersionIndex {
+    entries: BTreeMap<SecretKey, Entry>,
+    by_identity: BTreeMap<IdentityKey, BTreeSet<SecretKey>>,
+}
+
+/// `SecretRef` as an ordered key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SecretKey {
+    region: String,
+    secret_id: String,
+    /// `S:<stage>` or `I:<id>`.
+    selector: String,
+}
+
+impl From<&SecretRef> for SecretKey {
+    fn from(secret: &SecretRef) -> Self {
+        Self {
+            region: secret.region.clone(),
+            secret_id: secret.secret_id.clone(),
+            selector: match &secret.version {
+                VersionSelector::Stage(stage) => format!("S:{stage}"),
+                VersionSelector::Id(id) => format!("I:{id}"),
+            },
+        }
+    }
+}
+
+impl SecretKey {
+    fn secret_ref(&self) -> SecretRef {
+        let version = match self.selector.split_once(':') {
+            Some(("I", id)) => VersionSelector::Id(id.to_string()),
+            Some((_, stage)) => VersionSelector::Stage(stage.to_string()),
+            None => VersionSelector::Stage(self.selector.clone()),
+        };
+        SecretRef {
+            secret_id: self.secret_id.clone(),
+            region: self.region.clone(),
+            version,
+        }
+    }
+}
+
+impl VersionIndex {
+    /// Records that `identity` reads exactly `secrets` (checked by the source policy first), with
+    /// `refresh` as its staleness bound. Entries no identity references any more are dropped.
+    pub fn register(&mut self, identity: &IdentityKey, secrets: &[SecretRef], refresh: Duration) {
+        let wanted: BTreeSet<SecretKey> = secrets.iter().map(SecretKey::from).collect();
+        let before = self.by_identity.remove(identity).unwrap_or_default();
+        for key in before.difference(&wanted) {
+            self.detach(identity, key);
+        }
+        for key in &wanted {
+            let entry = self.entries.entry(key.clone()).or_default();
+            entry.identities.insert(identity.clone(), refresh);
+        }
+        self.by_identity.insert(identity.clone(), wanted);
+    }
+
+    /// Forgets a deleted identity (and the secrets only it referenced).
+    pub fn unregister(&mut self, identity: &IdentityKey) {
+        for key in self.by_identity.remove(identity).unwrap_or_default() {
+            self.detach(identity, &key);
+        }
+    }
+
+    fn detach(&mut self, identity: &IdentityKey, key: &SecretKey) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.identities.remove(identity);
+            if entry.identities.is_empty() {
+                self.entries.remove(key);
+            }
+        }
+    }
+
+    /// The version to expect for `secret`: what the last read returned, else (an empty index after a
+    /// restart) what `carried` says the identity's Secret holds, which is then taken as current.
+    pub fn current_or_seed(
+        &mut self,
+        secret: &SecretRef,
+        carried: Option<&str>,
+        now: Instant,
+    ) -> Option<String> {
+        let entry = self.entries.get_mut(&SecretKey::from(secret))?;
+        if entry.current.is_none()
+            && entry.checked.is_none()
+            && let Some(carried) = carried
+        {
+            // Trusted until the first sweep, which is due at once.
+            entry.current = Some(carried.to_string());
+            entry.checked = Some(now);
+        }
+        entry.current.clone()
+    }
+
+    /// A read returned `version_id` (with the canonical ARN and name) at `now`.
+    pub fn record_read(
+        &mut self,
+        secret: &SecretRef,
+        version_id: &str,
+        arn: &str,
+        name: &str,
+        now: Instant,
+    ) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+            entry.current = Some(version_id.to_string());
+            entry.arn = Some(arn.to_string());
+            entry.name = Some(name.to_string());
+            entry.checked = Some(now);
+            entry.swept = Some(now);
+        }
+    }
+
+    /// When `secret` was last read or checked.
+    pub fn checked_at(&self, secret: &SecretRef) -> Option<Instant> {
+        self.entries.get(&SecretKey::from(secret))?.checked
+    }
+
+    /// A sweep or event says `secret`'s selected version is `version_id` (None: the stage is on no
+    /// version, or the secret is gone). Returns the identities to reconcile: those of an entry whose
+    /// listed version changed to one that differs from what was read.
+    pub fn observe(
+        &mut self,
+        secret: &SecretRef,
+        version_id: Option<&str>,
+        now: Instant,
+    ) -> Vec<IdentityKey> {
+        let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) else {
+            return Vec::new();
+        };
+        entry.checked = Some(now);
+        entry.swept = Some(now);
+        let listed = version_id.map(str::to_string);
+        if entry.listed == listed {
+            return Vec::new();
+        }
+        entry.listed = listed.clone();
+        if listed.is_some() && listed == entry.current {
+            return Vec::new();
+        }
+        // A different version (or none): the next reconcile of each identity reads it.
+        entry.current = listed;
+        entry.identities.keys().cloned().collect()
+    }
+
+    /// The secrets whose version should be checked at `now`: not checked for `sweep_interval` or
+    /// for their identities' refresh interval, whichever is shorter. Pinned version ids never
+    /// change, so they are never due.
+    pub fn due(&self, now: Instant, sweep_interval: Duration) -> Vec<Due> {
+        self.entries
+            .iter()
+            .filter(|(key, _)| key.selector.starts_with("S:"))
+            .filter(|(_, entry)| {
+                let every = sweep_interval.min(entry.refresh());
+                entry
+                    .swept
+                    .is_none_or(|swept| now.saturating_duration_since(swept) >= every)
+            })
+            .map(|(key, entry)| Due {
+                secret: key.secret_ref(),
+                name: entry.name.clone(),
+            })
+            .collect()
+    }
+
+    /// When the next secret falls due (None: nothing to sweep).
+    pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
+        self.entries
+            .iter()
+            .filter(|(key, _)| key.selector.starts_with("S:"))
+            .map(|(_, entry)| match entry.swept {
+                Some(swept) => swept + sweep_interval.min(entry.refresh()),
+                None => now,
+            })
+            .min()
+    }
+
+    /// The entries an event about `name_or_arn` concerns: matched by the id as written, the
+    /// canonical name or the canonical ARN.
+    pub fn matching(&self, name_or_arn: &str) -> Vec<SecretRef> {
+        self.entries
+            .iter()
+            .filter(|(key, entry)| {
+                key.secret_id == name_or_arn
+                    || entry.name.as_deref() == Some(name_or_arn)
+                    || entry.arn.as_deref() == Some(name_or_arn)
+            })
+            .map(|(key, _)| key.secret_ref())
+            .collect()
+    }
+
+    /// Distinct secrets referenced.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(id: &str) -> SecretRef {
+        SecretRef {
+            secret_id: id.into(),
+            region: "eu-west-1".into(),
+            version: VersionSelector::Stage("AWSCURRENT".into()),
+        }
+    }
+
+    fn who(name: &str) -> IdentityKey {
+        ("ns".into(), name.into())
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn identities_on_one_secret_share_one_entry() {
+        let mut index = VersionIndex::default();
+        for name in ["a", "b", "c"] {
+            index.register(&who(name), &[secret("ns/x")], HOUR);
+        }
+        assert_eq!(index.len(), 1);
+        index.register(&who("c"), &[secret("ns/y")], HOUR);
+        assert_eq!(index.len(), 2);
+        index.unregister(&who("a"));
+        index.unregister(&who("b"));
+        assert_eq!(index.len(), 1, "ns/x went with its last identity");
+    }
+
+    #[test]
+    fn a_restart_reads_nothing_and_a_change_asks_for_a_read() {
+        let now = Instant::now();
+        let mut index = VersionIndex::default();
+        index.register(&who("a"), &[secret("ns/x")], HOUR);
+        // Empty index: the Secret's version is taken as current, no read.
+        assert_eq!(
+            index.current_or_seed(&secret("ns/x"), Some("v1"), now),
+            Some("v1".into())
+        );
+        assert_eq!(
+            index.due(now, HOUR).len(),
+            1,
+            "the first sweep confirms it at once"
+        );
+        // The first sweep confirms it: nothing to do.
+        assert!(index.observe(&secret("ns/x"), Some("v1"), now).is_empty());
+        // A new version: the identity is asked to reconcile, and then expects v2.
+        assert_eq!(
+            index.observe(&secret("ns/x"), Some("v2"), now),
+            vec![who("a")]
+        );
+        assert_eq!(
+            index.current_or_seed(&secret("ns/x"), Some("v1"), now),
+            Some("v2".into())
+        );
+        index.record_read(&secret("ns/x"), "v2", "arn", "ns/x", now);
+        // The same observation again (a duplicate event): nothing.
+        assert!(index.observe(&secret("ns/x"), Some("v2"), now).is_empty());
+    }
+
+    #[test]
+    fn a_lagging_sweep_never_overrides_a_newer_read_twice() {
+        let now = Instant::now();
+        let mut index = VersionIndex::default();
+        index.register(&who("a"), &[secret("ns/x")], HOUR);
+        index.record_read(&secret("ns/x"), "v2", "arn", "ns/x", now);
+        // ListSecrets still says v1: one reconcile, which reads (and gets v2 again).
+        assert_eq!(
+            index.observe(&secret("ns/x"), Some("v1"), now),
+            vec![who("a")]
+        );
+        index.record_read(&secret("ns/x"), "v2", "arn", "ns/x", now);
+        // It keeps saying v1: no more reads.
+        assert!(index.observe(&secret("ns/x"), Some("v1"), now).is_empty());
+        // It catches up: v2 is what was read: nothing.
+        assert!(index.observe(&secret("ns/x"), Some("v2"), now).is_empty());
+    }
+
+    #[test]
+    fn due_respects_the_shortest_refresh_and_skips_pinned_versions() {
+        let now = Instant::now();
+        let mut index = VersionIndex::default();
+        let sweep = Duration::from_secs(300);
+        index.register(&who("a"), &[secret("ns/x")], HOUR);
+        index.register(&who("b"), &[secret("ns/x")], Duration::from_secs(30));
+        let pinned = SecretRef {
+            version: VersionSelector::Id("v".repeat(32)),
+            ..secret("ns/p")
+        };
+        index.register(&who("c"), &[pinned], HOUR);
+        assert_eq!(index.due(now, sweep).len(), 1, "never checked: due");
+        index.observe(&secret("ns/x"), Some("v1"), now);
+        assert!(index.due(now + Duration::from_secs(29), sweep).is_empty());
+        assert_eq!(index.due(now + Duration::from_secs(30), sweep).len(), 1);
+        assert_eq!(
+            index.next_due(now, sweep),
+            Some(now + Duration::from_secs(30))
+        );
+        // The 30 s identity goes: the secret is checked at the sweep interval again.
+        index.unregister(&who("b"));
+        assert!(index.due(now + Duration::from_secs(30), sweep).is_empty());
+    }
+
+    #[test]
+    fn events_match_by_id_name_or_arn() {
+        let now = Instant::now();
+        let mut index = VersionIndex::default();
+        index.register(&who("a"), &[secret("ns/x")], HOUR);
+        index.record_read(&secret("ns/x"), "v1", "arn:x-AbCdEf", "ns/x", now);
+        assert_eq!(index.matching("ns/x"), vec![secret("ns/x")]);
+        assert_eq!(index.matching("arn:x-AbCdEf"), vec![secret("ns/x")]);
+        assert!(index.matching("ns/other").is_empty());
+    }
+}
