@@ -1,0 +1,265 @@
+//! The fleet engine on the real control plane and moto: versions are checked by a sweep (no value
+//! reads), values are read only when a version changed or a Secret needs repair, cold starts are
+//! batched, and an operator restart reads nothing. Counted, not timed: calls per operation at the
+//! source (the same counters `mtls_secretsmanager_calls_total` exports).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use common::*;
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use mtls_operator::controller::Settings;
+use mtls_operator::source::fleet::SweepMode;
+use xtask::support::{self, wait_for};
+
+const SWEEP: Duration = Duration::from_secs(2);
+
+fn settings(mode: SweepMode) -> Settings {
+    Settings {
+        sweep_mode: mode,
+        sweep_interval: SWEEP,
+        ..Settings::default()
+    }
+}
+
+/// Identities `client-0..count` on secrets `{namespace}/client-N`, refreshInterval 1h.
+async fn create_fleet(namespace: &str, ca: &TestCa, count: usize) -> Result<()> {
+    futures::stream::iter(0..count)
+        .map(|index| async move {
+            let id = format!("{namespace}/client-{index}");
+            put_source(&id, &good_secret(ca)?).await?;
+            let spec = serde_json::json!({"refreshInterval": "1h"});
+            create_identity(namespace, &identity(&format!("client-{index}"), &id, spec)?).await
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<Result<()>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn wait_all_ready(namespace: &str, count: usize) -> Result<()> {
+    for index in 0..count {
+        wait_ready(namespace, &format!("client-{index}"), "True", "Synced").await?;
+    }
+    Ok(())
+}
+
+/// Waits for `sweeps` more version checks of every secret in the index (DescribeSecret or
+/// ListSecrets calls, as `mode` makes them).
+async fn wait_sweeps(
+    operator: &Operator,
+    mode: SweepMode,
+    secrets: u64,
+    sweeps: u64,
+) -> Result<()> {
+    let (operation, per_sweep) = match mode {
+        SweepMode::Describe => ("DescribeSecret", secrets),
+        SweepMode::List => ("ListSecrets", 1),
+        SweepMode::Get => return Ok(()),
+    };
+    let start = operator.source.calls_of(operation);
+    wait_for(&format!("{sweeps} sweeps"), TIMEOUT, || async {
+        let done = operator.source.calls_of(operation) - start;
+        ensure!(
+            done >= per_sweep * sweeps,
+            "{done} {operation} calls so far"
+        );
+        Ok(())
+    })
+    .await
+}
+
+async fn sweep_mode_detects_a_rotation_without_reading_values_meanwhile(
+    mode: SweepMode,
+) -> Result<()> {
+    const COUNT: usize = 20;
+    let namespace = support::create_namespace(&format!("sweep-{}", mode.as_str()), &[]).await?;
+    let operator = start_operator_with(&namespace, settings(mode)).await?;
+    let ca = TestCa::new("sweep CA")?;
+    create_fleet(&namespace, &ca, COUNT).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    let reads = || {
+        operator.source.calls_of("GetSecretValue") + operator.source.calls_of("BatchGetSecretValue")
+    };
+    let after_sync = reads();
+    // Two sweeps and no change: no value is read.
+    wait_sweeps(&operator, mode, COUNT as u64, 2).await?;
+    ensure!(
+        reads() == after_sync,
+        "{} reads without a change",
+        reads() - after_sync
+    );
+    // A rotation is found by the sweep: one read, the new version in the Secret.
+    let version = put_source(&format!("{namespace}/client-7"), &good_secret(&ca)?).await?;
+    wait_for("the sweep to find the new version", TIMEOUT, || async {
+        let secret = get_secret(&namespace, "client-7").await?;
+        let carried = secret
+            .and_then(|s| s.metadata.annotations)
+            .and_then(|a| a.get(mtls_operator::api::VERSION_ID_ANNOTATION).cloned());
+        ensure!(carried.as_deref() == Some(version.as_str()), "{carried:?}");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        reads() - after_sync <= 2,
+        "{} reads for one rotation",
+        reads() - after_sync
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn describe_mode_detects_a_rotation_without_reading_values_meanwhile() -> Result<()> {
+    sweep_mode_detects_a_rotation_without_reading_values_meanwhile(SweepMode::Describe).await
+}
+
+#[tokio::test]
+async fn list_mode_detects_a_rotation_without_reading_values_meanwhile() -> Result<()> {
+    sweep_mode_detects_a_rotation_without_reading_values_meanwhile(SweepMode::List).await
+}
+
+#[tokio::test]
+async fn get_mode_reads_at_the_refresh_interval_only() -> Result<()> {
+    let namespace = support::create_namespace("sweep-get", &[]).await?;
+    let operator = start_operator_with(&namespace, settings(SweepMode::Get)).await?;
+    let ca = TestCa::new("get CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "3s"});
+    create_identity(&namespace, &identity("client", &id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    let version = put_source(&id, &good_secret(&ca)?).await?;
+    let rotated = wait_rotation(&namespace, "client", &version).await?;
+    ensure!(rotated.to_version_id == version);
+    ensure!(
+        operator.source.calls_of("DescribeSecret") == 0,
+        "no sweep in get mode"
+    );
+    ensure!(
+        operator.source.calls_of("ListSecrets") == 0,
+        "no sweep in get mode"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Result<()> {
+    const COUNT: usize = 45;
+    let namespace = support::create_namespace("batch", &[]).await?;
+    let ca = TestCa::new("batch CA")?;
+    // The identities exist before the operator starts: its first list sees all of them at once.
+    create_fleet(&namespace, &ca, COUNT).await?;
+    let denied = format!("{namespace}/fault-access-denied");
+    create_identity(
+        &namespace,
+        &identity("denied", &denied, serde_json::json!({}))?,
+    )
+    .await?;
+    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    wait_ready(&namespace, "denied", "False", "AccessDenied").await?;
+    let batches = operator.source.calls_of("BatchGetSecretValue");
+    let singles = operator.source.calls_of("GetSecretValue");
+    ensure!(
+        batches + singles <= 5,
+        "{batches} BatchGetSecretValue + {singles} GetSecretValue calls for {COUNT} identities"
+    );
+    ensure!(
+        batches >= 3,
+        "45 reads need at least 3 batches of 20: {batches}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with_one_read()
+-> Result<()> {
+    const COUNT: usize = 30;
+    let namespace = support::create_namespace("own-writes", &[]).await?;
+    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
+    let ca = TestCa::new("own CA")?;
+    create_fleet(&namespace, &ca, COUNT).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    let reads = |operator: &Operator| {
+        operator.source.calls_of("GetSecretValue") + operator.source.calls_of("BatchGetSecretValue")
+    };
+    // Our own Secret and status writes are done; two sweeps later nothing more was read.
+    let synced = reads(&operator);
+    wait_sweeps(&operator, SweepMode::Describe, COUNT as u64, 2).await?;
+    ensure!(reads(&operator) == synced, "reads after the sync settled");
+
+    // A manual edit of tls.crt: seen by its digest, repaired with one read.
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let original = secrets.get("client-3").await?;
+    let patch = serde_json::json!({"data": {"tls.crt": ByteString(b"tampered".to_vec())}});
+    secrets
+        .patch("client-3", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for("the edit to be reverted", TIMEOUT, || async {
+        let now = secrets.get("client-3").await?;
+        ensure!(
+            secret_data(&now, "tls.crt") == secret_data(&original, "tls.crt"),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        reads(&operator) - synced == 1,
+        "{} reads to repair",
+        reads(&operator) - synced
+    );
+
+    // An operator restart (a new process, an empty index): zero reads, zero rollouts.
+    create_deployment(&namespace, "api", Some(("volume", "client-0"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    drop(operator);
+    let restarted = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
+    // Its first sweep confirms every version (and the reconciles of all 30 have run by then).
+    wait_sweeps(&restarted, SweepMode::Describe, COUNT as u64, 1).await?;
+    wait_sweeps(&restarted, SweepMode::Describe, COUNT as u64, 1).await?;
+    ensure!(
+        reads(&restarted) == 0,
+        "{} reads after a restart",
+        reads(&restarted)
+    );
+    ensure!(
+        generations(&namespace).await? == before,
+        "no rollout after a restart"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn identities_sharing_one_secret_cost_one_check() -> Result<()> {
+    const COUNT: usize = 10;
+    let namespace = support::create_namespace("shared-secret", &[]).await?;
+    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
+    let ca = TestCa::new("shared CA")?;
+    let id = format!("{namespace}/shared");
+    put_source(&id, &good_secret(&ca)?).await?;
+    for index in 0..COUNT {
+        let spec = serde_json::json!({"refreshInterval": "1h"});
+        create_identity(
+            &namespace,
+            &identity(&format!("client-{index}"), &id, spec)?,
+        )
+        .await?;
+    }
+    wait_all_ready(&namespace, COUNT).await?;
+    let described = operator.source.calls_of("DescribeSecret");
+    wait_sweeps(&operator, SweepMode::Describe, 1, 3).await?;
+    let per_sweep = (operator.source.calls_of("DescribeSecret") - described) as f64 / 3.0;
+    ensure!(
+        per_sweep <= 1.5,
+        "{per_sweep} DescribeSecret per sweep for one shared secret"
+    );
+    Ok(())
+}
