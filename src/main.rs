@@ -83,6 +83,10 @@ struct RunArgs {
     /// refreshInterval wins for its secret).
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m")]
     sweep_interval: String,
+    /// SQS queue URL fed by an EventBridge rule on Secrets Manager events: rotations are seen in
+    /// seconds (needs sqs:ReceiveMessage and sqs:DeleteMessage on it). None: the sweep alone.
+    #[arg(long, env = "EVENTS_QUEUE_URL")]
+    events_queue_url: Option<String>,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -206,7 +210,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sweep_interval = mtls_operator::api::parse_duration(&args.sweep_interval)
         .filter(|interval| interval.as_secs() >= 1)
         .ok_or_else(|| anyhow::anyhow!("--sweep-interval must be a duration of at least 1s"))?;
+    let events = args
+        .events_queue_url
+        .filter(|url| !url.is_empty())
+        .map(|url| mtls_operator::source::events::EventQueue {
+            url,
+            client: aws_sdk_sqs::Client::new(&aws),
+        });
     let settings = Settings {
+        events,
         sweep_mode: args.sweep_mode,
         sweep_interval,
         namespaces: args

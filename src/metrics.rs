@@ -52,6 +52,8 @@ pub struct Metrics {
     pub sweep_duration: Histogram,
     /// Version changes the sweep or an event found.
     pub changes_detected: Counter,
+    /// Change events by outcome (received, handled, unknown_secret, rejected, queue_error).
+    pub events: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,6 +79,7 @@ impl Metrics {
             index_size: Gauge::default(),
             sweep_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             changes_detected: Counter::default(),
+            events: Family::default(),
         };
         // Named like cert-manager's, so its users' alerts translate.
         registry.register(
@@ -135,6 +138,12 @@ impl Metrics {
             metrics.changes_detected.clone(),
         );
         registry.register(
+            "source_events",
+            "Change events from the queue, by outcome (received, handled, unknown_secret, \
+             rejected, queue_error)",
+            metrics.events.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease",
             metrics.leader.clone(),
@@ -164,6 +173,14 @@ impl Metrics {
         self.certificate_not_after.remove(&labels);
         self.certificate_not_before.remove(&labels);
         self.identity_ready.remove(&labels);
+    }
+
+    pub fn record_event(&self, outcome: &str) {
+        self.events
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn record_aws_call(&self, operation: &str, outcome: &str) {

@@ -263,3 +263,143 @@ async fn identities_sharing_one_secret_cost_one_check() -> Result<()> {
     );
     Ok(())
 }
+
+/// The value of `mtls_source_events_total{outcome=...}` in the operator's metrics.
+fn events(operator: &Operator, outcome: &str) -> u64 {
+    let line = format!("mtls_source_events_total{{outcome=\"{outcome}\"}} ");
+    operator
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A Secrets Manager event as EventBridge delivers it to an SQS target.
+fn label_updated(name: &str, version: &str) -> String {
+    serde_json::json!({
+        "version": "0",
+        "id": "6a7e8feb-b491-4cf7-a9f1-bf3703467718",
+        "detail-type": "Secret Label Updated",
+        "source": "aws.secretsmanager",
+        "account": "123456789012",
+        "time": "2026-11-29T12:00:00Z",
+        "region": "us-east-1",
+        "resources": [],
+        "detail": {"name": name, "labelUpdated": "AWSCURRENT", "versionId": version}
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn events_deliver_rotations_and_the_sweep_carries_on_without_the_queue() -> Result<()> {
+    let namespace = support::create_namespace("events", &[]).await?;
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let queue_name = format!("{namespace}-changes");
+    let create_queue = || async {
+        let created = sqs.create_queue().queue_name(&queue_name).send().await?;
+        anyhow::Ok(created.queue_url.unwrap_or_default())
+    };
+    let url = create_queue().await?;
+    let send = |body: String| {
+        let (sqs, url) = (sqs.clone(), url.clone());
+        async move {
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(body)
+                .send()
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    // The sweep is as good as off (1h) for `events-client`, refreshInterval 1h: only an event can
+    // deliver its rotation. `swept` has refreshInterval 3s: the sweep checks it every 3 s.
+    let settings = Settings {
+        sweep_mode: SweepMode::Describe,
+        sweep_interval: Duration::from_secs(3600),
+        events: Some(mtls_operator::source::events::EventQueue {
+            url: url.clone(),
+            client: sqs.clone(),
+        }),
+        ..Settings::default()
+    };
+    let operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("events CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(&namespace, &identity("client", &id, spec)?).await?;
+    let swept_id = format!("{namespace}/swept");
+    put_source(&swept_id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "3s"});
+    create_identity(&namespace, &identity("swept", &swept_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    wait_ready(&namespace, "swept", "True", "Synced").await?;
+    create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+
+    // A rotation, announced by an event: the Secret follows, one rollout.
+    let version = put_source(&id, &good_secret(&ca)?).await?;
+    send(label_updated(&id, &version)).await?;
+    let rotation = wait_rotation(&namespace, "client", &version).await?;
+    ensure!(rotation.restarted_workloads == vec!["Deployment/api".to_string()]);
+    let rolled = generations(&namespace).await?;
+    ensure!(
+        rolled["Deployment/api"] == before["Deployment/api"] + 1,
+        "one rollout"
+    );
+
+    // A malformed message, an unknown secret and a duplicate: counted, deleted, nothing changes.
+    let handled = events(&operator, "handled");
+    send("{this is not json".to_string()).await?;
+    send(label_updated(
+        &format!("{namespace}/nobody-uses-this"),
+        "v9",
+    ))
+    .await?;
+    send(label_updated(&id, &version)).await?;
+    wait_for("the three messages to be counted", TIMEOUT, || async {
+        ensure!(
+            events(&operator, "rejected") >= 1
+                && events(&operator, "unknown_secret") >= 1
+                && events(&operator, "handled") > handled,
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        generations(&namespace).await? == rolled,
+        "no rollout from them"
+    );
+    let messages = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await?;
+    let left = messages
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(left == "0", "every message deleted ({left} left)");
+
+    // The queue disappears: the operator says so and keeps working on the sweep.
+    sqs.delete_queue().queue_url(&url).send().await?;
+    wait_for("the queue errors to be counted", TIMEOUT, || async {
+        ensure!(events(&operator, "queue_error") >= 1, "not yet");
+        Ok(())
+    })
+    .await?;
+    let swept_version = put_source(&swept_id, &good_secret(&ca)?).await?;
+    wait_rotation(&namespace, "swept", &swept_version).await?;
+
+    // It comes back: events work again.
+    ensure!(create_queue().await? == url, "the same queue URL");
+    let again = put_source(&id, &good_secret(&ca)?).await?;
+    send(label_updated(&id, &again)).await?;
+    wait_rotation(&namespace, "client", &again).await?;
+    Ok(())
+}

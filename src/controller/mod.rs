@@ -75,6 +75,8 @@ pub struct Settings {
     /// How versions are checked between reads, and how often at most.
     pub sweep_mode: SweepMode,
     pub sweep_interval: Duration,
+    /// The change-event queue (EventBridge → SQS), the fast path; none: the sweep alone.
+    pub events: Option<crate::source::events::EventQueue>,
     /// Only identities with these labels (a label selector), to shard identities over several
     /// operators or to canary a new version; all when `None`.
     pub identity_selector: Option<String>,
@@ -93,6 +95,7 @@ impl Default for Settings {
             egress_admin_from: Vec::new(),
             sweep_mode: SweepMode::default(),
             sweep_interval: Duration::from_secs(300),
+            events: None,
             identity_selector: None,
             egress_image: None,
         }
@@ -224,6 +227,14 @@ pub async fn run(
         "version sweep"
     );
     let sweep = tokio::spawn(fleet.clone().run_sweep(shutdown.clone()));
+    let events = settings.events.clone().map(|queue| {
+        tokio::spawn(crate::source::events::run(
+            fleet.clone(),
+            queue,
+            Some(metrics.clone()),
+            shutdown.clone(),
+        ))
+    });
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -242,6 +253,9 @@ pub async fn run(
         .map(|namespace| run_scope(shared.clone(), namespace, shutdown.clone()));
     futures::future::join_all(controllers).await;
     sweep.abort();
+    if let Some(events) = events {
+        events.abort();
+    }
     info!("controller stopped");
 }
 

@@ -2,6 +2,7 @@
 //! a fake in unit tests. One shared client per region.
 
 mod aws;
+pub mod events;
 pub mod fleet;
 pub mod id;
 pub mod index;
