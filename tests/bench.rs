@@ -1,4 +1,5 @@
-//! Benchmarks (ignored by the suite; figures go to BENCHMARKS.md). Run one environment and then:
+//! Benchmarks (ignored by the suite; figures go to BENCHMARKS.md). `cargo xtask bench` runs them on a
+//! fresh local environment with a release build and prints each figure next to its target; by hand:
 //!
 //! ```sh
 //! eval "$(cargo xtask testenv up)"
@@ -6,7 +7,9 @@
 //! cargo xtask testenv down
 //! ```
 //!
-//! `MTLS_BENCH_IDENTITIES` sets the fleet size (default 1000).
+//! `MTLS_BENCH_IDENTITIES` sets the fleet size (default 1000). Calls are counted by the operator's
+//! Secrets Manager client (every call it makes, by operation); the operator runs in this process,
+//! with the admin client.
 
 mod common;
 
@@ -21,6 +24,8 @@ use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::{self, Settings};
 use mtls_operator::metrics::Metrics;
 use mtls_operator::source::SecretsManagerSource;
+use mtls_operator::source::events::EventQueue;
+use mtls_operator::source::fleet::SweepMode;
 use tokio::sync::oneshot;
 use xtask::support::{self, wait_for};
 
@@ -38,17 +43,65 @@ fn ready_count(identities: &[MtlsIdentity]) -> usize {
         .count()
 }
 
-/// W1 (cold fleet to Ready), W2 (Secrets Manager calls per identity per refresh cycle) and W3
-/// (rotation latency: new AWSCURRENT to Secret updated), on one fleet.
+struct Running {
+    source: Arc<SecretsManagerSource>,
+    stop: oneshot::Sender<()>,
+}
+
+impl Running {
+    fn reads(&self) -> u64 {
+        self.source.calls_of("GetSecretValue") + self.source.calls_of("BatchGetSecretValue")
+    }
+}
+
+async fn start(
+    namespace: &str,
+    mode: SweepMode,
+    refresh: Duration,
+    queue: &EventQueue,
+) -> Result<Running> {
+    let client = support::admin_client().await?;
+    let aws = support::aws_config().await;
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let settings = Settings {
+        namespaces: vec![namespace.to_string()],
+        sweep_mode: mode,
+        sweep_interval: refresh,
+        events: Some(queue.clone()),
+        ..Settings::default()
+    }
+    .with_aws_defaults(&aws)
+    .await;
+    tokio::spawn(controller::run(
+        client,
+        source.clone(),
+        settings,
+        Arc::new(Metrics::new()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Running { source, stop })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).copied().unwrap_or_default()
+}
+
+/// W1 (cold fleet to Ready, and its reads), W2 (calls per identity per refresh cycle, describe and
+/// list modes), W3 (rotation latency with events) and the cost of an operator restart, on one fleet.
 #[tokio::test]
 #[ignore = "benchmark: run explicitly, see the module docs"]
-async fn fleet_sync_polling_cost_and_rotation_latency() -> Result<()> {
+async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<()> {
     let count = fleet_size();
+    let refresh = Duration::from_secs(30);
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench", &[]).await?;
     let ca = TestCa::new("bench CA")?;
     let value = good_secret(&ca)?;
-    // Sources first (not timed): the fleet's material exists before the identities.
+    // Sources and the event queue first (not timed).
     let sm = support::secrets_manager().await;
     futures::stream::iter(0..count)
         .map(|index| {
@@ -68,29 +121,22 @@ async fn fleet_sync_polling_cost_and_rotation_latency() -> Result<()> {
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("{namespace}-changes"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    let queue = EventQueue {
+        url: url.clone(),
+        client: sqs.clone(),
+    };
 
-    let refresh = Duration::from_secs(60);
-    let client = support::admin_client().await?;
-    let aws = support::aws_config().await;
-    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let settings = Settings {
-        namespaces: vec![namespace.clone()],
-        ..Settings::default()
-    }
-    .with_aws_defaults(&aws)
-    .await;
-    tokio::spawn(controller::run(
-        client.clone(),
-        source.clone(),
-        settings,
-        Arc::new(Metrics::new()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-
+    let operator = start(&namespace, SweepMode::Describe, refresh, &queue).await?;
     // W1: create every identity, then wait until all are Ready.
+    let client = support::admin_client().await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
     let started = Instant::now();
     futures::stream::iter(0..count)
@@ -109,7 +155,7 @@ async fn fleet_sync_polling_cost_and_rotation_latency() -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await
         .into_iter()
@@ -127,41 +173,94 @@ async fn fleet_sync_polling_cost_and_rotation_latency() -> Result<()> {
     .await?;
     let all_ready = started.elapsed();
     println!(
-        "W1: {count} identities created in {created:.1?}, all Ready after {all_ready:.1?} ({:.0} identities/s)",
-        count as f64 / all_ready.as_secs_f64()
+        "W1: {count} identities created in {created:.1?}, all Ready after {all_ready:.1?} \
+         (target <= 10 s); {} reads = {:.3} per identity (target <= 0.1): {} BatchGetSecretValue, {} GetSecretValue",
+        operator.reads(),
+        operator.reads() as f64 / count as f64,
+        operator.source.calls_of("BatchGetSecretValue"),
+        operator.source.calls_of("GetSecretValue"),
     );
 
-    // W2: calls over two refresh cycles of a steady fleet.
-    let calls_before = source.calls();
+    // W2 (describe): every call over two refresh cycles of an unchanged fleet.
+    let steady = |operator: &Running| {
+        (
+            operator.source.calls(),
+            operator.reads(),
+            operator.source.calls_of("DescribeSecret"),
+        )
+    };
     let window = refresh * 2;
-    tokio::time::sleep(window).await; // measuring a rate over a fixed window, not waiting for a condition
-    let calls = source.calls() - calls_before;
+    let (calls, reads, described) = steady(&operator);
+    // Measuring a rate over a fixed window, not waiting for a condition.
+    tokio::time::sleep(window).await;
+    let (calls_after, reads_after, described_after) = steady(&operator);
     let cycles = window.as_secs_f64() / refresh.as_secs_f64();
     println!(
-        "W2: {calls} GetSecretValue calls in {window:?} = {:.3} calls per identity per refresh cycle",
-        calls as f64 / count as f64 / cycles
+        "W2 describe: {} calls in {window:?} = {:.3} per identity per refresh cycle ({} DescribeSecret \
+         = {:.2} per secret per sweep, target <= 1; {} value reads, target 0)",
+        calls_after - calls,
+        (calls_after - calls) as f64 / count as f64 / cycles,
+        described_after - described,
+        (described_after - described) as f64 / count as f64 / cycles,
+        reads_after - reads,
     );
 
-    // W3: rotate one identity; time from PutSecretValue to the Secret carrying the new version.
-    let target = format!("{namespace}/client-0");
-    let rotated_at = Instant::now();
-    let version = put_source(&target, &good_secret(&ca)?).await?;
-    wait_for("the rotated Secret", Duration::from_secs(300), || async {
-        let secret = get_secret(&namespace, "client-0").await?;
-        let annotations = secret
-            .and_then(|s| s.metadata.annotations)
-            .unwrap_or_default();
-        ensure!(
-            annotations.get(mtls_operator::api::VERSION_ID_ANNOTATION) == Some(&version),
-            "not yet"
-        );
-        Ok(())
-    })
-    .await?;
+    // W3: 50 rotations announced by events; PutSecretValue to the Secret carrying the version.
+    let mut latencies = Vec::new();
+    for round in 0..50 {
+        let name = format!("{namespace}/client-{}", round % count);
+        let rotated_at = Instant::now();
+        let version = put_source(&name, &good_secret(&ca)?).await?;
+        let event = serde_json::json!({
+            "source": "aws.secretsmanager",
+            "detail-type": "Secret Label Updated",
+            "detail": {"name": name, "labelUpdated": "AWSCURRENT", "versionId": version}
+        });
+        sqs.send_message()
+            .queue_url(&url)
+            .message_body(event.to_string())
+            .send()
+            .await?;
+        let target = format!("client-{}", round % count);
+        wait_for("the rotated Secret", Duration::from_secs(300), || async {
+            let secret = get_secret(&namespace, &target).await?;
+            let annotations = secret
+                .and_then(|s| s.metadata.annotations)
+                .unwrap_or_default();
+            ensure!(
+                annotations.get(mtls_operator::api::VERSION_ID_ANNOTATION) == Some(&version),
+                "not yet"
+            );
+            Ok(())
+        })
+        .await?;
+        latencies.push(rotated_at.elapsed());
+    }
+    latencies.sort();
     println!(
-        "W3: rotation to Secret updated in {:.1?} (refreshInterval {refresh:?}: detection is polling)",
-        rotated_at.elapsed()
+        "W3 events: 50 rotations, PutSecretValue to Secret updated: p50 {:.2?}, p99 {:.2?}, max {:.2?} (target p99 <= 2 s)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
     );
-    let _ = stop.send(());
+
+    // Restart: a new operator (empty index) in list mode; what it costs to confirm the fleet.
+    let _ = operator.stop.send(());
+    let restarted = start(&namespace, SweepMode::List, refresh, &queue).await?;
+    let (calls, reads, _) = steady(&restarted);
+    tokio::time::sleep(window).await;
+    let (calls_after, reads_after, _) = steady(&restarted);
+    let listed = restarted.source.calls_of("ListSecrets");
+    println!(
+        "Restart + W2 list: {} value reads after the restart (target <= 0.05 per identity: {:.3}); \
+         {} calls in {window:?} = {:.3} per identity per refresh cycle (target <= 0.05), {listed} ListSecrets",
+        reads_after - reads,
+        (reads_after - reads) as f64 / count as f64,
+        calls_after - calls,
+        (calls_after - calls) as f64 / count as f64 / cycles,
+    );
+    let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+    ensure!(ready == count, "{ready} of {count} still Ready");
+    let _ = restarted.stop.send(());
     Ok(())
 }

@@ -14,6 +14,8 @@ cargo xtask <task>
                         left running for kubectl (stop with `cargo xtask testenv down`)
   test [ARGS]           the full test suite: installs what it needs, starts a local environment,
                         runs `cargo test --workspace ARGS` against it, stops it
+  bench                 the fleet and proxy benchmarks (release build) on a fresh local
+                        environment; prints each figure next to its target (BENCHMARKS.md)
   testenv install       build/install the pinned binaries into the cache (.cache/testenv)
   testenv up            start a local environment in the background; prints `export` lines:
                           eval \"$(cargo xtask testenv up)\"
@@ -40,6 +42,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["test", rest @ ..] => test(rest),
+        ["bench"] => bench(),
         ["demo"] => {
             xtask::demo::run(&progress)?;
             Ok(ExitCode::SUCCESS)
@@ -90,6 +93,37 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
 }
 
 /// The README's test command: everything the suite needs, then the suite, then cleanup.
+fn bench() -> Result<ExitCode> {
+    install::ensure_installed(&progress)?;
+    let supervisor =
+        supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
+    let mut status = None;
+    for (test, filter) in [("bench", None), ("proxy", Some("bench"))] {
+        progress(&format!(
+            "benchmark: cargo test --release --test {test} (builds first)"
+        ));
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(xtask::project_root())
+            .args(["test", "--release", "--locked", "--test", test, "--"])
+            .args(filter)
+            .args(["--ignored", "--nocapture", "--test-threads=1"]);
+        for (name, value) in supervisor.environment.variables() {
+            cargo.env(name, value);
+        }
+        let ran = cargo.status().context("running the benchmark")?;
+        if !ran.success() {
+            status = Some(ran);
+            break;
+        }
+    }
+    supervisor.stop()?;
+    Ok(match status {
+        Some(_) => ExitCode::FAILURE,
+        None => ExitCode::SUCCESS,
+    })
+}
+
 fn test(cargo_args: &[&str]) -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
     // Attached: the environment stops when this process ends, even if it is killed.
