@@ -87,6 +87,10 @@ struct RunArgs {
     /// seconds (needs sqs:ReceiveMessage and sqs:DeleteMessage on it). None: the sweep alone.
     #[arg(long, env = "EVENTS_QUEUE_URL")]
     events_queue_url: Option<String>,
+    /// Reconciles running at once: bounds the load on the API server and AWS when many
+    /// identities are due together.
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 64)]
+    max_concurrent_reconciles: u16,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -218,6 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             client: aws_sdk_sqs::Client::new(&aws),
         });
     let settings = Settings {
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
         events,
         sweep_mode: args.sweep_mode,
         sweep_interval,

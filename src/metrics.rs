@@ -52,6 +52,8 @@ pub struct Metrics {
     pub sweep_duration: Histogram,
     /// Version changes the sweep or an event found.
     pub changes_detected: Counter,
+    /// From a secret's change (its LastChangedDate) to its detection by the sweep or an event.
+    pub detection_lag: Histogram,
     /// Change events by outcome (received, handled, unknown_secret, rejected, queue_error).
     pub events: Family<OutcomeLabels, Counter>,
 }
@@ -80,6 +82,7 @@ impl Metrics {
             sweep_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             changes_detected: Counter::default(),
             events: Family::default(),
+            detection_lag: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
         };
         // Named like cert-manager's, so its users' alerts translate.
         registry.register(
@@ -136,6 +139,11 @@ impl Metrics {
             "source_changes_detected",
             "Secret version changes found by the sweep or an event",
             metrics.changes_detected.clone(),
+        );
+        registry.register(
+            "source_detection_lag_seconds",
+            "From a secret's last change (Secrets Manager's LastChangedDate) to its detection",
+            metrics.detection_lag.clone(),
         );
         registry.register(
             "source_events",

@@ -264,3 +264,163 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let _ = restarted.stop.send(());
     Ok(())
 }
+
+/// Resident memory of process `pid`, in MiB (Linux /proc).
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+    Ok(kib / 1024.0)
+}
+
+/// The release binary `cargo xtask bench` builds.
+fn release_binary() -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| xtask::project_root().join("target"));
+    target.join("release").join("mtls-operator")
+}
+
+/// W4: the operator's RSS, as its own process (the release binary), with a fleet of identities,
+/// then with thousands of unrelated large Secrets in the same namespace (which it must not cache).
+#[tokio::test]
+#[ignore = "benchmark: run explicitly, see the module docs"]
+async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
+    let count: usize = std::env::var("MTLS_BENCH_W4_IDENTITIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let unrelated: usize = std::env::var("MTLS_BENCH_W4_UNRELATED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5_000);
+    let binary = release_binary();
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build --release",
+        binary.display()
+    );
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("bench-w4", &[]).await?;
+    let ca = TestCa::new("w4 CA")?;
+    let value = good_secret(&ca)?;
+    let sm = support::secrets_manager().await;
+    futures::stream::iter(0..count)
+        .map(|index| {
+            let sm = sm.clone();
+            let name = format!("{namespace}/client-{index}");
+            let value = value.clone();
+            async move {
+                sm.create_secret()
+                    .name(name)
+                    .secret_string(value)
+                    .send()
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let environment = support::environment();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut command = std::process::Command::new(&binary);
+    command
+        .args(["run", "--namespace", &namespace, "--sweep-interval", "5m"])
+        .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (name, value) in environment.variables() {
+        command.env(name, value);
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let result = async {
+        tokio::time::sleep(Duration::from_secs(2)).await; // a baseline after start-up, not a condition
+        let idle = rss_mib(pid)?;
+        let client = support::admin_client().await?;
+        let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
+        let started = Instant::now();
+        futures::stream::iter(0..count)
+            .map(|index| {
+                let identities = identities.clone();
+                let namespace = namespace.clone();
+                async move {
+                    let spec = serde_json::json!({"refreshInterval": "1h"});
+                    let object = identity(
+                        &format!("client-{index}"),
+                        &format!("{namespace}/client-{index}"),
+                        spec,
+                    )?;
+                    identities.create(&PostParams::default(), &object).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        // Listing 10,000 identities is itself heavy: look every 5 s, not every 200 ms.
+        loop {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            if ready == count {
+                break;
+            }
+            ensure!(started.elapsed() < Duration::from_secs(3600), "{ready} of {count} Ready");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let synced = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await; // settle before sampling a steady state
+        let with_fleet = rss_mib(pid)?;
+
+        // Unrelated 48 KiB Secrets (not the operator's: no label), in the watched namespace.
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), &namespace);
+        let blob = "x".repeat(48 * 1024);
+        futures::stream::iter(0..unrelated)
+            .map(|index| {
+                let secrets = secrets.clone();
+                let blob = blob.clone();
+                async move {
+                    let secret: k8s_openapi::api::core::v1::Secret =
+                        serde_json::from_value(serde_json::json!({
+                            "metadata": {"name": format!("unrelated-{index}")},
+                            "stringData": {"blob": blob}
+                        }))?;
+                    secrets.create(&PostParams::default(), &secret).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        tokio::time::sleep(Duration::from_secs(10)).await; // settle before sampling
+        let with_unrelated = rss_mib(pid)?;
+        println!(
+            "W4: RSS {idle:.1} MiB idle; {with_fleet:.1} MiB with {count} identities Ready (synced in {synced:.1?}; \
+             {:.2} MiB per 1,000; target <= 64 MiB at 10,000); {with_unrelated:.1} MiB after {unrelated} unrelated \
+             48 KiB Secrets (target: flat)",
+            (with_fleet - idle) / (count as f64 / 1000.0),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

@@ -371,7 +371,7 @@ async fn namespaced_mode_cannot_touch_other_namespaces() -> Result<()> {
     }
 
     // In the watched namespaces: what the operator needs (it writes its Secrets with create and
-    // update, never patch), not Pods (Annotate is off by default). Waiting for the allowed answers
+    // update, never patch; deletes only a renamed target it owns), not Pods (Annotate is off by default). Waiting for the allowed answers
     // first also makes the denials below meaningful.
     for namespace in &watched {
         for (verb, resource) in [
@@ -382,11 +382,7 @@ async fn namespaced_mode_cannot_touch_other_namespaces() -> Result<()> {
         ] {
             wait_allowed(&user, verb, resource, namespace).await?;
         }
-        for (verb, resource) in [
-            ("patch", "pods"),
-            ("patch", "secrets"),
-            ("delete", "secrets"),
-        ] {
+        for (verb, resource) in [("patch", "pods"), ("patch", "secrets")] {
             assert!(
                 !can_i(&user, verb, resource, Some(namespace.as_str()))?,
                 "{verb} {resource} in {namespace} (Annotate off)"
@@ -401,6 +397,7 @@ async fn namespaced_mode_cannot_touch_other_namespaces() -> Result<()> {
         ("create", "secrets"),
         ("update", "secrets"),
         ("patch", "secrets"),
+        ("delete", "secrets"),
         ("patch", "deployments"),
         ("patch", "pods"),
     ];

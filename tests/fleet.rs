@@ -167,7 +167,7 @@ async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Re
     let batches = operator.source.calls_of("BatchGetSecretValue");
     let singles = operator.source.calls_of("GetSecretValue");
     ensure!(
-        batches + singles <= 5,
+        batches + singles <= 6,
         "{batches} BatchGetSecretValue + {singles} GetSecretValue calls for {COUNT} identities"
     );
     ensure!(

@@ -371,6 +371,39 @@ pub fn next_status(
     status
 }
 
+/// The condition that says restarts for the last rotation could not be done (Kubernetes refused).
+pub const RESTARTS: &str = "Restarts";
+
+/// A condition saying the Kubernetes API failed for `what`; the reconcile is retried.
+pub fn api_error_condition(
+    type_: &str,
+    what: &str,
+    generation: Option<i64>,
+    now: &str,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: "False".to_string(),
+        reason: "KubernetesApiError".to_string(),
+        message: format!("the Kubernetes API failed: {what}"),
+        last_transition_time: now.to_string(),
+        observed_generation: generation,
+    }
+}
+
+pub fn clear_condition(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
+/// Backoff after consecutive Kubernetes API errors: 5 s doubling up to 5 min, plus up to 10 %.
+pub fn api_error_backoff(attempts: u32, jitter_fraction: f64) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(10);
+    let base = Duration::from_secs(5)
+        .saturating_mul(1u32 << exponent)
+        .min(Duration::from_secs(300));
+    base + base.mul_f64(jitter_fraction.clamp(0.0, 1.0) * 0.1)
+}
+
 /// Replaces the condition of the same type, keeping its transition time when its status is unchanged.
 pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
     if let Some(existing) = conditions.iter_mut().find(|c| c.type_ == condition.type_) {
@@ -760,6 +793,15 @@ mod tests {
             fields: None,
             ca_secret_id: ca.map(String::from),
         }
+    }
+
+    #[test]
+    fn api_errors_back_off_exponentially() {
+        assert_eq!(api_error_backoff(1, 0.0), Duration::from_secs(5));
+        assert_eq!(api_error_backoff(2, 0.0), Duration::from_secs(10));
+        assert_eq!(api_error_backoff(7, 0.0), Duration::from_secs(300));
+        assert_eq!(api_error_backoff(70, 0.0), Duration::from_secs(300));
+        assert!(api_error_backoff(3, 1.0) <= Duration::from_secs(22));
     }
 
     #[test]

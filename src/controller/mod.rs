@@ -77,6 +77,9 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// The change-event queue (EventBridge → SQS), the fast path; none: the sweep alone.
     pub events: Option<crate::source::events::EventQueue>,
+    /// Reconciles running at once (per watched scope): bounds the load on the API server and AWS
+    /// when thousands of identities are due together.
+    pub max_concurrent_reconciles: u16,
     /// Only identities with these labels (a label selector), to shard identities over several
     /// operators or to canary a new version; all when `None`.
     pub identity_selector: Option<String>,
@@ -96,6 +99,7 @@ impl Default for Settings {
             sweep_mode: SweepMode::default(),
             sweep_interval: Duration::from_secs(300),
             events: None,
+            max_concurrent_reconciles: 64,
             identity_selector: None,
             egress_image: None,
         }
@@ -151,6 +155,8 @@ pub struct IdentityState {
     budget: Mutex<FetchBudget<ObjectRef<MtlsIdentity>>>,
     /// The source version last read and refused (bad material): not read again until it changes.
     known_bad: Mutex<HashMap<ObjectRef<MtlsIdentity>, String>>,
+    /// Consecutive Kubernetes API errors, for the error policy's backoff.
+    api_errors: Mutex<HashMap<ObjectRef<MtlsIdentity>, u32>>,
 }
 
 impl IdentityState {
@@ -161,6 +167,7 @@ impl IdentityState {
         lock(&self.failures).remove(&key);
         lock(&self.budget).forget(&key);
         lock(&self.known_bad).remove(&key);
+        lock(&self.api_errors).remove(&key);
         fleet.unregister(&(namespace.clone(), identity.name_any()));
         metrics.forget_identity(&namespace, &identity.name_any());
     }
@@ -344,7 +351,10 @@ async fn run_scope(
         fleet,
         state,
     });
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(context.settings.max_concurrent_reconciles.max(1));
     Controller::for_stream(identity_changes, reader)
+        .with_config(config)
         .owns_stream(owned_secrets)
         .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown)
@@ -357,18 +367,58 @@ async fn run_scope(
         .await;
 }
 
+/// Kubernetes API errors: retried with exponential backoff per identity (5 s doubling, up to 5 min,
+/// with jitter), reset by the next reconcile that succeeds.
 fn error_policy(
     identity: Arc<MtlsIdentity>,
     error: &ReconcileError,
-    _context: Arc<Context>,
+    context: Arc<Context>,
 ) -> Action {
+    let key = ObjectRef::from_obj(identity.as_ref());
+    let attempts = {
+        let mut errors = lock(&context.state.api_errors);
+        let count = errors.entry(key.clone()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let backoff = decide::api_error_backoff(attempts, rand::random::<f64>());
     warn!(
-        identity = %ObjectRef::from_obj(identity.as_ref()),
+        identity = %key,
         reason = error.reason(),
         error = %error,
+        attempts,
+        retry_in = ?backoff,
         "reconcile error; retrying"
     );
-    Action::requeue(Duration::from_secs(10))
+    Action::requeue(backoff)
+}
+
+/// After `spec.target.secretName` changed and the new Secret was written: the old Secret, if ours,
+/// goes (nothing else mounts what it no longer owns; workloads that mounted it by name are the
+/// user's to move).
+async fn remove_renamed_target(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    target: &str,
+    previous: Option<&crate::api::MtlsIdentityStatus>,
+    outcome: &Result<Synced, SyncFailure>,
+    context: &Context,
+) -> Result<(), ReconcileError> {
+    let Some(old) = previous.and_then(|status| status.secret_name.as_deref()) else {
+        return Ok(());
+    };
+    if outcome.is_err() || old == target {
+        return Ok(());
+    }
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    write::delete_owned(&secrets, old, &identity.uid().unwrap_or_default()).await?;
+    info!(
+        namespace,
+        old,
+        new = target,
+        "removed the previous target Secret"
+    );
+    Ok(())
 }
 
 async fn reconcile(
@@ -435,14 +485,40 @@ async fn reconcile_inner(
         &now,
     );
     let mut restarts_pending = false;
+    // A Kubernetes error after the Secret was written: returned once the status says so.
+    let mut after_status: Option<ReconcileError> = None;
     if let Ok(synced) = &outcome {
         status.last_rotation = decide::rotation(previous, synced, &now);
         if let Some(rotation) = status.last_rotation.as_mut()
             && !rotation.complete
             && rotation.sha256_fingerprint == synced.certificate.sha256_fingerprint
         {
+            // A failure here comes after the Secret was written: it is recorded in status (a
+            // `Restarts` condition) and retried, never allowed to skip the status write.
             let report =
-                restart_workloads(&identity, &namespace, &target, rotation, context).await?;
+                match restart_workloads(&identity, &namespace, &target, rotation, context).await {
+                    Ok(report) => {
+                        decide::clear_condition(&mut status.conditions, decide::RESTARTS);
+                        report
+                    }
+                    Err(error) => {
+                        decide::set_condition(
+                            &mut status.conditions,
+                            decide::api_error_condition(
+                                decide::RESTARTS,
+                                "could not list or patch the workloads that use the Secret; \
+                                 retrying",
+                                identity.metadata.generation,
+                                &now,
+                            ),
+                        );
+                        after_status.get_or_insert(error);
+                        RestartReport {
+                            pending: vec!["(workloads)".to_string()],
+                            ..RestartReport::default()
+                        }
+                    }
+                };
             for workload in &report.done {
                 if !rotation.restarted_workloads.contains(workload) {
                     rotation.restarted_workloads.push(workload.clone());
@@ -465,7 +541,18 @@ async fn reconcile_inner(
             publish_restart_events(context, &identity, &namespace, &report).await;
         }
     }
-    reconcile_egress(&identity, &namespace, &mut status, &now, context).await?;
+    if let Err(error) = reconcile_egress(&identity, &namespace, &mut status, &now, context).await {
+        decide::set_condition(
+            &mut status.conditions,
+            decide::api_error_condition(
+                egress::EGRESS_CONDITION,
+                "could not read or write the egress proxy's objects; retrying",
+                identity.metadata.generation,
+                &now,
+            ),
+        );
+        after_status.get_or_insert(error);
+    }
     record_metrics(
         &context.metrics,
         &namespace,
@@ -486,6 +573,14 @@ async fn reconcile_inner(
         .chain(expiring_event)
     {
         publish(context, &identity.object_ref(&()), event).await;
+    }
+    if let Err(error) =
+        remove_renamed_target(&identity, &namespace, &target, previous, &outcome, context).await
+    {
+        after_status.get_or_insert(error);
+    }
+    if let Some(error) = after_status {
+        return Err(error);
     }
     match &outcome {
         Ok(synced) => info!(
@@ -508,6 +603,7 @@ async fn reconcile_inner(
         return Ok(Action::requeue(ROTATION_SETTLE));
     }
 
+    lock(&context.state.api_errors).remove(&key);
     let failures = context.count_failure(&key, outcome.is_err());
     Ok(Action::requeue(decide::requeue_after(
         refresh,
@@ -893,7 +989,8 @@ async fn publish_restart_events(
     }
     if !report.paused.is_empty() {
         let note = format!(
-            "paused, not restarted: {}; resume them to roll out the new certificate",
+            "paused: {}; the new certificate's token is in the pod template and rolls out when \
+             the Deployment is resumed",
             report.paused.join(", ")
         );
         publish(context, &identity_ref, warn("RolloutPaused", note)).await;

@@ -133,6 +133,19 @@ pub async fn sync(
     let read = must_read(&main, carried.as_ref().map(|(main, _)| main.as_str()))
         | ca.as_ref()
             .is_some_and(|ca| must_read(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref())));
+    // Deleted, or scheduled for deletion, as the sweep found: not found, whatever a read returns
+    // (the last good Secret stays).
+    if let Some(gone) = std::iter::once(&main)
+        .chain(ca.as_ref())
+        .find(|checked| context.fleet.is_gone(&checked.request))
+    {
+        return Ok(SyncStep::done(Err(SyncFailure::Source(
+            crate::source::SourceError::NotFound {
+                secret_id: gone.request.secret_id.clone(),
+                detail: "DescribeSecret: deleted or scheduled for deletion".into(),
+            },
+        ))));
+    }
     if !read {
         return Ok(SyncStep::Unchanged);
     }

@@ -175,7 +175,7 @@ pub struct RestartReport {
     pub triggered: Vec<String>,
     /// Waiting for a free rollout slot.
     pub pending: Vec<String>,
-    /// Paused Deployments: left alone, with an Event.
+    /// Paused Deployments: their template carries the new token, which rolls out on resume.
     pub paused: Vec<String>,
     /// Named in `spec.restart.workloads` but absent.
     pub missing: Vec<String>,
@@ -428,7 +428,22 @@ impl Restarter {
                     match decision {
                         RestartDecision::UpToDate => report.done.push(name),
                         RestartDecision::OptedOut | RestartDecision::NotNeeded => {}
-                        RestartDecision::Restart if workload.paused() => report.paused.push(name),
+                        // Paused: the token goes into the template now (no slot: nothing rolls
+                        // yet), so the rollout happens when it is resumed, as Reloader does.
+                        RestartDecision::Restart if workload.paused() => {
+                            let mut tokens = sibling_tokens(workload);
+                            tokens.insert(key.clone(), token.to_string());
+                            match self
+                                .patch_template_untracked(namespace, workload, &tokens)
+                                .await
+                            {
+                                Ok(()) => {
+                                    report.paused.push(name.clone());
+                                    report.done.push(name);
+                                }
+                                Err(error) => report.failed.push((name, error.to_string())),
+                            }
+                        }
                         RestartDecision::Restart => {
                             let _slot = self.start_lock.lock().await;
                             let slots = self.slots(namespace).await;
@@ -476,6 +491,22 @@ impl Restarter {
         workload: &Workload,
         tokens: &BTreeMap<String, String>,
     ) -> Result<(), kube::Error> {
+        self.patch_template_untracked(namespace, workload, tokens)
+            .await?;
+        lock(&self.in_flight).insert(
+            (namespace.to_string(), workload.kind(), workload.name()),
+            Instant::now(),
+        );
+        Ok(())
+    }
+
+    /// The token patch alone, without holding a rollout slot.
+    async fn patch_template_untracked(
+        &self,
+        namespace: &str,
+        workload: &Workload,
+        tokens: &BTreeMap<String, String>,
+    ) -> Result<(), kube::Error> {
         let patch = serde_json::json!({
             "spec": {"template": {"metadata": {"annotations": tokens}}}
         });
@@ -501,10 +532,6 @@ impl Restarter {
                     .await?;
             }
         }
-        lock(&self.in_flight).insert(
-            (namespace.to_string(), workload.kind(), name),
-            Instant::now(),
-        );
         Ok(())
     }
 

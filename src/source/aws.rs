@@ -134,16 +134,23 @@ impl SecretsManagerSource {
         if flush {
             let opened = std::time::Instant::now();
             let mut queued = 0;
+            let mut quiet = 0;
             loop {
                 tokio::time::sleep(BATCH_STEP).await;
                 let now_queued = lock(&self.batches)
                     .get(&secret.region)
                     .map_or(0, |(queue, _)| queue.len());
-                if now_queued == queued
-                    || now_queued >= BATCH_MAX
-                    || opened.elapsed() >= BATCH_WINDOW
-                {
+                if now_queued >= BATCH_MAX || opened.elapsed() >= BATCH_WINDOW {
                     break;
+                }
+                // Two quiet steps in a row: nobody else is coming.
+                if now_queued == queued {
+                    quiet += 1;
+                    if quiet >= 2 {
+                        break;
+                    }
+                } else {
+                    quiet = 0;
                 }
                 queued = now_queued;
             }
@@ -229,12 +236,20 @@ impl SecretsManagerSource {
                         secret_id: id.to_string(),
                     }),
                 };
-                content.map(|content| FetchedSecret {
-                    arn: value.arn().unwrap_or_default().to_string(),
-                    name: value.name().unwrap_or_default().to_string(),
-                    version_id: value.version_id().unwrap_or_default().to_string(),
-                    content,
-                })
+                match (content, value.arn(), value.name(), value.version_id()) {
+                    (Ok(content), Some(arn), Some(name), Some(version_id)) => Ok(FetchedSecret {
+                        arn: arn.to_string(),
+                        name: name.to_string(),
+                        version_id: version_id.to_string(),
+                        content,
+                    }),
+                    (Err(error), ..) => Err(error),
+                    _ => Err(SourceError::Unavailable {
+                        secret_id: id.to_string(),
+                        detail: "BatchGetSecretValue answered without an ARN, Name or VersionId"
+                            .into(),
+                    }),
+                }
             } else if let Some(error) = errors.iter().find(|e| e.secret_id() == Some(id)) {
                 Err(classify_code(
                     id,
@@ -314,10 +329,15 @@ impl SecretsManagerSource {
                 });
             }
         };
+        // A value without its version id or ARN cannot be tracked or checked: refuse it.
+        let incomplete = |field: &str| SourceError::Unavailable {
+            secret_id: secret.secret_id.clone(),
+            detail: format!("GetSecretValue answered without {field}"),
+        };
         Ok(FetchedSecret {
-            arn: output.arn.unwrap_or_default(),
-            name: output.name.unwrap_or_default(),
-            version_id: output.version_id.unwrap_or_default(),
+            arn: output.arn.ok_or_else(|| incomplete("an ARN"))?,
+            name: output.name.ok_or_else(|| incomplete("a Name"))?,
+            version_id: output.version_id.ok_or_else(|| incomplete("a VersionId"))?,
             content,
         })
     }
@@ -382,6 +402,7 @@ impl SecretSource for SecretsManagerSource {
                     .version_ids_to_stages()
                     .map(|map| map.iter().map(|(v, s)| (v.clone(), s.clone())).collect())
                     .unwrap_or_default(),
+                last_changed_unix: output.last_changed_date().map(|date| date.secs()),
             })
         }
         .boxed()
@@ -431,6 +452,7 @@ impl SecretSource for SecretsManagerSource {
                             .secret_versions_to_stages()
                             .map(|map| map.iter().map(|(v, s)| (v.clone(), s.clone())).collect())
                             .unwrap_or_default(),
+                        last_changed_unix: entry.last_changed_date().map(|date| date.secs()),
                     });
                 }
                 match output.next_token() {

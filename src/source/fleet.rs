@@ -144,6 +144,12 @@ impl Fleet {
         })
     }
 
+    /// Whether the last version check found the secret deleted or scheduled for deletion: it is
+    /// then reported as not found without reading (a read may still return the old value).
+    pub fn is_gone(&self, secret: &SecretRef) -> bool {
+        lock(&self.index).is_gone(secret)
+    }
+
     /// A read returned this version.
     pub fn record_read(&self, secret: &SecretRef, version_id: &str, arn: &str, name: &str) {
         lock(&self.index).record_read(secret, version_id, arn, name, Instant::now());
@@ -263,6 +269,12 @@ impl Fleet {
     /// Feeds one secret's sweep result into the index and notifies the identities whose secret
     /// changed (or disappeared).
     fn apply(&self, secret: &SecretRef, described: Result<Option<DescribedSecret>, SourceError>) {
+        let changed_at = described
+            .as_ref()
+            .ok()
+            .and_then(|d| d.as_ref())
+            .and_then(|d| d.last_changed_unix);
+        let gone = matches!(described, Err(SourceError::NotFound { .. }));
         let observed = match (&secret.version, described) {
             (VersionSelector::Stage(stage), Ok(Some(described))) => {
                 Some(described.version_with_stage(stage).map(str::to_string))
@@ -281,12 +293,21 @@ impl Fleet {
             }
         };
         let Some(version) = observed else { return };
-        let changed = lock(&self.index).observe(secret, version.as_deref(), Instant::now());
+        let changed = {
+            let mut index = lock(&self.index);
+            index.set_gone(secret, gone);
+            index.observe(secret, version.as_deref(), Instant::now())
+        };
         if changed.is_empty() {
             return;
         }
         if let Some(metrics) = &self.metrics {
             metrics.changes_detected.inc();
+            // From the secret's last change (as Secrets Manager dates it) to its detection here.
+            if let Some(changed_at) = changed_at {
+                let lag = chrono::Utc::now().timestamp() - changed_at;
+                metrics.detection_lag.observe(lag.max(0) as f64);
+            }
         }
         let notify = lock(&self.notify).clone();
         for identity in &changed {

@@ -34,6 +34,8 @@ struct Entry {
     checked: Option<Instant>,
     /// When a sweep (or a read) last looked at the version: when the sweep looks again.
     swept: Option<Instant>,
+    /// The last version check found the secret deleted or scheduled for deletion.
+    gone: bool,
 }
 
 impl Entry {
@@ -166,6 +168,19 @@ impl VersionIndex {
             entry.checked = Some(now);
             entry.swept = Some(now);
         }
+    }
+
+    /// Records whether the last version check found `secret` deleted (or scheduled for deletion).
+    pub fn set_gone(&mut self, secret: &SecretRef, gone: bool) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+            entry.gone = gone;
+        }
+    }
+
+    pub fn is_gone(&self, secret: &SecretRef) -> bool {
+        self.entries
+            .get(&SecretKey::from(secret))
+            .is_some_and(|entry| entry.gone)
     }
 
     /// When `secret` was last read or checked.

@@ -101,6 +101,8 @@ pub struct DescribedSecret {
     pub name: String,
     /// Version id → its staging labels.
     pub versions: Vec<(String, Vec<String>)>,
+    /// When the secret last changed (Unix seconds), for the detection lag.
+    pub last_changed_unix: Option<i64>,
 }
 
 impl DescribedSecret {

@@ -95,6 +95,17 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
 /// The README's test command: everything the suite needs, then the suite, then cleanup.
 fn bench() -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
+    progress(
+        "benchmark: cargo build --release --bin mtls-operator (W4 runs it as its own process)",
+    );
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(xtask::project_root())
+        .args(["build", "--release", "--locked", "--bin", "mtls-operator"])
+        .status()
+        .context("building the release binary")?;
+    if !built.success() {
+        return Ok(ExitCode::FAILURE);
+    }
     let supervisor =
         supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
     let mut status = None;

@@ -1,0 +1,277 @@
+//! The reconcile loop under faults and drift, on the real control plane and moto: status stays
+//! truthful, nothing good is lost, no rollout is skipped or doubled.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
+use xtask::support::{self, wait_for};
+
+async fn identities(namespace: &str) -> Result<Api<MtlsIdentity>> {
+    Ok(Api::namespaced(support::admin_client().await?, namespace))
+}
+
+fn reads(operator: &Operator) -> u64 {
+    operator.source.calls_of("GetSecretValue") + operator.source.calls_of("BatchGetSecretValue")
+}
+
+#[tokio::test]
+async fn a_paused_deployment_gets_the_token_and_rolls_once_on_resume() -> Result<()> {
+    let namespace = support::create_namespace("paused", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("paused CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let admin = support::admin_client().await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    let pause = |paused: bool| serde_json::json!({"spec": {"paused": paused}});
+    deployments
+        .patch("api", &PatchParams::default(), &Patch::Merge(&pause(true)))
+        .await?;
+
+    let version = put_source(&id, &good_secret(&ca)?).await?;
+    let rotation = wait_rotation(&namespace, "client", &version).await?;
+    let event = wait_event(&namespace, "client", "RolloutPaused").await?;
+    ensure!(event.note.unwrap_or_default().contains("resumed"));
+    let template_token = |deployment: &Deployment| {
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("mtls-operator.io/cert.client").cloned())
+    };
+    let paused = deployments.get("api").await?;
+    ensure!(
+        template_token(&paused).as_deref() == Some(rotation.sha256_fingerprint.as_str()),
+        "the paused template carries the new token"
+    );
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(admin.clone(), &namespace);
+    let count =
+        || async { anyhow::Ok(replica_sets.list(&ListParams::default()).await?.items.len()) };
+    ensure!(count().await? == 1, "nothing rolled while paused");
+
+    deployments
+        .patch("api", &PatchParams::default(), &Patch::Merge(&pause(false)))
+        .await?;
+    wait_all_rolled_out(&namespace).await?;
+    ensure!(
+        count().await? == 2,
+        "exactly one new ReplicaSet after resuming"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<()> {
+    let namespace = support::create_namespace("deleted-target", &[]).await?;
+    let operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("deleted CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(&namespace, &identity("client", &id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    let read = reads(&operator);
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let original = secrets.get("client").await?;
+    secrets.delete("client", &DeleteParams::default()).await?;
+    wait_for("the Secret to be recreated", TIMEOUT, || async {
+        let again = secrets.get_opt("client").await?.context("not yet")?;
+        ensure!(
+            again.metadata.uid != original.metadata.uid,
+            "the old one still"
+        );
+        ensure!(again.data == original.data, "same content");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        reads(&operator) - read == 1,
+        "{} reads",
+        reads(&operator) - read
+    );
+    ensure!(generations(&namespace).await? == before, "no rollout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<()> {
+    let namespace = support::create_namespace("renamed", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("renamed CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    let patch = serde_json::json!({"spec": {"target": {"secretName": "client-v2"}}});
+    identities(&namespace)
+        .await?
+        .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for("the new Secret, and the old one gone", TIMEOUT, || async {
+        ensure!(
+            get_secret(&namespace, "client-v2").await?.is_some(),
+            "no new Secret"
+        );
+        ensure!(
+            get_secret(&namespace, "client").await?.is_none(),
+            "old Secret still there"
+        );
+        Ok(())
+    })
+    .await?;
+    let status = identities(&namespace)
+        .await?
+        .get("client")
+        .await?
+        .status
+        .unwrap_or_default();
+    ensure!(status.secret_name.as_deref() == Some("client-v2"));
+    ensure!(
+        generations(&namespace).await? == before,
+        "no rollout: same certificate"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_source_deleted_in_secrets_manager_keeps_the_last_good_secret() -> Result<()> {
+    let namespace = support::create_namespace("source-deleted", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("source CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    let good = get_secret(&namespace, "client").await?.context("Secret")?;
+    // Scheduled for deletion (the default 30-day recovery window).
+    support::secrets_manager()
+        .await
+        .delete_secret()
+        .secret_id(&id)
+        .send()
+        .await?;
+    wait_ready(&namespace, "client", "False", "SourceNotFound").await?;
+    wait_event(&namespace, "client", "SourceNotFound").await?;
+    let kept = get_secret(&namespace, "client")
+        .await?
+        .context("Secret kept")?;
+    ensure!(kept.data == good.data, "the last good Secret stays");
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_stays_truthful_when_restarts_fail_after_the_write() -> Result<()> {
+    let namespace = support::create_namespace("truthful", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("truthful CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+
+    // The operator loses its permissions on workloads (a 403 on list), keeping the rest.
+    let admin = support::admin_client().await?;
+    let apply = PatchParams::apply("mtls-operator-tests").force();
+    let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+        "../charts/mtls-operator/files/operator-rules.yaml"
+    ))?;
+    let without_workloads: Vec<PolicyRule> = rules
+        .into_iter()
+        .filter(|rule| !rule.api_groups.iter().flatten().any(|g| g == "apps"))
+        .collect();
+    let role = ClusterRole {
+        metadata: kube::api::ObjectMeta {
+            name: Some("mtls-operator-no-workloads".into()),
+            ..Default::default()
+        },
+        rules: Some(without_workloads),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("mtls-operator-no-workloads", &apply, &Patch::Apply(&role))
+        .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &namespace);
+    bindings
+        .delete("mtls-operator", &DeleteParams::default())
+        .await?;
+    bind_cluster_role_to(&namespace, "mtls-operator-no-workloads", &namespace).await?;
+
+    let version = put_source(&id, &good_secret(&ca)?).await?;
+    let identities = identities(&namespace).await?;
+    wait_for(
+        "status: the new version, restarts failing",
+        TIMEOUT,
+        || async {
+            let identity = identities.get("client").await?;
+            let status = identity.status.clone().unwrap_or_default();
+            let ready = identity.ready_condition().context("Ready")?;
+            ensure!(ready.status == "True", "Ready {ready:?}");
+            ensure!(
+                status.source.as_ref().map(|s| s.version_id.as_str()) == Some(version.as_str()),
+                "status still describes the old version"
+            );
+            let restarts = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Restarts")
+                .context("no Restarts condition")?;
+            ensure!(
+                restarts.status == "False" && restarts.reason == "KubernetesApiError",
+                "{restarts:?}"
+            );
+            ensure!(
+                status.last_rotation.as_ref().is_some_and(|r| !r.complete),
+                "rotation not complete"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let secret = get_secret(&namespace, "client").await?.context("Secret")?;
+    let carried = secret
+        .metadata
+        .annotations
+        .and_then(|a| a.get(VERSION_ID_ANNOTATION).cloned());
+    ensure!(
+        carried.as_deref() == Some(version.as_str()),
+        "the Secret was written"
+    );
+
+    // Permissions back: the rollout happens (once) and the condition goes.
+    bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+    let rotation = wait_rotation(&namespace, "client", &version).await?;
+    ensure!(rotation.restarted_workloads == vec!["Deployment/api".to_string()]);
+    wait_for(
+        "the Restarts condition to clear",
+        ROLLOUT_TIMEOUT,
+        || async {
+            let status = identities.get("client").await?.status.unwrap_or_default();
+            ensure!(
+                !status.conditions.iter().any(|c| c.type_ == "Restarts"),
+                "still there"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
