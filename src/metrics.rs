@@ -41,6 +41,8 @@ pub struct Metrics {
     pub certificate_not_after: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub identity_ready: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    /// 0 while the identity's last source check failed transiently (Ready may stay True).
+    pub source_reachable: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub syncs: Family<SyncLabels, Counter>,
     pub aws_calls: Family<CallLabels, Counter>,
     pub rotations: Counter,
@@ -72,6 +74,7 @@ impl Metrics {
             certificate_not_after: Family::default(),
             certificate_not_before: Family::default(),
             identity_ready: Family::default(),
+            source_reachable: Family::default(),
             syncs: Family::default(),
             aws_calls: Family::default(),
             rotations: Counter::default(),
@@ -99,6 +102,12 @@ impl Metrics {
             "identity_ready",
             "1 when the identity is Ready, 0 when not",
             metrics.identity_ready.clone(),
+        );
+        registry.register(
+            "identity_source_reachable",
+            "0 while the identity's last Secrets Manager check failed transiently (throttled, \
+             unreachable), 1 otherwise",
+            metrics.source_reachable.clone(),
         );
         registry.register(
             "syncs",
@@ -181,6 +190,7 @@ impl Metrics {
         self.certificate_not_after.remove(&labels);
         self.certificate_not_before.remove(&labels);
         self.identity_ready.remove(&labels);
+        self.source_reachable.remove(&labels);
     }
 
     pub fn record_event(&self, outcome: &str) {

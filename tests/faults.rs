@@ -275,3 +275,104 @@ async fn status_stays_truthful_when_restarts_fail_after_the_write() -> Result<()
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
+    let namespace = support::create_namespace("outage", &[]).await?;
+    let settings = mtls_operator::controller::Settings {
+        sweep_mode: mtls_operator::source::fleet::SweepMode::Get,
+        ..Default::default()
+    };
+    let operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("outage CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"refreshInterval": "2s"});
+    create_identity(&namespace, &identity("client", &id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    let secret = get_secret(&namespace, "client").await?.context("Secret")?;
+    let identities = identities(&namespace).await?;
+    let reachable = |status: &str| {
+        let identities = identities.clone();
+        let status = status.to_string();
+        async move {
+            wait_for(&format!("SourceReachable={status}"), TIMEOUT, || async {
+                let identity = identities.get("client").await?;
+                let ready = identity.ready_condition().context("Ready")?.clone();
+                // Throughout: Ready stays True.
+                ensure!(ready.status == "True", "Ready turned {ready:?}");
+                let condition = identity
+                    .status
+                    .unwrap_or_default()
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "SourceReachable")
+                    .context("no SourceReachable")?;
+                ensure!(condition.status == status, "{condition:?}");
+                Ok(condition)
+            })
+            .await
+        }
+    };
+    reachable("True").await?;
+    operator
+        .outage
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let down = reachable("False").await?;
+    ensure!(down.reason == "SourceUnavailable", "{down:?}");
+    wait_event(&namespace, "client", "SourceUnreachable").await?;
+    // Two more failed checks: Ready stays True, no second Warning, nothing reached moto.
+    let failed_checks = || {
+        let line = "mtls_syncs_total{outcome=\"failure\",reason=\"SourceUnavailable\"} ";
+        operator
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = failed_checks();
+    let calls = operator.source.calls();
+    wait_for("two more failed checks", TIMEOUT, || async {
+        ensure!(
+            failed_checks() >= before + 2,
+            "{} so far",
+            failed_checks() - before
+        );
+        Ok(())
+    })
+    .await?;
+    let identity = identities.get("client").await?;
+    ensure!(
+        identity
+            .ready_condition()
+            .is_some_and(|c| c.status == "True"),
+        "Ready turned False"
+    );
+    ensure!(
+        operator.source.calls() == calls,
+        "calls reached moto during the outage"
+    );
+    operator
+        .outage
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    reachable("True").await?;
+    wait_event(&namespace, "client", "SourceReachable").await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(support::admin_client().await?, &namespace);
+    let warnings = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("SourceUnreachable"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum::<i32>();
+    ensure!(warnings == 1, "{warnings} SourceUnreachable Events");
+    let after = get_secret(&namespace, "client").await?.context("Secret")?;
+    ensure!(
+        after.metadata.resource_version == secret.metadata.resource_version,
+        "Secret unchanged"
+    );
+    Ok(())
+}

@@ -51,6 +51,14 @@ pub enum SyncFailure {
 }
 
 impl SyncFailure {
+    /// Throttled or unreachable: worth waiting out while a valid certificate is in place.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Source(SourceError::Throttled { .. } | SourceError::Unavailable { .. })
+        )
+    }
+
     /// What only the operator's log shows: the policy's verdict, AWS's own words.
     pub fn detail(&self) -> String {
         match self {
@@ -369,6 +377,70 @@ pub fn next_status(
         },
     );
     status
+}
+
+/// Whether Secrets Manager answered the last check: False (with the reason) during a transient
+/// failure while Ready stays True on the certificate in place.
+pub const SOURCE_REACHABLE: &str = "SourceReachable";
+
+/// Sets `SourceReachable` from the last attempt; returns a Warning Event when it turns False and a
+/// Normal one when it comes back.
+pub fn source_reachable(
+    status: &mut MtlsIdentityStatus,
+    transient: Option<&SyncFailure>,
+    synced: bool,
+    now: &str,
+) -> Option<EventToEmit> {
+    let was_unreachable = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == SOURCE_REACHABLE && c.status == "False");
+    let (condition_status, reason, message) = match transient {
+        Some(failure) => (
+            "False",
+            failure.reason(),
+            format!(
+                "{failure}; the certificate in place stays valid until {} and is kept; Ready stays \
+                 True until then",
+                status
+                    .certificate
+                    .as_ref()
+                    .map(|c| c.not_after.as_str())
+                    .unwrap_or("its notAfter")
+            ),
+        ),
+        None if synced => (
+            "True",
+            "Reachable",
+            "Secrets Manager answered the last check".to_string(),
+        ),
+        // A permanent failure: Ready says it; reachability is not the question.
+        None => return None,
+    };
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: SOURCE_REACHABLE.to_string(),
+            status: condition_status.to_string(),
+            reason: reason.to_string(),
+            message: message.clone(),
+            last_transition_time: now.to_string(),
+            observed_generation: status.observed_generation,
+        },
+    );
+    match (transient.is_some(), was_unreachable) {
+        (true, false) => Some(EventToEmit {
+            warning: true,
+            reason: "SourceUnreachable".to_string(),
+            note: message,
+        }),
+        (false, true) => Some(EventToEmit {
+            warning: false,
+            reason: "SourceReachable".to_string(),
+            note: message,
+        }),
+        _ => None,
+    }
 }
 
 /// The condition that says restarts for the last rotation could not be done (Kubernetes refused).

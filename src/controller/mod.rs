@@ -316,6 +316,8 @@ async fn run_scope(
     };
     let identity_changes = watcher(identities, identity_config)
         .default_backoff()
+        // managedFields are most of an object's size and never read here: not kept in memory.
+        .modify(|identity| identity.managed_fields_mut().clear())
         .reflect(writer)
         .inspect_ok(forget)
         .applied_objects()
@@ -468,8 +470,24 @@ async fn reconcile_inner(
     };
 
     let previous = identity.status.as_ref();
+    // No false alarms: a transient source failure (throttled, unreachable) while a valid
+    // certificate is in place leaves Ready True; `SourceReachable` says what is happening.
+    let (outcome, transient) = match outcome {
+        Err(failure) if failure.is_transient() => match decide::synced_from_status(
+            previous,
+            identity.metadata.generation,
+            &target,
+            chrono::Utc::now().timestamp(),
+        ) {
+            Some(in_place) => (Ok(in_place), Some(failure)),
+            None => (Err(failure), None),
+        },
+        other => (other, None),
+    };
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut status = decide::next_status(previous, identity.metadata.generation, &outcome, &now);
+    let reachability_event =
+        decide::source_reachable(&mut status, transient.as_ref(), outcome.is_ok(), &now);
     let warn_before = identity
         .spec
         .expiry
@@ -559,7 +577,10 @@ async fn reconcile_inner(
         &name,
         previous,
         &status,
-        &outcome,
+        match &transient {
+            Some(failure) => Err(failure),
+            None => outcome.as_ref(),
+        },
     );
     if previous != Some(&status) {
         let identities: Api<MtlsIdentity> = Api::namespaced(context.client.clone(), &namespace);
@@ -571,6 +592,7 @@ async fn reconcile_inner(
     for event in decide::event_for(previous, &outcome)
         .into_iter()
         .chain(expiring_event)
+        .chain(reachability_event)
     {
         publish(context, &identity.object_ref(&()), event).await;
     }
@@ -604,10 +626,20 @@ async fn reconcile_inner(
     }
 
     lock(&context.state.api_errors).remove(&key);
-    let failures = context.count_failure(&key, outcome.is_err());
+    // Backoff follows what really happened, also when Ready did not change.
+    let attempted = match transient {
+        Some(failure) => Err(failure),
+        None => outcome,
+    };
+    if let Err(failure) = &attempted
+        && failure.is_transient()
+    {
+        warn!(identity = %key, reason = failure.reason(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
+    }
+    let failures = context.count_failure(&key, attempted.is_err());
     Ok(Action::requeue(decide::requeue_after(
         refresh,
-        &outcome,
+        &attempted,
         failures,
         rand::random::<f64>(),
     )))
@@ -795,7 +827,7 @@ fn record_metrics(
     name: &str,
     previous: Option<&crate::api::MtlsIdentityStatus>,
     status: &crate::api::MtlsIdentityStatus,
-    outcome: &Result<Synced, SyncFailure>,
+    outcome: Result<&Synced, &SyncFailure>,
 ) {
     let labels = IdentityLabels {
         namespace: namespace.to_string(),
@@ -812,10 +844,22 @@ fn record_metrics(
             reason: reason.to_string(),
         })
         .inc();
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == decide::READY && c.status == "True");
     metrics
         .identity_ready
         .get_or_create(&labels)
-        .set(i64::from(outcome.is_ok()));
+        .set(i64::from(ready));
+    let reachable = !status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == decide::SOURCE_REACHABLE && c.status == "False");
+    metrics
+        .source_reachable
+        .get_or_create(&labels)
+        .set(i64::from(reachable));
     // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
     if let Some(certificate) = &status.certificate {
         let unix = |text: &str| {

@@ -238,6 +238,12 @@ impl Fleet {
         } else {
             Vec::new()
         };
+        // A full listing tells every secret of the region: confirm them all, not only the due.
+        let due = if filters.is_empty() {
+            lock(&self.index).in_region(region)
+        } else {
+            due
+        };
         match self.source.list(region, &filters).await {
             Ok(listed) => {
                 for due in &due {

@@ -235,6 +235,19 @@ impl VersionIndex {
             .collect()
     }
 
+    /// Every stage-selected secret in `region` (a full listing confirms them all at once, which
+    /// keeps their checks aligned: one listing per sweep interval, not one per secret falling due).
+    pub fn in_region(&self, region: &str) -> Vec<Due> {
+        self.entries
+            .iter()
+            .filter(|(key, _)| key.region == region && key.selector.starts_with("S:"))
+            .map(|(key, entry)| Due {
+                secret: key.secret_ref(),
+                name: entry.name.clone(),
+            })
+            .collect()
+    }
+
     /// When the next secret falls due (None: nothing to sweep).
     pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
         self.entries

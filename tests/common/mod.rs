@@ -100,6 +100,8 @@ pub struct Operator {
     pub metrics: Arc<mtls_operator::metrics::Metrics>,
     /// Fetches of `/fault-slow` ids that have started (and are being held back).
     pub slow_fetches: Arc<std::sync::atomic::AtomicU64>,
+    /// While true, every call answers as an unreachable Secrets Manager would.
+    pub outage: Arc<std::sync::atomic::AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -142,9 +144,11 @@ pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Resu
     .await;
     let (stop, stopped) = oneshot::channel::<()>();
     let slow_fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let outage = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let faulty = Arc::new(FaultInjectingSource {
         inner: source.clone(),
         slow_fetches: slow_fetches.clone(),
+        outage: outage.clone(),
     });
     let metrics = Arc::new(mtls_operator::metrics::Metrics::new());
     tokio::spawn(controller::run(
@@ -160,6 +164,7 @@ pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Resu
         source,
         metrics,
         slow_fetches,
+        outage,
         stop: Some(stop),
     })
 }
@@ -192,6 +197,18 @@ pub async fn bind_cluster_role_to(namespace: &str, role: &str, home: &str) -> Re
 struct FaultInjectingSource {
     inner: Arc<SecretsManagerSource>,
     slow_fetches: Arc<std::sync::atomic::AtomicU64>,
+    outage: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultInjectingSource {
+    fn down(&self, secret_id: &str) -> Option<SourceError> {
+        self.outage
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| SourceError::Unavailable {
+                secret_id: secret_id.to_string(),
+                detail: "could not reach the endpoint".into(),
+            })
+    }
 }
 
 /// Ids containing this are held back this long before they reach moto (a slow Secrets Manager).
@@ -209,6 +226,9 @@ impl SecretSource for FaultInjectingSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
         let secret_id = secret.secret_id.clone();
+        if let Some(error) = self.down(&secret_id) {
+            return Box::pin(async move { Err(error) });
+        }
         if secret_id.contains(SLOW) {
             self.slow_fetches
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -247,6 +267,9 @@ impl SecretSource for FaultInjectingSource {
         &'a self,
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<mtls_operator::source::DescribedSecret, SourceError>> {
+        if let Some(error) = self.down(&secret.secret_id) {
+            return Box::pin(async move { Err(error) });
+        }
         self.inner.describe(secret)
     }
 
