@@ -99,7 +99,7 @@ async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> R
 
     // Restart the operator, and make it reconcile (a spec change); then re-apply unchanged.
     drop(operator);
-    let _operator = start_operator(&namespace).await?;
+    let operator = start_operator(&namespace).await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
     let patch = serde_json::json!({"spec": {"refreshInterval": "6s"}});
     let changed = identities
@@ -117,6 +117,17 @@ async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> R
     identities
         .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    // Let the restarted operator reconcile a few more times (its 6 s schedule) before judging.
+    let synced = syncs(&operator);
+    wait_for("two more reconciles", TIMEOUT, || async {
+        ensure!(
+            syncs(&operator) >= synced + 2,
+            "{} so far",
+            syncs(&operator) - synced
+        );
+        Ok(())
+    })
+    .await?;
     assert_eq!(
         generations(&namespace).await?,
         after,
@@ -356,13 +367,21 @@ async fn mass_rotation_queues_behind_the_rollout_cap() -> Result<()> {
     // Watch every Deployment change and record the most rollouts in progress at any moment.
     let peak = Arc::new(Mutex::new(0usize));
     let watch_peak = peak.clone();
+    let watch_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors_seen = watch_errors.clone();
     let deployments: Api<Deployment> = Api::namespaced(support::admin_client().await?, &namespace);
     let watching = tokio::spawn(async move {
         let mut state: HashMap<String, bool> = HashMap::new();
         let mut stream = watcher(deployments, watcher::Config::default())
+            .default_backoff()
             .applied_objects()
             .boxed();
-        while let Some(Ok(deployment)) = stream.next().await {
+        // A watch error (the watcher resumes by itself) is counted, not a silent end of watching.
+        while let Some(event) = stream.next().await {
+            let Ok(deployment) = event else {
+                watch_errors.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                continue;
+            };
             let workload = Workload::Deployment(deployment);
             state.insert(workload.display(), workload.rollout_in_progress());
             let busy = state.values().filter(|busy| **busy).count();
@@ -392,5 +411,10 @@ async fn mass_rotation_queues_behind_the_rollout_cap() -> Result<()> {
         "{peak} rollouts in progress at once; the cap is {CAP}"
     );
     assert!(peak >= 1, "the watch saw the rollouts");
+    let errors = errors_seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        errors, 0,
+        "the watch had errors: the peak may have been missed"
+    );
     Ok(())
 }

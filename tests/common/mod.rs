@@ -122,6 +122,17 @@ pub async fn start_operator_with(namespace: &str, settings: Settings) -> Result<
     start_operator_for(&[namespace], settings).await
 }
 
+/// Reconciles that reached a sync outcome so far (`mtls_syncs_total`, all outcomes).
+pub fn syncs(operator: &Operator) -> u64 {
+    operator
+        .metrics
+        .encode()
+        .lines()
+        .filter(|line| line.starts_with("mtls_syncs_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// One operator watching `namespaces`, as ServiceAccount `mtls-operator` of the first, bound to the
 /// documented ClusterRole in each (RoleBindings: RBAC only there).
 pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Result<Operator> {
