@@ -91,6 +91,9 @@ struct RunArgs {
     /// identities are due together.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 64)]
     max_concurrent_reconciles: u16,
+    /// Secrets Manager calls in flight at once (reads, batches, sweeps), for the whole operator.
+    #[arg(long, env = "MAX_AWS_IN_FLIGHT", default_value_t = mtls_operator::source::DEFAULT_MAX_IN_FLIGHT)]
+    max_aws_in_flight: usize,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -184,7 +187,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let metrics = Arc::new(Metrics::new());
-    let source = Arc::new(SecretsManagerSource::new(aws.clone()).with_metrics(metrics.clone()));
+    let source = Arc::new(
+        SecretsManagerSource::new(aws.clone())
+            .with_metrics(metrics.clone())
+            .with_max_in_flight(args.max_aws_in_flight),
+    );
     let default_region = source.default_region();
     let allowed_regions = if args.allowed_regions.is_empty() {
         default_region.iter().cloned().collect()

@@ -405,3 +405,39 @@ async fn events_deliver_rotations_and_the_sweep_carries_on_without_the_queue() -
     wait_rotation(&namespace, "client", &again).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn secrets_manager_calls_in_flight_stay_under_the_cap() -> Result<()> {
+    const COUNT: usize = 30;
+    const CAP: usize = 3;
+    let namespace = support::create_namespace("in-flight", &[]).await?;
+    let ca = TestCa::new("in-flight CA")?;
+    // Pinned version ids: each identity reads with its own GetSecretValue (no batching), so
+    // without a cap they would all be in flight together.
+    for index in 0..COUNT {
+        let id = format!("{namespace}/client-{index}");
+        let version = put_source(&id, &good_secret(&ca)?).await?;
+        let spec = serde_json::json!({
+            "refreshInterval": "1h",
+            "source": {"secretId": id, "versionId": version}
+        });
+        create_identity(
+            &namespace,
+            &identity(&format!("client-{index}"), &id, spec)?,
+        )
+        .await?;
+    }
+    let operator = start_operator_capped(&[&namespace], settings(SweepMode::Describe), CAP).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    let peak = operator.source.peak_in_flight();
+    ensure!(
+        peak <= CAP as u64,
+        "{peak} calls in flight at once; the cap is {CAP}"
+    );
+    ensure!(
+        peak >= 2,
+        "the reads overlapped ({peak}): the cap was exercised"
+    );
+    ensure!(operator.source.calls_of("GetSecretValue") >= COUNT as u64);
+    Ok(())
+}

@@ -43,6 +43,25 @@ pub struct SecretsManagerSource {
     batches: Mutex<HashMap<String, BatchQueue>>,
     /// The role may not call BatchGetSecretValue: read one by one from then on.
     batch_refused: std::sync::atomic::AtomicBool,
+    /// Calls in flight at once, across every identity, the sweep and the batches.
+    in_flight_cap: Arc<tokio::sync::Semaphore>,
+    in_flight_now: Arc<AtomicU64>,
+    in_flight_peak: Arc<AtomicU64>,
+}
+
+/// The default cap on Secrets Manager calls in flight at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+
+/// One call's place under the in-flight cap; counts it while held.
+struct InFlight {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    now: Arc<AtomicU64>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.now.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,7 +81,34 @@ impl SecretsManagerSource {
             in_flight: Mutex::new(HashMap::new()),
             batches: Mutex::new(HashMap::new()),
             batch_refused: std::sync::atomic::AtomicBool::new(false),
+            in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            in_flight_now: Arc::new(AtomicU64::new(0)),
+            in_flight_peak: Arc::new(AtomicU64::new(0)),
             metrics: None,
+        }
+    }
+
+    /// At most `max` calls in flight at once (at least 1).
+    pub fn with_max_in_flight(self, max: usize) -> Self {
+        Self {
+            in_flight_cap: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            ..self
+        }
+    }
+
+    /// The most calls that were in flight at once so far.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.in_flight_peak.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a place under the cap; the call is in flight until the guard drops.
+    async fn in_flight(&self) -> InFlight {
+        let permit = self.in_flight_cap.clone().acquire_owned().await.ok();
+        let now = self.in_flight_now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.in_flight_peak.fetch_max(now, Ordering::Relaxed);
+        InFlight {
+            _permit: permit,
+            now: self.in_flight_now.clone(),
         }
     }
 
@@ -185,11 +231,13 @@ impl SecretsManagerSource {
         }
         let client = self.client(region);
         let ids: Vec<String> = chunk.iter().map(|(s, _)| s.secret_id.clone()).collect();
+        let held = self.in_flight().await;
         let result = client
             .batch_get_secret_value()
             .set_secret_id_list(Some(ids.clone()))
             .send()
             .await;
+        drop(held);
         let output = match result {
             Ok(output) => {
                 self.count("BatchGetSecretValue", "success");
@@ -308,10 +356,12 @@ impl SecretsManagerSource {
             VersionSelector::Stage(stage) => request.version_stage(stage),
             VersionSelector::Id(id) => request.version_id(id),
         };
+        let held = self.in_flight().await;
         let result = request
             .send()
             .await
             .map_err(|error| classify(&secret.secret_id, &error));
+        drop(held);
         self.count(
             "GetSecretValue",
             match &result {
@@ -373,6 +423,7 @@ impl SecretSource for SecretsManagerSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
         async move {
+            let held = self.in_flight().await;
             let result = self
                 .client(&secret.region)
                 .describe_secret()
@@ -380,6 +431,7 @@ impl SecretSource for SecretsManagerSource {
                 .send()
                 .await
                 .map_err(|error| classify(&secret.secret_id, &error));
+            drop(held);
             self.count(
                 "DescribeSecret",
                 match &result {
@@ -428,11 +480,13 @@ impl SecretSource for SecretsManagerSource {
                             .build(),
                     );
                 }
+                let held = self.in_flight().await;
                 let result = request
                     .set_next_token(token.take())
                     .send()
                     .await
                     .map_err(|error| classify(&format!("(list in {region})"), &error));
+                drop(held);
                 self.count(
                     "ListSecrets",
                     match &result {

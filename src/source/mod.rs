@@ -13,7 +13,7 @@ use std::fmt;
 use futures::future::BoxFuture;
 
 pub use crate::api::VersionSelector;
-pub use aws::{SecretsManagerSource, caller_account};
+pub use aws::{DEFAULT_MAX_IN_FLIGHT, SecretsManagerSource, caller_account};
 
 /// Which secret, where, at which version. Built only from an id that passed `id::parse_secret_id`
 /// and a region that passed the policy, so clients are never made for unchecked regions.

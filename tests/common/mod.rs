@@ -136,6 +136,20 @@ pub fn syncs(operator: &Operator) -> u64 {
 /// One operator watching `namespaces`, as ServiceAccount `mtls-operator` of the first, bound to the
 /// documented ClusterRole in each (RoleBindings: RBAC only there).
 pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Result<Operator> {
+    start_operator_capped(
+        namespaces,
+        settings,
+        mtls_operator::source::DEFAULT_MAX_IN_FLIGHT,
+    )
+    .await
+}
+
+/// Like [`start_operator_for`], with at most `max_in_flight` Secrets Manager calls at once.
+pub async fn start_operator_capped(
+    namespaces: &[&str],
+    settings: Settings,
+    max_in_flight: usize,
+) -> Result<Operator> {
     install_crd_and_rbac().await?;
     let home = *namespaces.first().context("no namespace")?;
     for namespace in namespaces {
@@ -146,7 +160,7 @@ pub async fn start_operator_for(namespaces: &[&str], settings: Settings) -> Resu
     }
     let client = support::service_account_client(home, "mtls-operator").await?;
     let aws = support::aws_config().await;
-    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
+    let source = Arc::new(SecretsManagerSource::new(aws.clone()).with_max_in_flight(max_in_flight));
     let settings = Settings {
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
         ..settings
