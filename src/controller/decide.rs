@@ -623,6 +623,32 @@ pub fn event_for(
     }
 }
 
+/// An identity's phase in its refresh interval, in [0, 1), from a hash of its uid: stable across
+/// restarts and leader changes, different between identities.
+pub fn refresh_phase(uid: &str) -> f64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(uid.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The next refresh of a healthy identity: at its own phase of the interval, at least half an
+/// interval from now (so between 0.5 and 1.5 intervals), so identities created or restarted together
+/// spread over the whole interval instead of refreshing in waves.
+pub fn next_refresh(refresh: Duration, phase: f64, now_unix_ms: u64) -> Duration {
+    let period = u64::try_from(refresh.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(2);
+    let offset = (phase.clamp(0.0, 1.0) * period as f64) as u64 % period;
+    let position = (now_unix_ms % period + period - offset) % period;
+    let mut wait = period - position;
+    if wait < period / 2 {
+        wait += period;
+    }
+    Duration::from_millis(wait)
+}
+
 /// When to look again. Healthy: at the refresh interval with up to 10% jitter, so a fleet created
 /// together does not poll together. Throttled or unavailable: exponential backoff from 5s. Not
 /// found or denied: slowly, as a person must act first. Bad material: at the refresh interval.
@@ -865,6 +891,34 @@ mod tests {
             fields: None,
             ca_secret_id: ca.map(String::from),
         }
+    }
+
+    #[test]
+    fn refreshes_spread_over_the_interval() {
+        let refresh = Duration::from_secs(120);
+        let now = 1_900_000_000_000u64;
+        let mut buckets = [0usize; 10];
+        for index in 0..10_000 {
+            let phase = refresh_phase(&format!("6f1c2a9e-uid-{index}"));
+            let wait = next_refresh(refresh, phase, now);
+            assert!(
+                wait >= refresh / 2 && wait < refresh + refresh / 2,
+                "{wait:?}"
+            );
+            let at = (now + wait.as_millis() as u64) % 120_000;
+            buckets[(at / 12_000) as usize] += 1;
+        }
+        for (bucket, count) in buckets.iter().enumerate() {
+            assert!(
+                (800..=1200).contains(count),
+                "bucket {bucket}: {count} of 10,000"
+            );
+        }
+        // Stable: the same identity lands on the same slot, whenever it last synced.
+        let phase = refresh_phase("uid-a");
+        let slot =
+            |now: u64| (now + next_refresh(refresh, phase, now).as_millis() as u64) % 120_000;
+        assert_eq!(slot(now), slot(now + 7_000));
     }
 
     #[test]

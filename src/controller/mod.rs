@@ -637,12 +637,15 @@ async fn reconcile_inner(
         warn!(identity = %key, reason = failure.reason(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
     let failures = context.count_failure(&key, attempted.is_err());
-    Ok(Action::requeue(decide::requeue_after(
-        refresh,
-        &attempted,
-        failures,
-        rand::random::<f64>(),
-    )))
+    Ok(Action::requeue(match &attempted {
+        // Healthy: at the identity's own phase of the interval, not in waves.
+        Ok(_) => decide::next_refresh(
+            refresh,
+            decide::refresh_phase(identity.uid().as_deref().unwrap_or(&name)),
+            u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+        ),
+        Err(_) => decide::requeue_after(refresh, &attempted, failures, rand::random::<f64>()),
+    }))
 }
 
 /// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
