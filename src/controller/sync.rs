@@ -194,6 +194,13 @@ pub async fn sync(
             // Absent when we looked: create, so one created meanwhile is never overwritten.
             None => {
                 if write::create_if_absent(&secrets, &desired).await? == Written::Conflict {
+                    // Created meanwhile. By us (another replica during a leader change, or a
+                    // reconcile that raced): look again shortly. By someone else: a conflict.
+                    let now_there = write::metadata(&secrets, target).await?;
+                    if now_there.is_some_and(|meta| decide::is_owned_by(&meta.metadata, &owner_uid))
+                    {
+                        return Ok(SyncStep::Wait(Duration::from_secs(1)));
+                    }
                     return conflict();
                 }
             }
