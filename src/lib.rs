@@ -14,3 +14,12 @@ pub mod proxy;
 pub mod restart;
 pub mod source;
 pub mod telemetry;
+
+/// Locks a mutex, using its data even if a panicking thread poisoned it: every mutex here guards
+/// plain maps and counters that stay consistent between statements.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}

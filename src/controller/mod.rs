@@ -7,6 +7,7 @@ pub mod egress;
 pub mod sync;
 pub mod write;
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,14 +176,6 @@ impl IdentityState {
     /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.
     fn take_fetch(&self, key: &ObjectRef<MtlsIdentity>, refresh: Duration) -> Option<Duration> {
         lock(&self.budget).take(key, refresh, std::time::Instant::now())
-    }
-}
-
-/// A poisoned lock still holds consistent data here (plain maps): use it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -15,7 +15,8 @@ use crate::source::{FetchedSecret, SecretContent};
 
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
 use super::write::{self, Written};
-use super::{Context, ReconcileError, lock};
+use super::{Context, ReconcileError};
+use crate::lock;
 
 /// What a sync did.
 pub enum SyncStep {

@@ -6,6 +6,7 @@
 
 pub mod decide;
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,14 +24,6 @@ use decide::RestartDecision;
 pub enum RestartError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-}
-
-/// A poisoned lock still holds a consistent map here: use it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 /// A Deployment, StatefulSet or DaemonSet, seen through what restarts need.

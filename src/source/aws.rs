@@ -2,6 +2,7 @@
 //! standard AWS configuration (`AWS_ENDPOINT_URL`, IRSA, Pod Identity, ...): there is no test-only
 //! path; tests point the endpoint at moto.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,13 +62,6 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.now.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

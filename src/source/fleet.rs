@@ -4,6 +4,7 @@
 //! reconcile. A value is read only when its version changed, its Secret needs repair, or the sweep
 //! cannot tell (then at the identity's refresh interval, as a plain poller would).
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,13 +50,6 @@ pub struct Fleet {
     /// Wakes the sweep when a new secret enters the index.
     wake: tokio::sync::Notify,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 /// ListSecrets accepts at most this many name filter values.
