@@ -192,22 +192,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_metrics(metrics.clone())
             .with_max_in_flight(args.max_aws_in_flight),
     );
-    let default_region = source.default_region();
-    let allowed_regions = if args.allowed_regions.is_empty() {
-        default_region.iter().cloned().collect()
-    } else {
-        args.allowed_regions
-    };
-    if let Some(bad) = allowed_regions
-        .iter()
-        .find(|region| !mtls_operator::source::id::is_valid_region(region))
-    {
-        anyhow::bail!("--allowed-region {bad:?} is not a region name");
-    }
-    let own_account = match args.aws_account_id {
-        Some(account) => Some(account),
-        None => mtls_operator::source::caller_account(&aws).await,
-    };
     let rollout_deadline = mtls_operator::api::parse_duration(&args.rollout_deadline)
         .ok_or_else(|| anyhow::anyhow!("--rollout-deadline must be a duration such as 10m"))?;
     let egress_admin_from = match args.egress_admin_from.as_deref() {
@@ -238,8 +222,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .into_iter()
             .filter(|n| !n.is_empty())
             .collect(),
-        policy: SourcePolicy::new(args.allowed_sources, own_account, allowed_regions),
-        default_region,
+        // The account and regions the flags leave open come from the AWS configuration below.
+        policy: SourcePolicy::new(
+            args.allowed_sources,
+            args.aws_account_id,
+            args.allowed_regions,
+        ),
+        default_region: None,
         restart_limits: RestartLimits {
             max_rollouts: args.max_rollouts,
             max_per_namespace: args.max_rollouts_per_namespace,
@@ -249,7 +238,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         egress_admin_from,
         identity_selector: args.identity_selector,
         egress_image: args.enable_egress.then_some(args.proxy_image),
-    };
+    }
+    .with_aws_defaults(&aws)
+    .await;
+    if let Some(bad) = settings
+        .policy
+        .allowed_regions()
+        .iter()
+        .find(|region| !mtls_operator::source::id::is_valid_region(region))
+    {
+        anyhow::bail!("--allowed-region {bad:?} is not a region name");
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let health = tokio::spawn(serve_health(args.health_address, ready.clone()));
     let metrics_server = tokio::spawn(serve_metrics(args.metrics_address, metrics.clone()));

@@ -108,24 +108,23 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Fills what the AWS configuration knows: the default region and, when the policy allows no
-    /// region yet, a policy with the same patterns for the operator's own account (STS) and region.
+    /// Fills what the settings leave open from the AWS configuration: the default region (the
+    /// SDK's), the operator's own account (STS GetCallerIdentity) and, when none are allowed yet,
+    /// the allowed regions (the default region).
     pub async fn with_aws_defaults(mut self, aws: &aws_config::SdkConfig) -> Self {
-        let region = aws.region().map(|region| region.to_string());
         if self.default_region.is_none() {
-            self.default_region = region.clone();
+            self.default_region = aws.region().map(|region| region.to_string());
         }
-        if self.policy.allowed_regions().is_empty() {
-            let account = match self.policy.own_account() {
-                Some(account) => Some(account.to_string()),
-                None => crate::source::caller_account(aws).await,
-            };
-            self.policy = SourcePolicy::new(
-                self.policy.patterns().to_vec(),
-                account,
-                region.into_iter().collect(),
-            );
-        }
+        let account = match self.policy.own_account() {
+            Some(account) => Some(account.to_string()),
+            None => crate::source::caller_account(aws).await,
+        };
+        let regions = if self.policy.allowed_regions().is_empty() {
+            self.default_region.iter().cloned().collect()
+        } else {
+            self.policy.allowed_regions().to_vec()
+        };
+        self.policy = SourcePolicy::new(self.policy.patterns().to_vec(), account, regions);
         self
     }
 }
@@ -447,13 +446,8 @@ async fn reconcile_inner(
         SyncStep::Wait(wait) => return Ok(Action::requeue(wait)),
         // Nothing read: carry on from the status (restarts still pending, expiry, egress), or, if
         // the identity is failing on a version already refused, wait for a change.
-        SyncStep::Unchanged => match decide::synced_from_status(
-            identity.status.as_ref(),
-            identity.metadata.generation,
-            &target,
-            chrono::Utc::now().timestamp(),
-        ) {
-            Some(synced) => Ok(synced),
+        SyncStep::Unchanged(carried) => match carried {
+            Some(synced) => Ok(*synced),
             None => {
                 return Ok(Action::requeue(
                     refresh + refresh.mul_f64(rand::random::<f64>() * 0.1),

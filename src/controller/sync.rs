@@ -22,8 +22,10 @@ use crate::lock;
 pub enum SyncStep {
     /// Read and written (or refused, with the reason the user must see).
     Done(Box<Result<Synced, SyncFailure>>),
-    /// Nothing changed: no value was read, the Secret and status stand.
-    Unchanged,
+    /// Nothing changed: no value was read, the Secret and status stand. Carries the facts of the
+    /// last successful sync as status records them (`None`: the identity is failing on a version
+    /// already refused).
+    Unchanged(Option<Box<Synced>>),
     /// A read is needed, but the identity's read budget is spent: look again then.
     Wait(Duration),
 }
@@ -148,7 +150,7 @@ pub async fn sync(
         ))));
     }
     if !read {
-        return Ok(SyncStep::Unchanged);
+        return Ok(SyncStep::Unchanged(carried_facts.map(Box::new)));
     }
     // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
     if let Some(wait) = context.state.take_fetch(&key, refresh) {

@@ -319,11 +319,6 @@ impl SecretsManagerSource {
         self.calls.load(Ordering::Relaxed)
     }
 
-    /// The operator's default region (`AWS_REGION`, profile, IMDS), if any.
-    pub fn default_region(&self) -> Option<String> {
-        self.base.region().map(|region| region.to_string())
-    }
-
     /// The client for `region`. Callers pass only regions the source policy allowed, so the cache
     /// is bounded by the operator's configuration, not by what tenants write.
     fn client(&self, region: &str) -> Client {
