@@ -12,7 +12,7 @@ use mtls_operator::restart::RestartLimits;
 use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::fleet::SweepMode;
 use mtls_operator::source::policy::SourcePolicy;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(name = "mtls-operator", version, about)]
@@ -94,6 +94,10 @@ struct RunArgs {
     /// Secrets Manager calls in flight at once (reads, batches, sweeps), for the whole operator.
     #[arg(long, env = "MAX_AWS_IN_FLIGHT", default_value_t = mtls_operator::source::DEFAULT_MAX_IN_FLIGHT)]
     max_aws_in_flight: usize,
+    /// Secrets Manager calls per second per region at most (the ceiling of the adaptive rate,
+    /// which halves on throttling and grows back while calls succeed).
+    #[arg(long, env = "MAX_AWS_CALLS_PER_SECOND", default_value_t = mtls_operator::source::rate::DEFAULT_CALLS_PER_SECOND)]
+    max_aws_calls_per_second: f64,
     /// Only MtlsIdentities matching this label selector (shard identities over several operators).
     #[arg(long, env = "IDENTITY_SELECTOR")]
     identity_selector: Option<String>,
@@ -126,6 +130,11 @@ struct RunArgs {
     /// How long a leader's claim lasts without renewal (a Go-style duration, whole seconds).
     #[arg(long, env = "LEASE_DURATION", default_value = "15s")]
     lease_duration: String,
+    /// After SIGTERM, how long in-flight reconciles may take to finish before the process exits
+    /// anyway (queued work is left to the successor). Keep it below the pod's
+    /// terminationGracePeriodSeconds (30 s in the chart).
+    #[arg(long, env = "SHUTDOWN_DRAIN", default_value = "20s")]
+    shutdown_drain: String,
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -190,7 +199,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = Arc::new(
         SecretsManagerSource::new(aws.clone())
             .with_metrics(metrics.clone())
-            .with_max_in_flight(args.max_aws_in_flight),
+            .with_max_in_flight(args.max_aws_in_flight)
+            .with_max_calls_per_second(args.max_aws_calls_per_second),
     );
     let rollout_deadline = mtls_operator::api::parse_duration(&args.rollout_deadline)
         .ok_or_else(|| anyhow::anyhow!("--rollout-deadline must be a duration such as 10m"))?;
@@ -258,23 +268,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // A standby is ready too: it serves, and takes over when the leader goes.
     ready.store(true, Ordering::Relaxed);
-    let result = if args.leader_election {
+    // SIGTERM: in-flight reconciles get `--shutdown-drain` to finish (controller graceful
+    // shutdown); after that the process exits whatever is still queued, which the successor
+    // picks up from the cluster's state.
+    let signal = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    let drain = mtls_operator::api::parse_duration(&args.shutdown_drain)
+        .ok_or_else(|| anyhow::anyhow!("--shutdown-drain must be a duration such as 20s"))?;
+    let bounded = {
+        let signal = signal.clone();
+        async move {
+            signal.await;
+            tokio::time::sleep(drain).await;
+            warn!(
+                ?drain,
+                "in-flight work did not finish within the drain bound; exiting"
+            );
+        }
+    };
+    let leader = if args.leader_election {
         let lease_duration = mtls_operator::api::parse_duration(&args.lease_duration)
             .filter(|duration| duration.as_secs() >= 2)
             .ok_or_else(|| anyhow::anyhow!("--lease-duration must be at least 2s"))?;
         let identity = args
             .identity
             .unwrap_or_else(|| format!("mtls-operator-{}", std::process::id()));
-        let leader = LeaderSettings {
+        Some(LeaderSettings {
             lease_name: args.lease_name,
             namespace: args.lease_namespace,
             identity,
             duration: lease_duration,
-        };
-        leader::run_as_leader(client, source, settings, metrics, leader, shutdown_signal()).await
+        })
     } else {
-        controller::run(client, source, settings, metrics, shutdown_signal()).await;
-        Ok(())
+        None
+    };
+    let work = async {
+        match leader {
+            Some(leader) => {
+                leader::run_as_leader(client, source, settings, metrics, leader, signal).await
+            }
+            None => {
+                controller::run(client, source, settings, metrics, signal).await;
+                Ok(())
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = work => result,
+        () = bounded => Ok(()),
     };
     health.abort();
     metrics_server.abort();

@@ -32,6 +32,11 @@ pub struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    pub region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -45,6 +50,8 @@ pub struct Metrics {
     pub source_reachable: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub syncs: Family<SyncLabels, Counter>,
     pub aws_calls: Family<CallLabels, Counter>,
+    /// The adaptive client-side rate per region (calls per second).
+    pub aws_rate: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub rotations: Counter,
     pub restarts: Family<OutcomeLabels, Counter>,
     pub reconcile_duration: Histogram,
@@ -77,6 +84,7 @@ impl Metrics {
             source_reachable: Family::default(),
             syncs: Family::default(),
             aws_calls: Family::default(),
+            aws_rate: Family::default(),
             rotations: Counter::default(),
             restarts: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
@@ -118,6 +126,12 @@ impl Metrics {
             "secretsmanager_calls",
             "AWS Secrets Manager API calls by operation and outcome",
             metrics.aws_calls.clone(),
+        );
+        registry.register(
+            "secretsmanager_rate_limit",
+            "Calls per second the operator allows itself per region now: halves when Secrets \
+             Manager throttles, grows back while calls succeed, never above --max-aws-calls-per-second",
+            metrics.aws_rate.clone(),
         );
         registry.register(
             "rotations",
@@ -199,6 +213,14 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    pub fn record_aws_rate(&self, region: &str, rate: f64) {
+        self.aws_rate
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .set(rate);
     }
 
     pub fn record_aws_call(&self, operation: &str, outcome: &str) {

@@ -277,7 +277,11 @@ fn rss_mib(pid: u32) -> Result<f64> {
 }
 
 /// The release binary `cargo xtask bench` builds.
+/// The release binary, or `MTLS_BENCH_BINARY` (e.g. a build with debug info, for a heap profile).
 fn release_binary() -> std::path::PathBuf {
+    if let Some(binary) = std::env::var_os("MTLS_BENCH_BINARY") {
+        return binary.into();
+    }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| xtask::project_root().join("target"));
@@ -334,7 +338,16 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     let health_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut command = std::process::Command::new(&binary);
+    // MTLS_BENCH_W4_HEAPTRACK=DIR runs the operator under heaptrack, which writes its heap profile
+    // into DIR (read it with heaptrack_print; the RSS figures are then heaptrack's wrapper's).
+    let mut command = match std::env::var("MTLS_BENCH_W4_HEAPTRACK") {
+        Ok(directory) => {
+            let mut command = std::process::Command::new("heaptrack");
+            command.current_dir(directory).arg(&binary);
+            command
+        }
+        Err(_) => std::process::Command::new(&binary),
+    };
     command
         .args(["run", "--namespace", &namespace, "--sweep-interval", "5m"])
         .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])

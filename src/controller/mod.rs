@@ -137,7 +137,8 @@ pub struct Context {
     trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<MtlsIdentity>>,
     pub source: Arc<dyn SecretSource>,
     pub settings: Settings,
-    recorder: Recorder,
+    /// Who publishes Events (see `publish` for why there is no long-lived Recorder).
+    reporter: Reporter,
     restarter: Arc<Restarter>,
     metrics: Arc<Metrics>,
     /// The version index and its sweep, shared by every scope.
@@ -334,7 +335,7 @@ async fn run_scope(
         instance: std::env::var("POD_NAME").ok(),
     };
     let context = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter,
         client,
         identities: reader.clone(),
         trigger,
@@ -1080,7 +1081,12 @@ async fn publish(
         action: "Sync".to_string(),
         secondary: None,
     };
-    if let Err(error) = context.recorder.publish(&event, reference).await {
+    // A Recorder per Event: a long-lived one caches every Event it published for six minutes (to
+    // aggregate repeats into series) in a table that never shrinks, which at 10,000 identities was
+    // the operator's largest allocation (heap profile in BENCHMARKS.md). Repeats are already
+    // decided away (`decide`: an Event per transition), so nothing is lost.
+    let recorder = Recorder::new(context.client.clone(), context.reporter.clone());
+    if let Err(error) = recorder.publish(&event, reference).await {
         warn!(error = %error, "could not publish an Event");
     }
 }

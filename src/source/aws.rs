@@ -13,6 +13,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
+use std::time::Instant;
+
+use super::rate::{self, AdaptiveRate, Signal};
 
 use super::{
     DescribedSecret, FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError,
@@ -48,7 +51,14 @@ pub struct SecretsManagerSource {
     in_flight_cap: Arc<tokio::sync::Semaphore>,
     in_flight_now: Arc<AtomicU64>,
     in_flight_peak: Arc<AtomicU64>,
+    /// The adaptive rate per region (AIMD), shared by every call.
+    rates: Mutex<HashMap<String, AdaptiveRate>>,
+    max_calls_per_second: f64,
 }
+
+/// Attempts per call when Secrets Manager throttles; each one waits for the (halved) rate. The
+/// SDK's own retries are off, so every attempt is under the rate and counted.
+const ATTEMPTS: u32 = 2;
 
 /// The default cap on Secrets Manager calls in flight at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -78,6 +88,8 @@ impl SecretsManagerSource {
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
             in_flight_peak: Arc::new(AtomicU64::new(0)),
+            rates: Mutex::new(HashMap::new()),
+            max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
             metrics: None,
         }
     }
@@ -87,6 +99,97 @@ impl SecretsManagerSource {
         Self {
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
             ..self
+        }
+    }
+
+    /// At most `calls_per_second` calls per second per region; lower while Secrets Manager
+    /// throttles.
+    pub fn with_max_calls_per_second(self, calls_per_second: f64) -> Self {
+        Self {
+            max_calls_per_second: calls_per_second,
+            ..self
+        }
+    }
+
+    /// The current adaptive rate of `region` (calls per second), if it made any call.
+    pub fn rate_of(&self, region: &str) -> Option<f64> {
+        lock(&self.rates).get(region).map(AdaptiveRate::rate)
+    }
+
+    /// Waits for the region's next token; returns when it was taken (the call's send time).
+    async fn take_token(&self, region: &str) -> Instant {
+        loop {
+            let now = Instant::now();
+            let wait = lock(&self.rates)
+                .entry(region.to_string())
+                .or_insert_with(|| AdaptiveRate::new(self.max_calls_per_second, now))
+                .try_acquire(now);
+            match wait {
+                Ok(()) => return now,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    fn feed_back(&self, region: &str, signal: Signal, sent: Instant) {
+        let rate = {
+            let mut rates = lock(&self.rates);
+            let Some(bucket) = rates.get_mut(region) else {
+                return;
+            };
+            bucket.observe(signal, sent, Instant::now());
+            bucket.rate()
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.record_aws_rate(region, rate);
+        }
+    }
+
+    /// One Secrets Manager call: under the in-flight cap and the region's rate, counted, its
+    /// outcome fed back to the rate; tried again (under the rate) when throttled.
+    async fn call<T, E, R, F, Fut>(
+        &self,
+        region: &str,
+        operation: &'static str,
+        subject: &str,
+        send: F,
+    ) -> Result<T, SourceError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let mut attempt = 1;
+        loop {
+            let held = self.in_flight().await;
+            let sent = self.take_token(region).await;
+            let result = send().await.map_err(|error| classify(subject, &error));
+            drop(held);
+            self.count(
+                operation,
+                match &result {
+                    Ok(_) => "success",
+                    Err(error) => error.reason(),
+                },
+            );
+            let congested = matches!(
+                result,
+                Err(SourceError::Throttled { .. } | SourceError::Unavailable { .. })
+            );
+            self.feed_back(
+                region,
+                if congested {
+                    Signal::Congested
+                } else {
+                    Signal::Answered
+                },
+                sent,
+            );
+            match result {
+                Err(SourceError::Throttled { .. }) if attempt < ATTEMPTS => attempt += 1,
+                other => return other,
+            }
         }
     }
 
@@ -225,21 +328,17 @@ impl SecretsManagerSource {
         }
         let client = self.client(region);
         let ids: Vec<String> = chunk.iter().map(|(s, _)| s.secret_id.clone()).collect();
-        let held = self.in_flight().await;
-        let result = client
+        let request = client
             .batch_get_secret_value()
-            .set_secret_id_list(Some(ids.clone()))
-            .send()
+            .set_secret_id_list(Some(ids.clone()));
+        let result = self
+            .call(region, "BatchGetSecretValue", &ids.join(","), || {
+                request.clone().send()
+            })
             .await;
-        drop(held);
         let output = match result {
-            Ok(output) => {
-                self.count("BatchGetSecretValue", "success");
-                output
-            }
-            Err(error) => {
-                let failure = classify(&ids.join(","), &error);
-                self.count("BatchGetSecretValue", failure.reason());
+            Ok(output) => output,
+            Err(failure) => {
                 if matches!(failure, SourceError::AccessDenied { .. }) {
                     // The role lacks secretsmanager:BatchGetSecretValue: one by one from now on.
                     tracing::warn!(
@@ -329,8 +428,10 @@ impl SecretsManagerSource {
         clients
             .entry(region.to_string())
             .or_insert_with(|| {
+                // No SDK retries: every attempt goes through `call`, under the adaptive rate.
                 let config = aws_sdk_secretsmanager::config::Builder::from(&self.base)
-                    .region(aws_config::Region::new(region.to_string()));
+                    .region(aws_config::Region::new(region.to_string()))
+                    .retry_config(aws_sdk_secretsmanager::config::retry::RetryConfig::disabled());
                 Client::from_conf(config.build())
             })
             .clone()
@@ -345,20 +446,11 @@ impl SecretsManagerSource {
             VersionSelector::Stage(stage) => request.version_stage(stage),
             VersionSelector::Id(id) => request.version_id(id),
         };
-        let held = self.in_flight().await;
-        let result = request
-            .send()
-            .await
-            .map_err(|error| classify(&secret.secret_id, &error));
-        drop(held);
-        self.count(
-            "GetSecretValue",
-            match &result {
-                Ok(_) => "success",
-                Err(error) => error.reason(),
-            },
-        );
-        let output = result?;
+        let output = self
+            .call(&secret.region, "GetSecretValue", &secret.secret_id, || {
+                request.clone().send()
+            })
+            .await?;
         let content = match (output.secret_string, output.secret_binary) {
             (Some(text), _) => SecretContent::Text(text),
             (None, Some(blob)) => SecretContent::Binary(blob.into_inner()),
@@ -412,23 +504,15 @@ impl SecretSource for SecretsManagerSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
         async move {
-            let held = self.in_flight().await;
-            let result = self
+            let request = self
                 .client(&secret.region)
                 .describe_secret()
-                .secret_id(&secret.secret_id)
-                .send()
-                .await
-                .map_err(|error| classify(&secret.secret_id, &error));
-            drop(held);
-            self.count(
-                "DescribeSecret",
-                match &result {
-                    Ok(_) => "success",
-                    Err(error) => error.reason(),
-                },
-            );
-            let output = result?;
+                .secret_id(&secret.secret_id);
+            let output = self
+                .call(&secret.region, "DescribeSecret", &secret.secret_id, || {
+                    request.clone().send()
+                })
+                .await?;
             // Scheduled for deletion: as good as gone for new reads.
             if output.deleted_date().is_some() {
                 return Err(SourceError::NotFound {
@@ -469,21 +553,15 @@ impl SecretSource for SecretsManagerSource {
                             .build(),
                     );
                 }
-                let held = self.in_flight().await;
-                let result = request
-                    .set_next_token(token.take())
-                    .send()
-                    .await
-                    .map_err(|error| classify(&format!("(list in {region})"), &error));
-                drop(held);
-                self.count(
-                    "ListSecrets",
-                    match &result {
-                        Ok(_) => "success",
-                        Err(error) => error.reason(),
-                    },
-                );
-                let output = result?;
+                let request = request.set_next_token(token.take());
+                let output = self
+                    .call(
+                        region,
+                        "ListSecrets",
+                        &format!("(list in {region})"),
+                        || request.clone().send(),
+                    )
+                    .await?;
                 for entry in output.secret_list() {
                     if entry.deleted_date().is_some() {
                         continue;

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod id;
 pub mod index;
 pub mod policy;
+pub mod rate;
 
 use std::fmt;
 

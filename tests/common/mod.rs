@@ -2,6 +2,8 @@
 //! (running as a ServiceAccount bound to the chart's rules, `charts/mtls-operator/files/operator-rules.yaml`), test certificates, and lookups.
 #![allow(dead_code)]
 
+pub mod endpoint;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +152,19 @@ pub async fn start_operator_capped(
     settings: Settings,
     max_in_flight: usize,
 ) -> Result<Operator> {
+    let aws = support::aws_config().await;
+    let source = SecretsManagerSource::new(aws.clone()).with_max_in_flight(max_in_flight);
+    start_operator_on(namespaces, settings, aws, source).await
+}
+
+/// Like [`start_operator_for`], with its own AWS configuration (e.g. through a
+/// [`endpoint::CountingEndpoint`]) and Secrets Manager client.
+pub async fn start_operator_on(
+    namespaces: &[&str],
+    settings: Settings,
+    aws: aws_config::SdkConfig,
+    source: SecretsManagerSource,
+) -> Result<Operator> {
     install_crd_and_rbac().await?;
     let home = *namespaces.first().context("no namespace")?;
     for namespace in namespaces {
@@ -159,8 +174,7 @@ pub async fn start_operator_capped(
         }
     }
     let client = support::service_account_client(home, "mtls-operator").await?;
-    let aws = support::aws_config().await;
-    let source = Arc::new(SecretsManagerSource::new(aws.clone()).with_max_in_flight(max_in_flight));
+    let source = Arc::new(source);
     let settings = Settings {
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
         ..settings

@@ -1,0 +1,232 @@
+//! A counting, fault-injecting endpoint in front of moto, on loopback: every HTTP request the
+//! operator's AWS SDK sends is counted here (by operation, with its time and answer), so tests
+//! assert call rates and counts at the endpoint, SDK retries included. It can grant only a quota
+//! (answering `ThrottlingException` above it, like an account's rate limit), throttle everything,
+//! or answer 503 as an unavailable service would.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::oneshot;
+
+/// How the endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Forward everything to moto.
+    Pass,
+    /// Forward at most this many requests per fixed one-second window; throttle the rest.
+    Quota(u32),
+    /// Answer every request with `ThrottlingException`.
+    Throttle,
+    /// Answer every request with 503 Service Unavailable.
+    Unavailable,
+}
+
+/// One request seen.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    /// `X-Amz-Target`'s operation, e.g. `GetSecretValue`.
+    pub operation: String,
+    pub forwarded: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    seen: Vec<Seen>,
+    window: (Instant, u32),
+}
+
+pub struct CountingEndpoint {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    _stop: oneshot::Sender<()>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl CountingEndpoint {
+    /// Starts in front of `upstream` (moto's URL); stops when dropped.
+    pub async fn start(upstream: &str, mode: Mode) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let upstream: hyper::Uri = upstream.parse().context("upstream URL")?;
+        let state = Arc::new(Mutex::new(State {
+            mode,
+            seen: Vec::new(),
+            window: (Instant::now(), 0),
+        }));
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let served = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (state, client, upstream) = (served.clone(), client.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        answer(request, state.clone(), client.clone(), upstream.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            url,
+            state,
+            _stop: stop,
+        })
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        lock(&self.state).mode = mode;
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.state).seen.clone()
+    }
+
+    /// Requests seen so far, of `operation` (or all with `None`).
+    pub fn count(&self, operation: Option<&str>) -> usize {
+        lock(&self.state)
+            .seen
+            .iter()
+            .filter(|seen| operation.is_none_or(|op| seen.operation == op))
+            .count()
+    }
+
+    /// The most requests seen in any `window` (sliding) since `since`, as a rate per second.
+    pub fn peak_rate(&self, since: Instant, window: Duration) -> f64 {
+        let times: Vec<Instant> = lock(&self.state)
+            .seen
+            .iter()
+            .map(|seen| seen.at)
+            .filter(|at| *at >= since)
+            .collect();
+        let mut most = 0;
+        let mut start = 0;
+        for (end, at) in times.iter().enumerate() {
+            while at.duration_since(times[start]) >= window {
+                start += 1;
+            }
+            most = most.max(end + 1 - start);
+        }
+        most as f64 / window.as_secs_f64()
+    }
+
+    /// An SDK configuration like `base`, with this endpoint in front of moto.
+    pub fn aws_config(&self, base: &aws_config::SdkConfig) -> aws_config::SdkConfig {
+        base.to_builder().endpoint_url(&self.url).build()
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: hyper::Uri,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let operation = request
+        .headers()
+        .get("x-amz-target")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|target| target.rsplit('.').next())
+        .unwrap_or("")
+        .to_string();
+    let now = Instant::now();
+    let forward = {
+        let mut state = lock(&state);
+        let forward = match state.mode {
+            Mode::Pass => Ok(()),
+            Mode::Throttle => Err(throttled()),
+            Mode::Unavailable => Err(unavailable()),
+            Mode::Quota(per_second) => {
+                let (started, count) = &mut state.window;
+                if now.duration_since(*started) >= Duration::from_secs(1) {
+                    *started = now;
+                    *count = 0;
+                }
+                if *count < per_second {
+                    *count += 1;
+                    Ok(())
+                } else {
+                    Err(throttled())
+                }
+            }
+        };
+        // Secrets Manager calls only (STS, asked once at start, has no target).
+        if !operation.is_empty() {
+            state.seen.push(Seen {
+                at: now,
+                operation,
+                forwarded: forward.is_ok(),
+            });
+        }
+        forward
+    };
+    if let Err(refused) = forward {
+        return Ok(refused);
+    }
+    let (mut parts, body) = request.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |path| path.as_str())
+        .to_string();
+    let mut target = upstream.clone().into_parts();
+    target.path_and_query = path.parse().ok();
+    parts.uri = hyper::Uri::from_parts(target).unwrap_or(upstream);
+    let forwarded = Request::from_parts(parts, Full::new(body));
+    match client.request(forwarded).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok(Response::from_parts(parts, Full::new(body)))
+        }
+        Err(_) => Ok(unavailable()),
+    }
+}
+
+/// Secrets Manager's answer to a call over the account's rate (awsJson1.1).
+fn throttled() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(
+        br#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+    )));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response.headers_mut().insert(
+        "x-amzn-errortype",
+        hyper::header::HeaderValue::from_static("ThrottlingException"),
+    );
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
+    response
+}
+
+fn unavailable() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(b"")));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
+}
