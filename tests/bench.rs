@@ -437,3 +437,181 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     let _ = child.wait();
     result
 }
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Bounded load (#14): the release binary as its own process, its Secrets Manager behind the
+/// counting endpoint granting only `MTLS_BENCH_LOAD_QUOTA` calls per second (default 20) to a
+/// fleet of `MTLS_BENCH_LOAD_IDENTITIES` (default 2,000) whose naive polling would need more
+/// (describe sweep every `MTLS_BENCH_LOAD_REFRESH_SECONDS`, default 60). All Ready, then
+/// `MTLS_BENCH_LOAD_OBSERVE_SECONDS` (default 300) watching for Ready=False; calls counted at the
+/// endpoint, throttled ones included. Then a second process started cold on the whole fleet and sent
+/// SIGTERM with its reconciles queued: how long it takes to exit.
+#[tokio::test]
+#[ignore = "benchmark: run explicitly, see the module docs"]
+async fn bounded_load_under_a_quota() -> Result<()> {
+    use common::endpoint::{CountingEndpoint, Mode};
+    let count: usize = env_or("MTLS_BENCH_LOAD_IDENTITIES", 2000);
+    let quota: u32 = env_or("MTLS_BENCH_LOAD_QUOTA", 20);
+    let refresh: u64 = env_or("MTLS_BENCH_LOAD_REFRESH_SECONDS", 60);
+    let observe: u64 = env_or("MTLS_BENCH_LOAD_OBSERVE_SECONDS", 300);
+    let binary = release_binary();
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build --release",
+        binary.display()
+    );
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("bench-load", &[]).await?;
+    let ca = TestCa::new("load CA")?;
+    let value = good_secret(&ca)?;
+    let sm = support::secrets_manager().await;
+    futures::stream::iter(0..count)
+        .map(|index| {
+            let (sm, value) = (sm.clone(), value.clone());
+            let name = format!("{namespace}/client-{index}");
+            async move {
+                sm.create_secret()
+                    .name(name)
+                    .secret_string(value)
+                    .send()
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().unwrap_or_default().to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Quota(quota)).await?;
+
+    let spawn = || -> Result<std::process::Child> {
+        let free_port = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let mut command = std::process::Command::new(&binary);
+        command
+            .args(["run", "--namespace", &namespace, "--sweep-mode", "describe"])
+            .args(["--sweep-interval", &format!("{refresh}s")])
+            .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (name, value) in support::environment().variables() {
+            command.env(name, value);
+        }
+        command.env("AWS_ENDPOINT_URL", &endpoint.url);
+        Ok(command.spawn()?)
+    };
+    let mut child = spawn()?;
+    let pid = child.id();
+    let client = support::admin_client().await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
+    let result = async {
+        let started = Instant::now();
+        futures::stream::iter(0..count)
+            .map(|index| {
+                let (identities, namespace) = (identities.clone(), namespace.clone());
+                async move {
+                    let spec = serde_json::json!({ "refreshInterval": format!("{refresh}s") });
+                    let object = identity(
+                        &format!("client-{index}"),
+                        &format!("{namespace}/client-{index}"),
+                        spec,
+                    )?;
+                    identities.create(&PostParams::default(), &object).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        loop {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            if ready == count {
+                break;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(3600),
+                "{ready} of {count} Ready"
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let synced = started.elapsed();
+        let calls_to_ready = endpoint.count(None);
+        let observed_from = Instant::now();
+        let mut most_not_ready = 0;
+        while observed_from.elapsed() < Duration::from_secs(observe) {
+            let listed = identities.list(&ListParams::default()).await?.items;
+            most_not_ready = most_not_ready.max(count - ready_count(&listed));
+            tokio::time::sleep(Duration::from_secs(10)).await; // a sampling period, not a condition
+        }
+        let seen = endpoint.seen();
+        let in_observation = seen.iter().filter(|s| s.at >= observed_from).count();
+        let throttled = seen.iter().filter(|s| !s.forwarded).count();
+        let peak = endpoint.peak_rate(started, Duration::from_secs(10));
+        let rss = rss_mib(pid)?;
+        println!(
+            "LOAD: {count} identities, quota {quota} calls/s, describe sweep every {refresh} s \
+             (naive need {:.1} calls/s): all Ready after {synced:.1?} ({calls_to_ready} calls); \
+             then {observe} s observed: at most {most_not_ready} not Ready (target 0); peak \
+             {peak:.1} calls/s over 10 s windows (target <= {:.0}), {:.1} calls/s on average; \
+             {throttled} of {} calls throttled; RSS {rss:.1} MiB",
+            count as f64 / refresh as f64,
+            1.5 * f64::from(quota),
+            in_observation as f64 / observe as f64,
+            seen.len(),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+
+    // SIGTERM with the whole fleet queued: a fresh process lists every identity at once.
+    let mut cold = spawn()?;
+    let cold_pid = cold.id();
+    let calls_before = endpoint.count(None);
+    wait_for(
+        "the new process to start calling",
+        Duration::from_secs(60),
+        || async {
+            ensure!(endpoint.count(None) > calls_before, "no call yet");
+            Ok(())
+        },
+    )
+    .await?;
+    let signalled = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &cold_pid.to_string()])
+        .status()?;
+    let exited = loop {
+        if cold.try_wait()?.is_some() {
+            break signalled.elapsed();
+        }
+        if signalled.elapsed() > Duration::from_secs(60) {
+            let _ = cold.kill();
+            let _ = cold.wait();
+            anyhow::bail!("still running 60 s after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "LOAD: SIGTERM to a process starting on {count} identities: exited after {exited:.1?} \
+         (bound: --shutdown-drain 20 s, terminationGracePeriodSeconds 30 s)"
+    );
+    Ok(())
+}

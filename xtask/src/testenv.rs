@@ -5,6 +5,7 @@
 //! free-picked and every file lives in the environment's own folder, so two environments can run side
 //! by side. Readiness is waited on, never slept for.
 
+use aws_sdk_secretsmanager::error::DisplayErrorContext;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -126,7 +127,10 @@ impl Environment {
                 .secret_id(name)
                 .secret_string(value)
                 .send()
-                .await?
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!("PutSecretValue {name}: {}", DisplayErrorContext(&error))
+                })?
                 .version_id
         } else {
             client
@@ -134,7 +138,10 @@ impl Environment {
                 .name(name)
                 .secret_string(value)
                 .send()
-                .await?
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!("CreateSecret {name}: {}", DisplayErrorContext(&error))
+                })?
                 .version_id
         };
         version.context("Secrets Manager returned no VersionId")
