@@ -7,26 +7,20 @@
 //! cargo xtask testenv down
 //! ```
 //!
-//! `MTLS_BENCH_IDENTITIES` sets the fleet size (default 1000). Calls are counted by the operator's
-//! Secrets Manager client (every call it makes, by operation); the operator runs in this process,
-//! with the admin client.
+//! `MTLS_BENCH_IDENTITIES` sets the fleet size (default 1000). The operator is the release binary,
+//! run as its own process; its Secrets Manager is moto behind the counting endpoint
+//! (`common::endpoint`), so calls are counted where AWS would bill them, every retry included.
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, PostParams};
 use mtls_operator::api::MtlsIdentity;
-use mtls_operator::controller::{self, Settings};
-use mtls_operator::metrics::Metrics;
-use mtls_operator::source::SecretsManagerSource;
-use mtls_operator::source::events::EventQueue;
-use mtls_operator::source::fleet::SweepMode;
-use tokio::sync::oneshot;
 use xtask::support::{self, wait_for};
 
 fn fleet_size() -> usize {
@@ -43,46 +37,51 @@ fn ready_count(identities: &[MtlsIdentity]) -> usize {
         .count()
 }
 
-struct Running {
-    source: Arc<SecretsManagerSource>,
-    stop: oneshot::Sender<()>,
+/// Value reads counted at the endpoint.
+fn reads(endpoint: &CountingEndpoint) -> usize {
+    endpoint.count(Some("GetSecretValue")) + endpoint.count(Some("BatchGetSecretValue"))
 }
 
-impl Running {
-    fn reads(&self) -> u64 {
-        self.source.calls_of("GetSecretValue") + self.source.calls_of("BatchGetSecretValue")
-    }
-}
-
-async fn start(
+/// The release binary watching `namespace`, its Secrets Manager behind `endpoint`; `extra` flags.
+fn spawn_operator(
     namespace: &str,
-    mode: SweepMode,
-    refresh: Duration,
-    queue: &EventQueue,
-) -> Result<Running> {
-    let client = support::admin_client().await?;
-    let aws = support::aws_config().await;
-    let source = Arc::new(SecretsManagerSource::new(aws.clone()));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let settings = Settings {
-        namespaces: vec![namespace.to_string()],
-        sweep_mode: mode,
-        sweep_interval: refresh,
-        events: Some(queue.clone()),
-        ..Settings::default()
+    endpoint: &CountingEndpoint,
+    extra: &[String],
+) -> Result<std::process::Child> {
+    let binary = release_binary();
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build --release",
+        binary.display()
+    );
+    let free_port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let mut command = std::process::Command::new(&binary);
+    command
+        .args(["run", "--namespace", namespace])
+        .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (name, value) in support::environment().variables() {
+        command.env(name, value);
     }
-    .with_aws_defaults(&aws)
-    .await;
-    tokio::spawn(controller::run(
-        client,
-        source.clone(),
-        settings,
-        Arc::new(Metrics::new()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Ok(Running { source, stop })
+    command.env("AWS_ENDPOINT_URL", &endpoint.url);
+    Ok(command.spawn()?)
+}
+
+/// SIGTERM, then wait for the exit.
+fn stop_operator(mut child: std::process::Child) -> Result<()> {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    child.wait()?;
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -129,12 +128,23 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
         .await?
         .queue_url
         .unwrap_or_default();
-    let queue = EventQueue {
-        url: url.clone(),
-        client: sqs.clone(),
+    let base = support::aws_config().await;
+    let endpoint =
+        CountingEndpoint::start(base.endpoint_url().unwrap_or_default(), Mode::Pass).await?;
+    let flags = |mode: &str| -> Vec<String> {
+        let interval = format!("{}s", refresh.as_secs());
+        [
+            "--sweep-mode",
+            mode,
+            "--sweep-interval",
+            &interval,
+            "--events-queue-url",
+            &url,
+        ]
+        .map(|flag| flag.to_string())
+        .to_vec()
     };
-
-    let operator = start(&namespace, SweepMode::Describe, refresh, &queue).await?;
+    let operator = spawn_operator(&namespace, &endpoint, &flags("describe"))?;
     // W1: create every identity, then wait until all are Ready.
     let client = support::admin_client().await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
@@ -174,26 +184,28 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let all_ready = started.elapsed();
     println!(
         "W1: {count} identities created in {created:.1?}, all Ready after {all_ready:.1?} \
-         (target <= 10 s); {} reads = {:.3} per identity (target <= 0.1): {} BatchGetSecretValue, {} GetSecretValue",
-        operator.reads(),
-        operator.reads() as f64 / count as f64,
-        operator.source.calls_of("BatchGetSecretValue"),
-        operator.source.calls_of("GetSecretValue"),
+          (target <= 10 s); {} reads = {:.3} per identity (target <= 0.1): {} BatchGetSecretValue, \
+         {} GetSecretValue; {} Secrets Manager calls in all",
+        reads(&endpoint),
+        reads(&endpoint) as f64 / count as f64,
+        endpoint.count(Some("BatchGetSecretValue")),
+        endpoint.count(Some("GetSecretValue")),
+        endpoint.count(None),
     );
 
     // W2 (describe): every call over two refresh cycles of an unchanged fleet.
-    let steady = |operator: &Running| {
+    let steady = |endpoint: &CountingEndpoint| {
         (
-            operator.source.calls(),
-            operator.reads(),
-            operator.source.calls_of("DescribeSecret"),
+            endpoint.count(None),
+            reads(endpoint),
+            endpoint.count(Some("DescribeSecret")),
         )
     };
     let window = refresh * 2;
-    let (calls, reads, described) = steady(&operator);
+    let (calls, reads_before, described) = steady(&endpoint);
     // Measuring a rate over a fixed window, not waiting for a condition.
     tokio::time::sleep(window).await;
-    let (calls_after, reads_after, described_after) = steady(&operator);
+    let (calls_after, reads_after, described_after) = steady(&endpoint);
     let cycles = window.as_secs_f64() / refresh.as_secs_f64();
     println!(
         "W2 describe: {} calls in {window:?} = {:.3} per identity per refresh cycle ({} DescribeSecret \
@@ -202,7 +214,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
         (calls_after - calls) as f64 / count as f64 / cycles,
         described_after - described,
         (described_after - described) as f64 / count as f64 / cycles,
-        reads_after - reads,
+        reads_after - reads_before,
     );
 
     // W3: 50 rotations announced by events; PutSecretValue to the Secret carrying the version.
@@ -245,23 +257,27 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     );
 
     // Restart: a new operator (empty index) in list mode; what it costs to confirm the fleet.
-    let _ = operator.stop.send(());
-    let restarted = start(&namespace, SweepMode::List, refresh, &queue).await?;
-    let (calls, reads, _) = steady(&restarted);
-    tokio::time::sleep(window).await;
-    let (calls_after, reads_after, _) = steady(&restarted);
-    let listed = restarted.source.calls_of("ListSecrets");
+    stop_operator(operator)?;
+    let (calls, reads_before, listed_before) = (
+        endpoint.count(None),
+        reads(&endpoint),
+        endpoint.count(Some("ListSecrets")),
+    );
+    let restarted = spawn_operator(&namespace, &endpoint, &flags("list"))?;
+    tokio::time::sleep(window).await; // a measurement window, not a condition
+    let (calls_after, reads_after, _) = steady(&endpoint);
+    let listed = endpoint.count(Some("ListSecrets")) - listed_before;
     println!(
         "Restart + W2 list: {} value reads after the restart (target <= 0.05 per identity: {:.3}); \
          {} calls in {window:?} = {:.3} per identity per refresh cycle (target <= 0.05), {listed} ListSecrets",
-        reads_after - reads,
-        (reads_after - reads) as f64 / count as f64,
+        reads_after - reads_before,
+        (reads_after - reads_before) as f64 / count as f64,
         calls_after - calls,
         (calls_after - calls) as f64 / count as f64 / cycles,
     );
     let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
     ensure!(ready == count, "{ready} of {count} still Ready");
-    let _ = restarted.stop.send(());
+    stop_operator(restarted)?;
     Ok(())
 }
 
@@ -455,17 +471,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 #[tokio::test]
 #[ignore = "benchmark: run explicitly, see the module docs"]
 async fn bounded_load_under_a_quota() -> Result<()> {
-    use common::endpoint::{CountingEndpoint, Mode};
     let count: usize = env_or("MTLS_BENCH_LOAD_IDENTITIES", 2000);
     let quota: u32 = env_or("MTLS_BENCH_LOAD_QUOTA", 20);
     let refresh: u64 = env_or("MTLS_BENCH_LOAD_REFRESH_SECONDS", 60);
     let observe: u64 = env_or("MTLS_BENCH_LOAD_OBSERVE_SECONDS", 300);
-    let binary = release_binary();
-    ensure!(
-        binary.exists(),
-        "{} missing: cargo build --release",
-        binary.display()
-    );
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench-load", &[]).await?;
     let ca = TestCa::new("load CA")?;
@@ -492,26 +501,10 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let moto = base.endpoint_url().unwrap_or_default().to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Quota(quota)).await?;
 
-    let spawn = || -> Result<std::process::Child> {
-        let free_port = || -> Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
-        let mut command = std::process::Command::new(&binary);
-        command
-            .args(["run", "--namespace", &namespace, "--sweep-mode", "describe"])
-            .args(["--sweep-interval", &format!("{refresh}s")])
-            .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
-            .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        for (name, value) in support::environment().variables() {
-            command.env(name, value);
-        }
-        command.env("AWS_ENDPOINT_URL", &endpoint.url);
-        Ok(command.spawn()?)
+    let spawn = || {
+        let interval = format!("{refresh}s");
+        let flags = ["--sweep-mode", "describe", "--sweep-interval", &interval];
+        spawn_operator(&namespace, &endpoint, &flags.map(|flag| flag.to_string()))
     };
     let mut child = spawn()?;
     let pid = child.id();

@@ -1,5 +1,5 @@
-//! A counting, fault-injecting endpoint in front of moto, on loopback: every HTTP request the
-//! operator's AWS SDK sends is counted here (by operation, with its time and answer), so tests
+//! A counting, fault-injecting endpoint in front of moto, on loopback: every Secrets Manager HTTP
+//! request the operator's AWS SDK sends is counted here (other services pass through untouched) (by operation, with its time and answer), so tests
 //! assert call rates and counts at the endpoint, SDK retries included. It can grant only a quota
 //! (answering `ThrottlingException` above it, like an account's rate limit), throttle everything,
 //! or answer 503 as an unavailable service would.
@@ -33,7 +33,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub at: Instant,
-    /// `X-Amz-Target`'s operation, e.g. `GetSecretValue`.
+    /// `X-Amz-Target`'s service and operation, e.g. `secretsmanager` and `GetSecretValue`.
+    pub service: String,
     pub operation: String,
     pub forwarded: bool,
 }
@@ -146,13 +147,17 @@ async fn answer(
     client: Client<HttpConnector, Full<Bytes>>,
     upstream: hyper::Uri,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let operation = request
+    let (service, operation) = request
         .headers()
         .get("x-amz-target")
         .and_then(|value| value.to_str().ok())
-        .and_then(|target| target.rsplit('.').next())
-        .unwrap_or("")
-        .to_string();
+        .and_then(|target| target.split_once('.'))
+        .map(|(service, operation)| (service.to_ascii_lowercase(), operation.to_string()))
+        .unwrap_or_default();
+    // Secrets Manager calls only: STS and SQS pass through, uncounted and unlimited.
+    if service != "secretsmanager" {
+        return forward_to(request, client, upstream).await;
+    }
     let now = Instant::now();
     let forward = {
         let mut state = lock(&state);
@@ -174,19 +179,25 @@ async fn answer(
                 }
             }
         };
-        // Secrets Manager calls only (STS, asked once at start, has no target).
-        if !operation.is_empty() {
-            state.seen.push(Seen {
-                at: now,
-                operation,
-                forwarded: forward.is_ok(),
-            });
-        }
+        state.seen.push(Seen {
+            at: now,
+            service,
+            operation,
+            forwarded: forward.is_ok(),
+        });
         forward
     };
     if let Err(refused) = forward {
         return Ok(refused);
     }
+    forward_to(request, client, upstream).await
+}
+
+async fn forward_to(
+    request: Request<Incoming>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: hyper::Uri,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (mut parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     let path = parts
