@@ -119,7 +119,11 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| {
+            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
+            anyhow::anyhow!("creating the sources: {context}")
+        })?;
     let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
     let url = sqs
         .create_queue()
@@ -345,7 +349,11 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| {
+            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
+            anyhow::anyhow!("creating the sources: {context}")
+        })?;
 
     let environment = support::environment();
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -496,7 +504,11 @@ async fn bounded_load_under_a_quota() -> Result<()> {
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| {
+            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
+            anyhow::anyhow!("creating the sources: {context}")
+        })?;
     let base = support::aws_config().await;
     let moto = base.endpoint_url().unwrap_or_default().to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Quota(quota)).await?;
