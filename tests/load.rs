@@ -223,3 +223,82 @@ async fn source_reachable_false(namespace: &str) -> Result<usize> {
         })
         .count())
 }
+
+/// SIGTERM while a cold sync is queued behind a throttled endpoint: the operator process (this package's own
+/// binary) exits within the pod's grace period (30 s in the chart; `--shutdown-drain` 20 s by
+/// default), and the next operator completes the sync from the cluster's state.
+#[tokio::test]
+async fn sigterm_during_a_cold_sync_exits_within_the_grace_period() -> Result<()> {
+    const COUNT: usize = 200;
+    const GRACE: Duration = Duration::from_secs(30);
+    let namespace = support::create_namespace("load-sigterm", &[]).await?;
+    install_crd_and_rbac().await?;
+    bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+    let ca = TestCa::new("sigterm CA")?;
+    create_fleet(&namespace, &ca, COUNT, "1h").await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    // Every call throttled: the reconciles of the cold sync are in flight, waiting for the
+    // collapsed rate, when the signal comes (the worst backlog for a prompt exit).
+    let endpoint = CountingEndpoint::start(&moto, Mode::Throttle).await?;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    command
+        .args(["run", "--namespace", &namespace, "--sweep-mode", "get"])
+        .args([
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (name, value) in support::environment().variables() {
+        command.env(name, value);
+    }
+    command.env("AWS_ENDPOINT_URL", &endpoint.url);
+    let mut child = command.spawn()?;
+    wait_for("the operator to start reading", TIMEOUT, || async {
+        ensure!(endpoint.count(None) > 0, "no call yet");
+        Ok(())
+    })
+    .await?;
+    let (ready_at_signal, _) = readiness(&namespace).await?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let signalled = Instant::now();
+    let exited = wait_for("the operator to exit", GRACE * 2, || {
+        let status = child.try_wait();
+        async move {
+            match status? {
+                Some(status) => Ok(status),
+                None => anyhow::bail!("still running"),
+            }
+        }
+    })
+    .await;
+    let exit_time = signalled.elapsed();
+    if exited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = exited?;
+    println!(
+        "{ready_at_signal} of {COUNT} Ready at SIGTERM; exited {status} after {exit_time:.1?}"
+    );
+    ensure!(
+        exit_time < GRACE,
+        "exited {exit_time:.1?} after SIGTERM, past the {GRACE:?} grace period"
+    );
+    ensure!(ready_at_signal < COUNT, "the sync was not in progress");
+    // The successor (unthrottled) completes the sync.
+    let _operator = start_operator_with(&namespace, Settings::default()).await?;
+    wait_for("every identity Ready", Duration::from_secs(120), || async {
+        let (ready, _) = readiness(&namespace).await?;
+        ensure!(ready == COUNT, "{ready} of {COUNT} Ready");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

@@ -40,6 +40,13 @@ struct Entry {
 }
 
 impl Entry {
+    /// Read, seeded from a Secret, or checked once. An entry that is none of these was just
+    /// registered by a reconcile that is reading it now: checking its version too would only double
+    /// a cold start's calls (the read records what the sweep would have found).
+    fn known(&self) -> bool {
+        self.current.is_some() || self.checked.is_some()
+    }
+
     /// The shortest refresh interval of the identities on this secret: how stale it may get.
     fn refresh(&self) -> Duration {
         self.identities
@@ -239,7 +246,7 @@ impl VersionIndex {
     pub fn due(&self, now: Instant, sweep_interval: Duration) -> Vec<Due> {
         self.entries
             .iter()
-            .filter(|(key, _)| key.selector.starts_with("S:"))
+            .filter(|(key, entry)| key.selector.starts_with("S:") && entry.known())
             .filter(|(_, entry)| {
                 let every = sweep_interval.min(entry.refresh());
                 entry
@@ -270,7 +277,7 @@ impl VersionIndex {
     pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
         self.entries
             .iter()
-            .filter(|(key, _)| key.selector.starts_with("S:"))
+            .filter(|(key, entry)| key.selector.starts_with("S:") && entry.known())
             .map(|(_, entry)| match entry.swept {
                 Some(swept) => swept + sweep_interval.min(entry.refresh()),
                 None => now,
@@ -395,8 +402,12 @@ mod tests {
             ..secret("ns/p")
         };
         index.register(&who("c"), &[pinned], HOUR);
-        assert_eq!(index.due(now, sweep).len(), 1, "never checked: due");
-        index.observe(&secret("ns/x"), Some("v1"), now);
+        assert!(
+            index.due(now, sweep).is_empty(),
+            "just registered: its identity is reading it"
+        );
+        assert_eq!(index.next_due(now, sweep), None);
+        index.record_read(&secret("ns/x"), "v1", "arn", "ns/x", now);
         assert!(index.due(now + Duration::from_secs(29), sweep).is_empty());
         assert_eq!(index.due(now + Duration::from_secs(30), sweep).len(), 1);
         assert_eq!(

@@ -107,6 +107,9 @@ impl Environment {
                 None,
                 "testenv",
             ))
+            // moto's server answers an occasional 500 under many concurrent writes: the test side
+            // retries them (the operator's own client retries under its adaptive rate instead).
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8))
             .load()
             .await
     }
