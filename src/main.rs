@@ -133,7 +133,7 @@ struct RunArgs {
     /// After SIGTERM, how long in-flight reconciles may take to finish before the process exits
     /// anyway (queued work is left to the successor). Keep it below the pod's
     /// terminationGracePeriodSeconds (30 s in the chart).
-    #[arg(long, env = "SHUTDOWN_DRAIN", default_value = "20s")]
+    #[arg(long, env = "SHUTDOWN_DRAIN", default_value = "10s")]
     shutdown_drain: String,
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
@@ -273,7 +273,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // picks up from the cluster's state.
     let signal = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     let drain = mtls_operator::api::parse_duration(&args.shutdown_drain)
-        .ok_or_else(|| anyhow::anyhow!("--shutdown-drain must be a duration such as 20s"))?;
+        .ok_or_else(|| anyhow::anyhow!("--shutdown-drain must be a duration such as 10s"))?;
     let bounded = {
         let signal = signal.clone();
         async move {

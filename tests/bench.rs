@@ -616,7 +616,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     };
     println!(
         "LOAD: SIGTERM to a process starting on {count} identities: exited after {exited:.1?} \
-         (bound: --shutdown-drain 20 s, terminationGracePeriodSeconds 30 s)"
+         (bound: --shutdown-drain 10 s, terminationGracePeriodSeconds 30 s)"
     );
     Ok(())
 }

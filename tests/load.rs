@@ -135,9 +135,19 @@ async fn a_quota_below_the_fleets_need_brings_no_flaps_and_no_storm() -> Result<
 /// `SourceReachable` says what is happening, and everything recovers when the throttling stops.
 #[tokio::test]
 async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
+    a_faulty_endpoint_never_raises_the_call_rate(Mode::Throttle, "load-throttled").await
+}
+
+/// The same with Secrets Manager down (every call answered 503) for over a minute.
+#[tokio::test]
+async fn an_outage_never_raises_the_call_rate() -> Result<()> {
+    a_faulty_endpoint_never_raises_the_call_rate(Mode::Unavailable, "load-outage").await
+}
+
+async fn a_faulty_endpoint_never_raises_the_call_rate(fault: Mode, prefix: &str) -> Result<()> {
     const COUNT: usize = 10;
     const WINDOW: Duration = Duration::from_secs(40);
-    let namespace = support::create_namespace("load-throttled", &[]).await?;
+    let namespace = support::create_namespace(prefix, &[]).await?;
     let settings = Settings {
         sweep_mode: SweepMode::Get,
         ..Settings::default()
@@ -164,7 +174,8 @@ async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
     let healthy = in_window(healthy_from, WINDOW);
     ensure!(healthy > 0, "no call in a healthy window");
 
-    endpoint.set_mode(Mode::Throttle);
+    let secrets_before = secret_versions(&namespace).await?;
+    endpoint.set_mode(fault);
     let throttled_from = Instant::now();
     // The rate collapses at once, so identities find out one by one, slowly: that is the point.
     wait_for("SourceReachable=False", TIMEOUT, || async {
@@ -184,7 +195,11 @@ async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
     );
     ensure!(
         ready == COUNT && not_ready.is_empty(),
-        "Ready flipped under throttling: {not_ready:?}"
+        "Ready flipped under {fault:?}: {not_ready:?}"
+    );
+    ensure!(
+        secret_versions(&namespace).await? == secrets_before,
+        "a Secret changed under {fault:?}"
     );
 
     endpoint.set_mode(Mode::Pass);
@@ -199,6 +214,24 @@ async fn sustained_throttling_never_raises_the_call_rate() -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// Each Secret's resourceVersion, by name.
+async fn secret_versions(namespace: &str) -> Result<std::collections::BTreeMap<String, String>> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(support::admin_client().await?, namespace);
+    Ok(secrets
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|secret| {
+            (
+                secret.metadata.name.unwrap_or_default(),
+                secret.metadata.resource_version.unwrap_or_default(),
+            )
+        })
+        .collect())
 }
 
 /// Identities whose `SourceReachable` condition is False.
@@ -225,7 +258,7 @@ async fn source_reachable_false(namespace: &str) -> Result<usize> {
 }
 
 /// SIGTERM while a cold sync is queued behind a throttled endpoint: the operator process (this package's own
-/// binary) exits within the pod's grace period (30 s in the chart; `--shutdown-drain` 20 s by
+/// binary) exits within the pod's grace period (30 s in the chart; `--shutdown-drain` 10 s by
 /// default), and the next operator completes the sync from the cluster's state.
 #[tokio::test]
 async fn sigterm_during_a_cold_sync_exits_within_the_grace_period() -> Result<()> {

@@ -275,29 +275,10 @@ impl SecretsManagerSource {
             !std::mem::replace(flushing, true)
         };
         if flush {
-            let opened = std::time::Instant::now();
-            let mut queued = 0;
-            let mut quiet = 0;
+            // Each chunk gets its own window to fill: during a cold start reads keep arriving while
+            // the previous chunk is sent, and a partial chunk sent at once would split the rest.
             loop {
-                tokio::time::sleep(BATCH_STEP).await;
-                let now_queued = lock(&self.batches)
-                    .get(&secret.region)
-                    .map_or(0, |(queue, _)| queue.len());
-                if now_queued >= BATCH_MAX || opened.elapsed() >= BATCH_WINDOW {
-                    break;
-                }
-                // Two quiet steps in a row: nobody else is coming.
-                if now_queued == queued {
-                    quiet += 1;
-                    if quiet >= 2 {
-                        break;
-                    }
-                } else {
-                    quiet = 0;
-                }
-                queued = now_queued;
-            }
-            loop {
+                self.wait_for_batch(&secret.region).await;
                 let chunk: Vec<(SecretRef, Reply)> = {
                     let mut batches = lock(&self.batches);
                     let (queue, flushing) = batches.entry(secret.region.clone()).or_default();
@@ -317,6 +298,33 @@ impl SecretsManagerSource {
                 detail: "the batched read was cancelled".into(),
             })
         })
+    }
+
+    /// Waits until `region`'s queue holds a full batch, nobody joined for two steps, or the window
+    /// is over.
+    async fn wait_for_batch(&self, region: &str) {
+        let opened = std::time::Instant::now();
+        let queued_now = || {
+            lock(&self.batches)
+                .get(region)
+                .map_or(0, |(queue, _)| queue.len())
+        };
+        let mut queued = queued_now();
+        let mut quiet = 0;
+        while queued < BATCH_MAX && opened.elapsed() < BATCH_WINDOW {
+            tokio::time::sleep(BATCH_STEP).await;
+            let now_queued = queued_now();
+            // Two quiet steps in a row: nobody else is coming.
+            if now_queued == queued {
+                quiet += 1;
+                if quiet >= 2 {
+                    break;
+                }
+            } else {
+                quiet = 0;
+            }
+            queued = now_queued;
+        }
     }
 
     async fn send_batch(&self, region: &str, chunk: Vec<(SecretRef, Reply)>) {
