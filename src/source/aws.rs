@@ -54,6 +54,18 @@ pub struct SecretsManagerSource {
     /// The adaptive rate per region (AIMD), shared by every call.
     rates: Mutex<HashMap<String, AdaptiveRate>>,
     max_calls_per_second: f64,
+    /// Value reads waiting for their turn: version checks (the sweep) yield to them, so under a
+    /// quota identities that need their material are not starved by checks of those that have it.
+    reads_waiting: Arc<AtomicU64>,
+}
+
+/// Counts a read as waiting until dropped (also when its future is dropped).
+struct Waiting(Arc<AtomicU64>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Attempts per call when Secrets Manager throttles; each one waits for the (halved) rate. The
@@ -90,6 +102,7 @@ impl SecretsManagerSource {
             in_flight_peak: Arc::new(AtomicU64::new(0)),
             rates: Mutex::new(HashMap::new()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
+            reads_waiting: Arc::new(AtomicU64::new(0)),
             metrics: None,
         }
     }
@@ -116,9 +129,14 @@ impl SecretsManagerSource {
         lock(&self.rates).get(region).map(AdaptiveRate::rate)
     }
 
-    /// Waits for the region's next token; returns when it was taken (the call's send time).
-    async fn take_token(&self, region: &str) -> Instant {
+    /// Waits for the region's next token; returns when it was taken (the call's send time). A
+    /// version check (`urgent` false) waits while any value read is waiting.
+    async fn take_token(&self, region: &str, urgent: bool) -> Instant {
         loop {
+            if !urgent && self.reads_waiting.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(BATCH_STEP).await;
+                continue;
+            }
             let now = Instant::now();
             let wait = lock(&self.rates)
                 .entry(region.to_string())
@@ -160,10 +178,22 @@ impl SecretsManagerSource {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
+        let urgent = matches!(operation, "GetSecretValue" | "BatchGetSecretValue");
         let mut attempt = 1;
         loop {
+            let waiting = urgent.then(|| {
+                self.reads_waiting.fetch_add(1, Ordering::Relaxed);
+                Waiting(self.reads_waiting.clone())
+            });
+            if !urgent {
+                // Not even a place in flight while reads wait for one.
+                while self.reads_waiting.load(Ordering::Relaxed) > 0 {
+                    tokio::time::sleep(BATCH_STEP).await;
+                }
+            }
             let held = self.in_flight().await;
-            let sent = self.take_token(region).await;
+            let sent = self.take_token(region, urgent).await;
+            drop(waiting);
             let result = send().await.map_err(|error| classify(subject, &error));
             drop(held);
             self.count(

@@ -96,7 +96,7 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
 fn bench() -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
     progress(
-        "benchmark: cargo build --release --bin mtls-operator (W4 runs it as its own process)",
+        "benchmark: cargo build --release --bin mtls-operator (every benchmark runs it as its own process)",
     );
     let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(xtask::project_root())
