@@ -54,25 +54,10 @@ fn spawn_operator(
         "{} missing: cargo build --release",
         binary.display()
     );
-    let free_port = || -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
-    let mut command = std::process::Command::new(&binary);
-    command
-        .args(["run", "--namespace", namespace])
-        .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
-        .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
+    Ok(endpoint
+        .operator_command(&binary, namespace)
         .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (name, value) in support::environment().variables() {
-        command.env(name, value);
-    }
-    command.env("AWS_ENDPOINT_URL", &endpoint.url);
-    Ok(command.spawn()?)
+        .spawn()?)
 }
 
 /// SIGTERM, then wait for the exit.
@@ -81,6 +66,65 @@ fn stop_operator(mut child: std::process::Child) -> Result<()> {
         .args(["-TERM", &child.id().to_string()])
         .status()?;
     child.wait()?;
+    Ok(())
+}
+
+/// Secrets `{namespace}/client-0..count` holding `value`, created on moto directly (not timed,
+/// not counted), `concurrency` at a time.
+async fn create_sources(
+    namespace: &str,
+    count: usize,
+    value: &str,
+    concurrency: usize,
+) -> Result<()> {
+    let sm = support::secrets_manager().await;
+    futures::stream::iter(0..count)
+        .map(|index| {
+            let sm = sm.clone();
+            let name = format!("{namespace}/client-{index}");
+            async move {
+                sm.create_secret()
+                    .name(name)
+                    .secret_string(value)
+                    .send()
+                    .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| {
+            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
+            anyhow::anyhow!("creating the sources: {context}")
+        })?;
+    Ok(())
+}
+
+/// Identities `client-0..count` on the secrets of [`create_sources`], with `refresh`.
+async fn create_identities(
+    identities: &Api<MtlsIdentity>,
+    namespace: &str,
+    count: usize,
+    refresh: &str,
+) -> Result<()> {
+    futures::stream::iter(0..count)
+        .map(|index| async move {
+            let spec = serde_json::json!({ "refreshInterval": refresh });
+            let object = identity(
+                &format!("client-{index}"),
+                &format!("{namespace}/client-{index}"),
+                spec,
+            )?;
+            identities.create(&PostParams::default(), &object).await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
     Ok(())
 }
 
@@ -101,29 +145,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let ca = TestCa::new("bench CA")?;
     let value = good_secret(&ca)?;
     // Sources and the event queue first (not timed).
-    let sm = support::secrets_manager().await;
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let sm = sm.clone();
-            let name = format!("{namespace}/client-{index}");
-            let value = value.clone();
-            async move {
-                sm.create_secret()
-                    .name(name)
-                    .secret_string(value)
-                    .send()
-                    .await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| {
-            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
-            anyhow::anyhow!("creating the sources: {context}")
-        })?;
+    create_sources(&namespace, count, &value, 16).await?;
     let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
     let url = sqs
         .create_queue()
@@ -153,27 +175,13 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let client = support::admin_client().await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
     let started = Instant::now();
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let identities = identities.clone();
-            let namespace = namespace.clone();
-            async move {
-                let spec =
-                    serde_json::json!({"refreshInterval": format!("{}s", refresh.as_secs())});
-                let object = identity(
-                    &format!("client-{index}"),
-                    &format!("{namespace}/client-{index}"),
-                    spec,
-                )?;
-                identities.create(&PostParams::default(), &object).await?;
-                Ok::<_, anyhow::Error>(())
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+    create_identities(
+        &identities,
+        &namespace,
+        count,
+        &format!("{}s", refresh.as_secs()),
+    )
+    .await?;
     let created = started.elapsed();
     wait_for(
         "every identity Ready",
@@ -331,29 +339,7 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     let namespace = support::create_namespace("bench-w4", &[]).await?;
     let ca = TestCa::new("w4 CA")?;
     let value = good_secret(&ca)?;
-    let sm = support::secrets_manager().await;
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let sm = sm.clone();
-            let name = format!("{namespace}/client-{index}");
-            let value = value.clone();
-            async move {
-                sm.create_secret()
-                    .name(name)
-                    .secret_string(value)
-                    .send()
-                    .await
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| {
-            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
-            anyhow::anyhow!("creating the sources: {context}")
-        })?;
+    create_sources(&namespace, count, &value, 32).await?;
 
     let environment = support::environment();
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -390,26 +376,7 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         let client = support::admin_client().await?;
         let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
         let started = Instant::now();
-        futures::stream::iter(0..count)
-            .map(|index| {
-                let identities = identities.clone();
-                let namespace = namespace.clone();
-                async move {
-                    let spec = serde_json::json!({"refreshInterval": "1h"});
-                    let object = identity(
-                        &format!("client-{index}"),
-                        &format!("{namespace}/client-{index}"),
-                        spec,
-                    )?;
-                    identities.create(&PostParams::default(), &object).await?;
-                    Ok::<_, anyhow::Error>(())
-                }
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        create_identities(&identities, &namespace, count, "1h").await?;
         // Listing 10,000 identities is itself heavy: look every 5 s, not every 200 ms.
         loop {
             let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
@@ -487,28 +454,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let namespace = support::create_namespace("bench-load", &[]).await?;
     let ca = TestCa::new("load CA")?;
     let value = good_secret(&ca)?;
-    let sm = support::secrets_manager().await;
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let (sm, value) = (sm.clone(), value.clone());
-            let name = format!("{namespace}/client-{index}");
-            async move {
-                sm.create_secret()
-                    .name(name)
-                    .secret_string(value)
-                    .send()
-                    .await
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| {
-            let context = aws_sdk_secretsmanager::error::DisplayErrorContext(&error);
-            anyhow::anyhow!("creating the sources: {context}")
-        })?;
+    create_sources(&namespace, count, &value, 32).await?;
     let base = support::aws_config().await;
     let moto = base.endpoint_url().unwrap_or_default().to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Quota(quota)).await?;
@@ -524,25 +470,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
     let result = async {
         let started = Instant::now();
-        futures::stream::iter(0..count)
-            .map(|index| {
-                let (identities, namespace) = (identities.clone(), namespace.clone());
-                async move {
-                    let spec = serde_json::json!({ "refreshInterval": format!("{refresh}s") });
-                    let object = identity(
-                        &format!("client-{index}"),
-                        &format!("{namespace}/client-{index}"),
-                        spec,
-                    )?;
-                    identities.create(&PostParams::default(), &object).await?;
-                    Ok::<_, anyhow::Error>(())
-                }
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        create_identities(&identities, &namespace, count, &format!("{refresh}s")).await?;
         loop {
             let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
             if ready == count {

@@ -274,23 +274,13 @@ async fn sigterm_during_a_cold_sync_exits_within_the_grace_period() -> Result<()
     // Every call throttled: the reconciles of the cold sync are in flight, waiting for the
     // collapsed rate, when the signal comes (the worst backlog for a prompt exit).
     let endpoint = CountingEndpoint::start(&moto, Mode::Throttle).await?;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"));
-    command
-        .args(["run", "--namespace", &namespace, "--sweep-mode", "get"])
-        .args([
-            "--metrics-address",
-            "127.0.0.1:0",
-            "--health-address",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (name, value) in support::environment().variables() {
-        command.env(name, value);
-    }
-    command.env("AWS_ENDPOINT_URL", &endpoint.url);
-    let mut child = command.spawn()?;
+    let mut child = endpoint
+        .operator_command(
+            std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator")),
+            &namespace,
+        )
+        .args(["--sweep-mode", "get"])
+        .spawn()?;
     wait_for("the operator to start reading", TIMEOUT, || async {
         ensure!(endpoint.count(None) > 0, "no call yet");
         Ok(())

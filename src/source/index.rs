@@ -244,9 +244,7 @@ impl VersionIndex {
     /// for their identities' refresh interval, whichever is shorter. Pinned version ids never
     /// change, so they are never due.
     pub fn due(&self, now: Instant, sweep_interval: Duration) -> Vec<Due> {
-        self.entries
-            .iter()
-            .filter(|(key, entry)| key.selector.starts_with("S:") && entry.known())
+        self.sweepable()
             .filter(|(_, entry)| {
                 let every = sweep_interval.min(entry.refresh());
                 entry
@@ -273,11 +271,16 @@ impl VersionIndex {
             .collect()
     }
 
-    /// When the next secret falls due (None: nothing to sweep).
-    pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
+    /// The entries the sweep checks: stage-selected (a pinned version id never changes) and known.
+    fn sweepable(&self) -> impl Iterator<Item = (&SecretKey, &Entry)> {
         self.entries
             .iter()
             .filter(|(key, entry)| key.selector.starts_with("S:") && entry.known())
+    }
+
+    /// When the next secret falls due (None: nothing to sweep).
+    pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
+        self.sweepable()
             .map(|(_, entry)| match entry.swept {
                 Some(swept) => swept + sweep_interval.min(entry.refresh()),
                 None => now,

@@ -135,6 +135,28 @@ impl CountingEndpoint {
         most as f64 / window.as_secs_f64()
     }
 
+    /// `BINARY run --namespace NAMESPACE` as its own process: the test environment's cluster and
+    /// credentials, Secrets Manager through this endpoint, its servers on free loopback ports.
+    pub fn operator_command(
+        &self,
+        binary: &std::path::Path,
+        namespace: &str,
+    ) -> std::process::Command {
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(["run", "--namespace", namespace])
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(["--health-address", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (name, value) in xtask::support::environment().variables() {
+            command.env(name, value);
+        }
+        command.env("AWS_ENDPOINT_URL", &self.url);
+        command
+    }
+
     /// An SDK configuration like `base`, with this endpoint in front of moto.
     pub fn aws_config(&self, base: &aws_config::SdkConfig) -> aws_config::SdkConfig {
         base.to_builder().endpoint_url(&self.url).build()
