@@ -3,13 +3,18 @@
 
 mod common;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
+use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
+use mtls_operator::controller::Settings;
+use mtls_operator::source::SecretsManagerSource;
 use xtask::support::{self, wait_for};
 
 async fn identities(namespace: &str) -> Result<Api<MtlsIdentity>> {
@@ -373,6 +378,167 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
     ensure!(
         after.metadata.resource_version == secret.metadata.resource_version,
         "Secret unchanged"
+    );
+    Ok(())
+}
+
+/// Restart once, deterministically: two identities rotated together share a Deployment, and the
+/// second one's read is held back 10 s at a fault-injecting endpoint in front of moto (longer than
+/// any fixed settle timer). The first waits until the second's Secret holds its new version, then
+/// restarts the Deployment once with both tokens; the second finds its token in place.
+#[tokio::test]
+async fn a_slow_sibling_still_restarts_the_shared_deployment_once() -> Result<()> {
+    let namespace = support::create_namespace("slowpair", &[]).await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    // Reads one by one (a role without BatchGetSecretValue): the slow read holds back no other.
+    endpoint.deny("BatchGetSecretValue");
+    let aws = endpoint.aws_config(&base);
+    let _operator = start_operator_on(
+        &[&namespace],
+        Settings::default(),
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
+    let ca = TestCa::new("slow pair CA")?;
+    let (first_id, second_id) = (format!("{namespace}/first"), format!("{namespace}/second"));
+    put_source(&first_id, &good_secret(&ca)?).await?;
+    put_source(&second_id, &good_secret(&ca)?).await?;
+    for (name, id) in [("first", &first_id), ("second", &second_id)] {
+        create_identity(&namespace, &identity(name, id, serde_json::json!({}))?).await?;
+        wait_ready(&namespace, name, "True", "Synced").await?;
+    }
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "both"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "both"}}, "template": {
+            "metadata": {"labels": {"app": "both"}},
+            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}], "volumes": [
+                {"name": "first", "secret": {"secretName": "first"}},
+                {"name": "second", "secret": {"secretName": "second"}}
+            ]}
+        }}
+    }))?;
+    Api::<Deployment>::namespaced(support::admin_client().await?, &namespace)
+        .create(&Default::default(), &deployment)
+        .await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+
+    endpoint.slow_reads_of(&second_id, Duration::from_secs(10));
+    let first_version = put_source(&first_id, &good_secret(&ca)?).await?;
+    let second_version = put_source(&second_id, &good_secret(&ca)?).await?;
+    wait_rotation(&namespace, "first", &first_version).await?;
+    wait_rotation(&namespace, "second", &second_version).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let after = generations(&namespace).await?;
+    ensure!(
+        after.get("Deployment/both").copied() == before.get("Deployment/both").map(|g| g + 1),
+        "one rollout: {before:?} → {after:?}"
+    );
+    // Both tokens went into that one rollout.
+    let template = Api::<Deployment>::namespaced(support::admin_client().await?, &namespace)
+        .get("both")
+        .await?
+        .spec
+        .and_then(|spec| spec.template.metadata)
+        .and_then(|metadata| metadata.annotations)
+        .unwrap_or_default();
+    for name in ["first", "second"] {
+        let fingerprint = identities(&namespace)
+            .await?
+            .get(name)
+            .await?
+            .status
+            .and_then(|status| status.certificate)
+            .map(|certificate| certificate.sha256_fingerprint)
+            .context("no certificate in status")?;
+        ensure!(
+            template.values().any(|token| *token == fingerprint),
+            "{name}'s token {fingerprint} missing from {template:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A rotation time the operator cannot have written (status edited by hand) is an error with a
+/// reason, not "now": restarts wait, the `Restarts` condition says why, nothing rolls; once the time
+/// is corrected, the rotation completes.
+#[tokio::test]
+async fn an_unreadable_rotation_time_is_an_error_not_now() -> Result<()> {
+    let namespace = support::create_namespace("badtime", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("bad time CA")?;
+    let id = format!("{namespace}/client");
+    let version = put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    let synced = wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    let fingerprint = synced
+        .status
+        .and_then(|status| status.certificate)
+        .map(|certificate| certificate.sha256_fingerprint)
+        .context("no certificate")?;
+    let api = identities(&namespace).await?;
+    let rotation = |time: &str| {
+        serde_json::json!({"status": {"lastRotation": {
+            "fromVersionId": "older", "toVersionId": version, "sha256Fingerprint": fingerprint,
+            "time": time, "complete": false
+        }}})
+    };
+    api.patch_status(
+        "client",
+        &PatchParams::default(),
+        &Patch::Merge(rotation("yesterday")),
+    )
+    .await?;
+    let restarts = |api: Api<MtlsIdentity>| async move {
+        let identity = api.get("client").await?;
+        let status = identity.status.context("no status")?;
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Restarts")
+            .cloned();
+        Ok::<_, anyhow::Error>((condition, status.last_rotation))
+    };
+    wait_for("Restarts=False InvalidStatus", TIMEOUT, || async {
+        let (condition, _) = restarts(api.clone()).await?;
+        let condition = condition.context("no Restarts condition")?;
+        ensure!(
+            condition.status == "False" && condition.reason == "InvalidStatus",
+            "{condition:?}"
+        );
+        ensure!(condition.message.contains("yesterday"), "{condition:?}");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        generations(&namespace).await? == before,
+        "nothing rolls on an unreadable time"
+    );
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    api.patch_status(
+        "client",
+        &PatchParams::default(),
+        &Patch::Merge(rotation(&now)),
+    )
+    .await?;
+    wait_for("the corrected rotation to complete", TIMEOUT, || async {
+        let (condition, rotation) = restarts(api.clone()).await?;
+        ensure!(condition.is_none(), "{condition:?}");
+        ensure!(rotation.is_some_and(|r| r.complete), "not complete");
+        Ok(())
+    })
+    .await?;
+    let after = generations(&namespace).await?;
+    ensure!(
+        after.get("Deployment/app").copied() == before.get("Deployment/app").map(|g| g + 1),
+        "one rollout once the time is readable: {before:?} → {after:?}"
     );
     Ok(())
 }

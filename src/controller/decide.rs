@@ -453,11 +453,28 @@ pub fn api_error_condition(
     generation: Option<i64>,
     now: &str,
 ) -> Condition {
+    failed_condition(
+        type_,
+        "KubernetesApiError",
+        format!("the Kubernetes API failed: {what}"),
+        generation,
+        now,
+    )
+}
+
+/// A condition of `type_` that is False for `reason`.
+pub fn failed_condition(
+    type_: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &str,
+) -> Condition {
     Condition {
         type_: type_.to_string(),
         status: "False".to_string(),
-        reason: "KubernetesApiError".to_string(),
-        message: format!("the Kubernetes API failed: {what}"),
+        reason: reason.to_string(),
+        message,
         last_transition_time: now.to_string(),
         observed_generation: generation,
     }

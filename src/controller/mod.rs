@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod decide;
 pub mod egress;
+pub mod rotation;
 pub mod sync;
 pub mod write;
 
@@ -23,10 +24,9 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::RestartPolicy;
 use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, parse_duration};
 use crate::metrics::{IdentityLabels, Metrics, OutcomeLabels, SyncLabels};
-use crate::restart::{RestartLimits, RestartReport, RestartRequest, Restarter};
+use crate::restart::{RestartLimits, RestartReport, Restarter};
 use crate::source::SecretSource;
 use crate::source::fleet::{Fleet, SweepMode};
 use crate::source::policy::SourcePolicy;
@@ -35,8 +35,6 @@ use decide::{SyncFailure, Synced};
 use sync::SyncStep;
 use write::Written;
 
-/// How long a rotation waits for sibling identities (sharing a workload) to sync before restarting.
-const ROTATION_SETTLE: Duration = Duration::from_secs(3);
 /// The shortest refresh interval, whatever the spec says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// `spec.expiry.warnBefore` default: 30 days.
@@ -49,6 +47,9 @@ pub enum ReconcileError {
     Kube(#[from] kube::Error),
     #[error("MtlsIdentity has no namespace")]
     NoNamespace,
+    /// The identity's status holds what the operator cannot have written (edited by hand).
+    #[error("{0}")]
+    InvalidStatus(String),
 }
 
 impl ReconcileError {
@@ -56,6 +57,7 @@ impl ReconcileError {
         match self {
             Self::Kube(_) => "KubernetesApiError",
             Self::NoNamespace => "InvalidSpec",
+            Self::InvalidStatus(_) => "InvalidStatus",
         }
     }
 }
@@ -158,6 +160,9 @@ pub struct IdentityState {
     known_bad: Mutex<HashMap<ObjectRef<MtlsIdentity>, String>>,
     /// Consecutive Kubernetes API errors, for the error policy's backoff.
     api_errors: Mutex<HashMap<ObjectRef<MtlsIdentity>, u32>>,
+    /// A rotation waiting for sibling identities that share a workload: its fingerprint and since
+    /// when (see `rotation`).
+    coalescing: Mutex<HashMap<ObjectRef<MtlsIdentity>, (String, std::time::Instant)>>,
 }
 
 impl IdentityState {
@@ -169,6 +174,7 @@ impl IdentityState {
         lock(&self.budget).forget(&key);
         lock(&self.known_bad).remove(&key);
         lock(&self.api_errors).remove(&key);
+        lock(&self.coalescing).remove(&key);
         fleet.unregister(&(namespace.clone(), identity.name_any()));
         metrics.forget_identity(&namespace, &identity.name_any());
     }
@@ -501,30 +507,40 @@ async fn reconcile_inner(
         {
             // A failure here comes after the Secret was written: it is recorded in status (a
             // `Restarts` condition) and retried, never allowed to skip the status write.
-            let report =
-                match restart_workloads(&identity, &namespace, &target, rotation, context).await {
-                    Ok(report) => {
-                        decide::clear_condition(&mut status.conditions, decide::RESTARTS);
-                        report
-                    }
-                    Err(error) => {
-                        decide::set_condition(
-                            &mut status.conditions,
-                            decide::api_error_condition(
-                                decide::RESTARTS,
-                                "could not list or patch the workloads that use the Secret; \
+            let report = match rotation::restart_workloads(
+                &identity, &namespace, &target, rotation, context,
+            )
+            .await
+            {
+                Ok(report) => {
+                    decide::clear_condition(&mut status.conditions, decide::RESTARTS);
+                    report
+                }
+                Err(error) => {
+                    let condition = match &error {
+                        ReconcileError::InvalidStatus(problem) => decide::failed_condition(
+                            decide::RESTARTS,
+                            error.reason(),
+                            format!("{problem}; restarts wait until it is corrected"),
+                            identity.metadata.generation,
+                            &now,
+                        ),
+                        _ => decide::api_error_condition(
+                            decide::RESTARTS,
+                            "could not list or patch the workloads that use the Secret; \
                                  retrying",
-                                identity.metadata.generation,
-                                &now,
-                            ),
-                        );
-                        after_status.get_or_insert(error);
-                        RestartReport {
-                            pending: vec!["(workloads)".to_string()],
-                            ..RestartReport::default()
-                        }
+                            identity.metadata.generation,
+                            &now,
+                        ),
+                    };
+                    decide::set_condition(&mut status.conditions, condition);
+                    after_status.get_or_insert(error);
+                    RestartReport {
+                        pending: vec!["(workloads)".to_string()],
+                        ..RestartReport::default()
                     }
-                };
+                }
+            };
             for workload in &report.done {
                 if !rotation.restarted_workloads.contains(workload) {
                     rotation.restarted_workloads.push(workload.clone());
@@ -544,7 +560,7 @@ async fn reconcile_inner(
             restarts("triggered", report.triggered.len());
             restarts("failed", report.failed.len());
             restarts_pending = !rotation.complete;
-            publish_restart_events(context, &identity, &namespace, &report).await;
+            rotation::publish_restart_events(context, &identity, &namespace, &report).await;
         }
     }
     if let Err(error) = reconcile_egress(&identity, &namespace, &mut status, &now, context).await {
@@ -610,7 +626,7 @@ async fn reconcile_inner(
     }
     if restarts_pending {
         // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
-        return Ok(Action::requeue(ROTATION_SETTLE));
+        return Ok(Action::requeue(rotation::COALESCE_POLL));
     }
 
     lock(&context.state.api_errors).remove(&key);
@@ -893,189 +909,6 @@ fn record_metrics(
     });
     if new_rotation {
         metrics.rotations.inc();
-    }
-}
-
-/// Restarts the workloads that use the target Secret for this rotation, per `spec.restart`.
-async fn restart_workloads(
-    identity: &MtlsIdentity,
-    namespace: &str,
-    target: &str,
-    rotation: &crate::api::RotationStatus,
-    context: &Context,
-) -> Result<RestartReport, ReconcileError> {
-    let spec = identity.spec.restart.clone().unwrap_or_default();
-    if spec.policy == RestartPolicy::None {
-        return Ok(RestartReport::default());
-    }
-    let affected = context
-        .restarter
-        .affected(namespace, &spec, target)
-        .await
-        .map_err(|crate::restart::RestartError::Kube(error)| ReconcileError::Kube(error))?;
-    let workloads = affected.workloads;
-    let rotated_at = chrono::DateTime::parse_from_rfc3339(&rotation.time)
-        .map(|time| time.timestamp())
-        .unwrap_or_else(|_| chrono::Utc::now().timestamp());
-    let siblings: Vec<Arc<MtlsIdentity>> = context
-        .identities
-        .state()
-        .into_iter()
-        .filter(|other| {
-            other.namespace().as_deref() == Some(namespace) && other.uid() != identity.uid()
-        })
-        .filter(|other| {
-            let secret = other.target_secret_name();
-            workloads
-                .iter()
-                .any(|workload| workload.uses_secret(&secret))
-        })
-        .collect();
-    // Identities rotated together should restart a shared workload once: right after a rotation,
-    // ask the siblings to look at their sources now, and wait a moment for them to sync.
-    if chrono::Utc::now().timestamp() - rotated_at < ROTATION_SETTLE.as_secs() as i64
-        && !siblings.is_empty()
-    {
-        for sibling in &siblings {
-            let _ = context
-                .trigger
-                .unbounded_send(ObjectRef::from_obj(sibling.as_ref()));
-        }
-        return Ok(RestartReport {
-            pending: workloads.iter().map(|w| w.display()).collect(),
-            missing: affected.missing,
-            not_using: affected.not_using,
-            ..RestartReport::default()
-        });
-    }
-    let sibling_tokens = |workload: &crate::restart::Workload| {
-        siblings
-            .iter()
-            .filter(|sibling| workload.uses_secret(&sibling.target_secret_name()))
-            .filter_map(|sibling| {
-                let fingerprint = sibling
-                    .status
-                    .as_ref()?
-                    .certificate
-                    .as_ref()?
-                    .sha256_fingerprint
-                    .clone();
-                Some((
-                    crate::restart::decide::token_key(&sibling.name_any()),
-                    fingerprint,
-                ))
-            })
-            .collect()
-    };
-    let identity_name = identity.name_any();
-    let request = RestartRequest {
-        namespace,
-        identity_name: &identity_name,
-        policy: spec.policy,
-        token: &rotation.sha256_fingerprint,
-        rotated_at_unix: rotated_at,
-    };
-    let mut report = context
-        .restarter
-        .apply(&request, &workloads, &sibling_tokens)
-        .await;
-    report.missing = affected.missing;
-    report.not_using = affected.not_using;
-    Ok(report)
-}
-
-async fn publish_restart_events(
-    context: &Context,
-    identity: &MtlsIdentity,
-    namespace: &str,
-    report: &RestartReport,
-) {
-    let identity_ref = identity.object_ref(&());
-    let warn = |reason: &str, note: String| decide::EventToEmit {
-        warning: true,
-        reason: reason.to_string(),
-        note,
-    };
-    if !report.triggered.is_empty() {
-        let event = decide::EventToEmit {
-            warning: false,
-            reason: "RestartTriggered".to_string(),
-            note: format!(
-                "restarted for the new certificate: {}",
-                report.triggered.join(", ")
-            ),
-        };
-        publish(context, &identity_ref, event).await;
-        for workload in &report.triggered {
-            if let Some((kind, name)) = workload.split_once('/') {
-                let (api_version, kind) = (String::from("apps/v1"), kind.to_string());
-                let reference = k8s_openapi::api::core::v1::ObjectReference {
-                    api_version: Some(api_version),
-                    kind: Some(kind),
-                    name: Some(name.to_string()),
-                    namespace: Some(namespace.to_string()),
-                    ..Default::default()
-                };
-                let event = decide::EventToEmit {
-                    warning: false,
-                    reason: "RestartTriggered".to_string(),
-                    note: format!(
-                        "restarted by MtlsIdentity {} for its new certificate",
-                        identity.name_any()
-                    ),
-                };
-                publish(context, &reference, event).await;
-            }
-        }
-    }
-    for (workload, error) in &report.failed {
-        publish(
-            context,
-            &identity_ref,
-            warn("RestartFailed", format!("{workload}: {error}")),
-        )
-        .await;
-    }
-    if !report.paused.is_empty() {
-        let note = format!(
-            "paused: {}; the new certificate's token is in the pod template and rolls out when \
-             the Deployment is resumed",
-            report.paused.join(", ")
-        );
-        publish(context, &identity_ref, warn("RolloutPaused", note)).await;
-    }
-    if !report.missing.is_empty() {
-        let note = format!(
-            "listed in spec.restart.workloads but not found: {}",
-            report.missing.join(", ")
-        );
-        publish(context, &identity_ref, warn("WorkloadNotFound", note)).await;
-    }
-    if !report.not_using.is_empty() {
-        let note = format!(
-            "listed in spec.restart.workloads but their pod template does not use Secret {}, so they \
-             were not restarted: {} (set spec.restart.force: true to restart them anyway)",
-            identity.target_secret_name(),
-            report.not_using.join(", ")
-        );
-        publish(context, &identity_ref, warn("WorkloadNotUsingSecret", note)).await;
-    }
-    if !report.annotate_disabled.is_empty() {
-        let note = format!(
-            "restart policy Annotate is not enabled on this operator (chart value \
-             restart.annotate.enabled, which grants pods: patch); not annotated: {}",
-            report.annotate_disabled.join(", ")
-        );
-        publish(context, &identity_ref, warn("AnnotateDisabled", note)).await;
-    }
-    for workload in &report.stalled {
-        warn!(namespace, workload = %workload, "rollout past the deadline: its slot is released");
-        let note = format!(
-            "{workload} has not finished rolling out within the operator's rollout deadline; its \
-             restart slot was released so other rotations can proceed. Check why its pods do not \
-             become ready"
-        );
-        publish(context, &identity_ref, warn("RestartStalled", note)).await;
     }
 }
 

@@ -154,10 +154,21 @@ impl Fleet {
     pub async fn changed(&self, name_or_arn: &str) -> usize {
         let secrets = lock(&self.index).matching(name_or_arn);
         for secret in &secrets {
-            let described = self.source.describe(secret).await;
-            self.apply(secret, described.map(Some));
+            self.check(secret).await;
         }
         secrets.len()
+    }
+
+    /// Checks `secret`'s version now (DescribeSecret), as a sweep would: the identities on it are
+    /// notified if it changed.
+    pub async fn check(&self, secret: &SecretRef) {
+        let described = self.source.describe(secret).await;
+        self.apply(secret, described.map(Some));
+    }
+
+    /// The version `secret`'s identities should hold now, as far as the index knows.
+    pub fn expected_version(&self, secret: &SecretRef) -> Option<String> {
+        lock(&self.index).current(secret).map(str::to_string)
     }
 
     /// Runs the sweep until `shutdown`; nothing to do in `get` mode.

@@ -202,6 +202,14 @@ impl VersionIndex {
             .is_some_and(|entry| entry.gone)
     }
 
+    /// The version expected for `secret` now (read, seeded, or what the last check listed).
+    pub fn current(&self, secret: &SecretRef) -> Option<&str> {
+        self.entries
+            .get(&SecretKey::from(secret))?
+            .current
+            .as_deref()
+    }
+
     /// When `secret` was last read or checked.
     pub fn checked_at(&self, secret: &SecretRef) -> Option<Instant> {
         self.entries.get(&SecretKey::from(secret))?.checked

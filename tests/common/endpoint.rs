@@ -2,7 +2,7 @@
 //! request the operator's AWS SDK sends is counted here (other services pass through untouched) (by operation, with its time and answer), so tests
 //! assert call rates and counts at the endpoint, SDK retries included. It can grant only a quota
 //! (answering `ThrottlingException` above it, like an account's rate limit), throttle everything,
-//! or answer 503 as an unavailable service would.
+//! answer 503 as an unavailable service would, deny an operation, or hold back one secret's reads.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,11 @@ struct State {
     mode: Mode,
     seen: Vec<Seen>,
     window: (Instant, u32),
+    /// Value reads (GetSecretValue, BatchGetSecretValue) whose request names this are held back
+    /// this long before they are forwarded: one slow secret.
+    slow_reads: Option<(String, Duration)>,
+    /// Operations answered `AccessDeniedException` (a role without that permission).
+    denied: Vec<String>,
 }
 
 pub struct CountingEndpoint {
@@ -68,6 +73,8 @@ impl CountingEndpoint {
             mode,
             seen: Vec::new(),
             window: (Instant::now(), 0),
+            slow_reads: None,
+            denied: Vec::new(),
         }));
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
@@ -100,6 +107,16 @@ impl CountingEndpoint {
 
     pub fn set_mode(&self, mode: Mode) {
         lock(&self.state).mode = mode;
+    }
+
+    /// Holds back every value read whose request names `secret` by `delay` (the others pass).
+    pub fn slow_reads_of(&self, secret: &str, delay: Duration) {
+        lock(&self.state).slow_reads = Some((secret.to_string(), delay));
+    }
+
+    /// Answers `operation` with `AccessDeniedException` from now on.
+    pub fn deny(&self, operation: &str) {
+        lock(&self.state).denied.push(operation.to_string());
     }
 
     /// Every request seen so far.
@@ -181,9 +198,13 @@ async fn answer(
         return forward_to(request, client, upstream).await;
     }
     let now = Instant::now();
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await?.to_bytes();
     let forward = {
         let mut state = lock(&state);
+        let denied = state.denied.contains(&operation);
         let forward = match state.mode {
+            _ if denied => Err(access_denied()),
             Mode::Pass => Ok(()),
             Mode::Throttle => Err(throttled()),
             Mode::Unavailable => Err(unavailable()),
@@ -201,18 +222,31 @@ async fn answer(
                 }
             }
         };
+        let is_read = matches!(operation.as_str(), "GetSecretValue" | "BatchGetSecretValue");
+        let delay = state
+            .slow_reads
+            .as_ref()
+            .filter(|(secret, _)| {
+                is_read && String::from_utf8_lossy(&body).contains(secret.as_str())
+            })
+            .map(|(_, delay)| *delay);
         state.seen.push(Seen {
             at: now,
             service,
             operation,
             forwarded: forward.is_ok(),
         });
-        forward
+        forward.map(|()| delay)
     };
-    if let Err(refused) = forward {
-        return Ok(refused);
+    match forward {
+        Err(refused) => Ok(refused),
+        Ok(delay) => {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            forward_bytes(parts, body, client, upstream).await
+        }
     }
-    forward_to(request, client, upstream).await
 }
 
 async fn forward_to(
@@ -220,8 +254,17 @@ async fn forward_to(
     client: Client<HttpConnector, Full<Bytes>>,
     upstream: hyper::Uri,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
+    forward_bytes(parts, body, client, upstream).await
+}
+
+async fn forward_bytes(
+    mut parts: hyper::http::request::Parts,
+    body: Bytes,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: hyper::Uri,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = parts
         .uri
         .path_and_query()
@@ -250,6 +293,23 @@ fn throttled() -> Response<Full<Bytes>> {
     response.headers_mut().insert(
         "x-amzn-errortype",
         hyper::header::HeaderValue::from_static("ThrottlingException"),
+    );
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
+    response
+}
+
+/// Secrets Manager's answer to a call the role may not make.
+fn access_denied() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(
+        br#"{"__type":"AccessDeniedException","message":"not authorized to perform this operation"}"#,
+    )));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response.headers_mut().insert(
+        "x-amzn-errortype",
+        hyper::header::HeaderValue::from_static("AccessDeniedException"),
     );
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -1,0 +1,392 @@
+//! Restarts after a rotation: which workloads, when (sibling identities that share a workload are
+//! waited for, so it rolls once), and the Events that say what happened.
+//!
+//! Coalescing is decided from state, not from a timer: a workload that mounts the Secrets of
+//! several identities is restarted once each sibling's Secret holds the version the version index
+//! expects for its source (checked once, right after this rotation, so a sibling rotated at the same
+//! time is seen even before the sweep), or after [`COALESCE_LIMIT`]. The restart tokens of all of
+//! them go into that one patch, read from the Secrets as they are then; a sibling that syncs later
+//! finds its token already in place and restarts nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use crate::api::{FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, VERSION_ID_ANNOTATION};
+use crate::lock;
+use crate::restart::{RestartReport, RestartRequest, Workload};
+
+use super::{Context, ReconcileError, decide, publish};
+
+/// How often a rotation waiting for its siblings looks again.
+pub const COALESCE_POLL: Duration = Duration::from_secs(2);
+/// The longest a rotation waits for siblings to sync before restarting a shared workload anyway
+/// (a sibling that is throttled, backing off, or failing): long enough for a slow read, short
+/// enough that a stuck sibling does not hold a rotation back.
+pub const COALESCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Where a sibling identity stands, for a restart of a workload it shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sibling {
+    /// Its Secret holds what it should (or nothing will change soon); its token is the
+    /// certificate fingerprint the Secret carries, if any.
+    Settled(Option<String>),
+    /// Its Secret does not yet hold the version its source has: a restart now would roll again
+    /// once it syncs.
+    Syncing,
+}
+
+/// A sibling's state from the version the index expects for its source, the version it last
+/// refused (bad material: it will not sync), and its Secret's annotations (`None`: no Secret).
+pub fn sibling(
+    expected: Option<&str>,
+    refused: Option<&str>,
+    secret_annotations: Option<&BTreeMap<String, String>>,
+) -> Sibling {
+    let carried = secret_annotations.and_then(|a| a.get(VERSION_ID_ANNOTATION));
+    let fingerprint = secret_annotations
+        .and_then(|a| a.get(FINGERPRINT_ANNOTATION))
+        .cloned();
+    match expected {
+        None => Sibling::Settled(fingerprint),
+        Some(expected) if carried.is_some_and(|carried| carried == expected) => {
+            Sibling::Settled(fingerprint)
+        }
+        Some(expected) if refused == Some(expected) => Sibling::Settled(fingerprint),
+        Some(_) => Sibling::Syncing,
+    }
+}
+
+/// Whether to restart now: when every sibling is settled, or the wait reached [`COALESCE_LIMIT`].
+pub fn restart_now(siblings: &[Sibling], waited: Duration) -> bool {
+    waited >= COALESCE_LIMIT || siblings.iter().all(|s| matches!(s, Sibling::Settled(_)))
+}
+
+/// Restarts the workloads that use the target Secret for this rotation, per `spec.restart`.
+pub(super) async fn restart_workloads(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    target: &str,
+    rotation: &crate::api::RotationStatus,
+    context: &Context,
+) -> Result<RestartReport, ReconcileError> {
+    let spec = identity.spec.restart.clone().unwrap_or_default();
+    if spec.policy == RestartPolicy::None {
+        return Ok(RestartReport::default());
+    }
+    let rotated_at = chrono::DateTime::parse_from_rfc3339(&rotation.time)
+        .map(|time| time.timestamp())
+        .map_err(|_| {
+            ReconcileError::InvalidStatus(format!(
+                "status.lastRotation.time {:?} is not an RFC 3339 time",
+                rotation.time
+            ))
+        })?;
+    let affected = context
+        .restarter
+        .affected(namespace, &spec, target)
+        .await
+        .map_err(|crate::restart::RestartError::Kube(error)| ReconcileError::Kube(error))?;
+    let workloads = affected.workloads;
+    let siblings: Vec<Arc<MtlsIdentity>> = context
+        .identities
+        .state()
+        .into_iter()
+        .filter(|other| {
+            other.namespace().as_deref() == Some(namespace) && other.uid() != identity.uid()
+        })
+        .filter(|other| {
+            let secret = other.target_secret_name();
+            workloads
+                .iter()
+                .any(|workload| workload.uses_secret(&secret))
+        })
+        .collect();
+    // Each sibling's token is what its Secret holds now: the workload mounts exactly that.
+    let mut tokens_by_secret: BTreeMap<String, (String, String)> = BTreeMap::new();
+    if !siblings.is_empty() {
+        let (waited, first_look) = coalescing_since(context, identity, rotation);
+        if first_look {
+            // A sibling rotated at the same time may not have been swept yet: check now.
+            let checks = siblings
+                .iter()
+                .filter_map(|sibling| sibling_source(sibling, namespace, context))
+                .map(|secret| async move { context.fleet.check(&secret).await });
+            futures::future::join_all(checks).await;
+        }
+        let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+        let mut states = Vec::with_capacity(siblings.len());
+        for sibling in &siblings {
+            let secret_name = sibling.target_secret_name();
+            let annotations = secrets
+                .get_metadata_opt(&secret_name)
+                .await?
+                .and_then(|meta| meta.metadata.annotations);
+            let expected = sibling_source(sibling, namespace, context)
+                .and_then(|secret| context.fleet.expected_version(&secret));
+            let refused = lock(&context.state.known_bad)
+                .get(&ObjectRef::from_obj(sibling.as_ref()))
+                .cloned();
+            let state = self::sibling(
+                expected.as_deref(),
+                refused.as_deref(),
+                annotations.as_ref(),
+            );
+            if let Sibling::Settled(Some(fingerprint)) = &state {
+                tokens_by_secret.insert(
+                    secret_name,
+                    (
+                        crate::restart::decide::token_key(&sibling.name_any()),
+                        fingerprint.clone(),
+                    ),
+                );
+            }
+            states.push((sibling, state));
+        }
+        let all: Vec<Sibling> = states.iter().map(|(_, state)| state.clone()).collect();
+        if !restart_now(&all, waited) {
+            if first_look {
+                for (sibling, _) in states.iter().filter(|(_, s)| *s == Sibling::Syncing) {
+                    let _ = context
+                        .trigger
+                        .unbounded_send(ObjectRef::from_obj(sibling.as_ref()));
+                }
+            }
+            return Ok(RestartReport {
+                pending: workloads.iter().map(Workload::display).collect(),
+                missing: affected.missing,
+                not_using: affected.not_using,
+                ..RestartReport::default()
+            });
+        }
+        let late: Vec<String> = states
+            .iter()
+            .filter(|(_, state)| *state == Sibling::Syncing)
+            .map(|(sibling, _)| sibling.name_any())
+            .collect();
+        if !late.is_empty() {
+            warn!(
+                identity = %identity.name_any(),
+                namespace,
+                siblings = ?late,
+                "siblings sharing a workload did not sync within the coalescing limit: restarting \
+                 without them (they restart it again when they sync)"
+            );
+        }
+    }
+    let sibling_tokens = |workload: &Workload| {
+        tokens_by_secret
+            .iter()
+            .filter(|(secret, _)| workload.uses_secret(secret))
+            .map(|(_, token)| token.clone())
+            .collect()
+    };
+    let identity_name = identity.name_any();
+    let request = RestartRequest {
+        namespace,
+        identity_name: &identity_name,
+        policy: spec.policy,
+        token: &rotation.sha256_fingerprint,
+        rotated_at_unix: rotated_at,
+    };
+    let mut report = context
+        .restarter
+        .apply(&request, &workloads, &sibling_tokens)
+        .await;
+    report.missing = affected.missing;
+    report.not_using = affected.not_using;
+    Ok(report)
+}
+
+/// How long this rotation has waited for its siblings, and whether this is its first look.
+fn coalescing_since(
+    context: &Context,
+    identity: &MtlsIdentity,
+    rotation: &crate::api::RotationStatus,
+) -> (Duration, bool) {
+    let mut coalescing = lock(&context.state.coalescing);
+    let key = ObjectRef::from_obj(identity);
+    match coalescing.get(&key) {
+        Some((fingerprint, since)) if *fingerprint == rotation.sha256_fingerprint => {
+            (since.elapsed(), false)
+        }
+        _ => {
+            coalescing.insert(key, (rotation.sha256_fingerprint.clone(), Instant::now()));
+            (Duration::ZERO, true)
+        }
+    }
+}
+
+/// A sibling's certificate source, if its spec is valid and allowed (else it never syncs).
+fn sibling_source(
+    sibling: &MtlsIdentity,
+    namespace: &str,
+    context: &Context,
+) -> Option<crate::source::SecretRef> {
+    decide::check_source(
+        &sibling.spec.source,
+        namespace,
+        &context.settings.policy,
+        context.settings.default_region.as_deref(),
+    )
+    .ok()
+    .map(|(main, _)| main.request)
+}
+
+pub(super) async fn publish_restart_events(
+    context: &Context,
+    identity: &MtlsIdentity,
+    namespace: &str,
+    report: &RestartReport,
+) {
+    let identity_ref = identity.object_ref(&());
+    let warn = |reason: &str, note: String| decide::EventToEmit {
+        warning: true,
+        reason: reason.to_string(),
+        note,
+    };
+    if !report.triggered.is_empty() {
+        let event = decide::EventToEmit {
+            warning: false,
+            reason: "RestartTriggered".to_string(),
+            note: format!(
+                "restarted for the new certificate: {}",
+                report.triggered.join(", ")
+            ),
+        };
+        publish(context, &identity_ref, event).await;
+        for workload in &report.triggered {
+            if let Some((kind, name)) = workload.split_once('/') {
+                let (api_version, kind) = (String::from("apps/v1"), kind.to_string());
+                let reference = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some(api_version),
+                    kind: Some(kind),
+                    name: Some(name.to_string()),
+                    namespace: Some(namespace.to_string()),
+                    ..Default::default()
+                };
+                let event = decide::EventToEmit {
+                    warning: false,
+                    reason: "RestartTriggered".to_string(),
+                    note: format!(
+                        "restarted by MtlsIdentity {} for its new certificate",
+                        identity.name_any()
+                    ),
+                };
+                publish(context, &reference, event).await;
+            }
+        }
+    }
+    for (workload, error) in &report.failed {
+        publish(
+            context,
+            &identity_ref,
+            warn("RestartFailed", format!("{workload}: {error}")),
+        )
+        .await;
+    }
+    if !report.paused.is_empty() {
+        let note = format!(
+            "paused: {}; the new certificate's token is in the pod template and rolls out when \
+             the Deployment is resumed",
+            report.paused.join(", ")
+        );
+        publish(context, &identity_ref, warn("RolloutPaused", note)).await;
+    }
+    if !report.missing.is_empty() {
+        let note = format!(
+            "listed in spec.restart.workloads but not found: {}",
+            report.missing.join(", ")
+        );
+        publish(context, &identity_ref, warn("WorkloadNotFound", note)).await;
+    }
+    if !report.not_using.is_empty() {
+        let note = format!(
+            "listed in spec.restart.workloads but their pod template does not use Secret {}, so they \
+             were not restarted: {} (set spec.restart.force: true to restart them anyway)",
+            identity.target_secret_name(),
+            report.not_using.join(", ")
+        );
+        publish(context, &identity_ref, warn("WorkloadNotUsingSecret", note)).await;
+    }
+    if !report.annotate_disabled.is_empty() {
+        let note = format!(
+            "restart policy Annotate is not enabled on this operator (chart value \
+             restart.annotate.enabled, which grants pods: patch); not annotated: {}",
+            report.annotate_disabled.join(", ")
+        );
+        publish(context, &identity_ref, warn("AnnotateDisabled", note)).await;
+    }
+    for workload in &report.stalled {
+        warn!(namespace, workload = %workload, "rollout past the deadline: its slot is released");
+        let note = format!(
+            "{workload} has not finished rolling out within the operator's rollout deadline; its \
+             restart slot was released so other rotations can proceed. Check why its pods do not \
+             become ready"
+        );
+        publish(context, &identity_ref, warn("RestartStalled", note)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(version: &str, fingerprint: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (VERSION_ID_ANNOTATION.to_string(), version.to_string()),
+            (FINGERPRINT_ANNOTATION.to_string(), fingerprint.to_string()),
+        ])
+    }
+
+    #[test]
+    fn a_sibling_whose_secret_holds_the_expected_version_is_settled_with_its_fingerprint() {
+        let secret = annotations("v2", "fp2");
+        assert_eq!(
+            sibling(Some("v2"), None, Some(&secret)),
+            Sibling::Settled(Some("fp2".into()))
+        );
+    }
+
+    #[test]
+    fn a_sibling_behind_its_source_is_syncing_until_it_catches_up() {
+        let secret = annotations("v1", "fp1");
+        assert_eq!(sibling(Some("v2"), None, Some(&secret)), Sibling::Syncing);
+        assert_eq!(sibling(Some("v2"), None, None), Sibling::Syncing);
+    }
+
+    #[test]
+    fn a_sibling_that_refused_the_new_version_will_not_sync_and_is_not_waited_for() {
+        let secret = annotations("v1", "fp1");
+        assert_eq!(
+            sibling(Some("v2"), Some("v2"), Some(&secret)),
+            Sibling::Settled(Some("fp1".into()))
+        );
+        // An older refusal does not excuse a newer version.
+        assert_eq!(
+            sibling(Some("v3"), Some("v2"), Some(&secret)),
+            Sibling::Syncing
+        );
+    }
+
+    #[test]
+    fn an_unknown_expectation_is_not_waited_for() {
+        assert_eq!(sibling(None, None, None), Sibling::Settled(None));
+    }
+
+    #[test]
+    fn restarts_wait_for_every_sibling_up_to_the_limit() {
+        let settled = Sibling::Settled(Some("fp".into()));
+        assert!(restart_now(&[], Duration::ZERO));
+        assert!(restart_now(std::slice::from_ref(&settled), Duration::ZERO));
+        let mixed = [settled, Sibling::Syncing];
+        assert!(!restart_now(&mixed, Duration::from_secs(10)));
+        assert!(restart_now(&mixed, COALESCE_LIMIT));
+    }
+}
