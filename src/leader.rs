@@ -21,6 +21,9 @@ pub struct LeaderSettings {
     /// This replica's name in the Lease (the Pod name).
     pub identity: String,
     pub duration: Duration,
+    /// On shutdown, how long in-flight reconciles may finish, the Lease still held, before it is
+    /// released.
+    pub drain: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,7 @@ pub async fn run_as_leader(
     settings: Settings,
     metrics: Arc<Metrics>,
     leader: LeaderSettings,
+    readiness: crate::health::Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), LeaderError> {
     let lease_error = |detail: String| LeaderError::Lease {
@@ -72,6 +76,8 @@ pub async fn run_as_leader(
         .map_err(|error| lease_error(error.to_string()))?;
     let (mut is_leader, lease_task) = manager.watch().await;
     tokio::pin!(shutdown);
+    // A standby is ready: it serves, and takes over when the leader goes.
+    readiness.set(true);
 
     info!(identity = %leader.identity, lease = %leader.lease_name, "waiting for the leader Lease");
     loop {
@@ -102,21 +108,37 @@ pub async fn run_as_leader(
                 }
             }
         };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let controller = controller::run(
             client,
             source,
             settings,
             metrics.clone(),
-            std::future::pending(),
+            readiness,
+            async {
+                let _ = stopped.await;
+            },
         );
-        // Dropping the controller future cancels every reconcile in flight: no write after this.
+        tokio::pin!(controller);
         tokio::select! {
-            _ = controller => Ok(()),
+            _ = &mut controller => Ok(()),
+            // Another operator may hold the Lease now: dropping the controller future cancels every
+            // reconcile in flight, so nothing is written after this. Each step is safe to cut
+            // (server-side apply, restart tokens): the new leader finishes what was begun.
             _ = lost => {
                 warn!(identity = %leader.identity, "lost the leader Lease");
                 Err(LeaderError::Lost)
             }
-            _ = &mut shutdown => Ok(()),
+            // Shutdown: in-flight reconciles finish while the Lease is still held (so no other
+            // operator writes meanwhile), for at most `drain`; then the Lease is released.
+            _ = &mut shutdown => {
+                let _ = stop.send(());
+                let drain = leader.drain;
+                if tokio::time::timeout(drain, &mut controller).await.is_err() {
+                    warn!(?drain, "in-flight reconciles did not finish within the drain bound");
+                }
+                Ok(())
+            }
         }
     };
     metrics.leader.set(0);

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod pki;

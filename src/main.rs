@@ -2,10 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use mtls_operator::controller::{self, Settings};
+use mtls_operator::health::Readiness;
 use mtls_operator::leader::{self, LeaderSettings};
 use mtls_operator::metrics::Metrics;
 use mtls_operator::restart::RestartLimits;
@@ -13,6 +13,9 @@ use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::fleet::SweepMode;
 use mtls_operator::source::policy::SourcePolicy;
 use tracing::{error, info, warn};
+
+/// How long releasing the leader Lease may take after the drain, at most.
+const LEASE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "mtls-operator", version, about)]
@@ -259,26 +262,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--allowed-region {bad:?} is not a region name");
     }
-    let ready = Arc::new(AtomicBool::new(false));
-    let health = tokio::spawn(serve_health(args.health_address, ready.clone()));
+    let readiness = Readiness::default();
+    let health = tokio::spawn(serve_health(args.health_address, readiness.clone()));
     let metrics_server = tokio::spawn(serve_metrics(args.metrics_address, metrics.clone()));
     info!(
         version = env!("CARGO_PKG_VERSION"),
         "mtls-operator starting"
     );
-    // A standby is ready too: it serves, and takes over when the leader goes.
-    ready.store(true, Ordering::Relaxed);
     // SIGTERM: in-flight reconciles get `--shutdown-drain` to finish (controller graceful
     // shutdown); after that the process exits whatever is still queued, which the successor
     // picks up from the cluster's state.
     let signal = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     let drain = mtls_operator::api::parse_duration(&args.shutdown_drain)
         .ok_or_else(|| anyhow::anyhow!("--shutdown-drain must be a duration such as 10s"))?;
+    // Not ready from the signal on: in-flight work drains, nothing new is wanted.
+    tokio::spawn({
+        let (signal, readiness) = (signal.clone(), readiness.clone());
+        async move {
+            signal.await;
+            readiness.set(false);
+        }
+    });
+    // With a Lease, a moment more than the drain to release it (a standby then need not wait for
+    // it to expire).
+    let exit_after = if args.leader_election {
+        drain + LEASE_RELEASE
+    } else {
+        drain
+    };
     let bounded = {
         let signal = signal.clone();
         async move {
             signal.await;
-            tokio::time::sleep(drain).await;
+            tokio::time::sleep(exit_after).await;
             warn!(
                 ?drain,
                 "in-flight work did not finish within the drain bound; exiting"
@@ -297,6 +313,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace: args.lease_namespace,
             identity,
             duration: lease_duration,
+            drain,
         })
     } else {
         None
@@ -304,10 +321,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let work = async {
         match leader {
             Some(leader) => {
-                leader::run_as_leader(client, source, settings, metrics, leader, signal).await
+                leader::run_as_leader(client, source, settings, metrics, leader, readiness, signal)
+                    .await
             }
             None => {
-                controller::run(client, source, settings, metrics, signal).await;
+                controller::run(client, source, settings, metrics, readiness, signal).await;
                 Ok(())
             }
         }
@@ -348,7 +366,7 @@ async fn serve(address: SocketAddr, app: axum::Router, what: &str) {
     }
 }
 
-async fn serve_health(address: SocketAddr, ready: Arc<AtomicBool>) {
+async fn serve_health(address: SocketAddr, readiness: Readiness) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
@@ -356,12 +374,12 @@ async fn serve_health(address: SocketAddr, ready: Arc<AtomicBool>) {
         .route(
             "/readyz",
             get(move || {
-                let ready = ready.clone();
+                let ready = readiness.is_ready();
                 async move {
-                    if ready.load(Ordering::Relaxed) {
+                    if ready {
                         (StatusCode::OK, "ok")
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
                     }
                 }
             }),

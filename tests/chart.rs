@@ -483,6 +483,7 @@ async fn start_as_chart(
         source,
         settings,
         Arc::new(Metrics::new()),
+        Default::default(),
         async {
             let _ = stopped.await;
         },

@@ -542,3 +542,162 @@ async fn an_unreadable_rotation_time_is_an_error_not_now() -> Result<()> {
     );
     Ok(())
 }
+
+/// `/readyz` is real: not ready while the identities cannot be listed (here: RBAC not yet granted,
+/// as in a namespace whose RoleBinding is still being created), ready once they are.
+#[tokio::test]
+async fn readiness_waits_until_the_identities_are_listed() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("readyz", &[]).await?;
+    let client = support::service_account_client(&namespace, "mtls-operator").await?;
+    let aws = support::aws_config().await;
+    let settings = Settings {
+        namespaces: vec![namespace.clone()],
+        ..Settings::default()
+    }
+    .with_aws_defaults(&aws)
+    .await;
+    let readiness = mtls_operator::health::Readiness::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(mtls_operator::controller::run(
+        client,
+        std::sync::Arc::new(SecretsManagerSource::new(aws)),
+        settings,
+        std::sync::Arc::new(mtls_operator::metrics::Metrics::new()),
+        readiness.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Over a window in which a permitted list would long have finished, it never says ready.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(5) {
+        ensure!(!readiness.is_ready(), "ready without being able to list");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+    wait_for(
+        "ready once the identities can be listed",
+        TIMEOUT,
+        || async {
+            ensure!(readiness.is_ready(), "not ready");
+            Ok(())
+        },
+    )
+    .await?;
+    let _ = stop.send(());
+    running.await?;
+    Ok(())
+}
+
+/// SIGTERM to the leader (this package's binary, `--leader-election`) in the middle of a rotation of
+/// 20 identities, each used by its own Deployment: the leader drains while it holds the Lease, exits
+/// within the drain bound, and releases the Lease; a successor finishes the rotation. Every
+/// Deployment rolls exactly once.
+#[tokio::test]
+async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once() -> Result<()> {
+    const COUNT: usize = 20;
+    let namespace = support::create_namespace("leader-drain", &[]).await?;
+    install_crd_and_rbac().await?;
+    let ca = TestCa::new("leader drain CA")?;
+    let ids: Vec<String> = (0..COUNT)
+        .map(|index| format!("{namespace}/client-{index}"))
+        .collect();
+    for (index, id) in ids.iter().enumerate() {
+        put_source(id, &good_secret(&ca)?).await?;
+        let name = format!("client-{index}");
+        create_identity(&namespace, &identity(&name, id, serde_json::json!({}))?).await?;
+        create_deployment(&namespace, &format!("app-{index}"), Some(("volume", &name))).await?;
+    }
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    let leader = |name: &str| {
+        let mut command = endpoint.operator_command(binary, &namespace);
+        command
+            .args(["--leader-election", "--lease-name", "drain-test"])
+            .args(["--lease-namespace", &namespace, "--lease-duration", "6s"])
+            .args(["--identity", name]);
+        command
+    };
+    let mut first = leader("first").spawn()?;
+    let result = async {
+        for index in 0..COUNT {
+            wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
+        }
+        wait_all_rolled_out(&namespace).await?;
+        let before = generations(&namespace).await?;
+        let mut versions = Vec::new();
+        for id in &ids {
+            versions.push(put_source(id, &good_secret(&ca)?).await?);
+        }
+        // SIGTERM as soon as the first Deployment has been restarted: the rest are in flight or
+        // queued.
+        wait_for("a first restart", ROLLOUT_TIMEOUT, || async {
+            let now = generations(&namespace).await?;
+            ensure!(now != before, "no restart yet");
+            Ok(())
+        })
+        .await?;
+        let rolled_at_signal = generations(&namespace)
+            .await?
+            .iter()
+            .filter(|(name, generation)| before.get(*name) != Some(*generation))
+            .count();
+        std::process::Command::new("kill")
+            .args(["-TERM", &first.id().to_string()])
+            .status()?;
+        let signalled = std::time::Instant::now();
+        wait_for("the leader to exit", Duration::from_secs(60), || {
+            let status = first.try_wait();
+            async move {
+                ensure!(status?.is_some(), "still running");
+                Ok(())
+            }
+        })
+        .await?;
+        let exit_time = signalled.elapsed();
+        println!("{rolled_at_signal} of {COUNT} restarted at SIGTERM; exited after {exit_time:.1?}");
+        // The drain bound (10 s) plus the Lease release (5 s), well inside the pod's 30 s.
+        ensure!(
+            exit_time < Duration::from_secs(15),
+            "exited {exit_time:.1?} after SIGTERM"
+        );
+        let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+            support::admin_client().await?,
+            &namespace,
+        )
+        .get("drain-test")
+        .await?;
+        ensure!(
+            lease.spec.and_then(|spec| spec.holder_identity).is_none(),
+            "the Lease was not released"
+        );
+
+        let mut second = leader("second").spawn()?;
+        let finished = async {
+            for (index, version) in versions.iter().enumerate() {
+                wait_rotation(&namespace, &format!("client-{index}"), version).await?;
+            }
+            wait_all_rolled_out(&namespace).await?;
+            let after = generations(&namespace).await?;
+            for (name, generation) in &before {
+                ensure!(
+                    after.get(name) == Some(&(generation + 1)),
+                    "{name}: generation {generation} → {:?}, not exactly one rollout",
+                    after.get(name)
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let _ = second.kill();
+        let _ = second.wait();
+        finished
+    }
+    .await;
+    let _ = first.kill();
+    let _ = first.wait();
+    result
+}

@@ -206,6 +206,7 @@ pub async fn run(
     source: Arc<dyn SecretSource>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    readiness: crate::health::Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     info!(
@@ -254,9 +255,11 @@ pub async fn run(
         restarter,
         fleet,
     };
+    // Ready once every scope's identities have been listed.
+    let synced = readiness.after(scopes.len());
     let controllers = scopes
         .into_iter()
-        .map(|namespace| run_scope(shared.clone(), namespace, shutdown.clone()));
+        .map(|namespace| run_scope(shared.clone(), namespace, synced.clone(), shutdown.clone()));
     futures::future::join_all(controllers).await;
     sweep.abort();
     if let Some(events) = events {
@@ -279,6 +282,7 @@ struct Shared {
 async fn run_scope(
     shared: Shared,
     namespace: Option<String>,
+    synced: crate::health::Synced,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let Shared {
@@ -318,6 +322,18 @@ async fn run_scope(
         // managedFields are most of an object's size and never read here: not kept in memory.
         .modify(|identity| identity.managed_fields_mut().clear())
         .reflect(writer)
+        // The first complete listing makes this scope ready (`/readyz`). Not the store's
+        // `wait_until_ready`: it wakes only its latest waiter, which is the controller's.
+        .inspect_ok({
+            let mut synced = Some(synced);
+            move |event| {
+                if matches!(event, watcher::Event::InitDone)
+                    && let Some(synced) = synced.take()
+                {
+                    synced.done();
+                }
+            }
+        })
         .inspect_ok(forget)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());

@@ -104,6 +104,8 @@ pub struct Operator {
     pub slow_fetches: Arc<std::sync::atomic::AtomicU64>,
     /// While true, every call answers as an unreachable Secrets Manager would.
     pub outage: Arc<std::sync::atomic::AtomicBool>,
+    /// What the operator's `/readyz` would say.
+    pub readiness: mtls_operator::health::Readiness,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -190,11 +192,13 @@ pub async fn start_operator_on(
         outage: outage.clone(),
     });
     let metrics = Arc::new(mtls_operator::metrics::Metrics::new());
+    let readiness = mtls_operator::health::Readiness::default();
     tokio::spawn(controller::run(
         client,
         faulty,
         settings,
         metrics.clone(),
+        readiness.clone(),
         async {
             let _ = stopped.await;
         },
@@ -204,6 +208,7 @@ pub async fn start_operator_on(
         metrics,
         slow_fetches,
         outage,
+        readiness,
         stop: Some(stop),
     })
 }
