@@ -658,7 +658,9 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
         })
         .await?;
         let exit_time = signalled.elapsed();
-        println!("{rolled_at_signal} of {COUNT} restarted at SIGTERM; exited after {exit_time:.1?}");
+        println!(
+            "{rolled_at_signal} of {COUNT} restarted at SIGTERM; exited after {exit_time:.1?}"
+        );
         // The drain bound (10 s) plus the Lease release (5 s), well inside the pod's 30 s.
         ensure!(
             exit_time < Duration::from_secs(15),
@@ -689,6 +691,220 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
                     after.get(name)
                 );
             }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let _ = second.kill();
+        let _ = second.wait();
+        finished
+    }
+    .await;
+    let _ = first.kill();
+    let _ = first.wait();
+    result
+}
+
+/// A conflicting writer (another field manager forcing `tls.crt` every second for 30 s): the
+/// operator keeps putting its certificate back, each repair one read within the identity's read
+/// budget (5 at once, then one per refresh interval), so the fight never turns into a hot loop on
+/// Secrets Manager; nothing rolls (the content it restores is the one the workload already has).
+#[tokio::test]
+async fn a_conflicting_writer_loses_without_a_hot_loop() -> Result<()> {
+    use k8s_openapi::ByteString;
+    const EDITS: u32 = 30;
+    let namespace = support::create_namespace("conflict", &[]).await?;
+    let operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("conflict CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let before = generations(&namespace).await?;
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let original = secret_data(&secrets.get("client").await?, "tls.crt").context("no tls.crt")?;
+
+    // Count the operator's wins: each time tls.crt turns back into the original.
+    let wins = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let watching = tokio::spawn({
+        let (secrets, wins, original) = (secrets.clone(), wins.clone(), original.clone());
+        async move {
+            use futures::StreamExt;
+            use kube::runtime::{WatchStreamExt, watcher};
+            let config = watcher::Config::default().fields("metadata.name=client");
+            let mut stream = watcher(secrets, config)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            let mut tampered = false;
+            while let Some(event) = stream.next().await {
+                let Ok(secret) = event else { continue };
+                let restored = secret_data(&secret, "tls.crt").as_deref() == Some(&original);
+                if tampered && restored {
+                    wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                tampered = !restored;
+            }
+        }
+    });
+    let reads_before = reads(&operator);
+    let intruder = PatchParams::apply("intruder").force();
+    for edit in 0..EDITS {
+        let patch = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "client"},
+            "data": {"tls.crt": ByteString(format!("intruder {edit}").into_bytes())}
+        });
+        secrets
+            .patch("client", &intruder, &Patch::Apply(&patch))
+            .await?;
+        // The intruder's own pace, not a wait for a condition.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let reads_during = reads(&operator) - reads_before;
+    wait_for(
+        "the operator's certificate back in place",
+        TIMEOUT,
+        || async {
+            let now = secrets.get("client").await?;
+            ensure!(
+                secret_data(&now, "tls.crt").as_deref() == Some(&original),
+                "not yet"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let won = wins.load(std::sync::atomic::Ordering::SeqCst);
+    watching.abort();
+    println!("{EDITS} edits in {EDITS} s: {won} repairs seen, {reads_during} reads");
+    // The budget: 5 at once, then one per refresh interval (5 s): about 11 in 30 s.
+    let budget = 5 + EDITS.div_ceil(5) as u64 + 1;
+    ensure!(
+        reads_during <= budget,
+        "{reads_during} reads for {EDITS} edits (budget {budget}): a hot loop"
+    );
+    ensure!(won >= 5, "only {won} repairs while the writer was active");
+    ensure!(
+        generations(&namespace).await? == before,
+        "a repair rolled the workload"
+    );
+    Ok(())
+}
+
+/// The operator SIGKILLed after writing a Secret but before restarting its workloads and before
+/// its status says so (here its role may write Secrets but neither list workloads nor write
+/// status, so it stops exactly there): the successor finds the Secret ahead of the status, and
+/// restarts the Deployment exactly once.
+#[tokio::test]
+async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result<()> {
+    let namespace = support::create_namespace("sigkill", &[]).await?;
+    install_crd_and_rbac().await?;
+    bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+    let ca = TestCa::new("sigkill CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    let kubeconfig = support::service_account_kubeconfig_file(&namespace, "mtls-operator").await?;
+    let operator = || {
+        let mut command = endpoint.operator_command(binary, &namespace);
+        command.env("KUBECONFIG", &kubeconfig);
+        command
+    };
+    let mut first = operator().spawn()?;
+    let result = async {
+        wait_ready(&namespace, "client", "True", "Synced").await?;
+        wait_all_rolled_out(&namespace).await?;
+        let before = generations(&namespace).await?;
+
+        // The role loses workloads and status: the next rotation stops after the Secret write.
+        let admin = support::admin_client().await?;
+        let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+            "../charts/mtls-operator/files/operator-rules.yaml"
+        ))?;
+        let secrets_only: Vec<PolicyRule> = rules
+            .into_iter()
+            .filter(|rule| !rule.api_groups.iter().flatten().any(|g| g == "apps"))
+            .filter(|rule| {
+                !rule
+                    .resources
+                    .iter()
+                    .flatten()
+                    .any(|r| r == "mtlsidentities/status")
+            })
+            .collect();
+        let role = ClusterRole {
+            metadata: kube::api::ObjectMeta {
+                name: Some("mtls-operator-secrets-only".into()),
+                ..Default::default()
+            },
+            rules: Some(secrets_only),
+            ..Default::default()
+        };
+        Api::<ClusterRole>::all(admin.clone())
+            .patch(
+                "mtls-operator-secrets-only",
+                &PatchParams::apply("mtls-operator-tests").force(),
+                &Patch::Apply(&role),
+            )
+            .await?;
+        let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &namespace);
+        bindings
+            .delete("mtls-operator", &DeleteParams::default())
+            .await?;
+        bind_cluster_role_to(&namespace, "mtls-operator-secrets-only", &namespace).await?;
+
+        let version = put_source(&id, &good_secret(&ca)?).await?;
+        wait_for(
+            "the Secret written from the new version",
+            TIMEOUT,
+            || async {
+                let secret = get_secret(&namespace, "client")
+                    .await?
+                    .context("no Secret")?;
+                let carried = secret
+                    .metadata
+                    .annotations
+                    .and_then(|a| a.get(VERSION_ID_ANNOTATION).cloned());
+                ensure!(carried.as_deref() == Some(version.as_str()), "{carried:?}");
+                Ok(())
+            },
+        )
+        .await?;
+        let identity = identities(&namespace).await?.get("client").await?;
+        ensure!(
+            identity
+                .status
+                .and_then(|s| s.source)
+                .is_some_and(|s| s.version_id != version),
+            "the status already describes the new version"
+        );
+        ensure!(
+            generations(&namespace).await? == before,
+            "restarted before the kill"
+        );
+        first.kill()?; // SIGKILL
+        first.wait()?;
+
+        // Permissions back; the successor finishes the rotation.
+        bindings
+            .delete("mtls-operator-secrets-only", &DeleteParams::default())
+            .await?;
+        bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+        let mut second = operator().spawn()?;
+        let finished = async {
+            wait_rotation(&namespace, "client", &version).await?;
+            wait_all_rolled_out(&namespace).await?;
+            let after = generations(&namespace).await?;
+            ensure!(
+                after.get("Deployment/app") == before.get("Deployment/app").map(|g| g + 1).as_ref(),
+                "not exactly one rollout: {before:?} → {after:?}"
+            );
             Ok::<_, anyhow::Error>(())
         }
         .await;

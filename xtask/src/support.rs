@@ -102,6 +102,29 @@ pub async fn admin_client() -> Result<kube::Client> {
 /// A client that acts as ServiceAccount `namespace/name` (created if missing), with a token from the
 /// TokenRequest API: it gets exactly what RBAC grants that ServiceAccount.
 pub async fn service_account_client(namespace: &str, name: &str) -> Result<kube::Client> {
+    let kubeconfig = service_account_kubeconfig(namespace, name).await?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A kubeconfig file (in the environment's folder) that acts as ServiceAccount `namespace/name`,
+/// for a process started by a test: it gets exactly what RBAC grants that ServiceAccount.
+pub async fn service_account_kubeconfig_file(
+    namespace: &str,
+    name: &str,
+) -> Result<std::path::PathBuf> {
+    let kubeconfig = service_account_kubeconfig(namespace, name).await?;
+    let folder = environment().kubeconfig.with_file_name("service-accounts");
+    std::fs::create_dir_all(&folder)?;
+    let path = folder.join(format!("{namespace}-{name}.json"));
+    std::fs::write(&path, serde_json::to_string(&kubeconfig)?)?;
+    Ok(path)
+}
+
+async fn service_account_kubeconfig(
+    namespace: &str,
+    name: &str,
+) -> Result<kube::config::Kubeconfig> {
     let admin = admin_client().await?;
     let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
     if accounts.get_opt(name).await?.is_none() {
@@ -130,8 +153,7 @@ pub async fn service_account_client(namespace: &str, name: &str) -> Result<kube:
             ..Default::default()
         });
     }
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    Ok(kubeconfig)
 }
 
 /// The AWS configuration that reaches the environment's Secrets Manager (moto).
