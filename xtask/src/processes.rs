@@ -1,6 +1,8 @@
 //! Child processes of an environment: started with a log file and a pid file each, killed by the
 //! kernel if their parent dies (PR_SET_PDEATHSIG), stopped in reverse order.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,45 @@ use anyhow::{Context, Result, bail};
 pub struct Processes {
     dir: PathBuf,
     children: Vec<(String, Child)>,
+    /// How each component was started, to start it again (`restart`).
+    recipes: HashMap<String, Recipe>,
+}
+
+/// A command's program, arguments, environment and folder: what `Command` cannot clone.
+struct Recipe {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, Option<OsString>)>,
+    current_dir: Option<PathBuf>,
+}
+
+impl Recipe {
+    fn of(command: &Command) -> Self {
+        Self {
+            program: command.get_program().to_owned(),
+            args: command.get_args().map(ToOwned::to_owned).collect(),
+            envs: command
+                .get_envs()
+                .map(|(name, value)| (name.to_owned(), value.map(ToOwned::to_owned)))
+                .collect(),
+            current_dir: command.get_current_dir().map(Path::to_path_buf),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        for (name, value) in &self.envs {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        if let Some(dir) = &self.current_dir {
+            command.current_dir(dir);
+        }
+        command
+    }
 }
 
 impl Processes {
@@ -21,6 +62,7 @@ impl Processes {
         Ok(Self {
             dir: dir.to_path_buf(),
             children: Vec::new(),
+            recipes: HashMap::new(),
         })
     }
 
@@ -30,8 +72,41 @@ impl Processes {
 
     /// Starts `command` as `name`. The child dies with the thread that spawned it, so spawn from a
     /// thread that lives as long as the environment should.
-    pub fn spawn(&mut self, name: &str, mut command: Command) -> Result<()> {
+    pub fn spawn(&mut self, name: &str, command: Command) -> Result<()> {
         let log = fs::File::create(self.log_path(name))?;
+        self.recipes.insert(name.to_string(), Recipe::of(&command));
+        let child = self.start(name, command, log)?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Stops component `name` (SIGTERM, then SIGKILL after a grace period) and starts it again as
+    /// it was started, in its place in the stop order, its log continued: a restart of one
+    /// component (the fault tests restart kube-apiserver; etcd keeps the data).
+    pub fn restart(&mut self, name: &str) -> Result<()> {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no component {name}"))?;
+        let (_, mut child) = self.children.remove(index);
+        terminate(child.id(), Duration::from_secs(10));
+        let _ = child.wait();
+        let command = self
+            .recipes
+            .get(name)
+            .with_context(|| format!("no recipe for {name}"))?
+            .command();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.log_path(name))?;
+        let child = self.start(name, command, log)?;
+        self.children.insert(index, (name.to_string(), child));
+        Ok(())
+    }
+
+    fn start(&self, name: &str, mut command: Command, log: fs::File) -> Result<Child> {
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -55,8 +130,7 @@ impl Processes {
             self.dir.join("pids").join(format!("{name}.pid")),
             child.id().to_string(),
         )?;
-        self.children.push((name.to_string(), child));
-        Ok(())
+        Ok(child)
     }
 
     /// Fails, with the end of its log, if any component has exited.

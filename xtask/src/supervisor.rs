@@ -21,7 +21,9 @@ use crate::install::Toolset;
 use crate::processes::{self, Processes, is_running, log_tail};
 use crate::testenv::{self, Environment};
 
-const SUPERVISOR_PID: &str = "supervisor.pid";
+pub const SUPERVISOR_PID: &str = "supervisor.pid";
+/// The component SIGUSR1 restarts.
+pub const RESTARTABLE: &str = "kube-apiserver";
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How the supervisor relates to the process that starts it.
@@ -129,9 +131,10 @@ pub fn supervise(tools: &Toolset, dir: &Path, watch_stdin: bool) -> Result<()> {
 
 async fn wait_for_stop(processes: &mut Processes, watch_stdin: bool) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut restart)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         return;
     };
@@ -152,6 +155,13 @@ async fn wait_for_stop(processes: &mut Processes, watch_stdin: bool) {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = &mut stdin_closed => return,
+            // SIGUSR1: restart kube-apiserver (`support::restart_apiserver`, for the fault tests).
+            _ = restart.recv() => {
+                eprintln!("testenv: restarting {RESTARTABLE}");
+                if let Err(error) = processes.restart(RESTARTABLE) {
+                    eprintln!("testenv: {error:#}");
+                }
+            }
             _ = health.tick() => {
                 // A component that dies is reported in the supervisor log; the environment stays
                 // up so that its logs can be read.

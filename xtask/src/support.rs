@@ -24,6 +24,9 @@ use crate::testenv::{self, Environment};
 static SHARED: OnceLock<Environment> = OnceLock::new();
 /// What the atexit handler must clean up when this process started the environment itself.
 static OWNED: Mutex<Option<(Vec<u32>, PathBuf)>> = Mutex::new(None);
+/// Restart requests to the thread that owns the components, when this process started them.
+type RestartRequest = std::sync::mpsc::Sender<Result<()>>;
+static OWNED_RESTART: Mutex<Option<std::sync::mpsc::Sender<RestartRequest>>> = Mutex::new(None);
 
 /// The environment every test in this binary shares.
 pub fn environment() -> &'static Environment {
@@ -71,13 +74,21 @@ fn start_owned() -> Result<Environment> {
             };
             let started = runtime.block_on(testenv::start(&tools, &thread_dir, &progress));
             match started {
-                Ok((environment, processes)) => {
+                Ok((environment, mut processes)) => {
                     if let Ok(mut owned) = OWNED.lock() {
                         *owned = Some((processes.pids(), thread_dir.clone()));
                     }
+                    let (restarts, requests) = std::sync::mpsc::channel::<RestartRequest>();
+                    if let Ok(mut owned) = OWNED_RESTART.lock() {
+                        *owned = Some(restarts);
+                    }
                     let _ = sender.send(Ok(environment));
-                    // Keep the processes (and this thread) alive until the process exits.
-                    let _processes = processes;
+                    // Keep the processes (and this thread) alive until the process exits; restart
+                    // the API server when asked (components die with the thread that started them,
+                    // so this thread starts it again).
+                    for reply in requests {
+                        let _ = reply.send(processes.restart(crate::supervisor::RESTARTABLE));
+                    }
                     loop {
                         std::thread::park();
                     }
@@ -92,6 +103,60 @@ fn start_owned() -> Result<Environment> {
     // SAFETY: registers a plain extern "C" function with no arguments.
     unsafe { libc::atexit(stop_owned) };
     Ok(environment)
+}
+
+/// Stops kube-apiserver and starts it again (etcd keeps the data), then waits until it is ready:
+/// a control-plane restart in the middle of whatever a test is doing. Every test binary runs alone,
+/// so only the calling binary's tests see it.
+pub async fn restart_apiserver() -> Result<()> {
+    let environment = environment();
+    let owned = OWNED_RESTART.lock().ok().and_then(|owned| owned.clone());
+    match owned {
+        Some(restarts) => {
+            let (reply, replied) = std::sync::mpsc::channel();
+            restarts
+                .send(reply)
+                .context("the environment thread ended")?;
+            tokio::task::spawn_blocking(move || replied.recv())
+                .await?
+                .context("the environment thread ended")??;
+        }
+        None => {
+            let read = |path: PathBuf| -> Result<i32> {
+                Ok(std::fs::read_to_string(path)?.trim().parse()?)
+            };
+            let pid_file = environment
+                .dir
+                .join("pids")
+                .join(format!("{}.pid", crate::supervisor::RESTARTABLE));
+            let before = read(pid_file.clone())?;
+            let supervisor = read(environment.dir.join(crate::supervisor::SUPERVISOR_PID))?;
+            // SAFETY: plain kill(2) on the environment's supervisor.
+            if unsafe { libc::kill(supervisor, libc::SIGUSR1) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            wait_for("kube-apiserver restarted", Duration::from_secs(60), || {
+                let now = read(pid_file.clone());
+                async move {
+                    anyhow::ensure!(now? != before, "not yet");
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+    }
+    wait_for(
+        "kube-apiserver ready again",
+        Duration::from_secs(120),
+        || async {
+            let admin = admin_client().await?;
+            let request = http::Request::get("/readyz").body(Vec::new())?;
+            let text = admin.request_text(request).await?;
+            anyhow::ensure!(text.trim() == "ok", "{text}");
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// A client with the admin's client certificate (system:masters).
