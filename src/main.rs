@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mtls_operator::api::duration_flag;
 use mtls_operator::controller::{self, Settings};
 use mtls_operator::health::Readiness;
 use mtls_operator::leader::{self, LeaderSettings};
@@ -15,7 +17,7 @@ use mtls_operator::source::policy::SourcePolicy;
 use tracing::{error, info, warn};
 
 /// How long releasing the leader Lease may take after the drain, at most.
-const LEASE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
+const LEASE_RELEASE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "mtls-operator", version, about)]
@@ -67,8 +69,8 @@ struct RunArgs {
     #[arg(long, env = "MAX_ROLLOUTS_PER_NAMESPACE", default_value_t = 3)]
     max_rollouts_per_namespace: usize,
     /// A rollout not finished after this long gives its slot back (Event RestartStalled).
-    #[arg(long, env = "ROLLOUT_DEADLINE", default_value = "10m")]
-    rollout_deadline: String,
+    #[arg(long, env = "ROLLOUT_DEADLINE", default_value = "10m", value_parser = duration_flag)]
+    rollout_deadline: Duration,
     /// Allow `spec.restart.policy: Annotate`, which patches Pods (needs RBAC pods: list, patch; the
     /// chart's restart.annotate.enabled grants it).
     #[arg(long, env = "ENABLE_ANNOTATE")]
@@ -84,8 +86,8 @@ struct RunArgs {
     sweep_mode: SweepMode,
     /// How often the sweep checks each secret's version at most (an identity's shorter
     /// refreshInterval wins for its secret).
-    #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m")]
-    sweep_interval: String,
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m", value_parser = duration_flag)]
+    sweep_interval: Duration,
     /// SQS queue URL fed by an EventBridge rule on Secrets Manager events: rotations are seen in
     /// seconds (needs sqs:ReceiveMessage and sqs:DeleteMessage on it). None: the sweep alone.
     #[arg(long, env = "EVENTS_QUEUE_URL")]
@@ -131,13 +133,13 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// How long a leader's claim lasts without renewal (a Go-style duration, whole seconds).
-    #[arg(long, env = "LEASE_DURATION", default_value = "15s")]
-    lease_duration: String,
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration_flag)]
+    lease_duration: Duration,
     /// After SIGTERM, how long in-flight reconciles may take to finish before the process exits
     /// anyway (queued work is left to the successor). Keep it below the pod's
     /// terminationGracePeriodSeconds (30 s in the chart).
-    #[arg(long, env = "SHUTDOWN_DRAIN", default_value = "10s")]
-    shutdown_drain: String,
+    #[arg(long, env = "SHUTDOWN_DRAIN", default_value = "10s", value_parser = duration_flag)]
+    shutdown_drain: Duration,
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -205,8 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_max_in_flight(args.max_aws_in_flight)
             .with_max_calls_per_second(args.max_aws_calls_per_second),
     );
-    let rollout_deadline = mtls_operator::api::parse_duration(&args.rollout_deadline)
-        .ok_or_else(|| anyhow::anyhow!("--rollout-deadline must be a duration such as 10m"))?;
+    let rollout_deadline = args.rollout_deadline;
     let egress_admin_from = match args.egress_admin_from.as_deref() {
         None | Some("") => Vec::new(),
         Some(json) => serde_json::from_str(json).map_err(|error| {
@@ -215,9 +216,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             )
         })?,
     };
-    let sweep_interval = mtls_operator::api::parse_duration(&args.sweep_interval)
+    let sweep_interval = Some(args.sweep_interval)
         .filter(|interval| interval.as_secs() >= 1)
-        .ok_or_else(|| anyhow::anyhow!("--sweep-interval must be a duration of at least 1s"))?;
+        .ok_or_else(|| anyhow::anyhow!("--sweep-interval must be at least 1s"))?;
     let events = args
         .events_queue_url
         .filter(|url| !url.is_empty())
@@ -273,8 +274,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // shutdown); after that the process exits whatever is still queued, which the successor
     // picks up from the cluster's state.
     let signal = futures::FutureExt::shared(Box::pin(shutdown_signal()));
-    let drain = mtls_operator::api::parse_duration(&args.shutdown_drain)
-        .ok_or_else(|| anyhow::anyhow!("--shutdown-drain must be a duration such as 10s"))?;
+    let drain = args.shutdown_drain;
     // Not ready from the signal on: in-flight work drains, nothing new is wanted.
     tokio::spawn({
         let (signal, readiness) = (signal.clone(), readiness.clone());
@@ -302,7 +302,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let leader = if args.leader_election {
-        let lease_duration = mtls_operator::api::parse_duration(&args.lease_duration)
+        let lease_duration = Some(args.lease_duration)
             .filter(|duration| duration.as_secs() >= 2)
             .ok_or_else(|| anyhow::anyhow!("--lease-duration must be at least 2s"))?;
         let identity = args

@@ -371,9 +371,10 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&MtlsIdentity::crd())
 }
 
-/// Parses a Go-style duration (`1h30m`, `45s`, `500ms`), the format the CRD accepts.
+/// Parses a Go-style duration (`1h30m`, `45s`, `500ms`): the one duration grammar of the CRD (its
+/// CEL rule accepts exactly this) and of every flag. The grammar is checked here, strictly (no
+/// spaces, no `d`, no words, as Kubernetes' `duration()` would refuse them); humantime computes it.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
-    let mut total = std::time::Duration::ZERO;
     let mut rest = text;
     if rest.is_empty() {
         return None;
@@ -383,23 +384,18 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
         if digits == 0 {
             return None;
         }
-        let value: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let (unit, length) = if rest.starts_with("ms") {
-            (std::time::Duration::from_millis(1), 2)
-        } else if rest.starts_with('s') {
-            (std::time::Duration::from_secs(1), 1)
-        } else if rest.starts_with('m') {
-            (std::time::Duration::from_secs(60), 1)
-        } else if rest.starts_with('h') {
-            (std::time::Duration::from_secs(3600), 1)
-        } else {
-            return None;
-        };
-        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
-        rest = &rest[length..];
+        rest = ["ms", "s", "m", "h"]
+            .iter()
+            .find_map(|unit| rest.strip_prefix(unit))?;
     }
-    Some(total)
+    humantime::parse_duration(text).ok()
+}
+
+/// [`parse_duration`] for command-line flags (clap's `value_parser`).
+pub fn duration_flag(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 10s, 5m, 1h30m or 500ms"))
 }
 
 #[cfg(test)]
@@ -447,6 +443,11 @@ mod tests {
         assert_eq!(parse_duration("1d"), None);
         assert_eq!(parse_duration("h"), None);
         assert_eq!(parse_duration("10"), None);
+        // humantime alone would take these; the CRD's grammar does not.
+        assert_eq!(parse_duration("1h 30m"), None);
+        assert_eq!(parse_duration("2hours"), None);
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert!(duration_flag("1d").is_err_and(|e| e.contains("1h30m")));
     }
 
     #[test]

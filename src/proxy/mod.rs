@@ -65,13 +65,13 @@ pub struct ProxyArgs {
     #[arg(long, env = "PROXY_CERT_DIR", default_value = "/etc/mtls")]
     pub cert_dir: PathBuf,
     /// How often to look for a rotated certificate.
-    #[arg(long, env = "PROXY_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROXY_RELOAD_INTERVAL", default_value = "2s", value_parser = crate::api::duration_flag)]
     pub reload_interval: Duration,
     /// Limit for TCP connect plus TLS handshake with the upstream.
-    #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::api::duration_flag)]
     pub connect_timeout: Duration,
     /// Limit for a whole exchange, response body included; 0s for none (long streams).
-    #[arg(long, env = "PROXY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROXY_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::api::duration_flag)]
     pub request_timeout: Duration,
 }
 
