@@ -71,16 +71,13 @@ async fn wait_ready_pods(namespace: &str, deployment: &str, replicas: i32) -> Re
         &format!("{replicas} ready pods of {namespace}/{deployment}"),
         ROLLOUT_TIMEOUT,
         || async {
-            let workload =
-                mtls_operator::restart::Workload::Deployment(deployments.get(deployment).await?);
-            let ready = match &workload {
-                mtls_operator::restart::Workload::Deployment(d) => d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0),
-                _ => 0,
-            };
+            let deployment = deployments.get(deployment).await?;
+            let ready = deployment
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            let workload = mtls_operator::restart::Workload::from(deployment);
             ensure!(
                 ready == replicas && !workload.rollout_in_progress(),
                 "{ready} of {replicas} ready"

@@ -382,7 +382,7 @@ async fn mass_rotation_queues_behind_the_rollout_cap() -> Result<()> {
                 watch_errors.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 continue;
             };
-            let workload = Workload::Deployment(deployment);
+            let workload = Workload::from(deployment);
             state.insert(workload.display(), workload.rollout_in_progress());
             let busy = state.values().filter(|busy| **busy).count();
             if let Ok(mut peak) = watch_peak.lock() {

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::Resource;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::core::Selector;
+use kube::core::{NamespaceResourceScope, Selector};
+use serde::de::DeserializeOwned;
 
 use crate::api::{FIELD_MANAGER, RestartPolicy, RestartSpec, WorkloadKind};
 use decide::RestartDecision;
@@ -26,58 +28,129 @@ pub enum RestartError {
     Kube(#[from] kube::Error),
 }
 
-/// A Deployment, StatefulSet or DaemonSet, seen through what restarts need.
+/// What restarts need of a Deployment, StatefulSet or DaemonSet: one implementation per kind, and
+/// everything else (get, list, patch, the restart decisions) written once over [`Workload`].
+pub trait WorkloadResource:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: WorkloadKind;
+    fn template(&self) -> Option<&PodTemplateSpec>;
+    fn selector(&self) -> Option<&LabelSelector>;
+    /// Whether a rollout is still in progress (the controller has not caught up, or not every
+    /// replica runs the current template and is ready).
+    fn rollout_in_progress(&self) -> bool;
+    fn paused(&self) -> bool {
+        false
+    }
+}
+
+impl WorkloadResource for Deployment {
+    const KIND: WorkloadKind = WorkloadKind::Deployment;
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+    fn selector(&self) -> Option<&LabelSelector> {
+        self.spec.as_ref().map(|s| &s.selector)
+    }
+    fn rollout_in_progress(&self) -> bool {
+        let want = self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        self.status.as_ref().is_none_or(|s| {
+            s.observed_generation < self.metadata.generation
+                || s.updated_replicas.unwrap_or(0) < want
+                || s.ready_replicas.unwrap_or(0) < want
+                || s.replicas.unwrap_or(0) > want
+        })
+    }
+    fn paused(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.paused) == Some(true)
+    }
+}
+
+impl WorkloadResource for StatefulSet {
+    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+    fn selector(&self) -> Option<&LabelSelector> {
+        self.spec.as_ref().map(|s| &s.selector)
+    }
+    fn rollout_in_progress(&self) -> bool {
+        let want = self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        self.status.as_ref().is_none_or(|s| {
+            s.observed_generation < self.metadata.generation
+                || s.current_revision != s.update_revision
+                || s.ready_replicas.unwrap_or(0) < want
+        })
+    }
+}
+
+impl WorkloadResource for DaemonSet {
+    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+    fn selector(&self) -> Option<&LabelSelector> {
+        self.spec.as_ref().map(|s| &s.selector)
+    }
+    fn rollout_in_progress(&self) -> bool {
+        self.status.as_ref().is_none_or(|s| {
+            s.observed_generation < self.metadata.generation
+                || s.updated_number_scheduled.unwrap_or(0) < s.desired_number_scheduled
+                || s.number_ready < s.desired_number_scheduled
+        })
+    }
+}
+
+/// A workload of any of the three kinds, as restarts see it.
 #[derive(Debug, Clone)]
-pub enum Workload {
-    Deployment(Deployment),
-    StatefulSet(StatefulSet),
-    DaemonSet(DaemonSet),
+pub struct Workload {
+    kind: WorkloadKind,
+    metadata: ObjectMeta,
+    template: Option<PodTemplateSpec>,
+    selector: Option<LabelSelector>,
+    paused: bool,
+    rollout_in_progress: bool,
+}
+
+impl<K: WorkloadResource> From<K> for Workload {
+    fn from(resource: K) -> Self {
+        Self {
+            kind: K::KIND,
+            template: resource.template().cloned(),
+            selector: resource.selector().cloned(),
+            paused: resource.paused(),
+            rollout_in_progress: resource.rollout_in_progress(),
+            metadata: resource.meta().clone(),
+        }
+    }
 }
 
 impl Workload {
     pub fn kind(&self) -> WorkloadKind {
-        match self {
-            Self::Deployment(_) => WorkloadKind::Deployment,
-            Self::StatefulSet(_) => WorkloadKind::StatefulSet,
-            Self::DaemonSet(_) => WorkloadKind::DaemonSet,
-        }
+        self.kind
     }
 
     pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Self::Deployment(w) => &w.metadata,
-            Self::StatefulSet(w) => &w.metadata,
-            Self::DaemonSet(w) => &w.metadata,
-        }
+        &self.metadata
     }
 
     pub fn name(&self) -> String {
-        self.metadata().name.clone().unwrap_or_default()
+        self.metadata.name.clone().unwrap_or_default()
     }
 
     /// `Kind/name`, as status and Events show it.
     pub fn display(&self) -> String {
-        format!("{:?}/{}", self.kind(), self.name())
-    }
-
-    fn template(&self) -> Option<&PodTemplateSpec> {
-        match self {
-            Self::Deployment(w) => w.spec.as_ref().map(|s| &s.template),
-            Self::StatefulSet(w) => w.spec.as_ref().map(|s| &s.template),
-            Self::DaemonSet(w) => w.spec.as_ref().map(|s| &s.template),
-        }
-    }
-
-    fn selector(&self) -> Option<&LabelSelector> {
-        match self {
-            Self::Deployment(w) => w.spec.as_ref().map(|s| &s.selector),
-            Self::StatefulSet(w) => w.spec.as_ref().map(|s| &s.selector),
-            Self::DaemonSet(w) => w.spec.as_ref().map(|s| &s.selector),
-        }
+        format!("{:?}/{}", self.kind, self.name())
     }
 
     pub fn managed_by_operator(&self) -> bool {
-        self.metadata()
+        self.metadata
             .labels
             .as_ref()
             .and_then(|labels| labels.get(crate::api::MANAGED_BY_LABEL))
@@ -85,13 +158,15 @@ impl Workload {
     }
 
     pub fn uses_secret(&self, secret: &str) -> bool {
-        self.template()
+        self.template
+            .as_ref()
             .and_then(|template| template.spec.as_ref())
             .is_some_and(|spec| decide::pod_uses_secret(spec, secret))
     }
 
     pub fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
-        self.template()
+        self.template
+            .as_ref()
             .and_then(|template| template.metadata.as_ref())
             .and_then(|metadata| metadata.annotations.as_ref())
     }
@@ -108,8 +183,8 @@ impl Workload {
         else {
             return false;
         };
-        match self {
-            Self::Deployment(_) => {
+        match self.kind {
+            WorkloadKind::Deployment => {
                 let hash = pod
                     .metadata
                     .labels
@@ -118,45 +193,40 @@ impl Workload {
                 controller.kind == "ReplicaSet"
                     && hash.is_some_and(|hash| controller.name == format!("{}-{hash}", self.name()))
             }
-            Self::StatefulSet(_) | Self::DaemonSet(_) => {
-                Some(&controller.uid) == self.metadata().uid.as_ref()
+            WorkloadKind::StatefulSet | WorkloadKind::DaemonSet => {
+                Some(&controller.uid) == self.metadata.uid.as_ref()
             }
         }
     }
 
     pub fn paused(&self) -> bool {
-        matches!(self, Self::Deployment(w) if w.spec.as_ref().and_then(|s| s.paused) == Some(true))
+        self.paused
     }
 
-    /// Whether a rollout is still in progress (the controller has not caught up, or not every
-    /// replica runs the current template and is ready).
     pub fn rollout_in_progress(&self) -> bool {
-        let generation = self.metadata().generation;
-        match self {
-            Self::Deployment(w) => {
-                let want = w.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                w.status.as_ref().is_none_or(|s| {
-                    s.observed_generation < generation
-                        || s.updated_replicas.unwrap_or(0) < want
-                        || s.ready_replicas.unwrap_or(0) < want
-                        || s.replicas.unwrap_or(0) > want
-                })
-            }
-            Self::StatefulSet(w) => {
-                let want = w.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                w.status.as_ref().is_none_or(|s| {
-                    s.observed_generation < generation
-                        || s.current_revision != s.update_revision
-                        || s.ready_replicas.unwrap_or(0) < want
-                })
-            }
-            Self::DaemonSet(w) => w.status.as_ref().is_none_or(|s| {
-                s.observed_generation < generation
-                    || s.updated_number_scheduled.unwrap_or(0) < s.desired_number_scheduled
-                    || s.number_ready < s.desired_number_scheduled
-            }),
-        }
+        self.rollout_in_progress
     }
+}
+
+/// Every Deployment, StatefulSet and DaemonSet in `namespace`.
+pub async fn list_workloads(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<Workload>, kube::Error> {
+    async fn list<K: WorkloadResource>(
+        client: &kube::Client,
+        namespace: &str,
+    ) -> Result<Vec<Workload>, kube::Error> {
+        let items = Api::<K>::namespaced(client.clone(), namespace)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        Ok(items.into_iter().map(Workload::from).collect())
+    }
+    let mut all = list::<Deployment>(client, namespace).await?;
+    all.extend(list::<StatefulSet>(client, namespace).await?);
+    all.extend(list::<DaemonSet>(client, namespace).await?);
+    Ok(all)
 }
 
 /// What happened to the workloads for one rotation.
@@ -274,20 +344,19 @@ impl Restarter {
         kind: WorkloadKind,
         name: &str,
     ) -> Result<Option<Workload>, kube::Error> {
-        Ok(match kind {
-            WorkloadKind::Deployment => Api::namespaced(self.client.clone(), namespace)
-                .get_opt(name)
-                .await?
-                .map(Workload::Deployment),
-            WorkloadKind::StatefulSet => Api::namespaced(self.client.clone(), namespace)
-                .get_opt(name)
-                .await?
-                .map(Workload::StatefulSet),
-            WorkloadKind::DaemonSet => Api::namespaced(self.client.clone(), namespace)
-                .get_opt(name)
-                .await?
-                .map(Workload::DaemonSet),
-        })
+        async fn get<K: WorkloadResource>(
+            client: &kube::Client,
+            namespace: &str,
+            name: &str,
+        ) -> Result<Option<Workload>, kube::Error> {
+            let api = Api::<K>::namespaced(client.clone(), namespace);
+            Ok(api.get_opt(name).await?.map(Workload::from))
+        }
+        match kind {
+            WorkloadKind::Deployment => get::<Deployment>(&self.client, namespace, name).await,
+            WorkloadKind::StatefulSet => get::<StatefulSet>(&self.client, namespace, name).await,
+            WorkloadKind::DaemonSet => get::<DaemonSet>(&self.client, namespace, name).await,
+        }
     }
 
     /// The workloads a rotation concerns: the listed ones, or every Deployment, StatefulSet and
@@ -315,32 +384,7 @@ impl Restarter {
             }
             return Ok(affected);
         }
-        let params = ListParams::default();
-        let mut all: Vec<Workload> = Vec::new();
-        all.extend(
-            Api::<Deployment>::namespaced(self.client.clone(), namespace)
-                .list(&params)
-                .await?
-                .items
-                .into_iter()
-                .map(Workload::Deployment),
-        );
-        all.extend(
-            Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
-                .list(&params)
-                .await?
-                .items
-                .into_iter()
-                .map(Workload::StatefulSet),
-        );
-        all.extend(
-            Api::<DaemonSet>::namespaced(self.client.clone(), namespace)
-                .list(&params)
-                .await?
-                .items
-                .into_iter()
-                .map(Workload::DaemonSet),
-        );
+        let mut all = list_workloads(&self.client, namespace).await?;
         // The operator's own egress proxies reload their certificate: never restart them.
         all.retain(|workload| workload.uses_secret(secret) && !workload.managed_by_operator());
         Ok(Affected {
@@ -507,25 +551,30 @@ impl Restarter {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..Default::default()
         };
-        let name = workload.name();
-        match workload {
-            Workload::Deployment(_) => {
-                Api::<Deployment>::namespaced(self.client.clone(), namespace)
-                    .patch(&name, &params, &Patch::Merge(&patch))
-                    .await?;
+        async fn merge_patch<K: WorkloadResource>(
+            client: &kube::Client,
+            namespace: &str,
+            name: &str,
+            params: &PatchParams,
+            patch: &serde_json::Value,
+        ) -> Result<(), kube::Error> {
+            Api::<K>::namespaced(client.clone(), namespace)
+                .patch(name, params, &Patch::Merge(patch))
+                .await?;
+            Ok(())
+        }
+        let (client, name) = (&self.client, workload.name());
+        match workload.kind() {
+            WorkloadKind::Deployment => {
+                merge_patch::<Deployment>(client, namespace, &name, &params, &patch).await
             }
-            Workload::StatefulSet(_) => {
-                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
-                    .patch(&name, &params, &Patch::Merge(&patch))
-                    .await?;
+            WorkloadKind::StatefulSet => {
+                merge_patch::<StatefulSet>(client, namespace, &name, &params, &patch).await
             }
-            Workload::DaemonSet(_) => {
-                Api::<DaemonSet>::namespaced(self.client.clone(), namespace)
-                    .patch(&name, &params, &Patch::Merge(&patch))
-                    .await?;
+            WorkloadKind::DaemonSet => {
+                merge_patch::<DaemonSet>(client, namespace, &name, &params, &patch).await
             }
         }
-        Ok(())
     }
 
     /// `Annotate`: the running Pods get the token (the kubelet then refreshes mounted Secret volumes
@@ -540,8 +589,8 @@ impl Restarter {
         // The workload's whole selector (matchExpressions too); an empty or unreadable one selects
         // nothing here, never every Pod in the namespace.
         let Some(selector) = workload
-            .selector()
-            .cloned()
+            .selector
+            .clone()
             .and_then(|selector| Selector::try_from(selector).ok())
             .filter(|selector| !selector.selects_all())
         else {

@@ -581,35 +581,14 @@ pub async fn create_daemon_set(
     Ok(())
 }
 
-/// Every workload in the namespace, by `Kind/name`.
+/// Every workload in the namespace, by `Kind/name` (the operator's own generic listing).
 pub async fn workloads(namespace: &str) -> Result<BTreeMap<String, Workload>> {
     let admin = support::admin_client().await?;
-    let mut all = BTreeMap::new();
-    for w in Api::<Deployment>::namespaced(admin.clone(), namespace)
-        .list(&ListParams::default())
+    Ok(mtls_operator::restart::list_workloads(&admin, namespace)
         .await?
-        .items
-    {
-        let w = Workload::Deployment(w);
-        all.insert(w.display(), w);
-    }
-    for w in Api::<StatefulSet>::namespaced(admin.clone(), namespace)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        let w = Workload::StatefulSet(w);
-        all.insert(w.display(), w);
-    }
-    for w in Api::<DaemonSet>::namespaced(admin, namespace)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        let w = Workload::DaemonSet(w);
-        all.insert(w.display(), w);
-    }
-    Ok(all)
+        .into_iter()
+        .map(|workload| (workload.display(), workload))
+        .collect())
 }
 
 /// Each workload's generation: every pod-template change (a rollout) adds one.
