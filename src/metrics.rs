@@ -10,6 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::api::MtlsIdentityStatus;
+use crate::controller::status;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub namespace: String,
@@ -192,6 +195,73 @@ impl Metrics {
             text.clear();
         }
         text
+    }
+
+    /// Records one reconcile of an identity: the sync counter (`outcome` is `Err(reason)` on
+    /// failure), its gauges from the new status, and a rotation if the status records a new one.
+    pub fn record_identity(
+        &self,
+        namespace: &str,
+        name: &str,
+        previous: Option<&MtlsIdentityStatus>,
+        now: &MtlsIdentityStatus,
+        outcome: Result<(), &str>,
+    ) {
+        let labels = IdentityLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        let (sync_outcome, reason) = match outcome {
+            Ok(()) => ("success", status::REASON_SYNCED),
+            Err(reason) => ("failure", reason),
+        };
+        self.syncs
+            .get_or_create(&SyncLabels {
+                outcome: sync_outcome.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+        let ready = now
+            .conditions
+            .iter()
+            .any(|c| c.type_ == status::READY && c.status == "True");
+        self.identity_ready
+            .get_or_create(&labels)
+            .set(i64::from(ready));
+        let reachable = !now
+            .conditions
+            .iter()
+            .any(|c| c.type_ == status::SOURCE_REACHABLE && c.status == "False");
+        self.source_reachable
+            .get_or_create(&labels)
+            .set(i64::from(reachable));
+        // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
+        if let Some(certificate) = &now.certificate {
+            let unix = |text: &str| {
+                chrono::DateTime::parse_from_rfc3339(text)
+                    .map(|time| time.timestamp())
+                    .ok()
+            };
+            if let Some(not_after) = unix(&certificate.not_after) {
+                self.certificate_not_after
+                    .get_or_create(&labels)
+                    .set(not_after);
+            }
+            if let Some(not_before) = unix(&certificate.not_before) {
+                self.certificate_not_before
+                    .get_or_create(&labels)
+                    .set(not_before);
+            }
+        }
+        let new_rotation = now.last_rotation.as_ref().is_some_and(|rotation| {
+            previous
+                .and_then(|p| p.last_rotation.as_ref())
+                .map(|r| &r.sha256_fingerprint)
+                != Some(&rotation.sha256_fingerprint)
+        });
+        if new_rotation {
+            self.rotations.inc();
+        }
     }
 
     /// Removes a deleted identity's series, so `/metrics` does not grow with every identity that

@@ -1,10 +1,17 @@
-//! Reconciles MtlsIdentities: fetch, validate, then write the Secret with server-side apply under one
-//! field manager, then status and Events. The decisions live in [`decide`]; this module does the I/O.
+//! Reconciles MtlsIdentities: fetch, validate, write the Secret (never over a foreign one), restart
+//! what uses it, then status and Events. Each concern has its file, its pure decisions beside its
+//! I/O: [`sync`] with [`decide`] and [`secret`], [`status`], [`requeue`], [`rotation`], [`egress`].
+//! This module runs the controller and holds the reconcile that ties them together.
 
 pub mod budget;
 pub mod decide;
 pub mod egress;
+pub mod error;
+pub mod events;
+pub mod requeue;
 pub mod rotation;
+pub mod secret;
+pub mod status;
 pub mod sync;
 pub mod write;
 
@@ -18,49 +25,28 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, parse_duration};
-use crate::metrics::{IdentityLabels, Metrics, OutcomeLabels, SyncLabels};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::restart::{RestartLimits, RestartReport, Restarter};
 use crate::source::SecretSource;
 use crate::source::fleet::{Fleet, SweepMode};
 use crate::source::policy::SourcePolicy;
 use budget::FetchBudget;
-use decide::{SyncFailure, Synced};
 use sync::SyncStep;
-use write::Written;
+
+pub use error::ReconcileError;
+use events::publish;
 
 /// The shortest refresh interval, whatever the spec says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// `spec.expiry.warnBefore` default: 30 days.
 const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// Errors talking to Kubernetes; the reconcile is retried.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("MtlsIdentity has no namespace")]
-    NoNamespace,
-    /// The identity's status holds what the operator cannot have written (edited by hand).
-    #[error("{0}")]
-    InvalidStatus(String),
-}
-
-impl ReconcileError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Kube(_) => "KubernetesApiError",
-            Self::NoNamespace => "InvalidSpec",
-            Self::InvalidStatus(_) => "InvalidStatus",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -398,7 +384,7 @@ fn error_policy(
         *count = count.saturating_add(1);
         *count
     };
-    let backoff = decide::api_error_backoff(attempts, rand::random::<f64>());
+    let backoff = requeue::api_error_backoff(attempts, rand::random::<f64>());
     warn!(
         identity = %key,
         reason = error.reason(),
@@ -408,34 +394,6 @@ fn error_policy(
         "reconcile error; retrying"
     );
     Action::requeue(backoff)
-}
-
-/// After `spec.target.secretName` changed and the new Secret was written: the old Secret, if ours,
-/// goes (nothing else mounts what it no longer owns; workloads that mounted it by name are the
-/// user's to move).
-async fn remove_renamed_target(
-    identity: &MtlsIdentity,
-    namespace: &str,
-    target: &str,
-    previous: Option<&crate::api::MtlsIdentityStatus>,
-    outcome: &Result<Synced, SyncFailure>,
-    context: &Context,
-) -> Result<(), ReconcileError> {
-    let Some(old) = previous.and_then(|status| status.secret_name.as_deref()) else {
-        return Ok(());
-    };
-    if outcome.is_err() || old == target {
-        return Ok(());
-    }
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
-    write::delete_owned(&secrets, old, &identity.uid().unwrap_or_default()).await?;
-    info!(
-        namespace,
-        old,
-        new = target,
-        "removed the previous target Secret"
-    );
-    Ok(())
 }
 
 async fn reconcile(
@@ -495,9 +453,9 @@ async fn reconcile_inner(
         other => (other, None),
     };
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut status = decide::next_status(previous, identity.metadata.generation, &outcome, &now);
+    let mut status = status::next_status(previous, identity.metadata.generation, &outcome, &now);
     let reachability_event =
-        decide::source_reachable(&mut status, transient.as_ref(), outcome.is_ok(), &now);
+        status::source_reachable(&mut status, transient.as_ref(), outcome.is_ok(), &now);
     let warn_before = identity
         .spec
         .expiry
@@ -505,7 +463,7 @@ async fn reconcile_inner(
         .and_then(|expiry| expiry.warn_before.as_deref())
         .and_then(parse_duration)
         .unwrap_or(DEFAULT_WARN_BEFORE);
-    let expiring_event = decide::expiry(
+    let expiring_event = status::expiry(
         &mut status,
         &outcome,
         chrono::Utc::now().timestamp(),
@@ -516,7 +474,7 @@ async fn reconcile_inner(
     // A Kubernetes error after the Secret was written: returned once the status says so.
     let mut after_status: Option<ReconcileError> = None;
     if let Ok(synced) = &outcome {
-        status.last_rotation = decide::rotation(previous, synced, &now);
+        status.last_rotation = status::rotation(previous, synced, &now);
         if let Some(rotation) = status.last_rotation.as_mut()
             && !rotation.complete
             && rotation.sha256_fingerprint == synced.certificate.sha256_fingerprint
@@ -529,27 +487,27 @@ async fn reconcile_inner(
             .await
             {
                 Ok(report) => {
-                    decide::clear_condition(&mut status.conditions, decide::RESTARTS);
+                    status::clear_condition(&mut status.conditions, status::RESTARTS);
                     report
                 }
                 Err(error) => {
                     let condition = match &error {
-                        ReconcileError::InvalidStatus(problem) => decide::failed_condition(
-                            decide::RESTARTS,
+                        ReconcileError::InvalidStatus(problem) => status::failed_condition(
+                            status::RESTARTS,
                             error.reason(),
                             format!("{problem}; restarts wait until it is corrected"),
                             identity.metadata.generation,
                             &now,
                         ),
-                        _ => decide::api_error_condition(
-                            decide::RESTARTS,
+                        _ => status::api_error_condition(
+                            status::RESTARTS,
                             "could not list or patch the workloads that use the Secret; \
                                  retrying",
                             identity.metadata.generation,
                             &now,
                         ),
                     };
-                    decide::set_condition(&mut status.conditions, condition);
+                    status::set_condition(&mut status.conditions, condition);
                     after_status.get_or_insert(error);
                     RestartReport {
                         pending: vec!["(workloads)".to_string()],
@@ -579,10 +537,12 @@ async fn reconcile_inner(
             rotation::publish_restart_events(context, &identity, &namespace, &report).await;
         }
     }
-    if let Err(error) = reconcile_egress(&identity, &namespace, &mut status, &now, context).await {
-        decide::set_condition(
+    if let Err(error) =
+        egress::reconcile_egress(&identity, &namespace, &mut status, &now, context).await
+    {
+        status::set_condition(
             &mut status.conditions,
-            decide::api_error_condition(
+            status::api_error_condition(
                 egress::EGRESS_CONDITION,
                 "could not read or write the egress proxy's objects; retrying",
                 identity.metadata.generation,
@@ -591,17 +551,13 @@ async fn reconcile_inner(
         );
         after_status.get_or_insert(error);
     }
-    record_metrics(
-        &context.metrics,
-        &namespace,
-        &name,
-        previous,
-        &status,
-        match &transient {
-            Some(failure) => Err(failure),
-            None => outcome.as_ref(),
-        },
-    );
+    let attempt = match (&transient, &outcome) {
+        (Some(failure), _) | (None, Err(failure)) => Err(failure.reason()),
+        (None, Ok(_)) => Ok(()),
+    };
+    context
+        .metrics
+        .record_identity(&namespace, &name, previous, &status, attempt);
     if previous != Some(&status) {
         let identities: Api<MtlsIdentity> = Api::namespaced(context.client.clone(), &namespace);
         let patch = serde_json::json!({ "status": status });
@@ -609,7 +565,7 @@ async fn reconcile_inner(
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-    for event in decide::event_for(previous, &outcome)
+    for event in status::event_for(previous, &outcome)
         .into_iter()
         .chain(expiring_event)
         .chain(reachability_event)
@@ -617,7 +573,8 @@ async fn reconcile_inner(
         publish(context, &identity.object_ref(&()), event).await;
     }
     if let Err(error) =
-        remove_renamed_target(&identity, &namespace, &target, previous, &outcome, context).await
+        write::remove_renamed_target(&identity, &namespace, &target, previous, &outcome, context)
+            .await
     {
         after_status.get_or_insert(error);
     }
@@ -658,298 +615,20 @@ async fn reconcile_inner(
         warn!(identity = %key, reason = failure.reason(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
     let failures = context.count_failure(&key, attempted.is_err());
-    let phase = decide::refresh_phase(identity.uid().as_deref().unwrap_or(&name));
-    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
-    Ok(Action::requeue(match &attempted {
-        // Healthy: at the identity's own phase of the interval, not in waves.
-        Ok(_) => decide::next_refresh(refresh, phase, now_ms),
-        Err(_) => {
-            let backoff =
-                decide::requeue_after(refresh, &attempted, failures, rand::random::<f64>());
-            if valid_in_place {
-                // A transient failure with a valid Secret in place is never retried sooner than
-                // the identity's own schedule (its version-check cadence): under an outage or a
-                // quota, retries must not outpace healthy operation.
-                let cadence = match context.settings.sweep_mode {
-                    SweepMode::Get => refresh,
-                    _ => refresh.min(context.settings.sweep_interval),
-                };
-                backoff.max(decide::next_refresh(cadence, phase, now_ms))
-            } else {
-                backoff
-            }
-        }
-    }))
-}
-
-/// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
-/// and a NetworkPolicy, each only if absent or already ours; says how it went in the `Egress`
-/// condition.
-async fn reconcile_egress(
-    identity: &MtlsIdentity,
-    namespace: &str,
-    status: &mut crate::api::MtlsIdentityStatus,
-    now: &str,
-    context: &Context,
-) -> Result<(), ReconcileError> {
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::Service;
-    use k8s_openapi::api::networking::v1::NetworkPolicy;
-    let name = identity.name_any();
-    let uid = identity.uid().unwrap_or_default();
-    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), namespace);
-    let services: Api<Service> = Api::namespaced(context.client.clone(), namespace);
-    let policies: Api<NetworkPolicy> = Api::namespaced(context.client.clone(), namespace);
-    let Some(spec) = &identity.spec.egress else {
-        if status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == egress::EGRESS_CONDITION)
-        {
-            // `spec.egress` was removed: remove what it made (only what is ours).
-            write::delete_owned(&deployments, &name, &uid).await?;
-            write::delete_owned(&services, &name, &uid).await?;
-            write::delete_owned(&policies, &name, &uid).await?;
-            status
-                .conditions
-                .retain(|c| c.type_ != egress::EGRESS_CONDITION);
-        }
-        return Ok(());
-    };
-    let (condition_status, reason, message) = match (&context.settings.egress_image, &status.secret_name) {
-        (None, _) => (
-            "False",
-            "EgressDisabled",
-            "this operator runs without --enable-egress (chart value egress.enabled=true, which also \
-             grants the RBAC it needs): no proxy Deployment or Service is created"
-                .to_string(),
-        ),
-        (Some(_), None) => (
-            "False",
-            "EgressWaiting",
-            "waiting for the first good certificate before starting the proxy".to_string(),
-        ),
-        (Some(image), Some(secret)) => {
-            let Some(owner) = identity.controller_owner_ref(&()) else {
-                return Ok(());
-            };
-            let built = egress::deployment(&name, namespace, spec, secret, image, &owner).and_then(
-                |deployment| {
-                    let service = egress::service(&name, namespace, spec, &owner)?;
-                    let policy = egress::network_policy(
-                        &name,
-                        namespace,
-                        spec,
-                        &context.settings.egress_admin_from,
-                        &owner,
-                    )?;
-                    Ok((deployment, service, policy))
-                },
-            );
-            match built {
-                Ok((deployment, service, policy)) => {
-                    // Nothing is written while any of the three names is taken by a foreign
-                    // object; then the NetworkPolicy first, so the proxy never serves without it.
-                    let mut conflicts = Vec::new();
-                    for (foreign, kind) in [
-                        (is_foreign(&policies, &name, &uid).await?, "NetworkPolicy"),
-                        (is_foreign(&deployments, &name, &uid).await?, "Deployment"),
-                        (is_foreign(&services, &name, &uid).await?, "Service"),
-                    ] {
-                        if foreign {
-                            conflicts.push(kind);
-                        }
-                    }
-                    if conflicts.is_empty() {
-                        let written = [
-                            guarded(&policies, &name, policy, &uid, "NetworkPolicy").await?,
-                            guarded(&deployments, &name, deployment, &uid, "Deployment").await?,
-                            guarded(&services, &name, service, &uid, "Service").await?,
-                        ];
-                        conflicts.extend(written.into_iter().flatten());
-                    }
-                    if conflicts.is_empty() {
-                        (
-                            "True",
-                            "EgressReady",
-                            format!(
-                                "Deployment and Service {name} forward http://{name}.{namespace}:{} to \
-                                 {} with this identity's certificate; NetworkPolicy {name} admits {} \
-                                 (enforced only by a CNI that implements NetworkPolicy)",
-                                spec.port,
-                                spec.upstream,
-                                if spec.allow_from.is_some() {
-                                    "the peers in spec.egress.allowFrom"
-                                } else {
-                                    "only pods in this namespace"
-                                }
-                            ),
-                        )
-                    } else {
-                        (
-                            "False",
-                            egress::REASON_CONFLICT,
-                            format!(
-                                "{} {name} already exist(s) and not owned by this MtlsIdentity: left \
-                                 untouched, no proxy started. Delete them or rename the identity",
-                                conflicts.join(", ")
-                            ),
-                        )
-                    }
-                }
-                Err(error) => ("False", "EgressInvalid", format!("cannot build the proxy: {error}")),
-            }
-        }
-    };
-    decide::set_condition(
-        &mut status.conditions,
-        crate::api::Condition {
-            type_: egress::EGRESS_CONDITION.to_string(),
-            status: condition_status.to_string(),
-            reason: reason.to_string(),
-            message,
-            last_transition_time: now.to_string(),
-            observed_generation: identity.metadata.generation,
+    let schedule = requeue::Schedule {
+        refresh,
+        cadence: match context.settings.sweep_mode {
+            SweepMode::Get => refresh,
+            _ => refresh.min(context.settings.sweep_interval),
         },
-    );
-    Ok(())
-}
-
-/// Whether `name` exists and is not owned by `owner_uid` (metadata only).
-async fn is_foreign<K>(api: &Api<K>, name: &str, owner_uid: &str) -> Result<bool, ReconcileError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    Ok(write::metadata(api, name)
-        .await?
-        .is_some_and(|seen| !decide::is_owned_by(&seen.metadata, owner_uid)))
-}
-
-/// Writes one egress object if absent or ours; `Some(kind)` when a foreign one is in the way.
-async fn guarded<K>(
-    api: &Api<K>,
-    name: &str,
-    desired: K,
-    owner_uid: &str,
-    kind: &'static str,
-) -> Result<Option<&'static str>, ReconcileError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    // Controllers update a Deployment's status often: a precondition that lost a race is retried
-    // with fresh metadata a few times before the reconcile is.
-    let mut attempt = 0;
-    loop {
-        let seen = write::metadata(api, name).await?;
-        let result = write::write_owned(
-            api,
-            name,
-            desired.clone(),
-            owner_uid,
-            seen.as_ref().map(|seen| &seen.metadata),
-        )
-        .await;
-        match result {
-            Ok(written) => return Ok((written == Written::Conflict).then_some(kind)),
-            Err(kube::Error::Api(status)) if status.code == 409 && attempt < 3 => attempt += 1,
-            Err(error) => return Err(error.into()),
-        }
-    }
-}
-
-/// Updates the per-identity gauges and the sync counters from the new status and outcome.
-fn record_metrics(
-    metrics: &Metrics,
-    namespace: &str,
-    name: &str,
-    previous: Option<&crate::api::MtlsIdentityStatus>,
-    status: &crate::api::MtlsIdentityStatus,
-    outcome: Result<&Synced, &SyncFailure>,
-) {
-    let labels = IdentityLabels {
-        namespace: namespace.to_string(),
-        name: name.to_string(),
+        phase: requeue::refresh_phase(identity.uid().as_deref().unwrap_or(&name)),
+        now_unix_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
     };
-    let (sync_outcome, reason) = match outcome {
-        Ok(_) => ("success", decide::REASON_SYNCED),
-        Err(failure) => ("failure", failure.reason()),
-    };
-    metrics
-        .syncs
-        .get_or_create(&SyncLabels {
-            outcome: sync_outcome.to_string(),
-            reason: reason.to_string(),
-        })
-        .inc();
-    let ready = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == decide::READY && c.status == "True");
-    metrics
-        .identity_ready
-        .get_or_create(&labels)
-        .set(i64::from(ready));
-    let reachable = !status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == decide::SOURCE_REACHABLE && c.status == "False");
-    metrics
-        .source_reachable
-        .get_or_create(&labels)
-        .set(i64::from(reachable));
-    // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
-    if let Some(certificate) = &status.certificate {
-        let unix = |text: &str| {
-            chrono::DateTime::parse_from_rfc3339(text)
-                .map(|time| time.timestamp())
-                .ok()
-        };
-        if let Some(not_after) = unix(&certificate.not_after) {
-            metrics
-                .certificate_not_after
-                .get_or_create(&labels)
-                .set(not_after);
-        }
-        if let Some(not_before) = unix(&certificate.not_before) {
-            metrics
-                .certificate_not_before
-                .get_or_create(&labels)
-                .set(not_before);
-        }
-    }
-    let new_rotation = status.last_rotation.as_ref().is_some_and(|rotation| {
-        previous
-            .and_then(|p| p.last_rotation.as_ref())
-            .map(|r| &r.sha256_fingerprint)
-            != Some(&rotation.sha256_fingerprint)
-    });
-    if new_rotation {
-        metrics.rotations.inc();
-    }
-}
-
-async fn publish(
-    context: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    event: decide::EventToEmit,
-) {
-    let event = Event {
-        type_: if event.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: event.reason,
-        note: Some(event.note),
-        action: "Sync".to_string(),
-        secondary: None,
-    };
-    // A Recorder per Event: a long-lived one caches every Event it published for six minutes (to
-    // aggregate repeats into series) in a table that never shrinks, which at 10,000 identities was
-    // the operator's largest allocation (heap profile in BENCHMARKS.md). Repeats are already
-    // decided away (`decide`: an Event per transition), so nothing is lost.
-    let recorder = Recorder::new(context.client.clone(), context.reporter.clone());
-    if let Err(error) = recorder.publish(&event, reference).await {
-        warn!(error = %error, "could not publish an Event");
-    }
+    Ok(Action::requeue(requeue::after_sync(
+        &schedule,
+        &attempted,
+        valid_in_place,
+        failures,
+        rand::random::<f64>(),
+    )))
 }

@@ -22,6 +22,7 @@ use crate::api::{FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, VERSION_ID
 use crate::lock;
 use crate::restart::{RestartReport, RestartRequest, Workload};
 
+use super::status;
 use super::{Context, ReconcileError, decide, publish};
 
 /// How often a rotation waiting for its siblings looks again.
@@ -246,13 +247,13 @@ pub(super) async fn publish_restart_events(
     report: &RestartReport,
 ) {
     let identity_ref = identity.object_ref(&());
-    let warn = |reason: &str, note: String| decide::EventToEmit {
+    let warn = |reason: &str, note: String| status::EventToEmit {
         warning: true,
         reason: reason.to_string(),
         note,
     };
     if !report.triggered.is_empty() {
-        let event = decide::EventToEmit {
+        let event = status::EventToEmit {
             warning: false,
             reason: "RestartTriggered".to_string(),
             note: format!(
@@ -271,7 +272,7 @@ pub(super) async fn publish_restart_events(
                     namespace: Some(namespace.to_string()),
                     ..Default::default()
                 };
-                let event = decide::EventToEmit {
+                let event = status::EventToEmit {
                     warning: false,
                     reason: "RestartTriggered".to_string(),
                     note: format!(

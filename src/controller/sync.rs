@@ -14,6 +14,7 @@ use crate::pki;
 use crate::source::{FetchedSecret, SecretContent};
 
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
+use super::secret;
 use super::write::{self, Written};
 use super::{Context, ReconcileError};
 use crate::lock;
@@ -84,7 +85,7 @@ pub async fn sync(
         })))
     };
     if let Some(seen) = &seen
-        && !decide::is_owned_by(&seen.metadata, &owner_uid)
+        && !secret::is_owned_by(&seen.metadata, &owner_uid)
     {
         return conflict();
     }
@@ -95,7 +96,7 @@ pub async fn sync(
     };
     // Replaced by a foreign Secret since the metadata check: refuse it, as above.
     if let Some(existing) = &existing
-        && !decide::is_owned_by(&existing.metadata, &owner_uid)
+        && !secret::is_owned_by(&existing.metadata, &owner_uid)
     {
         return conflict();
     }
@@ -111,7 +112,7 @@ pub async fn sync(
     );
     let carried = existing
         .as_ref()
-        .and_then(decide::carried_versions)
+        .and_then(secret::carried_versions)
         .filter(|(version, _)| {
             carried_facts
                 .as_ref()
@@ -180,7 +181,7 @@ pub async fn sync(
             "the MtlsIdentity has no uid yet".to_string(),
         ))));
     };
-    let desired = decide::desired_secret(
+    let desired = secret::desired_secret(
         target,
         namespace,
         &identity.name_any(),
@@ -191,7 +192,7 @@ pub async fn sync(
     );
     let up_to_date = existing
         .as_ref()
-        .is_some_and(|existing| decide::secret_up_to_date(existing, &desired));
+        .is_some_and(|existing| secret::secret_up_to_date(existing, &desired));
     if !up_to_date {
         match &existing {
             // Absent when we looked: create, so one created meanwhile is never overwritten.
@@ -200,7 +201,7 @@ pub async fn sync(
                     // Created meanwhile. By us (another replica during a leader change, or a
                     // reconcile that raced): look again shortly. By someone else: a conflict.
                     let now_there = write::metadata(&secrets, target).await?;
-                    if now_there.is_some_and(|meta| decide::is_owned_by(&meta.metadata, &owner_uid))
+                    if now_there.is_some_and(|meta| secret::is_owned_by(&meta.metadata, &owner_uid))
                     {
                         return Ok(SyncStep::Wait(Duration::from_secs(1)));
                     }

@@ -14,7 +14,11 @@ use serde::de::DeserializeOwned;
 
 use crate::api::FIELD_MANAGER;
 
-use super::decide::is_owned_by;
+use super::decide::{SyncFailure, Synced};
+use super::secret::is_owned_by;
+use super::{Context, ReconcileError};
+use crate::api::MtlsIdentity;
+use tracing::info;
 
 /// What a guarded write found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,4 +142,32 @@ where
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
         Err(error) => Err(error),
     }
+}
+
+/// After `spec.target.secretName` changed and the new Secret was written: the old Secret, if ours,
+/// goes (nothing else mounts what it no longer owns; workloads that mounted it by name are the
+/// user's to move).
+pub(super) async fn remove_renamed_target(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    target: &str,
+    previous: Option<&crate::api::MtlsIdentityStatus>,
+    outcome: &Result<Synced, SyncFailure>,
+    context: &Context,
+) -> Result<(), ReconcileError> {
+    let Some(old) = previous.and_then(|status| status.secret_name.as_deref()) else {
+        return Ok(());
+    };
+    if outcome.is_err() || old == target {
+        return Ok(());
+    }
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    delete_owned(&secrets, old, &identity.uid().unwrap_or_default()).await?;
+    info!(
+        namespace,
+        old,
+        new = target,
+        "removed the previous target Secret"
+    );
+    Ok(())
 }

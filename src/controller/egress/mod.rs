@@ -1,0 +1,187 @@
+//! The operator-managed egress proxy of an identity with `spec.egress` (a Deployment, a Service and a
+//! NetworkPolicy, see [`objects`]): written only if absent or already ours, removed with
+//! `spec.egress`, and reported in the `Egress` condition.
+
+pub mod objects;
+
+use kube::api::Api;
+use kube::{Resource, ResourceExt};
+
+use super::write::{self, Written};
+use super::{Context, ReconcileError, secret, status};
+use crate::api::MtlsIdentity;
+
+pub use objects::{EGRESS_CONDITION, REASON_CONFLICT};
+
+/// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
+/// and a NetworkPolicy, each only if absent or already ours; says how it went in the `Egress`
+/// condition.
+pub(super) async fn reconcile_egress(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    status: &mut crate::api::MtlsIdentityStatus,
+    now: &str,
+    context: &Context,
+) -> Result<(), ReconcileError> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let name = identity.name_any();
+    let uid = identity.uid().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(context.client.clone(), namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(context.client.clone(), namespace);
+    let Some(spec) = &identity.spec.egress else {
+        if status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == EGRESS_CONDITION)
+        {
+            // `spec.egress` was removed: remove what it made (only what is ours).
+            write::delete_owned(&deployments, &name, &uid).await?;
+            write::delete_owned(&services, &name, &uid).await?;
+            write::delete_owned(&policies, &name, &uid).await?;
+            status.conditions.retain(|c| c.type_ != EGRESS_CONDITION);
+        }
+        return Ok(());
+    };
+    let (condition_status, reason, message) = match (&context.settings.egress_image, &status.secret_name) {
+        (None, _) => (
+            "False",
+            "EgressDisabled",
+            "this operator runs without --enable-egress (chart value egress.enabled=true, which also \
+             grants the RBAC it needs): no proxy Deployment or Service is created"
+                .to_string(),
+        ),
+        (Some(_), None) => (
+            "False",
+            "EgressWaiting",
+            "waiting for the first good certificate before starting the proxy".to_string(),
+        ),
+        (Some(image), Some(secret)) => {
+            let Some(owner) = identity.controller_owner_ref(&()) else {
+                return Ok(());
+            };
+            let built = objects::deployment(&name, namespace, spec, secret, image, &owner).and_then(
+                |deployment| {
+                    let service = objects::service(&name, namespace, spec, &owner)?;
+                    let policy = objects::network_policy(
+                        &name,
+                        namespace,
+                        spec,
+                        &context.settings.egress_admin_from,
+                        &owner,
+                    )?;
+                    Ok((deployment, service, policy))
+                },
+            );
+            match built {
+                Ok((deployment, service, policy)) => {
+                    // Nothing is written while any of the three names is taken by a foreign
+                    // object; then the NetworkPolicy first, so the proxy never serves without it.
+                    let mut conflicts = Vec::new();
+                    for (foreign, kind) in [
+                        (is_foreign(&policies, &name, &uid).await?, "NetworkPolicy"),
+                        (is_foreign(&deployments, &name, &uid).await?, "Deployment"),
+                        (is_foreign(&services, &name, &uid).await?, "Service"),
+                    ] {
+                        if foreign {
+                            conflicts.push(kind);
+                        }
+                    }
+                    if conflicts.is_empty() {
+                        let written = [
+                            guarded(&policies, &name, policy, &uid, "NetworkPolicy").await?,
+                            guarded(&deployments, &name, deployment, &uid, "Deployment").await?,
+                            guarded(&services, &name, service, &uid, "Service").await?,
+                        ];
+                        conflicts.extend(written.into_iter().flatten());
+                    }
+                    if conflicts.is_empty() {
+                        (
+                            "True",
+                            "EgressReady",
+                            format!(
+                                "Deployment and Service {name} forward http://{name}.{namespace}:{} to \
+                                 {} with this identity's certificate; NetworkPolicy {name} admits {} \
+                                 (enforced only by a CNI that implements NetworkPolicy)",
+                                spec.port,
+                                spec.upstream,
+                                if spec.allow_from.is_some() {
+                                    "the peers in spec.egress.allowFrom"
+                                } else {
+                                    "only pods in this namespace"
+                                }
+                            ),
+                        )
+                    } else {
+                        (
+                            "False",
+                            REASON_CONFLICT,
+                            format!(
+                                "{} {name} already exist(s) and not owned by this MtlsIdentity: left \
+                                 untouched, no proxy started. Delete them or rename the identity",
+                                conflicts.join(", ")
+                            ),
+                        )
+                    }
+                }
+                Err(error) => ("False", "EgressInvalid", format!("cannot build the proxy: {error}")),
+            }
+        }
+    };
+    status::set_condition(
+        &mut status.conditions,
+        crate::api::Condition {
+            type_: EGRESS_CONDITION.to_string(),
+            status: condition_status.to_string(),
+            reason: reason.to_string(),
+            message,
+            last_transition_time: now.to_string(),
+            observed_generation: identity.metadata.generation,
+        },
+    );
+    Ok(())
+}
+
+/// Whether `name` exists and is not owned by `owner_uid` (metadata only).
+async fn is_foreign<K>(api: &Api<K>, name: &str, owner_uid: &str) -> Result<bool, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(write::metadata(api, name)
+        .await?
+        .is_some_and(|seen| !secret::is_owned_by(&seen.metadata, owner_uid)))
+}
+
+/// Writes one egress object if absent or ours; `Some(kind)` when a foreign one is in the way.
+async fn guarded<K>(
+    api: &Api<K>,
+    name: &str,
+    desired: K,
+    owner_uid: &str,
+    kind: &'static str,
+) -> Result<Option<&'static str>, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    // Controllers update a Deployment's status often: a precondition that lost a race is retried
+    // with fresh metadata a few times before the reconcile is.
+    let mut attempt = 0;
+    loop {
+        let seen = write::metadata(api, name).await?;
+        let result = write::write_owned(
+            api,
+            name,
+            desired.clone(),
+            owner_uid,
+            seen.as_ref().map(|seen| &seen.metadata),
+        )
+        .await;
+        match result {
+            Ok(written) => return Ok((written == Written::Conflict).then_some(kind)),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < 3 => attempt += 1,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
