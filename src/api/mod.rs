@@ -274,7 +274,7 @@ pub struct ExpirySpec {
 }
 
 /// What the operator observed and did; deterministic, so writing it does not trigger more work.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MtlsIdentityStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,20 +310,10 @@ pub struct RotationStatus {
     pub complete: bool,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// "True", "False" or "Unknown".
-    pub status: String,
-    pub reason: String,
-    pub message: String,
-    /// RFC 3339; changes only when `status` changes.
-    pub last_transition_time: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-}
+/// A status condition: Kubernetes' own `meta/v1` Condition, so `kubectl wait --for=condition=Ready`,
+/// kstatus and every other tool that reads conditions understand it. `lastTransitionTime` changes
+/// only when `status` changes.
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

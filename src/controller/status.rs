@@ -3,12 +3,24 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use crate::api::{Condition, MtlsIdentityStatus, RotationStatus, SourceStatus};
 
 use super::decide::*;
 
 pub const READY: &str = "Ready";
 pub const REASON_SYNCED: &str = "Synced";
+
+/// A condition's transition time from `now`, the reconcile's current time as RFC 3339 text (the
+/// form the rest of status uses). That text is always the operator's own rendering of the current
+/// time, so if it ever did not parse, the current time is the same value.
+pub fn transition_time(now: &str) -> Time {
+    Time(
+        now.parse()
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+    )
+}
 
 /// The next status. Facts of the Secret in place are kept on failure: the Secret stays as it was.
 /// `now` is used only where a condition's status changes, so repeated outcomes give equal statuses.
@@ -49,7 +61,7 @@ pub fn next_status(
             status: condition_status.to_string(),
             reason,
             message,
-            last_transition_time: now.to_string(),
+            last_transition_time: transition_time(now),
             observed_generation: generation,
         },
     );
@@ -101,7 +113,7 @@ pub fn source_reachable(
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message: message.clone(),
-            last_transition_time: now.to_string(),
+            last_transition_time: transition_time(now),
             observed_generation: status.observed_generation,
         },
     );
@@ -152,7 +164,7 @@ pub fn failed_condition(
         status: "False".to_string(),
         reason: reason.to_string(),
         message,
-        last_transition_time: now.to_string(),
+        last_transition_time: transition_time(now),
         observed_generation: generation,
     }
 }
@@ -217,7 +229,7 @@ pub fn expiry(
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message: message.clone(),
-            last_transition_time: now.to_string(),
+            last_transition_time: transition_time(now),
             observed_generation: status.observed_generation,
         },
     );
@@ -336,7 +348,14 @@ mod tests {
             (ready.status.as_str(), ready.reason.as_str()),
             ("False", "AccessDenied")
         );
-        assert_eq!(ready.last_transition_time, "2026-01-03T00:00:00Z");
+        assert_eq!(
+            ready.last_transition_time,
+            transition_time("2026-01-03T00:00:00Z")
+        );
+        assert_eq!(
+            serde_json::to_value(&ready.last_transition_time).ok(),
+            Some(serde_json::json!("2026-01-03T00:00:00Z"))
+        );
         // The Secret stays, and so do the facts that describe it.
         assert_eq!(failed.source, first.source);
         assert_eq!(failed.certificate, first.certificate);

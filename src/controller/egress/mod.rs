@@ -137,7 +137,7 @@ pub(super) async fn reconcile_egress(
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message,
-            last_transition_time: now.to_string(),
+            last_transition_time: status::transition_time(now),
             observed_generation: identity.metadata.generation,
         },
     );
