@@ -13,6 +13,8 @@ pub mod rotation;
 pub mod secret;
 pub mod status;
 pub mod sync;
+#[cfg(test)]
+mod tests;
 pub mod write;
 
 use crate::lock;

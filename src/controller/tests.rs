@@ -1,0 +1,468 @@
+//! Fast reconcile tests against a mock API server (kube's client over `tower-test`, as
+//! kube-rs/controller-rs does) and an in-memory Secrets Manager: the decision-heavy paths, each
+//! asserting the method, path and body of the requests the reconcile sends. The integration tests
+//! (`tests/`) show the same behaviour against a real API server.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use hyper::{Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::source::{FetchedSecret, SecretContent, SecretRef, SourceError};
+
+const NAMESPACE: &str = "team";
+const UID: &str = "0b1c2d3e-0000-4000-8000-000000000001";
+const ACCOUNT: &str = "123456789012";
+
+/// One request the reconcile sent.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    /// Path and query.
+    path: String,
+    body: Value,
+}
+
+impl Seen {
+    fn is(&self, method: &str, path_prefix: &str) -> bool {
+        self.method == method && self.path.starts_with(path_prefix)
+    }
+}
+
+type Route = Box<dyn Fn(&Seen) -> (StatusCode, Value) + Send + Sync>;
+
+/// A client whose API server is `route`; every request is recorded.
+fn mock_api(route: Route) -> (kube::Client, Arc<Mutex<Vec<Seen>>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Some((request, respond)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let request = Seen {
+                method: parts.method.to_string(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            let (status, answer) = route(&request);
+            lock(&recorded).push(request);
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
+            match response {
+                Ok(response) => respond.send_response(response),
+                Err(_) => return,
+            }
+        }
+    });
+    (kube::Client::new(service, NAMESPACE), seen)
+}
+
+fn not_found() -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn forbidden() -> (StatusCode, Value) {
+    (
+        StatusCode::FORBIDDEN,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403}),
+    )
+}
+
+fn empty_list(kind: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        json!({"kind": kind, "apiVersion": "apps/v1", "metadata": {}, "items": []}),
+    )
+}
+
+/// Echoes a written object back, as the API server would.
+fn echo(request: &Seen) -> (StatusCode, Value) {
+    (StatusCode::OK, request.body.clone())
+}
+
+/// The identity as the API server returns it after a status patch.
+fn patched_identity(request: &Seen) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        json!({"apiVersion": "mtls-operator.io/v1alpha1", "kind": "MtlsIdentity",
+               "metadata": {"name": "client", "namespace": NAMESPACE, "uid": UID, "generation": 1},
+               "spec": spec(), "status": request.body["status"].clone()}),
+    )
+}
+
+/// Secrets Manager in memory: one secret, `team/client`, its value fixed.
+struct FixedSource {
+    value: String,
+    version: String,
+    fetches: AtomicU32,
+}
+
+impl SecretSource for FixedSource {
+    fn fetch<'a>(
+        &'a self,
+        secret: &'a SecretRef,
+    ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(FetchedSecret {
+                arn: format!(
+                    "arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:{}-AbCdEf",
+                    secret.secret_id
+                ),
+                name: secret.secret_id.clone(),
+                version_id: self.version.clone(),
+                content: SecretContent::Text(self.value.clone()),
+            })
+        })
+    }
+}
+
+/// A CA and a client certificate signed by it, as the JSON a team stores in Secrets Manager.
+fn material() -> String {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let build = || -> Result<String, rcgen::Error> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "mock CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let mut leaf = CertificateParams::new(vec!["client.example".to_string()])?;
+        leaf.distinguished_name.push(DnType::CommonName, "client");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &issuer)?;
+        Ok(json!({"certificate": cert.pem(), "private_key": key.serialize_pem(), "ca": issuer.pem()})
+            .to_string())
+    };
+    build().unwrap_or_default()
+}
+
+fn identity(spec: Value, status: Option<Value>) -> Arc<MtlsIdentity> {
+    let mut object = json!({
+        "apiVersion": "mtls-operator.io/v1alpha1",
+        "kind": "MtlsIdentity",
+        "metadata": {"name": "client", "namespace": NAMESPACE, "uid": UID, "generation": 1},
+        "spec": spec,
+    });
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    Arc::new(serde_json::from_value(object).unwrap_or_else(|error| panic!("identity: {error}")))
+}
+
+fn spec() -> Value {
+    json!({"source": {"secretId": "team/client"}, "refreshInterval": "1h"})
+}
+
+/// A status that describes an earlier version (v1, another certificate), synced and Ready.
+fn synced_status() -> Value {
+    json!({
+        "observedGeneration": 1,
+        "secretName": "client",
+        "source": {"arn": format!("arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:team/client-AbCdEf"), "versionId": "v1"},
+        "certificate": {"subject": "CN=client", "issuer": "CN=mock CA", "serialNumber": "01",
+            "sha256Fingerprint": "00".repeat(32), "notBefore": "2026-01-01T00:00:00Z",
+            "notAfter": "2099-01-01T00:00:00Z", "dnsNames": []},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]
+    })
+}
+
+fn context(client: kube::Client, source: Arc<FixedSource>, egress: bool) -> Arc<Context> {
+    let settings = Settings {
+        namespaces: vec![NAMESPACE.to_string()],
+        policy: SourcePolicy::new(
+            Vec::new(),
+            Some(ACCOUNT.to_string()),
+            vec!["us-east-1".to_string()],
+        ),
+        default_region: Some("us-east-1".to_string()),
+        egress_image: egress.then(|| "example.invalid/mtls-operator:test".to_string()),
+        ..Settings::default()
+    };
+    let source: Arc<dyn SecretSource> = source;
+    Arc::new(Context {
+        restarter: Arc::new(Restarter::new(
+            client.clone(),
+            settings.restart_limits,
+            false,
+        )),
+        fleet: Arc::new(Fleet::new(
+            source.clone(),
+            settings.sweep_mode,
+            settings.sweep_interval,
+            None,
+        )),
+        client,
+        identities: reflector::store().0,
+        trigger: futures::channel::mpsc::unbounded().0,
+        source,
+        settings,
+        reporter: Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: None,
+        },
+        metrics: Arc::new(Metrics::new()),
+        state: Arc::new(IdentityState::default()),
+    })
+}
+
+fn source() -> Arc<FixedSource> {
+    Arc::new(FixedSource {
+        value: material(),
+        version: "v2".to_string(),
+        fetches: AtomicU32::new(0),
+    })
+}
+
+const SECRET: &str = "/api/v1/namespaces/team/secrets/client";
+const STATUS: &str = "/apis/mtls-operator.io/v1alpha1/namespaces/team/mtlsidentities/client/status";
+
+fn condition<'a>(status_patch: &'a Value, type_: &str) -> Option<&'a Value> {
+    status_patch["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// A 403 on listing workloads after the Secret was written: the status still says what was
+/// written (Ready True, the new version) and why restarts wait (`Restarts` False
+/// `KubernetesApiError`), and the reconcile fails so that it is retried with backoff.
+#[tokio::test]
+async fn a_refused_workload_list_after_the_write_still_writes_a_truthful_status() {
+    let (client, seen) = mock_api(Box::new(|request| {
+        if request.is("GET", SECRET) {
+            not_found()
+        } else if request.is("POST", "/api/v1/namespaces/team/secrets") {
+            echo(request)
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/") {
+            forbidden()
+        } else if request.is("PATCH", STATUS) {
+            patched_identity(request)
+        } else if request.is("POST", "/apis/events.k8s.io/") {
+            echo(request)
+        } else {
+            not_found()
+        }
+    }));
+    let source = source();
+    let result = reconcile(
+        identity(spec(), Some(synced_status())),
+        context(client, source.clone(), false),
+    )
+    .await;
+    // The 403 itself, returned once status was written, so the reconcile is retried.
+    match &result {
+        Err(ReconcileError::Kube(kube::Error::Api(status))) => assert_eq!(status.code, 403),
+        other => panic!("expected the 403 to be returned: {other:?}"),
+    }
+    let seen = lock(&seen).clone();
+    let created = seen
+        .iter()
+        .find(|r| r.is("POST", "/api/v1/namespaces/team/secrets"))
+        .expect("the Secret was created");
+    assert_eq!(created.body["metadata"]["annotations"][VERSION_ID], "v2");
+    let status = seen
+        .iter()
+        .find(|r| r.is("PATCH", STATUS))
+        .expect("status was written");
+    let ready = condition(&status.body, "Ready").expect("Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Synced"))
+    );
+    assert_eq!(status.body["status"]["source"]["versionId"], "v2");
+    let restarts = condition(&status.body, "Restarts").expect("Restarts");
+    assert_eq!(
+        (&restarts["status"], &restarts["reason"]),
+        (&json!("False"), &json!("KubernetesApiError"))
+    );
+    assert_eq!(status.body["status"]["lastRotation"]["complete"], false);
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+}
+
+const VERSION_ID: &str = crate::api::VERSION_ID_ANNOTATION;
+
+/// A Secret of the same name that the identity does not own: never read, never written, no AWS
+/// call; the status says `TargetConflict`.
+#[tokio::test]
+async fn a_foreign_target_secret_is_refused_without_a_read_or_a_write() {
+    let (client, seen) = mock_api(Box::new(|request| {
+        if request.is("GET", SECRET) {
+            (
+                StatusCode::OK,
+                json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                       "metadata": {"name": "client", "namespace": NAMESPACE}}),
+            )
+        } else if request.is("PATCH", STATUS) {
+            patched_identity(request)
+        } else if request.is("POST", "/apis/events.k8s.io/") {
+            echo(request)
+        } else {
+            not_found()
+        }
+    }));
+    let source = source();
+    let result = reconcile(
+        identity(spec(), None),
+        context(client, source.clone(), false),
+    )
+    .await;
+    assert!(result.is_ok(), "{result:?}");
+    let seen = lock(&seen).clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.path.starts_with("/api/v1/namespaces/team/secrets") && r.method != "GET"),
+        "wrote a Secret it does not own: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|r| r.path.starts_with(SECRET))
+            .all(|r| r.method == "GET"),
+    );
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst),
+        0,
+        "read AWS for a conflict"
+    );
+    let status = seen
+        .iter()
+        .find(|r| r.is("PATCH", STATUS))
+        .expect("status was written");
+    let ready = condition(&status.body, "Ready").expect("Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("False"), &json!("TargetConflict"))
+    );
+}
+
+/// Restart planning: of two Deployments, only the one that mounts the Secret is patched, once,
+/// with the identity's token (the new certificate's fingerprint) in its pod template.
+#[tokio::test]
+async fn a_rotation_patches_only_the_workload_that_mounts_the_secret() {
+    let deployment = |name: &str, secret: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": name, "namespace": NAMESPACE, "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                   "metadata": {"labels": {"app": name}},
+                   "spec": {"containers": [{"name": "app", "image": "example.invalid/app"}],
+                            "volumes": [{"name": "tls", "secret": {"secretName": secret}}]}}}})
+    };
+    let deployments = json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {},
+        "items": [deployment("uses-it", "client"), deployment("other", "something-else")]});
+    let (client, seen) = mock_api(Box::new(move |request| {
+        if request.is("GET", SECRET) {
+            not_found()
+        } else if request.is("POST", "/api/v1/namespaces/team/secrets") {
+            echo(request)
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/deployments") {
+            (StatusCode::OK, deployments.clone())
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/statefulsets") {
+            empty_list("StatefulSetList")
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/daemonsets") {
+            empty_list("DaemonSetList")
+        } else if request.is("PATCH", "/apis/apps/v1/namespaces/team/deployments/uses-it") {
+            (StatusCode::OK, deployment("uses-it", "client"))
+        } else if request.is("PATCH", STATUS) {
+            patched_identity(request)
+        } else if request.is("POST", "/apis/events.k8s.io/") {
+            echo(request)
+        } else {
+            not_found()
+        }
+    }));
+    let result = reconcile(
+        identity(spec(), Some(synced_status())),
+        context(client, source(), false),
+    )
+    .await;
+    assert!(result.is_ok(), "{result:?}");
+    let seen = lock(&seen).clone();
+    let patches: Vec<&Seen> = seen
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.starts_with("/apis/apps/"))
+        .collect();
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert!(
+        patches[0]
+            .path
+            .starts_with("/apis/apps/v1/namespaces/team/deployments/uses-it")
+    );
+    let status = seen
+        .iter()
+        .find(|r| r.is("PATCH", STATUS))
+        .expect("status was written");
+    let fingerprint = status.body["status"]["certificate"]["sha256Fingerprint"].clone();
+    let tokens = &patches[0].body["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        tokens[crate::restart::decide::token_key("client")],
+        fingerprint,
+        "{tokens}"
+    );
+    assert_eq!(status.body["status"]["lastRotation"]["complete"], true);
+}
+
+/// spec.egress with a same-named Deployment that is not the identity's: nothing is written over
+/// it, and the `Egress` condition says `EgressConflict`.
+#[tokio::test]
+async fn an_egress_name_taken_by_a_foreign_deployment_is_a_conflict_not_a_takeover() {
+    let (client, seen) = mock_api(Box::new(|request| {
+        if request.is("GET", SECRET) {
+            not_found()
+        } else if request.is("POST", "/api/v1/namespaces/team/secrets") {
+            echo(request)
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/deployments/client") {
+            (
+                StatusCode::OK,
+                json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                       "metadata": {"name": "client", "namespace": NAMESPACE}}),
+            )
+        } else if request.is("PATCH", STATUS) {
+            patched_identity(request)
+        } else if request.is("POST", "/apis/events.k8s.io/") {
+            echo(request)
+        } else {
+            not_found()
+        }
+    }));
+    let spec = json!({"source": {"secretId": "team/client"}, "refreshInterval": "1h",
+                      "egress": {"upstream": "https://api.partner.example:443"}});
+    let result = reconcile(identity(spec, None), context(client, source(), true)).await;
+    assert!(result.is_ok(), "{result:?}");
+    let seen = lock(&seen).clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.path.contains("/deployments/client") && r.method != "GET"),
+        "wrote over a foreign Deployment: {seen:?}"
+    );
+    let status = seen
+        .iter()
+        .find(|r| r.is("PATCH", STATUS))
+        .expect("status was written");
+    let egress = condition(&status.body, "Egress").expect("Egress");
+    assert_eq!(
+        (&egress["status"], &egress["reason"]),
+        (&json!("False"), &json!("EgressConflict"))
+    );
+}
