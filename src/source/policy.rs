@@ -176,31 +176,14 @@ impl SourcePolicy {
     }
 }
 
-/// `*` in `pattern` matches any run of characters; `{namespace}` matches `namespace` literally;
-/// everything else matches itself. The pattern is split on `*` before the namespace is substituted,
-/// so nothing in a namespace (or a name) can act as glob syntax.
+/// `*` in `pattern` matches any run of characters and `?` one character (wildmatch);
+/// `{namespace}` stands for `namespace`. A namespace is a DNS label and never holds `*` or `?`;
+/// one that did would be glob syntax once substituted, so it matches nothing.
 fn glob_matches(pattern: &str, namespace: &str, text: &str) -> bool {
-    let segments: Vec<String> = pattern
-        .split('*')
-        .map(|segment| segment.replace("{namespace}", namespace))
-        .collect();
-    let Some((first, rest)) = segments.split_first() else {
-        return text.is_empty();
-    };
-    let Some(mut remaining) = text.strip_prefix(first.as_str()) else {
+    if namespace.contains(['*', '?']) {
         return false;
-    };
-    let Some((last, middle)) = rest.split_last() else {
-        // No `*` at all: the whole text must equal the pattern.
-        return remaining.is_empty();
-    };
-    for segment in middle {
-        match remaining.find(segment.as_str()) {
-            Some(index) => remaining = &remaining[index + segment.len()..],
-            None => return false,
-        }
     }
-    remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+    wildmatch::WildMatch::new(&pattern.replace("{namespace}", namespace)).matches(text)
 }
 
 #[cfg(test)]
@@ -347,9 +330,11 @@ mod tests {
         assert!(!glob_matches("a*b*c", "", "a-c"));
         assert!(glob_matches("*", "", ""));
         assert!(!glob_matches("ab*ba", "", "aba"));
-        // A namespace is literal text, even if it held glob syntax.
+        assert!(glob_matches("team-?/*", "", "team-a/x"));
+        // A namespace never acts as glob syntax: one that held it matches nothing.
         assert!(!glob_matches("{namespace}/*", "*", "billing/x"));
-        assert!(glob_matches("{namespace}/*", "*", "*/x"));
+        assert!(!glob_matches("{namespace}/*", "*", "*/x"));
+        assert!(!glob_matches("{namespace}/*", "?", "a/x"));
     }
 }
 
