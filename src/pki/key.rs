@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use x509_parser::asn1_rs::{Any, FromDer, Oid, oid};
 
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
 use rustls::sign::SigningKey;
@@ -179,47 +180,31 @@ const OID: u8 = 0x06;
 const SEQUENCE: u8 = 0x30;
 const CONTEXT_0: u8 = 0xa0;
 
-// Algorithm and curve OIDs (DER content bytes).
-const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-const OID_RSA_PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
-const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
-const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
-const OID_SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
-const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
-const OID_ED448: &[u8] = &[0x2b, 0x65, 0x71];
-const OID_X25519: &[u8] = &[0x2b, 0x65, 0x6e];
-const OID_X448: &[u8] = &[0x2b, 0x65, 0x6f];
-const OID_DSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x01];
-const OID_DH: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x03, 0x01];
+// Algorithm and curve OIDs (DER content bytes, written in dotted form).
+const OID_RSA: &[u8] = &oid!(raw 1.2.840.113549.1.1.1);
+const OID_RSA_PSS: &[u8] = &oid!(raw 1.2.840.113549.1.1.10);
+const OID_EC_PUBLIC_KEY: &[u8] = &oid!(raw 1.2.840.10045.2.1);
+const OID_P256: &[u8] = &oid!(raw 1.2.840.10045.3.1.7);
+const OID_P384: &[u8] = &oid!(raw 1.3.132.0.34);
+const OID_P521: &[u8] = &oid!(raw 1.3.132.0.35);
+const OID_SECP256K1: &[u8] = &oid!(raw 1.3.132.0.10);
+const OID_ED25519: &[u8] = &oid!(raw 1.3.101.112);
+const OID_ED448: &[u8] = &oid!(raw 1.3.101.113);
+const OID_X25519: &[u8] = &oid!(raw 1.3.101.110);
+const OID_X448: &[u8] = &oid!(raw 1.3.101.111);
+const OID_DSA: &[u8] = &oid!(raw 1.2.840.10040.4.1);
+const OID_DH: &[u8] = &oid!(raw 1.2.840.113549.1.3.1);
 
-/// Read one DER TLV: returns (tag, content, rest). Only definite lengths (DER forbids others).
+/// Read one DER TLV (asn1-rs, strict DER): returns (identifier octet, content, rest). Multi-byte
+/// tags never occur in the structures read here, so they are refused.
 pub(crate) fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    // Multi-byte tags never occur in the structures we read.
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let (len_bytes, rest) = rest.split_at(n);
-        let len = len_bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, rest)
-    };
-    if rest.len() < len {
-        return None;
-    }
-    let (content, rest) = rest.split_at(len);
-    Some((tag, content, rest))
+    let (rest, any) = Any::from_der(input).ok()?;
+    let number = u8::try_from(any.header.tag().0)
+        .ok()
+        .filter(|n| *n < 0x1f)?;
+    let identifier =
+        ((any.header.class() as u8) << 6) | (u8::from(any.header.is_constructed()) << 5) | number;
+    Some((identifier, any.data, rest))
 }
 
 /// Read a TLV that must have `tag`.
@@ -387,32 +372,5 @@ fn integer_bits(content: &[u8]) -> usize {
 
 /// Dotted form of an OID, for messages about unknown algorithms.
 pub(crate) fn oid_to_string(oid: &[u8]) -> String {
-    let mut parts: Vec<u128> = Vec::new();
-    let mut acc: u128 = 0;
-    for &b in oid {
-        acc = (acc << 7) | u128::from(b & 0x7f);
-        if b & 0x80 == 0 {
-            if parts.is_empty() {
-                let (first, second) = match acc {
-                    0..=39 => (0, acc),
-                    40..=79 => (1, acc - 40),
-                    _ => (2, acc - 80),
-                };
-                parts.push(first);
-                parts.push(second);
-            } else {
-                parts.push(acc);
-            }
-            acc = 0;
-        }
-        // Absurdly long arcs: stop before overflowing; the message only needs a hint.
-        if acc > u128::MAX >> 8 {
-            break;
-        }
-    }
-    parts
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(".")
+    Oid::new(std::borrow::Cow::Borrowed(oid)).to_id_string()
 }

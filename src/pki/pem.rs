@@ -1,7 +1,9 @@
-//! A small, strict PEM reader and writer.
+//! PEM: a small, strict reader, and the `pem` crate's writer.
 //!
-//! Written here rather than borrowed so that every failure has a precise, content-free message
-//! ("truncated base64", "no END line") and so encryption headers (`Proc-Type: 4,ENCRYPTED`) are seen.
+//! The reader is written here because the `pem` crate refuses base64 without its `=` padding, which
+//! people paste (tested), and its errors ("malformedframing", "invalid data") do not say what is
+//! wrong; here every failure has a precise, content-free message ("truncated base64", "no matching
+//! END line") and encryption headers (`Proc-Type: 4,ENCRYPTED`) are seen.
 
 use base64::Engine as _;
 use base64::alphabet;
@@ -132,20 +134,50 @@ pub(crate) fn decode_base64(b64: &str) -> Result<Vec<u8>, String> {
     })
 }
 
-/// Encode one PEM block with 64-character lines, the form every TLS stack reads.
+/// Encode one PEM block with 64-character lines and LF endings, the form every TLS stack reads
+/// (the `pem` crate).
 pub(crate) fn encode(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
-    out.push_str("-----BEGIN ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    // Base64 output is ASCII, so splitting on byte boundaries is safe.
-    for chunk in b64.as_bytes().chunks(64) {
-        out.extend(chunk.iter().map(|&b| char::from(b)));
-        out.push('\n');
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer this replaced, kept here to prove the output did not change by a byte: a
+    /// different rendering would rewrite every Secret on upgrade.
+    fn encode_by_hand(label: &str, der: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.extend(chunk.iter().map(|&b| char::from(b)));
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        out
     }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    out
+
+    #[test]
+    fn encoding_is_byte_for_byte_what_secrets_already_hold() {
+        for length in [1, 47, 48, 49, 95, 96, 97, 500, 1217] {
+            let der: Vec<u8> = (0..length).map(|i| (i * 7 % 251) as u8).collect();
+            assert_eq!(
+                encode("CERTIFICATE", &der),
+                encode_by_hand("CERTIFICATE", &der)
+            );
+        }
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let der = vec![0x30, 0x03, 0x02, 0x01, 0x05];
+        let blocks = parse_blocks(&encode("PRIVATE KEY", &der)).map_err(|p| p.0);
+        let blocks = blocks.unwrap_or_default();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(
+            (blocks[0].label.as_str(), blocks[0].der.as_slice()),
+            ("PRIVATE KEY", der.as_slice())
+        );
+    }
 }

@@ -18,9 +18,9 @@ use super::{CertificateFacts, Material, PkiError, ValidatedIdentity, rfc3339};
 const CHAIN: &str = "certificate chain";
 const CA: &str = "CA certificates";
 
-// id-kp-clientAuth 1.3.6.1.5.5.7.3.2 and anyExtendedKeyUsage 2.5.29.37.0 (DER content bytes).
-const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
-const EKU_ANY: &[u8] = &[0x55, 0x1d, 0x25, 0x00];
+// id-kp-clientAuth and anyExtendedKeyUsage (DER content bytes).
+const EKU_CLIENT_AUTH: &[u8] = &x509_parser::asn1_rs::oid!(raw 1.3.6.1.5.5.7.3.2);
+const EKU_ANY: &[u8] = &x509_parser::asn1_rs::oid!(raw 2.5.29.37.0);
 
 /// Run every check, in the order a person would fix them: parse, key, validity window, EKU, chain.
 pub fn validate(material: &Material, now_unix: i64) -> Result<ValidatedIdentity, PkiError> {
