@@ -213,6 +213,40 @@ pub struct TargetSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub secret_name: Option<String>,
+    /// More formats in the same Secret, named and laid out as cert-manager's
+    /// `additionalOutputFormats` (so manifests port over): `CombinedPEM` adds `tls-combined.pem`
+    /// (the key, then the chain), `DER` adds `key.der` (the key as DER).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    pub additional_output_formats: Vec<AdditionalOutputFormat>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AdditionalOutputFormat {
+    #[serde(rename = "type")]
+    pub type_: OutputFormatType,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormatType {
+    /// `tls-combined.pem`: the private key, then the certificate chain.
+    #[serde(rename = "CombinedPEM")]
+    CombinedPem,
+    /// `key.der`: the private key as DER.
+    #[serde(rename = "DER")]
+    Der,
+}
+
+impl MtlsIdentity {
+    /// The extra formats the target Secret holds.
+    pub fn output_formats(&self) -> Vec<OutputFormatType> {
+        self.spec
+            .target
+            .iter()
+            .flat_map(|target| &target.additional_output_formats)
+            .map(|format| format.type_)
+            .collect()
+    }
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

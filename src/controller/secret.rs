@@ -9,9 +9,20 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use crate::api::{
     CA_VERSION_ID_ANNOTATION, DATA_DIGEST_ANNOTATION, FINGERPRINT_ANNOTATION, IDENTITY_LABEL,
-    MANAGED_BY_LABEL, MANAGED_BY_VALUE, VERSION_ID_ANNOTATION,
+    MANAGED_BY_LABEL, MANAGED_BY_VALUE, OutputFormatType, VERSION_ID_ANNOTATION,
 };
 use crate::pki::ValidatedIdentity;
+
+/// cert-manager's names for the extra formats.
+pub const COMBINED_PEM_KEY: &str = "tls-combined.pem";
+pub const KEY_DER_KEY: &str = "key.der";
+
+/// The source versions a Secret is written from (the certificate's, the separate CA's).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceVersions<'a> {
+    pub main: &'a str,
+    pub ca: Option<&'a str>,
+}
 
 /// The Secret the identity should own, as applied with server-side apply.
 pub fn desired_secret(
@@ -19,10 +30,14 @@ pub fn desired_secret(
     namespace: &str,
     identity_name: &str,
     owner: OwnerReference,
-    version_id: &str,
-    ca_version_id: Option<&str>,
+    versions: SourceVersions<'_>,
     material: &ValidatedIdentity,
+    formats: &[OutputFormatType],
 ) -> Secret {
+    let SourceVersions {
+        main: version_id,
+        ca: ca_version_id,
+    } = versions;
     let mut data = BTreeMap::new();
     data.insert(
         "tls.crt".to_string(),
@@ -34,6 +49,23 @@ pub fn desired_secret(
     );
     if let Some(ca) = &material.ca_crt {
         data.insert("ca.crt".to_string(), ByteString(ca.as_bytes().to_vec()));
+    }
+    // Extra formats come from the same validated material, in the same write, under the same
+    // digest: a rotation changes every one of them at once, and an edit of any is repaired.
+    for format in formats {
+        match format {
+            OutputFormatType::CombinedPem => {
+                data.insert(
+                    COMBINED_PEM_KEY.to_string(),
+                    ByteString(material.combined_pem().into_bytes()),
+                );
+            }
+            OutputFormatType::Der => {
+                if let Some(der) = material.key_der() {
+                    data.insert(KEY_DER_KEY.to_string(), ByteString(der));
+                }
+            }
+        }
     }
     Secret {
         metadata: ObjectMeta {

@@ -186,9 +186,12 @@ pub async fn sync(
         namespace,
         &identity.name_any(),
         owner,
-        &fetched.version_id,
-        ca_version.as_deref(),
+        secret::SourceVersions {
+            main: &fetched.version_id,
+            ca: ca_version.as_deref(),
+        },
         &validated,
+        &identity.output_formats(),
     );
     let up_to_date = existing
         .as_ref()

@@ -91,6 +91,19 @@ pub struct ValidatedIdentity {
 }
 
 impl ValidatedIdentity {
+    /// The private key as DER, in the encoding `tls.key` holds (cert-manager's `key.der`).
+    /// `None` only if `tls.key` were not the PEM this crate wrote.
+    pub fn key_der(&self) -> Option<Vec<u8>> {
+        let blocks = pem::parse_blocks(self.tls_key.expose()).ok()?;
+        blocks.into_iter().next().map(|block| block.der)
+    }
+
+    /// cert-manager's `tls-combined.pem`: the private key, then the certificate chain (`tls.key`
+    /// followed by `tls.crt`), for HAProxy, curl and clients that take one file.
+    pub fn combined_pem(&self) -> String {
+        format!("{}{}", self.tls_key.expose(), self.tls_crt)
+    }
+
     /// Lower-case hex SHA-256 over all Secret data, to tell whether a Secret already holds exactly this
     /// content (a CA-only change alters it while the leaf fingerprint stays the same). A digest, so it
     /// is safe to store in annotations.

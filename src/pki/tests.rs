@@ -299,6 +299,11 @@ fn check_happy(alg: &'static SignatureAlgorithm, encoding: Enc) {
     // rustls accepts the result as a client identity.
     let ck = certified_key(&material).expect("certified key");
     ck.keys_match().expect("rustls agrees the key matches");
+
+    // cert-manager's extra formats: the key then the chain; the key as DER, in tls.key's encoding.
+    assert_eq!(id.combined_pem(), format!("{kpem}{}", cert_pem(&leaf_der)));
+    let (label, der) = pem_blocks_of(&kpem).remove(0);
+    assert_eq!(id.key_der(), Some(der), "{label}");
 }
 
 #[test]
