@@ -44,7 +44,8 @@ struct TlsServer {
 }
 
 impl TlsServer {
-    fn start(dir: &Path, ca: &TestCa) -> Result<Self> {
+    /// `www`: answer an HTTP GET with a status page (for clients that send a request).
+    fn start(dir: &Path, ca: &TestCa, www: bool) -> Result<Self> {
         let server = ca.server()?;
         std::fs::write(dir.join("server.crt"), &server.cert_pem)?;
         std::fs::write(dir.join("server.key"), &server.key_pem)?;
@@ -64,6 +65,7 @@ impl TlsServer {
                 "ca.pem",
             ])
             .args(["-Verify", "1", "-verify_return_error", "-naccept", "1"])
+            .args(if www { &["-www"][..] } else { &[][..] })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -175,7 +177,7 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
 
     // A real mutual-TLS handshake: s_client with tls-combined.pem against a server that requires a
     // client certificate signed by the CA.
-    let server = TlsServer::start(&dir, &ca)?;
+    let server = TlsServer::start(&dir, &ca, false)?;
     let client = Command::new("openssl")
         .current_dir(&dir)
         .args([
@@ -310,6 +312,150 @@ fn tempdir(prefix: &str) -> Result<std::path::PathBuf> {
     let dir = support::environment()
         .dir
         .join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// A Java client: loads `keystore.p12` and `truststore.p12` (type PKCS12, as Java's default since
+/// 9), completes mutual TLS with hostname verification, sends a GET and prints the status line.
+const JAVA_CLIENT: &str = r#"
+import java.io.*;
+import java.security.KeyStore;
+import javax.net.ssl.*;
+
+public class MtlsClient {
+    public static void main(String[] args) throws Exception {
+        char[] password = args[4].toCharArray();
+        KeyStore keys = KeyStore.getInstance("PKCS12");
+        try (InputStream in = new FileInputStream(args[2])) { keys.load(in, password); }
+        KeyStore trust = KeyStore.getInstance("PKCS12");
+        try (InputStream in = new FileInputStream(args[3])) { trust.load(in, password); }
+        KeyManagerFactory kmf = KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm());
+        kmf.init(keys, password);
+        TrustManagerFactory tmf = TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+        tmf.init(trust);
+        SSLContext context = SSLContext.getInstance("TLS");
+        context.init(kmf.getKeyManagers(), tmf.getTrustManagers(), null);
+        try (SSLSocket socket = (SSLSocket) context.getSocketFactory().createSocket(args[0], Integer.parseInt(args[1]))) {
+            SSLParameters parameters = socket.getSSLParameters();
+            parameters.setEndpointIdentificationAlgorithm("HTTPS");
+            socket.setSSLParameters(parameters);
+            socket.startHandshake();
+            OutputStream out = socket.getOutputStream();
+            out.write("GET / HTTP/1.0\r\n\r\n".getBytes());
+            out.flush();
+            BufferedReader reader = new BufferedReader(new InputStreamReader(socket.getInputStream()));
+            System.out.println(reader.readLine());
+        }
+    }
+}
+"#;
+
+fn run(command: &mut Command) -> Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "{command:?} failed: {said}");
+    Ok(said)
+}
+
+#[tokio::test]
+async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()> {
+    const PASSWORD: &str = "changeit-123";
+    let namespace = support::create_namespace("keystores", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("keystores CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let admin = support::admin_client().await?;
+    let secrets: Api<Secret> = Api::namespaced(admin, &namespace);
+    let password: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "keystore-pass"}, "stringData": {"password": PASSWORD}
+    }))?;
+    secrets.create(&Default::default(), &password).await?;
+    for (name, profile) in [("modern", "Modern"), ("legacy", "Legacy")] {
+        let spec = serde_json::json!({"target": {"keystores": {"pkcs12": {
+            "passwordSecretRef": {"name": "keystore-pass", "key": "password"}, "profile": profile
+        }}}});
+        create_identity(&namespace, &identity(name, &id, spec)?).await?;
+    }
+
+    let dir = tempdir("keystores")?;
+    std::fs::write(dir.join("MtlsClient.java"), JAVA_CLIENT)?;
+    run(Command::new("javac")
+        .current_dir(&dir)
+        .arg("MtlsClient.java"))?;
+    for name in ["modern", "legacy"] {
+        wait_ready(&namespace, name, "True", "Synced").await?;
+        let secret = get_secret(&namespace, name).await?.context("no Secret")?;
+        let keystore = dir.join(format!("{name}-keystore.p12"));
+        let truststore = dir.join(format!("{name}-truststore.p12"));
+        std::fs::write(
+            &keystore,
+            bytes(&secret, "keystore.p12").context("keystore.p12")?,
+        )?;
+        std::fs::write(
+            &truststore,
+            bytes(&secret, "truststore.p12").context("truststore.p12")?,
+        )?;
+        let (keystore, truststore) = (
+            keystore.to_string_lossy().into_owned(),
+            truststore.to_string_lossy().into_owned(),
+        );
+        // OpenSSL 3 reads it (Legacy's 3DES is still in its default provider).
+        run(Command::new("openssl")
+            .args(["pkcs12", "-info", "-noout", "-in", &keystore])
+            .args(["-passin", &format!("pass:{PASSWORD}")]))?;
+        // keytool shows the alias (the identity's name) and the chain, leaf to CA.
+        let listed = run(Command::new("keytool")
+            .args(["-list", "-v", "-storetype", "PKCS12"])
+            .args(["-keystore", &keystore, "-storepass", PASSWORD]))?;
+        ensure!(listed.contains(&format!("Alias name: {name}")), "{listed}");
+        ensure!(listed.contains("PrivateKeyEntry"), "{listed}");
+        ensure!(listed.contains("Certificate chain length: 2"), "{listed}");
+        // Java completes mutual TLS with them against a server that requires a client certificate.
+        let server = TlsServer::start(&dir, &ca, true)?;
+        let answer = run(Command::new("java")
+            .current_dir(&dir)
+            .args([
+                "-cp",
+                ".",
+                "MtlsClient",
+                "localhost",
+                &server.port.to_string(),
+            ])
+            .args([&keystore, &truststore, PASSWORD]))?;
+        ensure!(answer.contains("200"), "{name}: Java got {answer}");
+        drop(server);
+    }
+
+    // A missing password: KeystorePasswordMissing, and the keystore in place stays.
+    let before = get_secret(&namespace, "modern")
+        .await?
+        .context("no Secret")?;
+    let identities: Api<mtls_operator::api::MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &namespace);
+    let patch = serde_json::json!({"spec": {"target": {"keystores": {"pkcs12": {
+        "passwordSecretRef": {"name": "no-such-secret", "key": "password"}
+    }}}}});
+    identities
+        .patch(
+            "modern",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    wait_ready(&namespace, "modern", "False", "KeystorePasswordMissing").await?;
+    let after = get_secret(&namespace, "modern")
+        .await?
+        .context("no Secret")?;
+    ensure!(
+        bytes(&after, "keystore.p12") == bytes(&before, "keystore.p12"),
+        "the keystore in place changed"
+    );
+    Ok(())
 }

@@ -219,6 +219,49 @@ pub struct TargetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 2))]
     pub additional_output_formats: Vec<AdditionalOutputFormat>,
+    /// Keystores for Java, Kafka, JDBC and .NET clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystores: Option<KeystoresSpec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeystoresSpec {
+    /// `keystore.p12` (the key with the leaf, the intermediates and the CA) and `truststore.p12`
+    /// (the CA certificates), both under the password of `passwordSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs12: Option<Pkcs12Spec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pkcs12Spec {
+    /// A key of a Secret in the identity's namespace that holds the keystore password.
+    pub password_secret_ref: SecretKeyRef,
+    /// `Modern` (default): AES-256 and HMAC-SHA256, for Java 17+, OpenSSL 3, .NET. `Legacy`: 3DES
+    /// and HMAC-SHA1, for old JREs and OpenSSL 1.x.
+    #[serde(default)]
+    pub profile: Pkcs12Profile,
+    /// The key entry's alias; default: the identity's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub alias: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pkcs12Profile {
+    #[default]
+    Modern,
+    Legacy,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -238,6 +281,17 @@ pub enum OutputFormatType {
 }
 
 impl MtlsIdentity {
+    /// The PKCS#12 keystore the target Secret holds, if any.
+    pub fn pkcs12(&self) -> Option<&Pkcs12Spec> {
+        self.spec
+            .target
+            .as_ref()?
+            .keystores
+            .as_ref()?
+            .pkcs12
+            .as_ref()
+    }
+
     /// The extra formats the target Secret holds.
     pub fn output_formats(&self) -> Vec<OutputFormatType> {
         self.spec

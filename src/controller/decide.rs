@@ -36,6 +36,13 @@ pub enum SyncFailure {
     Material { context: String, error: PkiError },
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    #[error(
+        "the keystore password is missing: Secret {secret} has no non-empty key {key:?}; the Secret \
+         in place is kept. Create it, or fix spec.target.keystores.pkcs12.passwordSecretRef"
+    )]
+    KeystorePasswordMissing { secret: String, key: String },
+    #[error("{0}")]
+    Keystore(#[from] crate::pki::keystore::KeystoreError),
 }
 
 impl SyncFailure {
@@ -63,6 +70,8 @@ impl SyncFailure {
             Self::Source(error) => error.reason(),
             Self::Material { error, .. } => error.reason(),
             Self::InvalidSpec(_) => "InvalidSpec",
+            Self::KeystorePasswordMissing { .. } => "KeystorePasswordMissing",
+            Self::Keystore(_) => "KeystoreFailed",
         }
     }
 }
@@ -321,6 +330,11 @@ mod tests {
             SyncFailure::TargetConflict { secret: "x".into() }.reason(),
             denied().reason(),
             SyncFailure::InvalidSpec("x".into()).reason(),
+            SyncFailure::KeystorePasswordMissing {
+                secret: "a/b".into(),
+                key: "password".into(),
+            }
+            .reason(),
         ];
         assert_eq!(
             reasons,
@@ -328,7 +342,8 @@ mod tests {
                 "SourceNotAllowed",
                 "TargetConflict",
                 "AccessDenied",
-                "InvalidSpec"
+                "InvalidSpec",
+                "KeystorePasswordMissing"
             ]
         );
     }

@@ -12,10 +12,76 @@ use crate::api::{
     MANAGED_BY_LABEL, MANAGED_BY_VALUE, OutputFormatType, VERSION_ID_ANNOTATION,
 };
 use crate::pki::ValidatedIdentity;
+use crate::pki::keystore::{Pkcs12Files, Pkcs12Profile};
 
 /// cert-manager's names for the extra formats.
 pub const COMBINED_PEM_KEY: &str = "tls-combined.pem";
 pub const KEY_DER_KEY: &str = "key.der";
+/// cert-manager's names for the PKCS#12 keystores.
+pub const KEYSTORE_KEY: &str = "keystore.p12";
+pub const TRUSTSTORE_KEY: &str = "truststore.p12";
+/// A digest of what the keystores were made from (material, password, alias, profile): PKCS#12 is
+/// salted, so rendering it again gives other bytes; the keystores are re-rendered only when this
+/// changes, never on a sync that changes nothing.
+pub const KEYSTORE_INPUTS_ANNOTATION: &str = "mtls-operator.io/keystore-inputs-sha256";
+
+/// What the Secret holds besides `tls.crt`, `tls.key` and `ca.crt`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    pub formats: &'a [OutputFormatType],
+    pub pkcs12: Option<&'a RenderedPkcs12>,
+}
+
+/// Rendered keystores and the digest of their inputs.
+#[derive(Debug, Clone)]
+pub struct RenderedPkcs12 {
+    pub files: Pkcs12Files,
+    pub inputs: String,
+}
+
+/// The digest of a keystore's inputs. The password enters only through its own SHA-256, and the
+/// result is as exposed as the keystore itself (whoever reads the annotation reads `keystore.p12`).
+pub fn keystore_inputs(
+    material: &ValidatedIdentity,
+    password: &str,
+    alias: &str,
+    profile: Pkcs12Profile,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in [
+        material.content_digest().as_bytes(),
+        Sha256::digest(password.as_bytes()).as_slice(),
+        alias.as_bytes(),
+        format!("{profile:?}").as_bytes(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The keystores an intact Secret of ours already holds for these inputs, to be kept as they are.
+pub fn reusable_pkcs12(existing: Option<&Secret>, inputs: &str) -> Option<Pkcs12Files> {
+    let existing = existing?;
+    let annotations = existing.metadata.annotations.as_ref()?;
+    if annotations
+        .get(KEYSTORE_INPUTS_ANNOTATION)
+        .map(String::as_str)
+        != Some(inputs)
+    {
+        return None;
+    }
+    let data = existing.data.as_ref()?;
+    // Only from an intact Secret: a keystore edited by hand is rendered again, not kept.
+    if annotations.get(DATA_DIGEST_ANNOTATION) != Some(&data_digest(data)) {
+        return None;
+    }
+    Some(Pkcs12Files {
+        keystore: data.get(KEYSTORE_KEY)?.0.clone(),
+        truststore: data.get(TRUSTSTORE_KEY).map(|value| value.0.clone()),
+    })
+}
 
 /// The source versions a Secret is written from (the certificate's, the separate CA's).
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +98,7 @@ pub fn desired_secret(
     owner: OwnerReference,
     versions: SourceVersions<'_>,
     material: &ValidatedIdentity,
-    formats: &[OutputFormatType],
+    outputs: Outputs<'_>,
 ) -> Secret {
     let SourceVersions {
         main: version_id,
@@ -52,7 +118,16 @@ pub fn desired_secret(
     }
     // Extra formats come from the same validated material, in the same write, under the same
     // digest: a rotation changes every one of them at once, and an edit of any is repaired.
-    for format in formats {
+    if let Some(pkcs12) = outputs.pkcs12 {
+        data.insert(
+            KEYSTORE_KEY.to_string(),
+            ByteString(pkcs12.files.keystore.clone()),
+        );
+        if let Some(truststore) = &pkcs12.files.truststore {
+            data.insert(TRUSTSTORE_KEY.to_string(), ByteString(truststore.clone()));
+        }
+    }
+    for format in outputs.formats {
         match format {
             OutputFormatType::CombinedPem => {
                 data.insert(
@@ -84,6 +159,12 @@ pub fn desired_secret(
                     ),
                     (DATA_DIGEST_ANNOTATION.to_string(), data_digest(&data)),
                 ]);
+                if let Some(pkcs12) = outputs.pkcs12 {
+                    annotations.insert(
+                        KEYSTORE_INPUTS_ANNOTATION.to_string(),
+                        pkcs12.inputs.clone(),
+                    );
+                }
                 if let Some(ca_version_id) = ca_version_id {
                     annotations.insert(
                         CA_VERSION_ID_ANNOTATION.to_string(),
@@ -176,5 +257,35 @@ mod tests {
         assert!(!is_owned_by(&with_owner("u2", Some(true)).metadata, "u1"));
         assert!(!is_owned_by(&with_owner("u1", None).metadata, "u1"));
         assert!(!is_owned_by(&Secret::default().metadata, "u1"));
+    }
+
+    #[test]
+    fn keystores_are_kept_only_from_an_intact_secret_with_the_same_inputs() {
+        let data = BTreeMap::from([
+            (KEYSTORE_KEY.to_string(), ByteString(b"p12".to_vec())),
+            (TRUSTSTORE_KEY.to_string(), ByteString(b"trust".to_vec())),
+        ]);
+        let secret = |data: BTreeMap<String, ByteString>, digest: String| Secret {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([
+                    (KEYSTORE_INPUTS_ANNOTATION.to_string(), "inputs".to_string()),
+                    (DATA_DIGEST_ANNOTATION.to_string(), digest),
+                ])),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        };
+        let intact = secret(data.clone(), data_digest(&data));
+        let kept = reusable_pkcs12(Some(&intact), "inputs").expect("kept");
+        assert_eq!(kept.keystore, b"p12");
+        assert_eq!(kept.truststore.as_deref(), Some(b"trust".as_slice()));
+        // Other inputs (a rotation, a new password): rendered again.
+        assert!(reusable_pkcs12(Some(&intact), "other").is_none());
+        // Edited by hand: rendered again.
+        let mut edited = data.clone();
+        edited.insert(KEYSTORE_KEY.to_string(), ByteString(b"tampered".to_vec()));
+        assert!(reusable_pkcs12(Some(&secret(edited, data_digest(&data))), "inputs").is_none());
+        assert!(reusable_pkcs12(None, "inputs").is_none());
     }
 }

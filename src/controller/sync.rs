@@ -11,6 +11,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{MtlsIdentity, SourceFormat, parse_duration};
 use crate::pki;
+use crate::pki::keystore::Pkcs12Profile;
 use crate::source::{FetchedSecret, SecretContent};
 
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
@@ -181,6 +182,33 @@ pub async fn sync(
             "the MtlsIdentity has no uid yet".to_string(),
         ))));
     };
+    let pkcs12 = match identity.pkcs12() {
+        None => None,
+        Some(spec) => {
+            let Some(password) = keystore_password(&secrets, &spec.password_secret_ref).await?
+            else {
+                return Ok(SyncStep::done(Err(SyncFailure::KeystorePasswordMissing {
+                    secret: format!("{namespace}/{}", spec.password_secret_ref.name),
+                    key: spec.password_secret_ref.key.clone(),
+                })));
+            };
+            let alias = spec.alias.clone().unwrap_or_else(|| identity.name_any());
+            let profile = match spec.profile {
+                crate::api::Pkcs12Profile::Modern => Pkcs12Profile::Modern,
+                crate::api::Pkcs12Profile::Legacy => Pkcs12Profile::Legacy,
+            };
+            let inputs = secret::keystore_inputs(&validated, &password, &alias, profile);
+            let files = match secret::reusable_pkcs12(existing.as_ref(), &inputs) {
+                Some(files) => files,
+                None => match pki::keystore::pkcs12(&validated, &password, &alias, profile) {
+                    Ok(files) => files,
+                    Err(error) => return Ok(SyncStep::done(Err(error.into()))),
+                },
+            };
+            Some(secret::RenderedPkcs12 { files, inputs })
+        }
+    };
+    let formats = identity.output_formats();
     let desired = secret::desired_secret(
         target,
         namespace,
@@ -191,7 +219,10 @@ pub async fn sync(
             ca: ca_version.as_deref(),
         },
         &validated,
-        &identity.output_formats(),
+        secret::Outputs {
+            formats: &formats,
+            pkcs12: pkcs12.as_ref(),
+        },
     );
     let up_to_date = existing
         .as_ref()
@@ -302,4 +333,21 @@ fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
         SecretContent::Text(text) => Ok(text),
         SecretContent::Binary(bytes) => pki::decode_binary(bytes),
     }
+}
+
+/// The keystore password from `reference` in the identity's namespace; `None` when the Secret or
+/// the key is absent, empty or not text. Never logged.
+async fn keystore_password(
+    secrets: &Api<Secret>,
+    reference: &crate::api::SecretKeyRef,
+) -> Result<Option<String>, ReconcileError> {
+    let Some(secret) = secrets.get_opt(&reference.name).await? else {
+        return Ok(None);
+    };
+    Ok(secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&reference.key))
+        .and_then(|value| String::from_utf8(value.0.clone()).ok())
+        .filter(|password| !password.is_empty()))
 }

@@ -15,6 +15,7 @@
 
 mod error;
 mod key;
+pub mod keystore;
 mod parse;
 mod pem;
 mod validate;

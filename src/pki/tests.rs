@@ -304,6 +304,36 @@ fn check_happy(alg: &'static SignatureAlgorithm, encoding: Enc) {
     assert_eq!(id.combined_pem(), format!("{kpem}{}", cert_pem(&leaf_der)));
     let (label, der) = pem_blocks_of(&kpem).remove(0);
     assert_eq!(id.key_der(), Some(der), "{label}");
+
+    // PKCS#12 in both profiles, whatever the key's encoding: it reads back with the password, the
+    // key entry under its alias with the leaf first and the CA last, the CA in the truststore.
+    for profile in [
+        super::keystore::Pkcs12Profile::Modern,
+        super::keystore::Pkcs12Profile::Legacy,
+    ] {
+        let files = super::keystore::pkcs12(&id, "s3cret", "client", profile).expect("pkcs12");
+        let policy = p12_keystore::Pkcs12ImportPolicy::Strict;
+        let store =
+            p12_keystore::KeyStore::from_pkcs12(&files.keystore, "s3cret", policy).expect("read");
+        let (alias, chain) = store.private_key_chain().expect("a key entry");
+        assert_eq!(alias, "client");
+        assert_eq!(
+            chain.certs().first().map(|c| c.as_der()),
+            Some(leaf_der.as_slice())
+        );
+        assert_eq!(
+            chain.certs().last().map(|c| c.as_der()),
+            Some(pki.root.der().as_ref())
+        );
+        let truststore = files.truststore.expect("a truststore");
+        let trusted = p12_keystore::KeyStore::from_pkcs12(&truststore, "s3cret", policy)
+            .expect("read truststore");
+        assert_eq!(trusted.entries_len(), 1);
+        assert!(
+            p12_keystore::KeyStore::from_pkcs12(&files.keystore, "wrong", policy).is_err(),
+            "the password protects it"
+        );
+    }
 }
 
 #[test]
