@@ -19,7 +19,19 @@ use kube::runtime::{WatchStreamExt, watcher};
 use xtask::support::{self, wait_for};
 
 fn formats_spec() -> serde_json::Value {
-    serde_json::json!({"target": {"additionalOutputFormats": [{"type": "CombinedPEM"}, {"type": "DER"}]}})
+    serde_json::json!({"target": {
+        "additionalOutputFormats": [{"type": "CombinedPEM"}, {"type": "DER"}],
+        "keystores": {"pkcs12": {"passwordSecretRef": {"name": "keystore-pass", "key": "password"}}}
+    }})
+}
+
+async fn create_password_secret(namespace: &str, password: &str) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, namespace);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "keystore-pass"}, "stringData": {"password": password}
+    }))?;
+    secrets.create(&Default::default(), &secret).await?;
+    Ok(())
 }
 
 fn bytes(secret: &Secret, key: &str) -> Option<Vec<u8>> {
@@ -129,6 +141,7 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     let ca = TestCa::new("formats CA")?;
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
+    create_password_secret(&namespace, "formats-pass").await?;
     create_identity(&namespace, &identity("client", &id, formats_spec())?).await?;
     wait_ready(&namespace, "client", "True", "Synced").await?;
     let secret = get_secret(&namespace, "client")
@@ -218,16 +231,20 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     .await?;
     drop(server);
 
-    // A rotation: tls.crt and tls-combined.pem change in the same write; no state in between.
+    // A rotation: tls.crt, tls-combined.pem and keystore.p12 change in the same write; no state in
+    // between.
     create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
     wait_all_rolled_out(&namespace).await?;
     let before = generations(&namespace).await?;
-    let states = Arc::new(Mutex::new(Vec::<(
+    /// resourceVersion, tls.crt, tls.key, tls-combined.pem, keystore.p12.
+    type State = (
         String,
         Option<Vec<u8>>,
         Option<Vec<u8>>,
         Option<Vec<u8>>,
-    )>::new()));
+        Option<Vec<u8>>,
+    );
+    let states = Arc::new(Mutex::new(Vec::<State>::new()));
     let watching = tokio::spawn({
         let states = states.clone();
         let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
@@ -245,6 +262,7 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
                         bytes(&secret, "tls.crt"),
                         bytes(&secret, "tls.key"),
                         bytes(&secret, "tls-combined.pem"),
+                        bytes(&secret, "keystore.p12"),
                     ));
                 }
             }
@@ -282,7 +300,7 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     .await?;
     watching.abort();
     let states = states.lock().map(|s| s.clone()).unwrap_or_default();
-    for (version, crt, key, combined) in &states {
+    for (version, crt, key, combined, _) in &states {
         let (Some(crt), Some(key), Some(combined)) = (crt, key, combined) else {
             bail!("resourceVersion {version} lacks an output");
         };
@@ -294,6 +312,17 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     let distinct: std::collections::BTreeSet<&Option<Vec<u8>>> =
         states.iter().map(|(_, crt, ..)| crt).collect();
     ensure!(distinct.len() == 2, "{} certificate states", distinct.len());
+    // The keystore changed in the same write as tls.crt, and only then: it is never rendered again
+    // while the certificate stays the same.
+    let pairs: std::collections::BTreeSet<_> = states
+        .iter()
+        .map(|(_, crt, _, _, p12)| (crt, p12))
+        .collect();
+    ensure!(
+        pairs.len() == 2,
+        "{} (tls.crt, keystore.p12) states",
+        pairs.len()
+    );
     ensure!(
         bytes(&rotated, "tls.crt").as_deref() != Some(tls_crt.as_bytes()),
         "not rotated"
