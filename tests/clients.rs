@@ -488,3 +488,65 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
     );
     Ok(())
 }
+
+/// A `.p12` as a partner sends it (made by OpenSSL 3, with the CA inside), stored as SecretBinary:
+/// the identity with `format: Pkcs12` syncs it into `tls.crt`/`tls.key`/`ca.crt`.
+#[tokio::test]
+async fn a_pkcs12_stored_as_secret_binary_syncs_into_tls_crt_and_tls_key() -> Result<()> {
+    const PASSWORD: &str = "from-the-partner";
+    let namespace = support::create_namespace("p12source", &[]).await?;
+    let _operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("p12 source CA")?;
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    let dir = tempdir("p12source")?;
+    std::fs::write(dir.join("leaf.pem"), &leaf.cert_pem)?;
+    std::fs::write(dir.join("key.pem"), &leaf.key_pem)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    run(Command::new("openssl")
+        .current_dir(&dir)
+        .args(["pkcs12", "-export"])
+        .args([
+            "-inkey",
+            "key.pem",
+            "-in",
+            "leaf.pem",
+            "-certfile",
+            "ca.pem",
+        ])
+        .args([
+            "-passout",
+            &format!("pass:{PASSWORD}"),
+            "-out",
+            "partner.p12",
+        ]))?;
+    let p12 = std::fs::read(dir.join("partner.p12"))?;
+    let id = format!("{namespace}/partner-p12");
+    support::secrets_manager()
+        .await
+        .create_secret()
+        .name(&id)
+        .secret_binary(aws_sdk_secretsmanager::primitives::Blob::new(p12))
+        .send()
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let password: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p12-pass"}, "stringData": {"password": PASSWORD}
+    }))?;
+    secrets.create(&Default::default(), &password).await?;
+    let spec = serde_json::json!({"source": {"secretId": id, "format": "Pkcs12",
+        "passwordSecretRef": {"name": "p12-pass", "key": "password"}}});
+    create_identity(&namespace, &identity("partner", &id, spec)?).await?;
+    wait_ready(&namespace, "partner", "True", "Synced").await?;
+    let secret = get_secret(&namespace, "partner")
+        .await?
+        .context("no Secret")?;
+    ensure!(
+        secret_data(&secret, "tls.crt").as_deref() == Some(leaf.cert_pem.as_str()),
+        "tls.crt is not the leaf of the .p12"
+    );
+    ensure!(
+        secret_data(&secret, "ca.crt").as_deref() == Some(ca.pem().as_str()),
+        "ca.crt is not the CA of the .p12"
+    );
+    Ok(())
+}

@@ -112,6 +112,9 @@ fn default_refresh_interval() -> String {
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.fields) || self.format == 'Json'"
 ).message("fields apply to format Json only"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.passwordSecretRef) == (self.format == 'Pkcs12')"
+).message("format Pkcs12 needs passwordSecretRef, and passwordSecretRef is for format Pkcs12 only"))]
 pub struct SourceSpec {
     /// Name or ARN of the secret in Secrets Manager.
     #[schemars(length(min = 1, max = 2048))]
@@ -132,9 +135,14 @@ pub struct SourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 32, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub version_id: Option<String>,
-    /// `Json`: a JSON object with PEM (or base64 DER) values; `Pem`: one PEM bundle.
+    /// `Json`: a JSON object with PEM (or base64 DER) values; `Pem`: one PEM bundle; `Pkcs12`: a
+    /// PKCS#12 file stored as SecretBinary (a partner's `.p12`, an ACM export).
     #[serde(default)]
     pub format: SourceFormat,
+    /// For format Pkcs12: the key of a Secret in the identity's namespace that holds the file's
+    /// password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
     /// JSON field names, for format Json.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<JsonFieldNames>,
@@ -167,6 +175,8 @@ pub enum SourceFormat {
     #[default]
     Json,
     Pem,
+    /// A PKCS#12 file stored as SecretBinary; its password from `passwordSecretRef`.
+    Pkcs12,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -538,6 +548,7 @@ mod tests {
             format: SourceFormat::Json,
             fields: None,
             ca_secret_id: None,
+            password_secret_ref: None,
         };
         assert_eq!(
             source.version(),

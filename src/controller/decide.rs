@@ -37,8 +37,8 @@ pub enum SyncFailure {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
     #[error(
-        "the keystore password is missing: Secret {secret} has no non-empty key {key:?}; the Secret \
-         in place is kept. Create it, or fix spec.target.keystores.pkcs12.passwordSecretRef"
+        "the PKCS#12 password is missing: Secret {secret} has no non-empty key {key:?}; the Secret \
+         in place is kept. Create it, or fix the passwordSecretRef that names it"
     )]
     KeystorePasswordMissing { secret: String, key: String },
     #[error("{0}")]
@@ -262,6 +262,7 @@ mod tests {
             format: crate::api::SourceFormat::Pem,
             fields: None,
             ca_secret_id: ca.map(String::from),
+            password_secret_ref: None,
         }
     }
 

@@ -296,8 +296,6 @@ async fn fetch_material(
             context: format!("version {} of {id}", of.version_id),
             error,
         };
-    let text = content_text(&fetched.content)
-        .map_err(|e| material_error(e, &fetched, &source.secret_id))?;
     let mut ca_version = None;
     let material = match source.format {
         SourceFormat::Json => {
@@ -307,7 +305,7 @@ async fn fetch_material(
                 private_key: fields.private_key,
                 ca: fields.ca,
             };
-            pki::parse_json(text, &fields)
+            content_text(&fetched.content).and_then(|text| pki::parse_json(text, &fields))
         }
         SourceFormat::Pem => {
             let ca_text = match ca {
@@ -321,7 +319,16 @@ async fn fetch_material(
                 }
                 None => None,
             };
-            pki::parse_pem_bundle(text, ca_text.as_deref())
+            content_text(&fetched.content)
+                .and_then(|text| pki::parse_pem_bundle(text, ca_text.as_deref()))
+        }
+        SourceFormat::Pkcs12 => {
+            let password = pkcs12_password(identity, namespace, context).await?;
+            let bytes = match &fetched.content {
+                SecretContent::Binary(bytes) => bytes.as_slice(),
+                SecretContent::Text(text) => text.as_bytes(),
+            };
+            pki::keystore::read_pkcs12(bytes, &password)
         }
     }
     .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
@@ -350,4 +357,26 @@ async fn keystore_password(
         .and_then(|data| data.get(&reference.key))
         .and_then(|value| String::from_utf8(value.0.clone()).ok())
         .filter(|password| !password.is_empty()))
+}
+
+/// The password of a Pkcs12 source, from `spec.source.passwordSecretRef`.
+async fn pkcs12_password(
+    identity: &MtlsIdentity,
+    namespace: &str,
+    context: &Context,
+) -> Result<String, SyncFailure> {
+    let Some(reference) = &identity.spec.source.password_secret_ref else {
+        return Err(SyncFailure::InvalidSpec(
+            "format Pkcs12 needs spec.source.passwordSecretRef".to_string(),
+        ));
+    };
+    let missing = || SyncFailure::KeystorePasswordMissing {
+        secret: format!("{namespace}/{}", reference.name),
+        key: reference.key.clone(),
+    };
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
+    keystore_password(&secrets, reference)
+        .await
+        .map_err(|_| missing())?
+        .ok_or_else(missing)
 }

@@ -24,6 +24,13 @@ pub enum PkiError {
     )]
     BinaryNotText,
 
+    /// A PKCS#12 source that does not open with its password, or holds no key with a certificate.
+    #[error("the PKCS#12 file {detail}")]
+    InvalidPkcs12 {
+        /// What is wrong (never content).
+        detail: String,
+    },
+
     /// Not JSON, not a JSON object, or a field of the wrong JSON type.
     #[error("invalid JSON: {detail}")]
     InvalidJson {
@@ -149,6 +156,7 @@ impl PkiError {
         match self {
             PkiError::TooLarge { .. } => "TooLarge",
             PkiError::BinaryNotText => "BinaryNotText",
+            PkiError::InvalidPkcs12 { .. } => "InvalidPkcs12",
             PkiError::InvalidJson { .. } => "InvalidJson",
             PkiError::MissingField { .. } => "MissingField",
             PkiError::EmptyField { .. } => "EmptyField",
@@ -170,6 +178,7 @@ impl PkiError {
     pub const REASONS: &'static [&'static str] = &[
         "TooLarge",
         "BinaryNotText",
+        "InvalidPkcs12",
         "InvalidJson",
         "MissingField",
         "EmptyField",

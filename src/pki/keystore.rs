@@ -151,3 +151,37 @@ fn to_pkcs8(der: &[u8]) -> Result<Vec<u8>, KeystoreError> {
         }
     }
 }
+
+/// Reads a PKCS#12 file (a `.p12` a partner sent, an ACM export, stored as SecretBinary) into the
+/// same material as the other formats: the key, its certificate chain (leaf first) and, as the CA,
+/// the self-signed certificates at the end of the chain.
+pub fn read_pkcs12(bytes: &[u8], password: &str) -> Result<super::Material, super::PkiError> {
+    use super::PkiError;
+    let invalid = |detail: &str| PkiError::InvalidPkcs12 {
+        detail: detail.to_string(),
+    };
+    let store = KeyStore::from_pkcs12(bytes, password, p12_keystore::Pkcs12ImportPolicy::Relaxed)
+        .map_err(|_| invalid("does not open with the given password, or is not PKCS#12"))?;
+    let (_, chain) = store
+        .private_key_chain()
+        .ok_or_else(|| invalid("holds no private key with its certificate"))?;
+    let key = super::PrivateKey::from_der(chain.key().as_der().to_vec(), "the PKCS#12 key")?;
+    let (mut leaf_and_intermediates, mut ca) = (Vec::new(), Vec::new());
+    for (index, certificate) in chain.certs().iter().enumerate() {
+        let der = rustls::pki_types::CertificateDer::from(certificate.as_der().to_vec());
+        // A self-signed certificate after the leaf is a root: the CA, not part of tls.crt.
+        if index > 0 && certificate.subject() == certificate.issuer() {
+            ca.push(der);
+        } else {
+            leaf_and_intermediates.push(der);
+        }
+    }
+    if leaf_and_intermediates.is_empty() {
+        return Err(invalid("holds a key without its certificate"));
+    }
+    Ok(super::Material {
+        chain: leaf_and_intermediates,
+        key,
+        ca,
+    })
+}

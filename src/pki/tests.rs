@@ -333,6 +333,15 @@ fn check_happy(alg: &'static SignatureAlgorithm, encoding: Enc) {
             p12_keystore::KeyStore::from_pkcs12(&files.keystore, "wrong", policy).is_err(),
             "the password protects it"
         );
+        // A PKCS#12 source reads back into the same material.
+        let material = super::keystore::read_pkcs12(&files.keystore, "s3cret").expect("read");
+        let again = validate(&material, NOW).expect("validate the PKCS#12 source");
+        assert_eq!(again.facts, id.facts);
+        assert_eq!(again.ca_crt, id.ca_crt);
+        assert_eq!(
+            reason_of(super::keystore::read_pkcs12(&files.keystore, "wrong").map(|_| ())),
+            "InvalidPkcs12"
+        );
     }
 }
 
@@ -1349,6 +1358,7 @@ fn every_reason_is_listed_and_camel_case() {
             limit: 0,
         },
         PkiError::BinaryNotText,
+        PkiError::InvalidPkcs12 { detail: "x".into() },
         PkiError::InvalidJson { detail: "x".into() },
         PkiError::MissingField { field: "x".into() },
         PkiError::EmptyField { field: "x".into() },
