@@ -17,15 +17,7 @@ async fn an_apiserver_restart_during_a_mass_rotation_loses_and_doubles_nothing()
     let namespace = support::create_namespace("apiserver-restart", &[]).await?;
     let _operator = start_operator(&namespace).await?;
     let ca = TestCa::new("apiserver restart CA")?;
-    let ids: Vec<String> = (0..COUNT)
-        .map(|index| format!("{namespace}/client-{index}"))
-        .collect();
-    for (index, id) in ids.iter().enumerate() {
-        put_source(id, &good_secret(&ca)?).await?;
-        let name = format!("client-{index}");
-        create_identity(&namespace, &identity(&name, id, serde_json::json!({}))?).await?;
-        create_deployment(&namespace, &format!("app-{index}"), Some(("volume", &name))).await?;
-    }
+    let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
     for index in 0..COUNT {
         wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
     }

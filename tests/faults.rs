@@ -10,7 +10,6 @@ use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
 use mtls_operator::controller::Settings;
@@ -194,31 +193,13 @@ async fn status_stays_truthful_when_restarts_fail_after_the_write() -> Result<()
     wait_all_rolled_out(&namespace).await?;
 
     // The operator loses its permissions on workloads (a 403 on list), keeping the rest.
-    let admin = support::admin_client().await?;
-    let apply = PatchParams::apply("mtls-operator-tests").force();
-    let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-        "../charts/mtls-operator/files/operator-rules.yaml"
-    ))?;
-    let without_workloads: Vec<PolicyRule> = rules
-        .into_iter()
-        .filter(|rule| !rule.api_groups.iter().flatten().any(|g| g == "apps"))
-        .collect();
-    let role = ClusterRole {
-        metadata: kube::api::ObjectMeta {
-            name: Some("mtls-operator-no-workloads".into()),
-            ..Default::default()
-        },
-        rules: Some(without_workloads),
-        ..Default::default()
-    };
-    Api::<ClusterRole>::all(admin.clone())
-        .patch("mtls-operator-no-workloads", &apply, &Patch::Apply(&role))
-        .await?;
-    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &namespace);
-    bindings
-        .delete("mtls-operator", &DeleteParams::default())
-        .await?;
-    bind_cluster_role_to(&namespace, "mtls-operator-no-workloads", &namespace).await?;
+    narrow_operator_role(
+        &namespace,
+        "mtls-operator",
+        "mtls-operator-no-workloads",
+        |rule| !is_about_workloads(rule),
+    )
+    .await?;
 
     let version = put_source(&id, &good_secret(&ca)?).await?;
     let identities = identities(&namespace).await?;
@@ -600,15 +581,7 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     let namespace = support::create_namespace("leader-drain", &[]).await?;
     install_crd_and_rbac().await?;
     let ca = TestCa::new("leader drain CA")?;
-    let ids: Vec<String> = (0..COUNT)
-        .map(|index| format!("{namespace}/client-{index}"))
-        .collect();
-    for (index, id) in ids.iter().enumerate() {
-        put_source(id, &good_secret(&ca)?).await?;
-        let name = format!("client-{index}");
-        create_identity(&namespace, &identity(&name, id, serde_json::json!({}))?).await?;
-        create_deployment(&namespace, &format!("app-{index}"), Some(("volume", &name))).await?;
-    }
+    let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
     let base = support::aws_config().await;
     let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
@@ -823,41 +796,20 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
         let before = generations(&namespace).await?;
 
         // The role loses workloads and status: the next rotation stops after the Secret write.
-        let admin = support::admin_client().await?;
-        let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-            "../charts/mtls-operator/files/operator-rules.yaml"
-        ))?;
-        let secrets_only: Vec<PolicyRule> = rules
-            .into_iter()
-            .filter(|rule| !rule.api_groups.iter().flatten().any(|g| g == "apps"))
-            .filter(|rule| {
-                !rule
-                    .resources
-                    .iter()
-                    .flatten()
-                    .any(|r| r == "mtlsidentities/status")
-            })
-            .collect();
-        let role = ClusterRole {
-            metadata: kube::api::ObjectMeta {
-                name: Some("mtls-operator-secrets-only".into()),
-                ..Default::default()
+        narrow_operator_role(
+            &namespace,
+            "mtls-operator",
+            "mtls-operator-secrets-only",
+            |rule| {
+                !is_about_workloads(rule)
+                    && !rule
+                        .resources
+                        .iter()
+                        .flatten()
+                        .any(|r| r == "mtlsidentities/status")
             },
-            rules: Some(secrets_only),
-            ..Default::default()
-        };
-        Api::<ClusterRole>::all(admin.clone())
-            .patch(
-                "mtls-operator-secrets-only",
-                &PatchParams::apply("mtls-operator-tests").force(),
-                &Patch::Apply(&role),
-            )
-            .await?;
-        let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &namespace);
-        bindings
-            .delete("mtls-operator", &DeleteParams::default())
-            .await?;
-        bind_cluster_role_to(&namespace, "mtls-operator-secrets-only", &namespace).await?;
+        )
+        .await?;
 
         let version = put_source(&id, &good_secret(&ca)?).await?;
         wait_for(
@@ -892,10 +844,13 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
         first.wait()?;
 
         // Permissions back; the successor finishes the rotation.
-        bindings
-            .delete("mtls-operator-secrets-only", &DeleteParams::default())
-            .await?;
-        bind_cluster_role_to(&namespace, "mtls-operator", &namespace).await?;
+        narrow_operator_role(
+            &namespace,
+            "mtls-operator-secrets-only",
+            "mtls-operator",
+            |_| true,
+        )
+        .await?;
         let mut second = operator().spawn()?;
         let finished = async {
             wait_rotation(&namespace, "client", &version).await?;

@@ -234,6 +234,67 @@ pub async fn bind_cluster_role_to(namespace: &str, role: &str, home: &str) -> Re
     Ok(())
 }
 
+/// Replaces the operator's role in `namespace` (RoleBinding `from`, as `bind_cluster_role_to`
+/// names it) with ClusterRole `to`: the chart's operator rules that `keep` keeps. For tests in which
+/// the operator loses permissions part-way.
+pub async fn narrow_operator_role(
+    namespace: &str,
+    from: &str,
+    to: &str,
+    keep: impl Fn(&PolicyRule) -> bool,
+) -> Result<()> {
+    let admin = support::admin_client().await?;
+    let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+        "../../charts/mtls-operator/files/operator-rules.yaml"
+    ))?;
+    let role = ClusterRole {
+        metadata: kube::api::ObjectMeta {
+            name: Some(to.into()),
+            ..Default::default()
+        },
+        rules: Some(rules.into_iter().filter(|rule| keep(rule)).collect()),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(
+            to,
+            &PatchParams::apply("mtls-operator-tests").force(),
+            &Patch::Apply(&role),
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(admin, namespace)
+        .delete(from, &Default::default())
+        .await?;
+    bind_cluster_role_to(namespace, to, namespace).await
+}
+
+/// Whether an RBAC rule covers the `apps` group (the workloads the operator restarts).
+pub fn is_about_workloads(rule: &PolicyRule) -> bool {
+    rule.api_groups
+        .iter()
+        .flatten()
+        .any(|group| group == "apps")
+}
+
+/// `count` identities `client-N`, on secrets `{namespace}/client-N` of `ca`, each mounted by its
+/// own Deployment `app-N`; returns the secret ids.
+pub async fn create_identities_with_deployments(
+    namespace: &str,
+    ca: &TestCa,
+    count: usize,
+) -> Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(count);
+    for index in 0..count {
+        let id = format!("{namespace}/client-{index}");
+        put_source(&id, &good_secret(ca)?).await?;
+        let name = format!("client-{index}");
+        create_identity(namespace, &identity(&name, &id, serde_json::json!({}))?).await?;
+        create_deployment(namespace, &format!("app-{index}"), Some(("volume", &name))).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Moto does not emulate AWS refusing or throttling a call: secrets whose id ends in
 /// `/fault-access-denied` or `/fault-throttled` get those errors. An id `X/fault-resolves-to/Y`
 /// reads secret `Y` from moto, as if Secrets Manager had resolved the id to another secret than the

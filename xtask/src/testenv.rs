@@ -271,9 +271,12 @@ fn fake_node(index: usize) -> Result<Node> {
                 "type": "kwok"
             }
         },
+        // kwok runs no containers, so capacity is only a number: room for every pod the whole
+        // suite creates (it keeps its namespaces), and for a long-lived `testenv up` beyond that.
+        // At 110 a day of development filled both nodes and new pods stayed Pending.
         "status": {
-            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}
+            "allocatable": {"cpu": "256", "memory": "2Ti", "pods": "1000"},
+            "capacity": {"cpu": "256", "memory": "2Ti", "pods": "1000"}
         }
     }))?)
 }
