@@ -113,24 +113,29 @@ pub(super) async fn restart_workloads(
     let mut tokens_by_secret: BTreeMap<String, (String, String)> = BTreeMap::new();
     if !siblings.is_empty() {
         let (waited, first_look) = coalescing_since(context, identity, rotation);
+        let sources: Vec<_> = siblings
+            .iter()
+            .map(|sibling| sibling_source(sibling, namespace, context))
+            .collect();
         if first_look {
             // A sibling rotated at the same time may not have been swept yet: check now.
-            let checks = siblings
+            let checks = sources
                 .iter()
-                .filter_map(|sibling| sibling_source(sibling, namespace, context))
-                .map(|secret| async move { context.fleet.check(&secret).await });
+                .flatten()
+                .map(|secret| context.fleet.check(secret));
             futures::future::join_all(checks).await;
         }
         let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
         let mut states = Vec::with_capacity(siblings.len());
-        for sibling in &siblings {
+        for (sibling, source) in siblings.iter().zip(&sources) {
             let secret_name = sibling.target_secret_name();
             let annotations = secrets
                 .get_metadata_opt(&secret_name)
                 .await?
                 .and_then(|meta| meta.metadata.annotations);
-            let expected = sibling_source(sibling, namespace, context)
-                .and_then(|secret| context.fleet.expected_version(&secret));
+            let expected = source
+                .as_ref()
+                .and_then(|secret| context.fleet.expected_version(secret));
             let refused = lock(&context.state.known_bad)
                 .get(&ObjectRef::from_obj(sibling.as_ref()))
                 .cloned();
@@ -148,12 +153,18 @@ pub(super) async fn restart_workloads(
                     ),
                 );
             }
-            states.push((sibling, state));
+            states.push(state);
         }
-        let all: Vec<Sibling> = states.iter().map(|(_, state)| state.clone()).collect();
-        if !restart_now(&all, waited) {
+        let syncing = || {
+            siblings
+                .iter()
+                .zip(&states)
+                .filter(|(_, state)| **state == Sibling::Syncing)
+                .map(|(sibling, _)| sibling)
+        };
+        if !restart_now(&states, waited) {
             if first_look {
-                for (sibling, _) in states.iter().filter(|(_, s)| *s == Sibling::Syncing) {
+                for sibling in syncing() {
                     let _ = context
                         .trigger
                         .unbounded_send(ObjectRef::from_obj(sibling.as_ref()));
@@ -166,11 +177,7 @@ pub(super) async fn restart_workloads(
                 ..RestartReport::default()
             });
         }
-        let late: Vec<String> = states
-            .iter()
-            .filter(|(_, state)| *state == Sibling::Syncing)
-            .map(|(sibling, _)| sibling.name_any())
-            .collect();
+        let late: Vec<String> = syncing().map(|sibling| sibling.name_any()).collect();
         if !late.is_empty() {
             warn!(
                 identity = %identity.name_any(),

@@ -159,11 +159,34 @@ pub async fn sync(
         return Ok(SyncStep::Wait(wait));
     }
 
-    let (fetched, ca_version, material) =
-        match fetch_material(identity, namespace, &main, ca.as_ref(), context).await {
-            Ok(fetched) => fetched,
-            Err(failure) => return Ok(SyncStep::done(Err(failure))),
-        };
+    // A Pkcs12 source's password, read before the value (a missing one is reported without it).
+    let source_password = match (&source.format, &source.password_secret_ref) {
+        (SourceFormat::Pkcs12, Some(reference)) => {
+            match read_password(&secrets, namespace, reference).await? {
+                Ok(password) => Some(password),
+                Err(failure) => return Ok(SyncStep::done(Err(failure))),
+            }
+        }
+        (SourceFormat::Pkcs12, None) => {
+            return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
+                "format Pkcs12 needs spec.source.passwordSecretRef".to_string(),
+            ))));
+        }
+        _ => None,
+    };
+    let (fetched, ca_version, material) = match fetch_material(
+        identity,
+        namespace,
+        &main,
+        ca.as_ref(),
+        source_password.as_deref(),
+        context,
+    )
+    .await
+    {
+        Ok(fetched) => fetched,
+        Err(failure) => return Ok(SyncStep::done(Err(failure))),
+    };
     let validated = match pki::validate(&material, now_unix) {
         Ok(validated) => validated,
         Err(error) => {
@@ -185,13 +208,11 @@ pub async fn sync(
     let pkcs12 = match identity.pkcs12() {
         None => None,
         Some(spec) => {
-            let Some(password) = keystore_password(&secrets, &spec.password_secret_ref).await?
-            else {
-                return Ok(SyncStep::done(Err(SyncFailure::KeystorePasswordMissing {
-                    secret: format!("{namespace}/{}", spec.password_secret_ref.name),
-                    key: spec.password_secret_ref.key.clone(),
-                })));
-            };
+            let password =
+                match read_password(&secrets, namespace, &spec.password_secret_ref).await? {
+                    Ok(password) => password,
+                    Err(failure) => return Ok(SyncStep::done(Err(failure))),
+                };
             let alias = spec.alias.clone().unwrap_or_else(|| identity.name_any());
             let profile = match spec.profile {
                 crate::api::Pkcs12Profile::Modern => Pkcs12Profile::Modern,
@@ -287,6 +308,7 @@ async fn fetch_material(
     namespace: &str,
     main: &CheckedSecret,
     ca: Option<&CheckedSecret>,
+    source_password: Option<&str>,
     context: &Context,
 ) -> Result<(FetchedSecret, Option<String>, pki::Material), SyncFailure> {
     let source = &identity.spec.source;
@@ -323,12 +345,11 @@ async fn fetch_material(
                 .and_then(|text| pki::parse_pem_bundle(text, ca_text.as_deref()))
         }
         SourceFormat::Pkcs12 => {
-            let password = pkcs12_password(identity, namespace, context).await?;
             let bytes = match &fetched.content {
                 SecretContent::Binary(bytes) => bytes.as_slice(),
                 SecretContent::Text(text) => text.as_bytes(),
             };
-            pki::keystore::read_pkcs12(bytes, &password)
+            pki::keystore::read_pkcs12(bytes, source_password.unwrap_or_default())
         }
     }
     .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
@@ -342,41 +363,26 @@ fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
     }
 }
 
-/// The keystore password from `reference` in the identity's namespace; `None` when the Secret or
-/// the key is absent, empty or not text. Never logged.
-async fn keystore_password(
+/// A password from `reference` in the identity's namespace (a keystore's, or a Pkcs12 source's).
+/// `Ok(Err(KeystorePasswordMissing))` when the Secret or the key is absent, empty or not text; a
+/// Kubernetes API error is returned as such, so it is retried rather than reported as missing.
+/// Never logged.
+async fn read_password(
     secrets: &Api<Secret>,
-    reference: &crate::api::SecretKeyRef,
-) -> Result<Option<String>, ReconcileError> {
-    let Some(secret) = secrets.get_opt(&reference.name).await? else {
-        return Ok(None);
-    };
-    Ok(secret
-        .data
-        .as_ref()
-        .and_then(|data| data.get(&reference.key))
-        .and_then(|value| String::from_utf8(value.0.clone()).ok())
-        .filter(|password| !password.is_empty()))
-}
-
-/// The password of a Pkcs12 source, from `spec.source.passwordSecretRef`.
-async fn pkcs12_password(
-    identity: &MtlsIdentity,
     namespace: &str,
-    context: &Context,
-) -> Result<String, SyncFailure> {
-    let Some(reference) = &identity.spec.source.password_secret_ref else {
-        return Err(SyncFailure::InvalidSpec(
-            "format Pkcs12 needs spec.source.passwordSecretRef".to_string(),
-        ));
-    };
-    let missing = || SyncFailure::KeystorePasswordMissing {
-        secret: format!("{namespace}/{}", reference.name),
-        key: reference.key.clone(),
-    };
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
-    keystore_password(&secrets, reference)
-        .await
-        .map_err(|_| missing())?
-        .ok_or_else(missing)
+    reference: &crate::api::SecretKeyRef,
+) -> Result<Result<String, SyncFailure>, ReconcileError> {
+    let password = secrets
+        .get_opt(&reference.name)
+        .await?
+        .and_then(|secret| secret.data)
+        .and_then(|mut data| data.remove(&reference.key))
+        .and_then(|value| String::from_utf8(value.0).ok())
+        .filter(|password| !password.is_empty());
+    Ok(
+        password.ok_or_else(|| SyncFailure::KeystorePasswordMissing {
+            secret: format!("{namespace}/{}", reference.name),
+            key: reference.key.clone(),
+        }),
+    )
 }
