@@ -391,19 +391,7 @@ async fn a_slow_sibling_still_restarts_the_shared_deployment_once() -> Result<()
         create_identity(&namespace, &identity(name, id, serde_json::json!({}))?).await?;
         wait_ready(&namespace, name, "True", "Synced").await?;
     }
-    let deployment: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "both"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "both"}}, "template": {
-            "metadata": {"labels": {"app": "both"}},
-            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}], "volumes": [
-                {"name": "first", "secret": {"secretName": "first"}},
-                {"name": "second", "secret": {"secretName": "second"}}
-            ]}
-        }}
-    }))?;
-    Api::<Deployment>::namespaced(support::admin_client().await?, &namespace)
-        .create(&Default::default(), &deployment)
-        .await?;
+    create_deployment_mounting(&namespace, "both", &["first", "second"]).await?;
     wait_all_rolled_out(&namespace).await?;
     let before = generations(&namespace).await?;
 
@@ -596,23 +584,9 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     };
     let mut first = leader("first").spawn()?;
     let result = async {
-        for index in 0..COUNT {
-            wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
-        }
-        wait_all_rolled_out(&namespace).await?;
-        let before = generations(&namespace).await?;
-        let mut versions = Vec::new();
-        for id in &ids {
-            versions.push(put_source(id, &good_secret(&ca)?).await?);
-        }
         // SIGTERM as soon as the first Deployment has been restarted: the rest are in flight or
         // queued.
-        wait_for("a first restart", ROLLOUT_TIMEOUT, || async {
-            let now = generations(&namespace).await?;
-            ensure!(now != before, "no restart yet");
-            Ok(())
-        })
-        .await?;
+        let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
         let rolled_at_signal = generations(&namespace)
             .await?
             .iter()
@@ -651,22 +625,7 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
         );
 
         let mut second = leader("second").spawn()?;
-        let finished = async {
-            for (index, version) in versions.iter().enumerate() {
-                wait_rotation(&namespace, &format!("client-{index}"), version).await?;
-            }
-            wait_all_rolled_out(&namespace).await?;
-            let after = generations(&namespace).await?;
-            for (name, generation) in &before {
-                ensure!(
-                    after.get(name) == Some(&(generation + 1)),
-                    "{name}: generation {generation} → {:?}, not exactly one rollout",
-                    after.get(name)
-                );
-            }
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
+        let finished = finish_mass_rotation(&namespace, &versions, &before).await;
         let _ = second.kill();
         let _ = second.wait();
         finished

@@ -11,7 +11,7 @@ use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use mtls_operator::api::{MtlsIdentity, VERSION_ID_ANNOTATION};
 use mtls_operator::controller::Settings;
@@ -205,19 +205,7 @@ async fn two_identities_rotated_together_restart_their_shared_deployment_once() 
     .await?;
     wait_ready(&namespace, "first", "True", "Synced").await?;
     wait_ready(&namespace, "second", "True", "Synced").await?;
-    let deployment: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "both"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "both"}}, "template": {
-            "metadata": {"labels": {"app": "both"}},
-            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}], "volumes": [
-                {"name": "first", "secret": {"secretName": "first"}},
-                {"name": "second", "secret": {"secretName": "second"}}
-            ]}
-        }}
-    }))?;
-    Api::<Deployment>::namespaced(support::admin_client().await?, &namespace)
-        .create(&PostParams::default(), &deployment)
-        .await?;
+    create_deployment_mounting(&namespace, "both", &["first", "second"]).await?;
     wait_all_rolled_out(&namespace).await?;
     let before = generations(&namespace).await?;
 

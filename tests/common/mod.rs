@@ -295,6 +295,55 @@ pub async fn create_identities_with_deployments(
     Ok(ids)
 }
 
+/// For identities made by [`create_identities_with_deployments`]: waits until all are synced and
+/// their Deployments rolled out, rotates every secret, and waits for the first restart. Returns the
+/// workloads' generations before the rotation and the new versions, in the order of `ids`.
+pub async fn start_mass_rotation(
+    namespace: &str,
+    ca: &TestCa,
+    ids: &[String],
+) -> Result<(BTreeMap<String, i64>, Vec<String>)> {
+    for index in 0..ids.len() {
+        wait_ready(namespace, &format!("client-{index}"), "True", "Synced").await?;
+    }
+    wait_all_rolled_out(namespace).await?;
+    let before = generations(namespace).await?;
+    let mut versions = Vec::with_capacity(ids.len());
+    for id in ids {
+        versions.push(put_source(id, &good_secret(ca)?).await?);
+    }
+    wait_for("a first restart", ROLLOUT_TIMEOUT, || async {
+        ensure!(generations(namespace).await? != before, "no restart yet");
+        Ok(())
+    })
+    .await?;
+    Ok((before, versions))
+}
+
+/// The end of a [`start_mass_rotation`]: each identity ends Ready, rotated to its new version, and
+/// every workload rolled exactly once since `before`.
+pub async fn finish_mass_rotation(
+    namespace: &str,
+    versions: &[String],
+    before: &BTreeMap<String, i64>,
+) -> Result<()> {
+    for (index, version) in versions.iter().enumerate() {
+        let name = format!("client-{index}");
+        wait_rotation(namespace, &name, version).await?;
+        wait_ready(namespace, &name, "True", "Synced").await?;
+    }
+    wait_all_rolled_out(namespace).await?;
+    let after = generations(namespace).await?;
+    for (name, generation) in before {
+        ensure!(
+            after.get(name) == Some(&(generation + 1)),
+            "{name}: generation {generation} → {:?}, not exactly one rollout",
+            after.get(name)
+        );
+    }
+    Ok(())
+}
+
 /// Moto does not emulate AWS refusing or throttling a call: secrets whose id ends in
 /// `/fault-access-denied` or `/fault-throttled` get those errors. An id `X/fault-resolves-to/Y`
 /// reads secret `Y` from moto, as if Secrets Manager had resolved the id to another secret than the
@@ -604,6 +653,30 @@ pub async fn create_deployment(
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, secret)}
+    }))?;
+    Api::<Deployment>::namespaced(support::admin_client().await?, namespace)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    Ok(())
+}
+
+/// A Deployment whose pod template mounts every Secret in `secrets` (a volume each).
+pub async fn create_deployment_mounting(
+    namespace: &str,
+    name: &str,
+    secrets: &[&str],
+) -> Result<()> {
+    let volumes: Vec<serde_json::Value> = secrets
+        .iter()
+        .map(|secret| serde_json::json!({"name": secret, "secret": {"secretName": secret}}))
+        .collect();
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {
+            "metadata": {"labels": {"app": name}},
+            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}],
+                     "volumes": volumes}
+        }}
     }))?;
     Api::<Deployment>::namespaced(support::admin_client().await?, namespace)
         .create(&PostParams::default(), &deployment)
