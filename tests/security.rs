@@ -213,6 +213,17 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pem", "caSecretId": "c".repeat(3000)}}),
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "versionStage": "AWS CURRENT"}}),
         serde_json::json!({"source": {"secretId": format!("{namespace}/x")}, "refreshInterval": "0s"}),
+        // A password reference that is a path to another namespace's Secret, or a bad key.
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")}, "target": {"keystores": {"pkcs12":
+            {"passwordSecretRef": {"name": "../../kube-system/secrets/admin", "key": "password"}}}}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")}, "target": {"keystores": {"pkcs12":
+            {"passwordSecretRef": {"name": "pass", "key": "a/../b"}}}}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pkcs12",
+            "passwordSecretRef": {"name": "other-ns/pass", "key": "password"}}}),
+        // Pkcs12 without its password, and a password for another format.
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pkcs12"}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
+            "passwordSecretRef": {"name": "pass", "key": "password"}}}),
     ];
     for (index, spec) in bad_specs.into_iter().enumerate() {
         let object = identity(

@@ -261,9 +261,15 @@ pub struct Pkcs12Spec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// A Secret in the identity's own namespace: a plain name (a DNS subdomain), so it can never
+    /// be a path to another namespace's Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
-    #[schemars(length(min = 1, max = 253))]
+    /// A key of that Secret (the characters Kubernetes allows in Secret keys).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
