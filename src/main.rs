@@ -52,6 +52,11 @@ struct RunArgs {
         value_delimiter = ','
     )]
     allowed_sources: Vec<String>,
+    /// IAM roles a namespace may have the operator assume (`spec.source.roleArn`) to read secrets
+    /// of another account: ARN globs with a `{namespace}` placeholder, comma-separated or repeated,
+    /// e.g. `arn:aws:iam::111122223333:role/mtls/{namespace}`. Default: none.
+    #[arg(long = "allowed-role", env = "ALLOWED_ROLES", value_delimiter = ',')]
+    allowed_roles: Vec<String>,
     /// Regions identities may read from, comma-separated (default: the operator's own region).
     #[arg(
         long = "allowed-region",
@@ -241,6 +246,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.allowed_sources,
             args.aws_account_id,
             args.allowed_regions,
+        )
+        .with_allowed_roles(
+            args.allowed_roles
+                .into_iter()
+                .filter(|pattern| !pattern.is_empty())
+                .collect(),
         ),
         default_region: None,
         restart_limits: RestartLimits {

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -16,6 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::Settings;
 use mtls_operator::restart::RestartLimits;
+use mtls_operator::source::SecretsManagerSource;
 use xtask::support::{self, wait_for};
 
 /// The canonical ARN moto gives `name`, and the operator's own account and region.
@@ -631,5 +633,134 @@ async fn annotate_is_refused_unless_the_operator_enables_it() -> Result<()> {
             .all(|a| !a.contains_key("mtls-operator.io/cert.client")),
         "{annotations:?}"
     );
+    Ok(())
+}
+
+/// Cross-account sources: the operator assumes a role only for the namespaces the cluster admin
+/// granted it to (`--allowed-role` with `{namespace}`), checked before any call, STS's included.
+/// A granted role reads the secret from the role's account, with one AssumeRole shared by the
+/// identities that use the role; another namespace naming that role gets `SourceNotAllowed` and
+/// costs no STS call; a role whose trust policy refuses the operator is `AccessDenied`, named.
+#[tokio::test]
+async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> {
+    const CENTRAL: &str = "111111111111";
+    let tenant = support::create_namespace("xacct", &[]).await?;
+    let intruder = support::create_namespace("xacct-intruder", &[]).await?;
+    let ca = TestCa::new("central CA")?;
+    let secret_id = format!("{tenant}/api-client");
+    let central_arn =
+        create_source_in_account(CENTRAL, "security-admin", &secret_id, &good_secret(&ca)?).await?;
+    ensure!(
+        central_arn.contains(&format!(":{CENTRAL}:")),
+        "{central_arn}"
+    );
+
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let aws = endpoint.aws_config(&base);
+    let settings = Settings {
+        policy: mtls_operator::source::policy::SourcePolicy::new(Vec::new(), None, Vec::new())
+            .with_allowed_roles(vec![
+                format!("arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}"),
+                format!("arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}-*"),
+            ]),
+        ..Settings::default()
+    };
+    let _operator = start_operator_on(
+        &[&tenant, &intruder],
+        settings,
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
+    let role = format!("arn:aws:iam::{CENTRAL}:role/mtls/{tenant}");
+    let through = |role: &str| {
+        serde_json::json!({"source": {
+            "secretId": secret_id,
+            "roleArn": role,
+            "externalId": "tenant-external-id",
+        }})
+    };
+
+    // Granted: two identities read the central secret through the role, assumed once.
+    for name in ["granted", "granted-too"] {
+        create_identity(&tenant, &identity(name, &secret_id, through(&role))?).await?;
+    }
+    for name in ["granted", "granted-too"] {
+        let synced = wait_ready(&tenant, name, "True", "Synced").await?;
+        let arn = synced.status.and_then(|s| s.source).map(|s| s.arn);
+        ensure!(arn.as_deref() == Some(central_arn.as_str()), "{arn:?}");
+        let secret = get_secret(&tenant, name).await?.context("synced Secret")?;
+        ensure!(
+            secret_data(&secret, "tls.crt").is_some_and(|pem| pem.contains("BEGIN CERTIFICATE")),
+            "tls.crt"
+        );
+    }
+    ensure!(
+        endpoint.sts_count("AssumeRole") == 1,
+        "one AssumeRole for the role, shared: {}",
+        endpoint.sts_count("AssumeRole")
+    );
+    // The control: without the role the same name is looked up in the operator's own account.
+    create_identity(
+        &tenant,
+        &identity("own-account", &secret_id, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&tenant, "own-account", "False", "SourceNotFound").await?;
+
+    // Not granted: another namespace names the tenant's role. Refused before any call.
+    create_identity(
+        &intruder,
+        &identity("borrowed", &secret_id, through(&role))?,
+    )
+    .await?;
+    let refused = wait_ready(&intruder, "borrowed", "False", "SourceNotAllowed").await?;
+    let message = &refused.ready_condition().context("Ready")?.message;
+    ensure!(
+        message.contains(&role) && !message.contains("{namespace}"),
+        "{message}"
+    );
+    wait_event(&intruder, "borrowed", "SourceNotAllowed").await?;
+    assert_no_secret(&intruder, "borrowed").await?;
+    // Its own prefix does not help either: the role is the tenant's, whatever the secret.
+    create_identity(
+        &intruder,
+        &identity(
+            "borrowed-own-name",
+            &format!("{intruder}/api-client"),
+            through(&role),
+        )?,
+    )
+    .await?;
+    wait_ready(&intruder, "borrowed-own-name", "False", "SourceNotAllowed").await?;
+    ensure!(
+        endpoint.sts_count("AssumeRole") == 1,
+        "no STS call for a role the namespace was not granted"
+    );
+
+    // Denied by the role's trust policy: AccessDenied, naming the role, nothing written.
+    endpoint.deny("AssumeRole");
+    let untrusted = format!("arn:aws:iam::{CENTRAL}:role/mtls/{tenant}-untrusted");
+    create_identity(
+        &tenant,
+        &identity("untrusted", &secret_id, through(&untrusted))?,
+    )
+    .await?;
+    let denied = wait_ready(&tenant, "untrusted", "False", "AccessDenied").await?;
+    let message = &denied.ready_condition().context("Ready")?.message;
+    ensure!(
+        message.contains(&untrusted) && message.contains("trust policy"),
+        "{message}"
+    );
+    ensure!(
+        !message.contains("is not authorized"),
+        "AWS's words stay in the log: {message}"
+    );
+    wait_event(&tenant, "untrusted", "AccessDenied").await?;
+    assert_no_secret(&tenant, "untrusted").await?;
+    // The granted identities keep their role's cached credentials: still Ready.
+    wait_ready(&tenant, "granted", "True", "Synced").await?;
     Ok(())
 }

@@ -115,6 +115,9 @@ fn default_refresh_interval() -> String {
 #[x_kube(validation = kube::core::Rule::new(
     "has(self.passwordSecretRef) == (self.format == 'Pkcs12')"
 ).message("format Pkcs12 needs passwordSecretRef, and passwordSecretRef is for format Pkcs12 only"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.externalId) || has(self.roleArn)"
+).message("externalId is sent with roleArn only"))]
 pub struct SourceSpec {
     /// Name or ARN of the secret in Secrets Manager.
     #[schemars(length(min = 1, max = 2048))]
@@ -151,6 +154,22 @@ pub struct SourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub ca_secret_id: Option<String>,
+    /// An IAM role (usually in another account) the operator assumes to read the secret(s). It must
+    /// be allowed for this namespace by the operator's `--allowed-role`; names then resolve in the
+    /// role's account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 20, max = 2048),
+        regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9/_+=,.@-]+$")
+    )]
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy asks for (`sts:ExternalId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 2, max = 1224),
+        regex(pattern = r"^[A-Za-z0-9+=,.@:/_-]+$")
+    )]
+    pub external_id: Option<String>,
 }
 
 impl SourceSpec {
@@ -554,6 +573,8 @@ mod tests {
             format: SourceFormat::Json,
             fields: None,
             ca_secret_id: None,
+            role_arn: None,
+            external_id: None,
             password_secret_ref: None,
         };
         assert_eq!(

@@ -4,9 +4,9 @@
 use crate::api::SourceSpec;
 use crate::api::{CertificateStatus, MtlsIdentityStatus};
 use crate::pki::{PkiError, ValidatedIdentity};
-use crate::source::id::{SecretId, parse_region, parse_secret_id};
+use crate::source::id::{SecretId, parse_region, parse_role_arn, parse_secret_id};
 use crate::source::policy::{Denied, SourcePolicy};
-use crate::source::{SecretRef, SourceError, VersionSelector};
+use crate::source::{AssumedRole, SecretRef, SourceError, VersionSelector};
 
 use super::status::READY;
 
@@ -22,6 +22,16 @@ pub enum SyncFailure {
     )]
     NotAllowed {
         secret_id: String,
+        namespace: String,
+        denied: Denied,
+    },
+    #[error(
+        "role {role} is not one that namespace {namespace} may have the operator assume (roles are \
+         granted per namespace by the cluster admin, with --allowed-role); nothing was called or \
+         written"
+    )]
+    RoleNotAllowed {
+        role: String,
         namespace: String,
         denied: Denied,
     },
@@ -57,7 +67,9 @@ impl SyncFailure {
     /// What only the operator's log shows: the policy's verdict, AWS's own words.
     pub fn detail(&self) -> String {
         match self {
-            Self::NotAllowed { denied, .. } => denied.to_string(),
+            Self::NotAllowed { denied, .. } | Self::RoleNotAllowed { denied, .. } => {
+                denied.to_string()
+            }
             Self::Source(error) => error.detail().to_string(),
             _ => String::new(),
         }
@@ -65,7 +77,7 @@ impl SyncFailure {
 
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::NotAllowed { .. } => "SourceNotAllowed",
+            Self::NotAllowed { .. } | Self::RoleNotAllowed { .. } => "SourceNotAllowed",
             Self::TargetConflict { .. } => "TargetConflict",
             Self::Source(error) => error.reason(),
             Self::Material { error, .. } => error.reason(),
@@ -84,8 +96,9 @@ pub struct CheckedSecret {
 }
 
 /// The identity's source ids, checked before any AWS call: parsed strictly (else `InvalidSpec`),
-/// in one region (an ARN's own, which `spec.source.region` may only repeat), allowed by the policy
-/// (else `SourceNotAllowed`). Returns the main secret and the separate CA secret, if any.
+/// in one region (an ARN's own, which `spec.source.region` may only repeat), through a role the
+/// namespace may assume, if any, allowed by the policy (else `SourceNotAllowed`). Returns the main
+/// secret and the separate CA secret, if any.
 pub fn check_source(
     source: &SourceSpec,
     namespace: &str,
@@ -98,6 +111,28 @@ pub fn check_source(
         ),
         None => None,
     };
+    let role = match &source.role_arn {
+        Some(text) => {
+            let arn = parse_role_arn(text)
+                .map_err(|error| SyncFailure::InvalidSpec(error.to_string()))?;
+            policy
+                .check_role(namespace, &arn)
+                .map_err(|denied| SyncFailure::RoleNotAllowed {
+                    role: text.clone(),
+                    namespace: namespace.to_string(),
+                    denied,
+                })?;
+            Some((
+                arn,
+                AssumedRole {
+                    arn: text.clone(),
+                    external_id: source.external_id.clone(),
+                },
+            ))
+        }
+        None => None,
+    };
+    let role_arn = role.as_ref().map(|(arn, _)| arn);
     let check = |text: &str, version: VersionSelector| {
         let id =
             parse_secret_id(text).map_err(|error| SyncFailure::InvalidSpec(error.to_string()))?;
@@ -119,7 +154,7 @@ pub fn check_source(
                 .to_string(),
         };
         policy
-            .check_request(namespace, &id, &region)
+            .check_request(namespace, &id, &region, role_arn)
             .map_err(|denied| SyncFailure::NotAllowed {
                 secret_id: text.to_string(),
                 namespace: namespace.to_string(),
@@ -129,6 +164,7 @@ pub fn check_source(
             request: SecretRef {
                 secret_id: text.to_string(),
                 region,
+                role: role.as_ref().map(|(_, assumed)| assumed.clone()),
                 version,
             },
             id,
@@ -157,8 +193,21 @@ pub fn check_resolved(
     };
     let arn = crate::source::id::parse_arn(arn)
         .map_err(|_| denied(Denied::Resolved(arn.chars().take(256).collect())))?;
+    let role = match &checked.request.role {
+        Some(role) => {
+            Some(parse_role_arn(&role.arn).map_err(|_| denied(Denied::Role(role.arn.clone())))?)
+        }
+        None => None,
+    };
     policy
-        .check_resolved(namespace, &checked.id, &checked.request.region, &arn, name)
+        .check_resolved(
+            namespace,
+            &checked.id,
+            &checked.request.region,
+            role.as_ref(),
+            &arn,
+            name,
+        )
         .map_err(denied)
 }
 
@@ -262,6 +311,8 @@ mod tests {
             format: crate::api::SourceFormat::Pem,
             fields: None,
             ca_secret_id: ca.map(String::from),
+            role_arn: None,
+            external_id: None,
             password_secret_ref: None,
         }
     }

@@ -114,7 +114,7 @@ impl Settings {
         } else {
             self.policy.allowed_regions().to_vec()
         };
-        self.policy = SourcePolicy::new(self.policy.patterns().to_vec(), account, regions);
+        self.policy = self.policy.with_account_and_regions(account, regions);
         self
     }
 }

@@ -3,11 +3,13 @@
 //! path; tests point the endpoint at moto.
 
 use crate::lock;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::Credentials;
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -18,8 +20,8 @@ use std::time::Instant;
 use super::rate::{self, AdaptiveRate, Signal};
 
 use super::{
-    DescribedSecret, FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError,
-    VersionSelector,
+    AssumedRole, DescribedSecret, FetchedSecret, Scope, SecretContent, SecretRef, SecretSource,
+    SourceError, VersionSelector,
 };
 
 type Reply = tokio::sync::oneshot::Sender<Result<FetchedSecret, SourceError>>;
@@ -33,26 +35,40 @@ const BATCH_MAX: usize = 20;
 const BATCH_STEP: std::time::Duration = std::time::Duration::from_millis(20);
 const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// An assumed role's credentials are renewed this long before they expire.
+const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// The session name CloudTrail shows in the role's account for the operator's reads.
+const ROLE_SESSION_NAME: &str = "mtls-operator";
+
+/// A role's credentials while they last; behind an async lock, so one AssumeRole serves every
+/// identity that needs the role at that moment.
+type RoleSlot = Arc<tokio::sync::Mutex<Option<Credentials>>>;
+
 pub struct SecretsManagerSource {
     base: aws_config::SdkConfig,
     metrics: Option<Arc<Metrics>>,
-    /// One client per region, shared by every identity (connection pool, credentials cache).
-    clients: Mutex<HashMap<String, Client>>,
+    /// One client per scope (region and role), shared by every identity (connection pool), with
+    /// the access key of the role credentials it was built with.
+    clients: Mutex<HashMap<Scope, (Client, Option<String>)>>,
+    /// STS with the operator's own credentials (web identity, Pod Identity, ...): AssumeRole.
+    sts: aws_sdk_sts::Client,
+    /// Each assumed role's current credentials.
+    roles: Mutex<HashMap<AssumedRole, RoleSlot>>,
     calls: AtomicU64,
     calls_by_operation: Mutex<HashMap<&'static str, u64>>,
     /// Single flight: reads in progress, with the callers waiting for the same answer.
     in_flight: Mutex<HashMap<SecretRef, Vec<Reply>>>,
-    /// AWSCURRENT reads waiting for a BatchGetSecretValue, per region; `true` while one caller
-    /// is flushing that region's queue.
-    batches: Mutex<HashMap<String, BatchQueue>>,
-    /// The role may not call BatchGetSecretValue: read one by one from then on.
-    batch_refused: std::sync::atomic::AtomicBool,
+    /// AWSCURRENT reads waiting for a BatchGetSecretValue, per scope; `true` while one caller
+    /// is flushing that scope's queue.
+    batches: Mutex<HashMap<Scope, BatchQueue>>,
+    /// Scopes whose credentials may not call BatchGetSecretValue: read one by one there.
+    batch_refused: Mutex<HashSet<Scope>>,
     /// Calls in flight at once, across every identity, the sweep and the batches.
     in_flight_cap: Arc<tokio::sync::Semaphore>,
     in_flight_now: Arc<AtomicU64>,
     in_flight_peak: Arc<AtomicU64>,
-    /// The adaptive rate per region (AIMD), shared by every call.
-    rates: Mutex<HashMap<String, AdaptiveRate>>,
+    /// The adaptive rate per scope (AIMD): per region and credentials, shared by every call.
+    rates: Mutex<HashMap<Scope, AdaptiveRate>>,
     max_calls_per_second: f64,
     /// Value reads waiting for their turn: version checks (the sweep) yield to them, so under a
     /// quota identities that need their material are not starved by checks of those that have it.
@@ -89,14 +105,22 @@ impl Drop for InFlight {
 
 impl SecretsManagerSource {
     pub fn new(base: aws_config::SdkConfig) -> Self {
+        // No SDK retries: every attempt goes through `call`, under the adaptive rate.
+        let sts = aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::config::Builder::from(&base)
+                .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+                .build(),
+        );
         Self {
             base,
+            sts,
+            roles: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
             calls_by_operation: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             batches: Mutex::new(HashMap::new()),
-            batch_refused: std::sync::atomic::AtomicBool::new(false),
+            batch_refused: Mutex::new(HashSet::new()),
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
             in_flight_peak: Arc::new(AtomicU64::new(0)),
@@ -124,14 +148,17 @@ impl SecretsManagerSource {
         }
     }
 
-    /// The current adaptive rate of `region` (calls per second), if it made any call.
+    /// The current adaptive rate of the operator's own credentials in `region` (calls per
+    /// second), if it made any call.
     pub fn rate_of(&self, region: &str) -> Option<f64> {
-        lock(&self.rates).get(region).map(AdaptiveRate::rate)
+        lock(&self.rates)
+            .get(&Scope::own(region))
+            .map(AdaptiveRate::rate)
     }
 
-    /// Waits for the region's next token; returns when it was taken (the call's send time). A
+    /// Waits for the scope's next token; returns when it was taken (the call's send time). A
     /// version check (`urgent` false) waits while any value read is waiting.
-    async fn take_token(&self, region: &str, urgent: bool) -> Instant {
+    async fn take_token(&self, scope: &Scope, urgent: bool) -> Instant {
         loop {
             if !urgent && self.reads_waiting.load(Ordering::Relaxed) > 0 {
                 tokio::time::sleep(BATCH_STEP).await;
@@ -139,7 +166,7 @@ impl SecretsManagerSource {
             }
             let now = Instant::now();
             let wait = lock(&self.rates)
-                .entry(region.to_string())
+                .entry(scope.clone())
                 .or_insert_with(|| AdaptiveRate::new(self.max_calls_per_second, now))
                 .try_acquire(now);
             match wait {
@@ -149,25 +176,28 @@ impl SecretsManagerSource {
         }
     }
 
-    fn feed_back(&self, region: &str, signal: Signal, sent: Instant) {
+    fn feed_back(&self, scope: &Scope, signal: Signal, sent: Instant) {
         let rate = {
             let mut rates = lock(&self.rates);
-            let Some(bucket) = rates.get_mut(region) else {
+            let Some(bucket) = rates.get_mut(scope) else {
                 return;
             };
             bucket.observe(signal, sent, Instant::now());
             bucket.rate()
         };
-        if let Some(metrics) = &self.metrics {
-            metrics.record_aws_rate(region, rate);
+        // The gauge is per region: the operator's own credentials' rate.
+        if let Some(metrics) = &self.metrics
+            && scope.role.is_none()
+        {
+            metrics.record_aws_rate(&scope.region, rate);
         }
     }
 
-    /// One Secrets Manager call: under the in-flight cap and the region's rate, counted, its
-    /// outcome fed back to the rate; tried again (under the rate) when throttled.
+    /// One AWS call: under the in-flight cap and the scope's rate, counted, its outcome fed back
+    /// to the rate; tried again (under the rate) when throttled.
     async fn call<T, E, R, F, Fut>(
         &self,
-        region: &str,
+        scope: &Scope,
         operation: &'static str,
         subject: &str,
         send: F,
@@ -178,7 +208,11 @@ impl SecretsManagerSource {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let urgent = matches!(operation, "GetSecretValue" | "BatchGetSecretValue");
+        // AssumeRole comes before a read that waits for the role's credentials.
+        let urgent = matches!(
+            operation,
+            "GetSecretValue" | "BatchGetSecretValue" | "AssumeRole"
+        );
         let mut attempt = 1;
         loop {
             let waiting = urgent.then(|| {
@@ -192,7 +226,7 @@ impl SecretsManagerSource {
                 }
             }
             let held = self.in_flight().await;
-            let sent = self.take_token(region, urgent).await;
+            let sent = self.take_token(scope, urgent).await;
             drop(waiting);
             let result = send().await.map_err(|error| classify(subject, &error));
             drop(held);
@@ -208,7 +242,7 @@ impl SecretsManagerSource {
                 Err(SourceError::Throttled { .. } | SourceError::Unavailable { .. })
             );
             self.feed_back(
-                region,
+                scope,
                 if congested {
                     Signal::Congested
                 } else {
@@ -281,7 +315,7 @@ impl SecretsManagerSource {
             });
         }
         let batchable = secret.version == VersionSelector::Stage("AWSCURRENT".into())
-            && !self.batch_refused.load(Ordering::Relaxed);
+            && !self.batch_refused(&secret.scope());
         let result = if batchable {
             self.batched(secret).await
         } else {
@@ -294,13 +328,18 @@ impl SecretsManagerSource {
         result
     }
 
-    /// Joins the region's batch; the caller that opened it waits a moment for others, then sends
+    fn batch_refused(&self, scope: &Scope) -> bool {
+        lock(&self.batch_refused).contains(scope)
+    }
+
+    /// Joins the scope's batch; the caller that opened it waits a moment for others, then sends
     /// every queued read in BatchGetSecretValue calls of up to 20.
     async fn batched(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let scope = secret.scope();
         let flush = {
             let mut batches = lock(&self.batches);
-            let (queue, flushing) = batches.entry(secret.region.clone()).or_default();
+            let (queue, flushing) = batches.entry(scope.clone()).or_default();
             queue.push((secret.clone(), reply));
             !std::mem::replace(flushing, true)
         };
@@ -308,10 +347,10 @@ impl SecretsManagerSource {
             // Each chunk gets its own window to fill: during a cold start reads keep arriving while
             // the previous chunk is sent, and a partial chunk sent at once would split the rest.
             loop {
-                self.wait_for_batch(&secret.region).await;
+                self.wait_for_batch(&scope).await;
                 let chunk: Vec<(SecretRef, Reply)> = {
                     let mut batches = lock(&self.batches);
-                    let (queue, flushing) = batches.entry(secret.region.clone()).or_default();
+                    let (queue, flushing) = batches.entry(scope.clone()).or_default();
                     if queue.is_empty() {
                         *flushing = false;
                         break;
@@ -319,7 +358,7 @@ impl SecretsManagerSource {
                     let take = queue.len().min(BATCH_MAX);
                     queue.drain(..take).collect()
                 };
-                self.send_batch(&secret.region, chunk).await;
+                self.send_batch(&scope, chunk).await;
             }
         }
         answer.await.unwrap_or_else(|_| {
@@ -330,13 +369,13 @@ impl SecretsManagerSource {
         })
     }
 
-    /// Waits until `region`'s queue holds a full batch, nobody joined for two steps, or the window
+    /// Waits until `scope`'s queue holds a full batch, nobody joined for two steps, or the window
     /// is over.
-    async fn wait_for_batch(&self, region: &str) {
+    async fn wait_for_batch(&self, scope: &Scope) {
         let opened = std::time::Instant::now();
         let queued_now = || {
             lock(&self.batches)
-                .get(region)
+                .get(scope)
                 .map_or(0, |(queue, _)| queue.len())
         };
         let mut queued = queued_now();
@@ -357,33 +396,39 @@ impl SecretsManagerSource {
         }
     }
 
-    async fn send_batch(&self, region: &str, chunk: Vec<(SecretRef, Reply)>) {
-        if chunk.len() == 1 || self.batch_refused.load(Ordering::Relaxed) {
+    async fn send_batch(&self, scope: &Scope, chunk: Vec<(SecretRef, Reply)>) {
+        if chunk.len() == 1 || self.batch_refused(scope) {
             for (secret, reply) in chunk {
                 let _ = reply.send(self.get(&secret).await);
             }
             return;
         }
-        let client = self.client(region);
         let ids: Vec<String> = chunk.iter().map(|(s, _)| s.secret_id.clone()).collect();
-        let request = client
-            .batch_get_secret_value()
-            .set_secret_id_list(Some(ids.clone()));
-        let result = self
-            .call(region, "BatchGetSecretValue", &ids.join(","), || {
-                request.clone().send()
-            })
-            .await;
+        let subject = ids.join(",");
+        let result = match self.client(scope, &subject).await {
+            Ok(client) => {
+                let request = client
+                    .batch_get_secret_value()
+                    .set_secret_id_list(Some(ids.clone()));
+                self.call(scope, "BatchGetSecretValue", &subject, || {
+                    request.clone().send()
+                })
+                .await
+            }
+            Err(error) => Err(error),
+        };
         let output = match result {
             Ok(output) => output,
             Err(failure) => {
                 if matches!(failure, SourceError::AccessDenied { .. }) {
                     // The role lacks secretsmanager:BatchGetSecretValue: one by one from now on.
                     tracing::warn!(
+                        region = scope.region,
+                        role = scope.role.as_ref().map(|role| role.arn.as_str()),
                         "BatchGetSecretValue refused; reading secrets one by one (grant \
                          secretsmanager:BatchGetSecretValue to batch)"
                     );
-                    self.batch_refused.store(true, Ordering::Relaxed);
+                    lock(&self.batch_refused).insert(scope.clone());
                 }
                 for (secret, reply) in chunk {
                     let answer = match &failure {
@@ -456,27 +501,93 @@ impl SecretsManagerSource {
         self.calls.load(Ordering::Relaxed)
     }
 
-    /// The client for `region`. Callers pass only regions the source policy allowed, so the cache
-    /// is bounded by the operator's configuration, not by what tenants write.
-    fn client(&self, region: &str) -> Client {
-        let mut clients = match self.clients.lock() {
-            Ok(clients) => clients,
-            Err(poisoned) => poisoned.into_inner(),
+    /// The client for `scope`: the operator's own credentials, or the scope's role's (assumed
+    /// first when they are missing or about to expire; a refusal is `RoleDenied` about `subject`).
+    /// Callers pass only regions and roles the source policy allowed, so the cache is bounded by
+    /// the operator's configuration, not by what tenants write.
+    async fn client(&self, scope: &Scope, subject: &str) -> Result<Client, SourceError> {
+        let credentials = match &scope.role {
+            Some(role) => Some(self.role_credentials(scope, role, subject).await?),
+            None => None,
         };
-        clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                // No SDK retries: every attempt goes through `call`, under the adaptive rate.
-                let config = aws_sdk_secretsmanager::config::Builder::from(&self.base)
-                    .region(aws_config::Region::new(region.to_string()))
-                    .retry_config(aws_sdk_secretsmanager::config::retry::RetryConfig::disabled());
-                Client::from_conf(config.build())
-            })
-            .clone()
+        let built_for = credentials
+            .as_ref()
+            .map(|credentials| credentials.access_key_id().to_string());
+        let mut clients = lock(&self.clients);
+        if let Some((client, key)) = clients.get(scope)
+            && *key == built_for
+        {
+            return Ok(client.clone());
+        }
+        // No SDK retries: every attempt goes through `call`, under the adaptive rate.
+        let mut config = aws_sdk_secretsmanager::config::Builder::from(&self.base)
+            .region(aws_config::Region::new(scope.region.clone()))
+            .retry_config(aws_sdk_secretsmanager::config::retry::RetryConfig::disabled());
+        if let Some(credentials) = credentials {
+            config = config.credentials_provider(credentials);
+        }
+        let client = Client::from_conf(config.build());
+        clients.insert(scope.clone(), (client.clone(), built_for));
+        Ok(client)
+    }
+
+    /// `role`'s credentials: cached until shortly before they expire, then one AssumeRole (with the
+    /// operator's own credentials, under `scope`'s rate) for every identity waiting on them.
+    async fn role_credentials(
+        &self,
+        scope: &Scope,
+        role: &AssumedRole,
+        subject: &str,
+    ) -> Result<Credentials, SourceError> {
+        let slot = lock(&self.roles).entry(role.clone()).or_default().clone();
+        let mut current = slot.lock().await;
+        let fresh = |credentials: &Credentials| {
+            credentials
+                .expiry()
+                .is_some_and(|expiry| expiry > SystemTime::now() + RENEW_BEFORE)
+        };
+        if let Some(credentials) = current.as_ref().filter(|c| fresh(c)) {
+            return Ok(credentials.clone());
+        }
+        let request = self
+            .sts
+            .assume_role()
+            .role_arn(&role.arn)
+            .role_session_name(ROLE_SESSION_NAME)
+            .set_external_id(role.external_id.clone());
+        let own = Scope::own(&scope.region);
+        let output = self
+            .call(&own, "AssumeRole", subject, || request.clone().send())
+            .await
+            .map_err(|error| match error {
+                SourceError::AccessDenied { secret_id, detail } => SourceError::RoleDenied {
+                    secret_id,
+                    role: role.arn.clone(),
+                    detail,
+                },
+                other => other,
+            })?;
+        let assumed = output
+            .credentials()
+            .ok_or_else(|| SourceError::Unavailable {
+                secret_id: subject.to_string(),
+                detail: "AssumeRole answered without credentials".into(),
+            })?;
+        let expiry = SystemTime::try_from(*assumed.expiration()).ok();
+        let credentials = Credentials::new(
+            assumed.access_key_id(),
+            assumed.secret_access_key(),
+            Some(assumed.session_token().to_string()),
+            expiry,
+            "AssumeRole",
+        );
+        *current = Some(credentials.clone());
+        Ok(credentials)
     }
 
     async fn get(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
-        let client = self.client(&secret.region);
+        let scope = secret.scope();
+        let client = self.client(&scope, &secret.secret_id).await?;
         let mut request = client.get_secret_value().secret_id(&secret.secret_id);
         // Always name the stage: moto (moto#9451) and caches can lag behind a moved AWSCURRENT when
         // it is left implicit; on AWS the explicit stage is the same request.
@@ -485,7 +596,7 @@ impl SecretsManagerSource {
             VersionSelector::Id(id) => request.version_id(id),
         };
         let output = self
-            .call(&secret.region, "GetSecretValue", &secret.secret_id, || {
+            .call(&scope, "GetSecretValue", &secret.secret_id, || {
                 request.clone().send()
             })
             .await?;
@@ -542,12 +653,14 @@ impl SecretSource for SecretsManagerSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
         async move {
+            let scope = secret.scope();
             let request = self
-                .client(&secret.region)
+                .client(&scope, &secret.secret_id)
+                .await?
                 .describe_secret()
                 .secret_id(&secret.secret_id);
             let output = self
-                .call(&secret.region, "DescribeSecret", &secret.secret_id, || {
+                .call(&scope, "DescribeSecret", &secret.secret_id, || {
                     request.clone().send()
                 })
                 .await?;
@@ -573,12 +686,13 @@ impl SecretSource for SecretsManagerSource {
 
     fn list<'a>(
         &'a self,
-        region: &'a str,
+        scope: &'a Scope,
         names: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<DescribedSecret>, SourceError>> {
         async move {
             use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
-            let client = self.client(region);
+            let subject = format!("(list in {})", scope.region);
+            let client = self.client(scope, &subject).await?;
             let mut found = Vec::new();
             let mut token: Option<String> = None;
             loop {
@@ -593,12 +707,7 @@ impl SecretSource for SecretsManagerSource {
                 }
                 let request = request.set_next_token(token.take());
                 let output = self
-                    .call(
-                        region,
-                        "ListSecrets",
-                        &format!("(list in {region})"),
-                        || request.clone().send(),
-                    )
+                    .call(scope, "ListSecrets", &subject, || request.clone().send())
                     .await?;
                 for entry in output.secret_list() {
                     if entry.deleted_date().is_some() {
@@ -635,6 +744,11 @@ fn with_secret_id(error: &SourceError, secret_id: &str) -> SourceError {
         },
         SourceError::AccessDenied { detail, .. } => SourceError::AccessDenied {
             secret_id,
+            detail: detail.clone(),
+        },
+        SourceError::RoleDenied { role, detail, .. } => SourceError::RoleDenied {
+            secret_id,
+            role: role.clone(),
             detail: detail.clone(),
         },
         SourceError::Throttled { .. } => SourceError::Throttled { secret_id },
@@ -691,14 +805,20 @@ fn classify_code(secret_id: &str, code: &str, message: &str) -> SourceError {
     };
     match code {
         "ResourceNotFoundException" => SourceError::NotFound { secret_id, detail },
+        // STS (AssumeRole) answers `AccessDenied`, `InvalidClientTokenId`, `RegionDisabledException`.
         "AccessDeniedException"
+        | "AccessDenied"
         | "UnrecognizedClientException"
+        | "InvalidClientTokenId"
         | "InvalidSignatureException"
         | "ExpiredTokenException"
+        | "ExpiredToken"
+        | "RegionDisabledException"
         | "DecryptionFailure" => SourceError::AccessDenied { secret_id, detail },
-        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
-            SourceError::Throttled { secret_id }
-        }
+        "ThrottlingException"
+        | "Throttling"
+        | "TooManyRequestsException"
+        | "RequestLimitExceeded" => SourceError::Throttled { secret_id },
         // A secret scheduled for deletion, or a version that does not exist.
         "InvalidRequestException" | "InvalidParameterException" => {
             SourceError::NotFound { secret_id, detail }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use super::index::{IdentityKey, VersionIndex};
-use super::{DescribedSecret, SecretRef, SecretSource, SourceError, VersionSelector};
+use super::{DescribedSecret, Scope, SecretRef, SecretSource, SourceError, VersionSelector};
 
 /// How versions are checked between reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -215,15 +215,12 @@ impl Fleet {
                     .await;
             }
             SweepMode::List => {
-                let mut by_region: BTreeMap<String, Vec<super::index::Due>> = BTreeMap::new();
+                let mut by_scope: BTreeMap<Scope, Vec<super::index::Due>> = BTreeMap::new();
                 for due in due {
-                    by_region
-                        .entry(due.secret.region.clone())
-                        .or_default()
-                        .push(due);
+                    by_scope.entry(due.secret.scope()).or_default().push(due);
                 }
-                for (region, due) in by_region {
-                    self.sweep_list(&region, due).await;
+                for (scope, due) in by_scope {
+                    self.sweep_list(&scope, due).await;
                 }
             }
         }
@@ -234,22 +231,22 @@ impl Fleet {
         }
     }
 
-    /// One ListSecrets walk for a region: filtered by name when few secrets are due and all their
-    /// names are known, else every page.
-    async fn sweep_list(&self, region: &str, due: Vec<super::index::Due>) {
+    /// One ListSecrets walk for a scope (a region, as the operator or a role): filtered by name when
+    /// few secrets are due and all their names are known, else every page.
+    async fn sweep_list(&self, scope: &Scope, due: Vec<super::index::Due>) {
         let names: Vec<String> = due.iter().filter_map(|d| d.name.clone()).collect();
         let filters = if names.len() == due.len() && names.len() <= LIST_FILTER_MAX {
             names
         } else {
             Vec::new()
         };
-        // A full listing tells every secret of the region: confirm them all, not only the due.
+        // A full listing tells every secret of the scope: confirm them all, not only the due.
         let due = if filters.is_empty() {
-            lock(&self.index).in_region(region)
+            lock(&self.index).in_scope(scope)
         } else {
             due
         };
-        match self.source.list(region, &filters).await {
+        match self.source.list(scope, &filters).await {
             Ok(listed) => {
                 for due in &due {
                     let id = due.secret.secret_id.as_str();
@@ -267,7 +264,8 @@ impl Fleet {
             }
             Err(error) => {
                 warn!(
-                    region,
+                    region = scope.region,
+                    role = scope.role.as_ref().map(|role| role.arn.as_str()),
                     reason = error.reason(),
                     detail = error.detail(),
                     "ListSecrets failed; versions are checked again at the next sweep, and \

@@ -74,6 +74,66 @@ pub enum IdError {
     BadArn(String),
     #[error("{0:?} is not an AWS region name (such as eu-west-1)")]
     BadRegion(String),
+    #[error(
+        "{0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME, with a 12-digit \
+         account)"
+    )]
+    BadRoleArn(String),
+}
+
+/// `arn:PARTITION:iam::ACCOUNT:role/PATH/NAME`: a role the operator may assume to read a secret in
+/// another account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleArn {
+    pub partition: String,
+    pub account: String,
+    /// `PATH/NAME` after `role/`.
+    pub resource: String,
+}
+
+impl fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "arn:{}:iam::{}:role/{}",
+            self.partition, self.account, self.resource
+        )
+    }
+}
+
+/// Longest role path plus name IAM accepts (a 512-character path and a 64-character name).
+const MAX_ROLE_RESOURCE_LEN: usize = 576;
+
+/// Parses a role ARN strictly: a known partition, service `iam`, no region, a 12-digit account,
+/// `role/` and a path and name of IAM's characters, without empty segments.
+pub fn parse_role_arn(text: &str) -> Result<RoleArn, IdError> {
+    let bad = || IdError::BadRoleArn(shorten(text));
+    let fields: Vec<&str> = text.splitn(6, ':').collect();
+    let [arn, partition, service, region, account, resource] = fields.as_slice() else {
+        return Err(bad());
+    };
+    let Some(resource) = resource.strip_prefix("role/") else {
+        return Err(bad());
+    };
+    let well_formed = *arn == "arn"
+        && PARTITIONS.contains(partition)
+        && *service == "iam"
+        && region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && (1..=MAX_ROLE_RESOURCE_LEN).contains(&resource.len())
+        && resource.split('/').all(|segment| !segment.is_empty())
+        && resource
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+=,.@-".contains(&b));
+    if !well_formed {
+        return Err(bad());
+    }
+    Ok(RoleArn {
+        partition: partition.to_string(),
+        account: account.to_string(),
+        resource: resource.to_string(),
+    })
 }
 
 /// Parses an id as written in `spec.source.secretId` or `caSecretId`.
@@ -205,6 +265,33 @@ mod tests {
         }
         assert!(parse_secret_id(&"a".repeat(513)).is_err());
         assert!(parse_secret_id(&"a".repeat(512)).is_ok());
+    }
+
+    #[test]
+    fn role_arns_parse_strictly() {
+        let arn = "arn:aws:iam::111122223333:role/tenants/payments-reader";
+        let Ok(parsed) = parse_role_arn(arn) else {
+            panic!("{arn} should parse");
+        };
+        assert_eq!(parsed.account, "111122223333");
+        assert_eq!(parsed.resource, "tenants/payments-reader");
+        assert_eq!(parsed.to_string(), arn);
+        for bad in [
+            "arn:aws:iam::111122223333:role/",
+            "arn:aws:iam::111122223333:role//x",
+            "arn:aws:iam::111122223333:role/x/",
+            "arn:aws:iam::111122223333:user/x",
+            "arn:aws:iam:eu-west-1:111122223333:role/x",
+            "arn:aws:iam::11112222333:role/x",
+            "arn:aws:sts::111122223333:role/x",
+            "arn:evil:iam::111122223333:role/x",
+            "arn:aws:iam::111122223333:role/x*",
+            "arn:aws:iam::111122223333:role/x:y",
+            "arn:aws:iam::111122223333:role/{namespace}",
+            "",
+        ] {
+            assert!(parse_role_arn(bad).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{SecretRef, VersionSelector};
+use super::{AssumedRole, Scope, SecretRef, VersionSelector};
 
 /// One identity, by namespace and name.
 pub type IdentityKey = (String, String);
@@ -76,6 +76,7 @@ pub struct VersionIndex {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct SecretKey {
     region: String,
+    role: Option<AssumedRole>,
     secret_id: String,
     /// `S:<stage>` or `I:<id>`.
     selector: String,
@@ -85,6 +86,7 @@ impl From<&SecretRef> for SecretKey {
     fn from(secret: &SecretRef) -> Self {
         Self {
             region: secret.region.clone(),
+            role: secret.role.clone(),
             secret_id: secret.secret_id.clone(),
             selector: match &secret.version {
                 VersionSelector::Stage(stage) => format!("S:{stage}"),
@@ -104,6 +106,7 @@ impl SecretKey {
         SecretRef {
             secret_id: self.secret_id.clone(),
             region: self.region.clone(),
+            role: self.role.clone(),
             version,
         }
     }
@@ -266,12 +269,16 @@ impl VersionIndex {
             .collect()
     }
 
-    /// Every stage-selected secret in `region` (a full listing confirms them all at once, which
+    /// Every stage-selected secret in `scope` (a full listing confirms them all at once, which
     /// keeps their checks aligned: one listing per sweep interval, not one per secret falling due).
-    pub fn in_region(&self, region: &str) -> Vec<Due> {
+    pub fn in_scope(&self, scope: &Scope) -> Vec<Due> {
         self.entries
             .iter()
-            .filter(|(key, _)| key.region == region && key.selector.starts_with("S:"))
+            .filter(|(key, _)| {
+                key.region == scope.region
+                    && key.role == scope.role
+                    && key.selector.starts_with("S:")
+            })
             .map(|(key, entry)| Due {
                 secret: key.secret_ref(),
                 name: entry.name.clone(),
@@ -328,6 +335,7 @@ mod tests {
         SecretRef {
             secret_id: id.into(),
             region: "eu-west-1".into(),
+            role: None,
             version: VersionSelector::Stage("AWSCURRENT".into()),
         }
     }

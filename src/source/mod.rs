@@ -1,5 +1,5 @@
 //! Certificate material by secret id and version, behind a trait: AWS Secrets Manager in production,
-//! a fake in unit tests. One shared client per region.
+//! a fake in unit tests. One shared client per scope: a region, and the role assumed there, if any.
 
 mod aws;
 pub mod events;
@@ -16,13 +16,50 @@ use futures::future::BoxFuture;
 pub use crate::api::VersionSelector;
 pub use aws::{DEFAULT_MAX_IN_FLIGHT, SecretsManagerSource, caller_account};
 
-/// Which secret, where, at which version. Built only from an id that passed `id::parse_secret_id`
-/// and a region that passed the policy, so clients are never made for unchecked regions.
+/// Which secret, where, as whom, at which version. Built only from an id that passed
+/// `id::parse_secret_id`, a region that passed the policy and a role the namespace may assume, so
+/// clients are never made for unchecked regions or roles.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SecretRef {
     pub secret_id: String,
     pub region: String,
+    /// The role the operator assumes to read it; `None`: its own credentials.
+    pub role: Option<AssumedRole>,
     pub version: VersionSelector,
+}
+
+impl SecretRef {
+    pub fn scope(&self) -> Scope {
+        Scope {
+            region: self.region.clone(),
+            role: self.role.clone(),
+        }
+    }
+}
+
+/// An IAM role the operator assumes (STS AssumeRole, chained from its own credentials) to read
+/// secrets of another account.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AssumedRole {
+    pub arn: String,
+    pub external_id: Option<String>,
+}
+
+/// Where calls go and with which credentials: one client, one rate and one batch queue per scope.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope {
+    pub region: String,
+    pub role: Option<AssumedRole>,
+}
+
+impl Scope {
+    /// The operator's own credentials in `region`.
+    pub fn own(region: &str) -> Self {
+        Self {
+            region: region.to_string(),
+            role: None,
+        }
+    }
 }
 
 /// A secret's value as stored: text or bytes. Debug never prints the value.
@@ -65,6 +102,16 @@ pub enum SourceError {
          secretsmanager:GetSecretValue (and kms:Decrypt for a customer-managed key) on it"
     )]
     AccessDenied { secret_id: String, detail: String },
+    #[error(
+        "AWS refused to let the operator assume role {role} to read secret {secret_id}; the role's \
+         trust policy must allow the operator's role to call sts:AssumeRole (with the externalId, \
+         if one is set)"
+    )]
+    RoleDenied {
+        secret_id: String,
+        role: String,
+        detail: String,
+    },
     #[error("Secrets Manager throttled the request for {secret_id}; retrying with backoff")]
     Throttled { secret_id: String },
     #[error("secret {secret_id} has neither SecretString nor SecretBinary")]
@@ -79,6 +126,7 @@ impl SourceError {
         match self {
             Self::NotFound { detail, .. }
             | Self::AccessDenied { detail, .. }
+            | Self::RoleDenied { detail, .. }
             | Self::Unavailable { detail, .. } => detail,
             Self::Throttled { .. } | Self::Empty { .. } => "",
         }
@@ -87,7 +135,7 @@ impl SourceError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NotFound { .. } => "SourceNotFound",
-            Self::AccessDenied { .. } => "AccessDenied",
+            Self::AccessDenied { .. } | Self::RoleDenied { .. } => "AccessDenied",
             Self::Throttled { .. } => "Throttled",
             Self::Empty { .. } => "EmptySource",
             Self::Unavailable { .. } => "SourceUnavailable",
@@ -137,17 +185,17 @@ pub trait SecretSource: Send + Sync + 'static {
         })
     }
 
-    /// ListSecrets in `region`: every secret (`names` empty) or those whose name starts with one
+    /// ListSecrets in `scope`: every secret (`names` empty) or those whose name starts with one
     /// of `names` (at most 10), with their versions and stages.
     fn list<'a>(
         &'a self,
-        region: &'a str,
+        scope: &'a Scope,
         names: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<DescribedSecret>, SourceError>> {
         let _ = names;
         Box::pin(async move {
             Err(SourceError::Unavailable {
-                secret_id: format!("(list in {region})"),
+                secret_id: format!("(list in {})", scope.region),
                 detail: "this source cannot list secrets".into(),
             })
         })

@@ -9,8 +9,11 @@
 //! - Name patterns (not starting with `arn:`) apply only to secrets in the operator's own account.
 //! - `arn:` patterns match the whole ARN: the only way to allow another account's secrets.
 //! - Every secret must be in an allowed region (default: the operator's own region).
+//! - A role to assume (`spec.source.roleArn`) must match one of the namespace's `--allowed-role`
+//!   patterns (default: none). Read through a role, the role's account takes the place of the
+//!   operator's own: names resolve there, and name patterns apply to its secrets.
 
-use super::id::{SecretArn, SecretId, strip_suffix};
+use super::id::{RoleArn, SecretArn, SecretId, strip_suffix};
 
 pub const DEFAULT_PATTERN: &str = "{namespace}/*";
 
@@ -21,6 +24,9 @@ pub struct SourcePolicy {
     own_account: Option<String>,
     /// Regions identities may read from; empty allows none.
     allowed_regions: Vec<String>,
+    /// Role ARN patterns (with `{namespace}`) a namespace may have the operator assume; empty
+    /// allows none.
+    allowed_roles: Vec<String>,
 }
 
 /// Why the policy refused a secret; kept for the operator's log, never shown to the tenant.
@@ -34,6 +40,8 @@ pub enum Denied {
     Name(String),
     #[error("Secrets Manager resolved the id to {0}, which is not what was asked")]
     Resolved(String),
+    #[error("role {0} matches no --allowed-role pattern for this namespace")]
+    Role(String),
 }
 
 /// A secret as the policy sees it: where it is and what it may be called.
@@ -64,6 +72,54 @@ impl SourcePolicy {
             patterns,
             own_account,
             allowed_regions,
+            allowed_roles: Vec::new(),
+        }
+    }
+
+    /// Roles namespaces may have the operator assume: ARN globs with `{namespace}`.
+    pub fn with_allowed_roles(self, allowed_roles: Vec<String>) -> Self {
+        Self {
+            allowed_roles,
+            ..self
+        }
+    }
+
+    /// The same patterns and roles, with the account and regions the AWS configuration gave.
+    pub fn with_account_and_regions(
+        self,
+        own_account: Option<String>,
+        allowed_regions: Vec<String>,
+    ) -> Self {
+        Self {
+            own_account,
+            allowed_regions,
+            ..self
+        }
+    }
+
+    pub fn allowed_roles(&self) -> &[String] {
+        &self.allowed_roles
+    }
+
+    /// Before any call, STS's included: may `namespace` have the operator assume `role`?
+    pub fn check_role(&self, namespace: &str, role: &RoleArn) -> Result<(), Denied> {
+        let role = role.to_string();
+        if self
+            .allowed_roles
+            .iter()
+            .any(|pattern| glob_matches(pattern, namespace, &role))
+        {
+            Ok(())
+        } else {
+            Err(Denied::Role(role))
+        }
+    }
+
+    /// The account a plain name resolves in: the role's, when one is assumed, else the operator's.
+    fn home_account<'a>(&'a self, role: Option<&'a RoleArn>) -> Option<&'a str> {
+        match role {
+            Some(role) => Some(role.account.as_str()),
+            None => self.own_account.as_deref(),
         }
     }
 
@@ -84,19 +140,22 @@ impl SourcePolicy {
         self.own_account.as_deref()
     }
 
-    /// Before any call: may `namespace` read `id` in `region` (the region the call would go to)?
+    /// Before any call: may `namespace` read `id` in `region` (the region the call would go to),
+    /// through `role` (already allowed by `check_role`) or the operator's own credentials?
     pub fn check_request(
         &self,
         namespace: &str,
         id: &SecretId,
         region: &str,
+        role: Option<&RoleArn>,
     ) -> Result<(), Denied> {
+        let home = self.home_account(role);
         let location = match id {
             SecretId::Name(name) => Location {
                 region,
                 // A name always resolves in the caller's own account.
                 own_account: true,
-                account: self.own_account.as_deref().unwrap_or("(own)"),
+                account: home.unwrap_or("(own)"),
                 names: vec![name.as_str()],
                 arn: None,
             },
@@ -106,7 +165,7 @@ impl SourcePolicy {
                 }
                 Location {
                     region,
-                    own_account: self.own_account.as_deref() == Some(arn.account.as_str()),
+                    own_account: home == Some(arn.account.as_str()),
                     account: &arn.account,
                     names: arn.candidate_names(),
                     arn: Some(arn.to_string()),
@@ -123,6 +182,7 @@ impl SourcePolicy {
         namespace: &str,
         requested: &SecretId,
         region: &str,
+        role: Option<&RoleArn>,
         arn: &SecretArn,
         name: &str,
     ) -> Result<(), Denied> {
@@ -133,8 +193,8 @@ impl SourcePolicy {
         if arn.region != region {
             return Err(Denied::Region(arn.region.clone()));
         }
-        let own_account = match &self.own_account {
-            Some(own) => *own == arn.account,
+        let own_account = match self.home_account(role) {
+            Some(own) => own == arn.account,
             // Unknown own account: only a plain name is known to resolve in it.
             None => matches!(requested, SecretId::Name(_)),
         };
@@ -202,8 +262,11 @@ mod tests {
     }
 
     fn allows(policy: &SourcePolicy, namespace: &str, id: &str) -> bool {
-        parse_secret_id(id)
-            .is_ok_and(|id| policy.check_request(namespace, &id, "eu-west-1").is_ok())
+        parse_secret_id(id).is_ok_and(|id| {
+            policy
+                .check_request(namespace, &id, "eu-west-1", None)
+                .is_ok()
+        })
     }
 
     #[test]
@@ -228,7 +291,7 @@ mod tests {
             panic!("valid");
         };
         assert_eq!(
-            policy.check_request("payments", &id, "us-east-1"),
+            policy.check_request("payments", &id, "us-east-1", None),
             Err(Denied::Region("us-east-1".into()))
         );
     }
@@ -284,7 +347,14 @@ mod tests {
         };
         let good = arn("payments/x-AbCdEf")?;
         assert_eq!(
-            policy.check_resolved("payments", &requested, "eu-west-1", &good, "payments/x"),
+            policy.check_resolved(
+                "payments",
+                &requested,
+                "eu-west-1",
+                None,
+                &good,
+                "payments/x"
+            ),
             Ok(())
         );
         let foreign = arn("billing/api-client-AbCdEf")?;
@@ -294,6 +364,7 @@ mod tests {
                     "payments",
                     &requested,
                     "eu-west-1",
+                    None,
                     &foreign,
                     "billing/api-client"
                 )
@@ -302,7 +373,14 @@ mod tests {
         // The name must be the ARN's: a lying name is refused.
         assert!(
             policy
-                .check_resolved("payments", &requested, "eu-west-1", &foreign, "payments/x")
+                .check_resolved(
+                    "payments",
+                    &requested,
+                    "eu-west-1",
+                    None,
+                    &foreign,
+                    "payments/x"
+                )
                 .is_err()
         );
         let elsewhere =
@@ -313,7 +391,89 @@ mod tests {
                     "payments",
                     &requested,
                     "eu-west-1",
+                    None,
                     &elsewhere,
+                    "payments/x"
+                )
+                .is_err()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn roles_only_through_a_pattern_for_the_namespace() -> Result<(), super::super::id::IdError> {
+        use super::super::id::parse_role_arn;
+        let payments_role = parse_role_arn("arn:aws:iam::111111111111:role/mtls/payments")?;
+        let billing_role = parse_role_arn("arn:aws:iam::111111111111:role/mtls/billing")?;
+        // Default: no role for anyone.
+        assert!(policy(&[]).check_role("payments", &payments_role).is_err());
+        let policy = policy(&[]).with_allowed_roles(vec![
+            "arn:aws:iam::111111111111:role/mtls/{namespace}".into(),
+        ]);
+        assert_eq!(policy.check_role("payments", &payments_role), Ok(()));
+        assert_eq!(
+            policy.check_role("payments", &billing_role),
+            Err(Denied::Role(billing_role.to_string()))
+        );
+        // Through the role, names resolve in its account and name patterns apply there.
+        let name = parse_secret_id("payments/x")?;
+        let role = Some(&payments_role);
+        assert_eq!(
+            policy.check_request("payments", &name, "eu-west-1", role),
+            Ok(())
+        );
+        assert!(
+            policy
+                .check_request(
+                    "payments",
+                    &parse_secret_id("billing/x")?,
+                    "eu-west-1",
+                    role
+                )
+                .is_err()
+        );
+        let in_role_account =
+            parse_secret_id("arn:aws:secretsmanager:eu-west-1:111111111111:secret:payments/x")?;
+        assert_eq!(
+            policy.check_request("payments", &in_role_account, "eu-west-1", role),
+            Ok(())
+        );
+        // Without the role, the same ARN is another account's.
+        assert!(
+            policy
+                .check_request("payments", &in_role_account, "eu-west-1", None)
+                .is_err()
+        );
+        // Through the role, the operator's own account is a third account.
+        let own =
+            parse_secret_id("arn:aws:secretsmanager:eu-west-1:123456789012:secret:payments/x")?;
+        assert!(
+            policy
+                .check_request("payments", &own, "eu-west-1", role)
+                .is_err()
+        );
+        // The answer is checked against the role's account too.
+        let resolved =
+            parse_arn("arn:aws:secretsmanager:eu-west-1:111111111111:secret:payments/x-AbCdEf")?;
+        assert_eq!(
+            policy.check_resolved(
+                "payments",
+                &name,
+                "eu-west-1",
+                role,
+                &resolved,
+                "payments/x"
+            ),
+            Ok(())
+        );
+        assert!(
+            policy
+                .check_resolved(
+                    "payments",
+                    &name,
+                    "eu-west-1",
+                    None,
+                    &resolved,
                     "payments/x"
                 )
                 .is_err()
@@ -401,7 +561,7 @@ mod properties {
                 vec!["eu-west-1".into()],
             );
             if let Ok(parsed) = parse_secret_id(&id)
-                && policy.check_request(namespace, &parsed, "eu-west-1").is_ok()
+                && policy.check_request(namespace, &parsed, "eu-west-1", None).is_ok()
             {
                 for name in resolutions(&parsed) {
                     prop_assert!(is_valid_name(&name));

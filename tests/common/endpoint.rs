@@ -1,6 +1,7 @@
 //! A counting, fault-injecting endpoint in front of moto, on loopback: every Secrets Manager HTTP
-//! request the operator's AWS SDK sends is counted here (other services pass through untouched) (by operation, with its time and answer), so tests
-//! assert call rates and counts at the endpoint, SDK retries included. It can grant only a quota
+//! request the operator's AWS SDK sends is counted here (by operation, with its time and answer),
+//! so tests assert call rates and counts at the endpoint, SDK retries included. STS calls are
+//! counted apart (and can be denied); other services pass through untouched. It can grant only a quota
 //! (answering `ThrottlingException` above it, like an account's rate limit), throttle everything,
 //! answer 503 as an unavailable service would, deny an operation, or hold back one secret's reads.
 
@@ -47,8 +48,11 @@ struct State {
     /// Value reads (GetSecretValue, BatchGetSecretValue) whose request names this are held back
     /// this long before they are forwarded: one slow secret.
     slow_reads: Option<(String, Duration)>,
-    /// Operations answered `AccessDeniedException` (a role without that permission).
+    /// Operations answered `AccessDeniedException` (a role without that permission); STS
+    /// operations (`AssumeRole`) are answered STS's `AccessDenied`.
     denied: Vec<String>,
+    /// STS calls seen (`AssumeRole`, `GetCallerIdentity`, ...).
+    sts_seen: Vec<String>,
 }
 
 pub struct CountingEndpoint {
@@ -75,6 +79,7 @@ impl CountingEndpoint {
             window: (Instant::now(), 0),
             slow_reads: None,
             denied: Vec::new(),
+            sts_seen: Vec::new(),
         }));
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
@@ -117,6 +122,15 @@ impl CountingEndpoint {
     /// Answers `operation` with `AccessDeniedException` from now on.
     pub fn deny(&self, operation: &str) {
         lock(&self.state).denied.push(operation.to_string());
+    }
+
+    /// STS calls of `operation` seen so far.
+    pub fn sts_count(&self, operation: &str) -> usize {
+        lock(&self.state)
+            .sts_seen
+            .iter()
+            .filter(|seen| *seen == operation)
+            .count()
     }
 
     /// Every request seen so far.
@@ -193,13 +207,27 @@ async fn answer(
         .and_then(|target| target.split_once('.'))
         .map(|(service, operation)| (service.to_ascii_lowercase(), operation.to_string()))
         .unwrap_or_default();
-    // Secrets Manager calls only: STS and SQS pass through, uncounted and unlimited.
-    if service != "secretsmanager" {
-        return forward_to(request, client, upstream).await;
-    }
-    let now = Instant::now();
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
+    // STS speaks the query protocol: the operation is the form's `Action`.
+    if service.is_empty()
+        && let Some(action) = form_action(&body)
+    {
+        let denied = {
+            let mut state = lock(&state);
+            state.sts_seen.push(action.clone());
+            state.denied.contains(&action)
+        };
+        if denied {
+            return Ok(sts_access_denied(&action));
+        }
+        return forward_bytes(parts, body, client, upstream).await;
+    }
+    // Secrets Manager calls only: SQS passes through, uncounted and unlimited.
+    if service != "secretsmanager" {
+        return forward_bytes(parts, body, client, upstream).await;
+    }
+    let now = Instant::now();
     let forward = {
         let mut state = lock(&state);
         let denied = state.denied.contains(&operation);
@@ -249,14 +277,30 @@ async fn answer(
     }
 }
 
-async fn forward_to(
-    request: Request<Incoming>,
-    client: Client<HttpConnector, Full<Bytes>>,
-    upstream: hyper::Uri,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let (parts, body) = request.into_parts();
-    let body = body.collect().await?.to_bytes();
-    forward_bytes(parts, body, client, upstream).await
+/// `Action=...` of a form-encoded (query protocol) request body.
+fn form_action(body: &[u8]) -> Option<String> {
+    std::str::from_utf8(body)
+        .ok()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("Action="))
+        .map(str::to_string)
+}
+
+/// STS's answer to an AssumeRole the role's trust policy does not allow (query protocol, XML).
+fn sts_access_denied(action: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error>\
+         <Type>Sender</Type><Code>AccessDenied</Code><Message>User: \
+         arn:aws:sts::123456789012:assumed-role/operator/x is not authorized to perform: \
+         sts:{action}</Message></Error><RequestId>0</RequestId></ErrorResponse>"
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/xml"),
+    );
+    response
 }
 
 async fn forward_bytes(

@@ -429,10 +429,10 @@ impl SecretSource for FaultInjectingSource {
 
     fn list<'a>(
         &'a self,
-        region: &'a str,
+        scope: &'a mtls_operator::source::Scope,
         names: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<mtls_operator::source::DescribedSecret>, SourceError>> {
-        self.inner.list(region, names)
+        self.inner.list(scope, names)
     }
 }
 
@@ -528,6 +528,43 @@ pub fn json_secret(certificate: &str, private_key: &str, ca: &str) -> String {
 /// Creates or updates a secret in the environment's Secrets Manager; returns the new version id.
 pub async fn put_source(name: &str, value: &str) -> Result<String> {
     support::environment().put_secret(name, value).await
+}
+
+/// Creates `name` with `value` in AWS account `account` of the environment's Secrets Manager, as
+/// the central security account of an organisation would hold it: with credentials from assuming
+/// `writer` there (moto acts in the account of the role assumed). Returns the secret's ARN.
+pub async fn create_source_in_account(
+    account: &str,
+    writer: &str,
+    name: &str,
+    value: &str,
+) -> Result<String> {
+    let base = support::aws_config().await;
+    let assumed = aws_sdk_sts::Client::new(&base)
+        .assume_role()
+        .role_arn(format!("arn:aws:iam::{account}:role/{writer}"))
+        .role_session_name("test-writer")
+        .send()
+        .await?;
+    let credentials = assumed
+        .credentials()
+        .context("AssumeRole gave no credentials")?;
+    let config = aws_sdk_secretsmanager::config::Builder::from(&base)
+        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+            credentials.access_key_id(),
+            credentials.secret_access_key(),
+            Some(credentials.session_token().to_string()),
+            None,
+            "test",
+        ))
+        .build();
+    let created = aws_sdk_secretsmanager::Client::from_conf(config)
+        .create_secret()
+        .name(name)
+        .secret_string(value)
+        .send()
+        .await?;
+    created.arn.context("CreateSecret gave no ARN")
 }
 
 pub fn identity(
