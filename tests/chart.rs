@@ -104,6 +104,12 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
     helm_install(&release, &namespace, &[])?;
     // Pods exist only if admission accepted them under `restricted`; kwok then runs them.
     wait_ready_pods(&namespace, &deployment, 2).await?;
+    // No role may be assumed unless the admin grants one.
+    let args = operator_args(&namespace, &deployment).await?;
+    assert!(
+        !args.iter().any(|arg| arg.starts_with("--allowed-role")),
+        "{args:?}"
+    );
     let admin = support::admin_client().await?;
     let pods = Api::<Pod>::namespaced(admin.clone(), &namespace)
         .list(&ListParams::default().labels("app.kubernetes.io/name=mtls-operator"))
@@ -153,10 +159,18 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         "restart.annotate.enabled=true",
         "--set",
         "egress.enabled=true",
+        "--set-json",
+        r#"allowedRoles=["arn:aws:iam::111122223333:role/mtls/{namespace}"]"#,
     ])?;
     wait_ready_pods(&namespace, &deployment, 3).await?;
     let args = operator_args(&namespace, &deployment).await?;
     assert!(args.contains(&"--max-rollouts=3".to_string()), "{args:?}");
+    assert!(
+        args.contains(
+            &"--allowed-role=arn:aws:iam::111122223333:role/mtls/{namespace}".to_string()
+        ),
+        "{args:?}"
+    );
     assert!(args.contains(&"--enable-annotate".to_string()), "{args:?}");
     assert!(args.contains(&"--enable-egress".to_string()), "{args:?}");
     assert!(
@@ -243,6 +257,29 @@ async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Resu
     assert_eq!(
         policy["Statement"][0]["Action"][0],
         "secretsmanager:GetSecretValue"
+    );
+    // The cross-account pair: the role's trust policy names the operator's role and an external
+    // id, and the operator's policy may assume roles under the path --allowed-role grants.
+    let trust: serde_json::Value = serde_json::from_str(include_str!(
+        "../examples/cross-account-role.trust-policy.json"
+    ))?;
+    assert_eq!(trust["Statement"][0]["Action"], "sts:AssumeRole");
+    assert!(trust["Statement"][0]["Condition"]["StringEquals"]["sts:ExternalId"].is_string());
+    let permissions: serde_json::Value = serde_json::from_str(include_str!(
+        "../examples/cross-account-role.permissions.json"
+    ))?;
+    assert_eq!(
+        permissions["Statement"][0]["Action"][0],
+        "secretsmanager:GetSecretValue"
+    );
+    let assumes = policy["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|statement| statement["Action"][0] == "sts:AssumeRole");
+    assert!(
+        assumes,
+        "iam-policy.json lets the operator assume the roles"
     );
     Ok(())
 }
