@@ -525,7 +525,7 @@ async fn a_pkcs12_stored_as_secret_binary_syncs_into_tls_crt_and_tls_key() -> Re
         .await
         .create_secret()
         .name(&id)
-        .secret_binary(aws_sdk_secretsmanager::primitives::Blob::new(p12))
+        .secret_binary(aws_sdk_secretsmanager::primitives::Blob::new(p12.clone()))
         .send()
         .await?;
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
@@ -547,6 +547,42 @@ async fn a_pkcs12_stored_as_secret_binary_syncs_into_tls_crt_and_tls_key() -> Re
     ensure!(
         secret_data(&secret, "ca.crt").as_deref() == Some(ca.pem().as_str()),
         "ca.crt is not the CA of the .p12"
+    );
+
+    // The same file as SecretString JSON with its password inside: no passwordSecretRef needed.
+    use base64::Engine;
+    let json_id = format!("{namespace}/partner-p12-json");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&p12);
+    put_source(
+        &json_id,
+        &serde_json::json!({"pkcs12": encoded, "password": PASSWORD}).to_string(),
+    )
+    .await?;
+    let spec = serde_json::json!({"source": {"secretId": json_id, "format": "Pkcs12"}});
+    create_identity(&namespace, &identity("partner-json", &json_id, spec)?).await?;
+    wait_ready(&namespace, "partner-json", "True", "Synced").await?;
+    let secret = get_secret(&namespace, "partner-json")
+        .await?
+        .context("no Secret")?;
+    ensure!(
+        secret_data(&secret, "tls.crt").as_deref() == Some(leaf.cert_pem.as_str()),
+        "tls.crt is not the leaf of the .p12 in the JSON"
+    );
+    // Without any password: a clear InvalidPkcs12, nothing written.
+    let bare_id = format!("{namespace}/partner-p12-bare");
+    put_source(
+        &bare_id,
+        &serde_json::json!({"pkcs12": encoded}).to_string(),
+    )
+    .await?;
+    let spec = serde_json::json!({"source": {"secretId": bare_id, "format": "Pkcs12"}});
+    create_identity(&namespace, &identity("partner-bare", &bare_id, spec)?).await?;
+    let refused = wait_ready(&namespace, "partner-bare", "False", "InvalidPkcs12").await?;
+    let message = refused.ready_condition().context("Ready")?.message.clone();
+    ensure!(message.contains("no password"), "{message}");
+    ensure!(
+        get_secret(&namespace, "partner-bare").await?.is_none(),
+        "nothing written"
     );
     Ok(())
 }

@@ -222,10 +222,16 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
             {"passwordSecretRef": {"name": "pass", "key": "a/../b"}}}}}),
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pkcs12",
             "passwordSecretRef": {"name": "other-ns/pass", "key": "password"}}}),
-        // Pkcs12 without its password, and a password for another format.
-        serde_json::json!({"source": {"secretId": format!("{namespace}/x"), "format": "Pkcs12"}}),
+        // A password for a format other than Pkcs12.
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
             "passwordSecretRef": {"name": "pass", "key": "password"}}}),
+        // A role that is not a role ARN, or glob syntax in one; an external id without a role.
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
+            "roleArn": "arn:aws:iam::111111111111:user/admin"}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
+            "roleArn": "arn:aws:iam::111111111111:role/mtls/*"}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
+            "externalId": "tenant-external-id"}}),
     ];
     for (index, spec) in bad_specs.into_iter().enumerate() {
         let object = identity(

@@ -113,8 +113,8 @@ fn default_refresh_interval() -> String {
     "!has(self.fields) || self.format == 'Json'"
 ).message("fields apply to format Json only"))]
 #[x_kube(validation = kube::core::Rule::new(
-    "has(self.passwordSecretRef) == (self.format == 'Pkcs12')"
-).message("format Pkcs12 needs passwordSecretRef, and passwordSecretRef is for format Pkcs12 only"))]
+    "!has(self.passwordSecretRef) || self.format == 'Pkcs12'"
+).message("passwordSecretRef is for format Pkcs12 only"))]
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.externalId) || has(self.roleArn)"
 ).message("externalId is sent with roleArn only"))]
@@ -139,11 +139,12 @@ pub struct SourceSpec {
     #[schemars(length(min = 32, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub version_id: Option<String>,
     /// `Json`: a JSON object with PEM (or base64 DER) values; `Pem`: one PEM bundle; `Pkcs12`: a
-    /// PKCS#12 file stored as SecretBinary (a partner's `.p12`, an ACM export).
+    /// PKCS#12 file stored as SecretBinary (a partner's `.p12`, an ACM export), or as SecretString
+    /// `{"pkcs12": "<base64>", "password": "..."}`.
     #[serde(default)]
     pub format: SourceFormat,
     /// For format Pkcs12: the key of a Secret in the identity's namespace that holds the file's
-    /// password.
+    /// password (needed for SecretBinary; a `password` field of the JSON form wins over it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
     /// JSON field names, for format Json.

@@ -167,11 +167,7 @@ pub async fn sync(
                 Err(failure) => return Ok(SyncStep::done(Err(failure))),
             }
         }
-        (SourceFormat::Pkcs12, None) => {
-            return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
-                "format Pkcs12 needs spec.source.passwordSecretRef".to_string(),
-            ))));
-        }
+        // Without a reference, the password is a field of the JSON the source holds.
         _ => None,
     };
     let (fetched, ca_version, material) = match fetch_material(
@@ -344,13 +340,19 @@ async fn fetch_material(
             content_text(&fetched.content)
                 .and_then(|text| pki::parse_pem_bundle(text, ca_text.as_deref()))
         }
-        SourceFormat::Pkcs12 => {
-            let bytes = match &fetched.content {
-                SecretContent::Binary(bytes) => bytes.as_slice(),
-                SecretContent::Text(text) => text.as_bytes(),
-            };
-            pki::keystore::read_pkcs12(bytes, source_password.unwrap_or_default())
-        }
+        SourceFormat::Pkcs12 => match (&fetched.content, source_password) {
+            (SecretContent::Binary(bytes), Some(password)) => {
+                pki::keystore::read_pkcs12(bytes, password)
+            }
+            (SecretContent::Binary(_), None) => Err(pki::PkiError::InvalidPkcs12 {
+                detail: "is stored as SecretBinary without a password: set \
+                         spec.source.passwordSecretRef"
+                    .into(),
+            }),
+            (SecretContent::Text(text), password) => {
+                pki::keystore::read_pkcs12_json(text, password)
+            }
+        },
     }
     .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
     Ok((fetched, ca_version, material))

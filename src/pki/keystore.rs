@@ -152,6 +152,48 @@ fn to_pkcs8(der: &[u8]) -> Result<Vec<u8>, KeystoreError> {
     }
 }
 
+/// A PKCS#12 source stored as SecretString: `{"pkcs12": "<base64 of the .p12>", "password": "..."}`.
+/// The password in the JSON wins over `password_ref` (from `spec.source.passwordSecretRef`); one of
+/// them must be there.
+pub fn read_pkcs12_json(
+    text: &str,
+    password_ref: Option<&str>,
+) -> Result<super::Material, super::PkiError> {
+    use super::PkiError;
+    use base64::Engine;
+    let invalid_json = |detail: &str| PkiError::InvalidJson {
+        detail: detail.to_string(),
+    };
+    let value: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+        .map_err(|_| {
+            invalid_json(
+                "a Pkcs12 source stored as text must be a JSON object with fields \"pkcs12\" (the \
+                 file in base64) and \"password\"; store the file itself as SecretBinary otherwise",
+            )
+        })?;
+    let field = |name: &str| match value.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => Ok(Some(text.as_str())),
+        Some(_) => Err(invalid_json(&format!("field \"{name}\" must be a string"))),
+    };
+    let encoded = field("pkcs12")?.ok_or_else(|| PkiError::MissingField {
+        field: "pkcs12".into(),
+    })?;
+    let compact: String = encoded.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|_| PkiError::InvalidPkcs12 {
+            detail: "in field \"pkcs12\" is not valid base64".into(),
+        })?;
+    let password = field("password")?
+        .or(password_ref)
+        .ok_or_else(|| PkiError::InvalidPkcs12 {
+            detail: "has no password: set field \"password\" or spec.source.passwordSecretRef"
+                .into(),
+        })?;
+    read_pkcs12(&bytes, password)
+}
+
 /// Reads a PKCS#12 file (a `.p12` a partner sent, an ACM export, stored as SecretBinary) into the
 /// same material as the other formats: the key, its certificate chain (leaf first) and, as the CA,
 /// the self-signed certificates at the end of the chain.
