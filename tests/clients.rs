@@ -407,7 +407,8 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
     }))?;
     secrets.create(&Default::default(), &password).await?;
     for (name, profile) in [("modern", "Modern"), ("legacy", "Legacy")] {
-        let spec = serde_json::json!({"target": {"keystores": {"pkcs12": {
+        // An hour between checks: only the password Secret's edit can make it render again.
+        let spec = serde_json::json!({"refreshInterval": "1h", "target": {"keystores": {"pkcs12": {
             "passwordSecretRef": {"name": "keystore-pass", "key": "password"}, "profile": profile
         }}}});
         create_identity(&namespace, &identity(name, &id, spec)?).await?;
@@ -461,6 +462,48 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
         ensure!(answer.contains("200"), "{name}: Java got {answer}");
         drop(server);
     }
+
+    // A new password in the password Secret: its edit reconciles the identity, which renders the
+    // keystores again under it (one read), with the same certificate and no rollout.
+    create_deployment_mounting(&namespace, "java-app", &["modern"]).await?;
+    wait_all_rolled_out(&namespace).await?;
+    let generations_before = generations(&namespace).await?;
+    let before = get_secret(&namespace, "modern")
+        .await?
+        .context("no Secret")?;
+    const NEW_PASSWORD: &str = "rotated-456";
+    let new_password = serde_json::json!({"stringData": {"password": NEW_PASSWORD}});
+    secrets
+        .patch(
+            "keystore-pass",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&new_password),
+        )
+        .await?;
+    let keystore = dir.join("rotated-keystore.p12");
+    let rerendered = wait_for("keystore.p12 under the new password", TIMEOUT, || async {
+        let secret = get_secret(&namespace, "modern")
+            .await?
+            .context("no Secret")?;
+        std::fs::write(
+            &keystore,
+            bytes(&secret, "keystore.p12").context("keystore.p12")?,
+        )?;
+        run(Command::new("openssl")
+            .args(["pkcs12", "-info", "-noout", "-in"])
+            .arg(&keystore)
+            .args(["-passin", &format!("pass:{NEW_PASSWORD}")]))?;
+        Ok(secret)
+    })
+    .await?;
+    ensure!(
+        secret_data(&rerendered, "tls.crt") == secret_data(&before, "tls.crt"),
+        "the certificate is the same"
+    );
+    ensure!(
+        generations(&namespace).await? == generations_before,
+        "a password change rolls nothing"
+    );
 
     // A missing password: KeystorePasswordMissing, and the keystore in place stays.
     let before = get_secret(&namespace, "modern")

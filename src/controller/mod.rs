@@ -327,11 +327,37 @@ async fn run_scope(
         .predicate_filter(predicates::generation, Default::default());
     // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
     let owned_secrets = watcher(
-        secrets,
+        secrets.clone(),
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
     )
     .default_backoff()
     .touched_objects();
+    // Keystore password Secrets are the tenants' own, so not label-selected: every Secret that is
+    // not ours, metadata only. An edit reconciles the identities whose keystore names it, and they
+    // render the keystore again under the new password (see `sync`).
+    let password_secrets = watcher(
+        secrets,
+        watcher::Config::default().labels(&format!("!{MANAGED_BY_LABEL}")),
+    )
+    .default_backoff()
+    .touched_objects();
+    let named_by = {
+        let identities = reader.clone();
+        move |secret: PartialObjectMeta<Secret>| {
+            let (secret_namespace, secret_name) = (secret.namespace(), secret.name_any());
+            identities
+                .state()
+                .into_iter()
+                .filter(|identity| {
+                    identity.namespace() == secret_namespace
+                        && identity
+                            .pkcs12()
+                            .is_some_and(|spec| spec.password_secret_ref.name == secret_name)
+                })
+                .map(|identity| ObjectRef::from_obj(identity.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
     // The sweep asks for the identities of a changed secret (those in this scope).
     let notify_trigger = trigger.clone();
@@ -361,6 +387,7 @@ async fn run_scope(
     Controller::for_stream(identity_changes, reader)
         .with_config(config)
         .owns_stream(owned_secrets)
+        .watches_stream(password_secrets, named_by)
         .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)

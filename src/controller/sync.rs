@@ -138,6 +138,22 @@ pub async fn sync(
     let read = must_read(&main, carried.as_ref().map(|(main, _)| main.as_str()))
         | ca.as_ref()
             .is_some_and(|ca| must_read(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref())));
+    // The keystore's password changed (the password Secret was edited): render it again, from one
+    // read (the operator keeps no private key in memory), without a rollout. A password that is gone
+    // is reported; the Secret in place stays.
+    let read = read
+        || match (
+            identity.pkcs12(),
+            carried_keystore(existing.as_ref(), &carried),
+        ) {
+            (Some(spec), Some(keystore)) => {
+                match read_password(&secrets, namespace, &spec.password_secret_ref).await? {
+                    Ok(password) => !pki::keystore::opens_with(keystore, &password),
+                    Err(failure) => return Ok(SyncStep::done(Err(failure))),
+                }
+            }
+            _ => false,
+        };
     // Deleted, or scheduled for deletion, as the sweep found: not found, whatever a read returns
     // (the last good Secret stays).
     if let Some(gone) = std::iter::once(&main)
@@ -363,6 +379,16 @@ fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
         SecretContent::Text(text) => Ok(text),
         SecretContent::Binary(bytes) => pki::decode_binary(bytes),
     }
+}
+
+/// The keystore of an intact Secret of ours (one that carries its versions).
+fn carried_keystore<'a, T>(existing: Option<&'a Secret>, carried: &Option<T>) -> Option<&'a [u8]> {
+    carried.as_ref()?;
+    existing?
+        .data
+        .as_ref()?
+        .get(secret::KEYSTORE_KEY)
+        .map(|value| value.0.as_slice())
 }
 
 /// A password from `reference` in the identity's namespace (a keystore's, or a Pkcs12 source's).

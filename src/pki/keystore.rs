@@ -152,6 +152,17 @@ fn to_pkcs8(der: &[u8]) -> Result<Vec<u8>, KeystoreError> {
     }
 }
 
+/// Whether `keystore` (a `keystore.p12` the operator wrote) opens with `password`: false once the
+/// password Secret holds another password, so the keystore is rendered again.
+pub fn opens_with(keystore: &[u8], password: &str) -> bool {
+    KeyStore::from_pkcs12(
+        keystore,
+        password,
+        p12_keystore::Pkcs12ImportPolicy::Relaxed,
+    )
+    .is_ok()
+}
+
 /// A PKCS#12 source stored as SecretString: `{"pkcs12": "<base64 of the .p12>", "password": "..."}`.
 /// The password in the JSON wins over `password_ref` (from `spec.source.passwordSecretRef`); one of
 /// them must be there.
