@@ -20,6 +20,14 @@ pub struct IdentityLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotReadyLabels {
+    pub namespace: String,
+    pub name: String,
+    /// The Ready condition's fixed reason.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
     /// "success" or "failure".
     pub outcome: String,
@@ -49,6 +57,10 @@ pub struct Metrics {
     pub certificate_not_after: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub identity_ready: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while the identity is not Ready, labelled with the reason: "which are failing and why".
+    pub identity_not_ready: Family<NotReadyLabels, Gauge<i64, AtomicI64>>,
+    /// The reason each not-Ready identity's series carries, to remove it when the reason changes.
+    not_ready_reasons: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
     /// 0 while the identity's last source check failed transiently (Ready may stay True).
     pub source_reachable: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub syncs: Family<SyncLabels, Counter>,
@@ -84,6 +96,8 @@ impl Metrics {
             certificate_not_after: Family::default(),
             certificate_not_before: Family::default(),
             identity_ready: Family::default(),
+            identity_not_ready: Family::default(),
+            not_ready_reasons: Default::default(),
             source_reachable: Family::default(),
             syncs: Family::default(),
             aws_calls: Family::default(),
@@ -113,6 +127,11 @@ impl Metrics {
             "identity_ready",
             "1 when the identity is Ready, 0 when not",
             metrics.identity_ready.clone(),
+        );
+        registry.register(
+            "identity_not_ready",
+            "1 while the identity is not Ready, with the Ready condition's reason",
+            metrics.identity_not_ready.clone(),
         );
         registry.register(
             "identity_source_reachable",
@@ -228,6 +247,12 @@ impl Metrics {
         self.identity_ready
             .get_or_create(&labels)
             .set(i64::from(ready));
+        let not_ready_reason = now
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::READY && c.status != "True")
+            .map(|c| c.reason.clone());
+        self.set_not_ready(namespace, name, not_ready_reason);
         let reachable = !now
             .conditions
             .iter()
@@ -275,6 +300,31 @@ impl Metrics {
         self.certificate_not_before.remove(&labels);
         self.identity_ready.remove(&labels);
         self.source_reachable.remove(&labels);
+        self.set_not_ready(namespace, name, None);
+    }
+
+    /// One `identity_not_ready` series per not-Ready identity, with its current reason; none while
+    /// Ready.
+    fn set_not_ready(&self, namespace: &str, name: &str, reason: Option<String>) {
+        let key = (namespace.to_string(), name.to_string());
+        let mut reasons = crate::lock(&self.not_ready_reasons);
+        let previous = match &reason {
+            Some(reason) => reasons.insert(key, reason.clone()),
+            None => reasons.remove(&key),
+        };
+        let series = |reason: String| NotReadyLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            reason,
+        };
+        if let Some(previous) = previous
+            && Some(&previous) != reason.as_ref()
+        {
+            self.identity_not_ready.remove(&series(previous));
+        }
+        if let Some(reason) = reason {
+            self.identity_not_ready.get_or_create(&series(reason)).set(1);
+        }
     }
 
     pub fn record_event(&self, outcome: &str) {
@@ -328,6 +378,34 @@ mod tests {
         ), "{text}");
         assert!(text.contains("mtls_reconcile_duration_seconds_bucket"));
         assert!(text.contains("mtls_leader 0"));
+    }
+
+    #[test]
+    fn a_not_ready_identity_has_one_series_with_its_current_reason() {
+        let metrics = Metrics::new();
+        let series = |metrics: &Metrics| -> Vec<String> {
+            metrics
+                .encode()
+                .lines()
+                .filter(|line| line.starts_with("mtls_identity_not_ready{"))
+                .map(str::to_string)
+                .collect()
+        };
+        metrics.set_not_ready("ns", "a", Some("SourceNotFound".into()));
+        assert_eq!(
+            series(&metrics),
+            vec![r#"mtls_identity_not_ready{namespace="ns",name="a",reason="SourceNotFound"} 1"#]
+        );
+        metrics.set_not_ready("ns", "a", Some("AccessDenied".into()));
+        assert_eq!(
+            series(&metrics),
+            vec![r#"mtls_identity_not_ready{namespace="ns",name="a",reason="AccessDenied"} 1"#]
+        );
+        metrics.set_not_ready("ns", "a", None);
+        assert!(series(&metrics).is_empty());
+        metrics.set_not_ready("ns", "b", Some("Expired".into()));
+        metrics.forget_identity("ns", "b");
+        assert!(series(&metrics).is_empty());
         metrics.forget_identity("payments", "client");
         assert!(!metrics.encode().contains("name=\"client\""));
     }
