@@ -6,6 +6,7 @@
 //! - [`controller`]: reconcile, with pure decisions apart from the I/O.
 
 pub mod api;
+pub mod check;
 pub mod controller;
 pub mod health;
 pub mod leader;

@@ -1,4 +1,4 @@
-//! `mtls-operator run | crd`, and `--version`.
+//! `mtls-operator run | crd | check | proxy`, and `--version`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +32,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the MtlsIdentity CustomResourceDefinition as YAML.
     Crd,
+    /// Check certificate material with the operator's own rules before storing or rotating it:
+    /// from files or from Secrets Manager (read only). Exit 0: it would sync; 1: it would not.
+    Check(Box<mtls_operator::check::CheckArgs>),
     /// Egress mTLS proxy: plain HTTP in, mutual TLS to one upstream with the mounted certificate,
     /// reloaded on rotation without a restart (as a sidecar, or operator-managed via spec.egress).
     Proxy(Box<mtls_operator::proxy::ProxyArgs>),
@@ -163,6 +166,23 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Check(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("cannot start the async runtime: {error}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            if runtime.block_on(mtls_operator::check::run(*args)) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
         Command::Proxy(args) => {
             mtls_operator::telemetry::init();
             block_on("proxy", async move {

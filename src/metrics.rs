@@ -323,7 +323,9 @@ impl Metrics {
             self.identity_not_ready.remove(&series(previous));
         }
         if let Some(reason) = reason {
-            self.identity_not_ready.get_or_create(&series(reason)).set(1);
+            self.identity_not_ready
+                .get_or_create(&series(reason))
+                .set(1);
         }
     }
 

@@ -498,6 +498,118 @@ async fn bad_sources_get_specific_reasons() -> Result<()> {
             bail!("{name}: a Secret was written from bad input");
         }
     }
+    // `mtls-operator check` on the same secrets, before anyone would create an identity: the same
+    // reasons (the policy and the injected AWS faults are the operator's, not the material's).
+    let checkable = expected
+        .iter()
+        .filter(|(name, _)| !name.starts_with("fault-") && name != "not-allowed");
+    for (name, reason) in checkable {
+        let format = if name.starts_with("pem-") {
+            "pem"
+        } else {
+            "json"
+        };
+        let id = format!("{namespace}/{name}");
+        let (ok, report) = check(&["--secret-id", &id, "--format", format])?;
+        ensure!(!ok, "{name}: check passed bad material: {report}");
+        ensure!(report["reason"] == *reason, "{name}: {report}");
+        ensure!(
+            !report.to_string().contains(&key_body[..40]),
+            "{name}: key material in the report"
+        );
+    }
+    Ok(())
+}
+
+/// `mtls-operator check ARGS --output json` as its own process, with the environment's AWS
+/// settings: whether it exited 0, and its report.
+fn check(args: &[&str]) -> Result<(bool, serde_json::Value)> {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    command.arg("check").args(args).args(["--output", "json"]);
+    for (name, value) in support::environment().variables() {
+        command.env(name, value);
+    }
+    let output = command.output()?;
+    let report = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "check {args:?} printed no JSON report: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    Ok((output.status.success(), report))
+}
+
+/// `mtls-operator check` on good material, from each kind of file and from Secrets Manager: exit 0
+/// and the certificate's facts (the same fingerprint the operator would put in status).
+#[tokio::test]
+async fn check_reports_the_facts_of_good_material_from_files_and_secrets_manager() -> Result<()> {
+    let ca = TestCa::new("check CA")?;
+    let leaf = ca.leaf(&LeafOptions::default())?;
+    let fingerprint = hex::encode(Sha256::digest(&leaf.der));
+    let dir = support::environment()
+        .dir
+        .join(format!("check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = |name: &str, content: &str| -> Result<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, content)?;
+        Ok(path.display().to_string())
+    };
+    let cert = file("cert.pem", &leaf.cert_pem)?;
+    let key = file("key.pem", &leaf.key_pem)?;
+    let ca_file = file("ca.pem", &ca.pem())?;
+    let bundle = file("bundle.pem", &format!("{}{}", leaf.cert_pem, leaf.key_pem))?;
+    let secret_value = json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem());
+    let json = file("secret.json", &secret_value)?;
+    let namespace = support::create_namespace("check", &[]).await?;
+    let id = format!("{namespace}/client");
+    let version = put_source(&id, &secret_value).await?;
+    let inputs: [Vec<&str>; 4] = [
+        vec!["--cert", &cert, "--key", &key, "--ca", &ca_file],
+        vec!["--bundle", &bundle, "--ca", &ca_file],
+        vec!["--json", &json],
+        vec!["--secret-id", &id],
+    ];
+    for args in inputs {
+        let (ok, report) = check(&args)?;
+        ensure!(ok && report["ok"] == true, "{args:?}: {report}");
+        let facts = &report["certificate"];
+        ensure!(
+            facts["sha256Fingerprint"] == fingerprint.as_str(),
+            "{report}"
+        );
+        ensure!(
+            facts["dnsNames"][0] == "payments-client.example",
+            "{report}"
+        );
+        ensure!(facts["extendedKeyUsage"][0] == "clientAuth", "{report}");
+        ensure!(facts["ca"].as_array().map(Vec::len) == Some(1), "{report}");
+        ensure!(
+            facts["key"].as_str().is_some_and(|k| !k.is_empty()),
+            "{report}"
+        );
+    }
+    let (_, report) = check(&["--secret-id", &id])?;
+    ensure!(
+        report["source"]["versionId"] == version.as_str(),
+        "{report}"
+    );
+    // For people: the facts and the verdict in text.
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
+        .args(["check", "--cert", &cert, "--key", &key])
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    ensure!(text.contains(&format!("sha256:{fingerprint}")), "{text}");
+    ensure!(text.contains("OK: the operator would sync"), "{text}");
+    // A key that is not the certificate's: exit 1 with the operator's reason.
+    let other = file("other-key.pem", &ca.leaf(&LeafOptions::default())?.key_pem)?;
+    let (ok, report) = check(&["--cert", &cert, "--key", &other])?;
+    ensure!(!ok && report["reason"] == "KeyMismatch", "{report}");
+    ensure!(
+        report["certificate"]["sha256Fingerprint"] == fingerprint.as_str(),
+        "{report}"
+    );
     Ok(())
 }
 

@@ -331,46 +331,34 @@ async fn fetch_material(
             error,
         };
     let mut ca_version = None;
-    let material = match source.format {
-        SourceFormat::Json => {
-            let fields = source.fields.clone().unwrap_or_default();
-            let fields = pki::JsonFields {
-                certificate: fields.certificate,
-                private_key: fields.private_key,
-                ca: fields.ca,
-            };
-            content_text(&fetched.content).and_then(|text| pki::parse_json(text, &fields))
+    let ca_text = match ca {
+        Some(ca) if source.format == SourceFormat::Pem => {
+            let ca_fetched = fetch_checked(ca, namespace, context).await?;
+            let text = content_text(&ca_fetched.content)
+                .map(str::to_string)
+                .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?;
+            ca_version = Some(ca_fetched.version_id.clone());
+            Some(text)
         }
-        SourceFormat::Pem => {
-            let ca_text = match ca {
-                Some(ca) => {
-                    let ca_fetched = fetch_checked(ca, namespace, context).await?;
-                    let text = content_text(&ca_fetched.content)
-                        .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?
-                        .to_string();
-                    ca_version = Some(ca_fetched.version_id.clone());
-                    Some(text)
-                }
-                None => None,
-            };
-            content_text(&fetched.content)
-                .and_then(|text| pki::parse_pem_bundle(text, ca_text.as_deref()))
-        }
-        SourceFormat::Pkcs12 => match (&fetched.content, source_password) {
-            (SecretContent::Binary(bytes), Some(password)) => {
-                pki::keystore::read_pkcs12(bytes, password)
-            }
-            (SecretContent::Binary(_), None) => Err(pki::PkiError::InvalidPkcs12 {
-                detail: "is stored as SecretBinary without a password: set \
-                         spec.source.passwordSecretRef"
-                    .into(),
-            }),
-            (SecretContent::Text(text), password) => {
-                pki::keystore::read_pkcs12_json(text, password)
-            }
+        _ => None,
+    };
+    let fields = source.fields.clone().unwrap_or_default();
+    let fields = pki::JsonFields {
+        certificate: fields.certificate,
+        private_key: fields.private_key,
+        ca: fields.ca,
+    };
+    let format = match source.format {
+        SourceFormat::Json => pki::StoredFormat::Json(&fields),
+        SourceFormat::Pem => pki::StoredFormat::Pem {
+            ca: ca_text.as_deref(),
         },
-    }
-    .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
+        SourceFormat::Pkcs12 => pki::StoredFormat::Pkcs12 {
+            password: source_password,
+        },
+    };
+    let material = pki::read_material(fetched.content.stored(), format)
+        .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
     Ok((fetched, ca_version, material))
 }
 

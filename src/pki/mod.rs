@@ -26,7 +26,7 @@ mod tests;
 pub use error::PkiError;
 pub use key::{KeyEncoding, KeyKind, PrivateKey, SecretPem};
 pub use parse::{decode_binary, parse_json, parse_pem_bundle};
-pub use validate::{certified_key, validate};
+pub use validate::{certificate_facts, certified_key, validate};
 
 use std::fmt;
 
@@ -54,6 +54,49 @@ impl Default for JsonFields {
             private_key: "private_key".to_owned(),
             ca: "ca".to_owned(),
         }
+    }
+}
+
+/// A secret value as stored: SecretString or SecretBinary.
+#[derive(Clone, Copy)]
+pub enum Stored<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// How a stored value holds the material (`spec.source.format` and what goes with it).
+#[derive(Clone, Copy)]
+pub enum StoredFormat<'a> {
+    Json(&'a JsonFields),
+    /// A PEM bundle, with the CA text from a separate secret or file, if any.
+    Pem {
+        ca: Option<&'a str>,
+    },
+    /// A PKCS#12 file (SecretBinary) or its JSON form (SecretString), with the password from
+    /// elsewhere, if any.
+    Pkcs12 {
+        password: Option<&'a str>,
+    },
+}
+
+/// Parses a stored value into material, exactly as the operator does for every format.
+pub fn read_material(stored: Stored<'_>, format: StoredFormat<'_>) -> Result<Material, PkiError> {
+    let text = || match stored {
+        Stored::Text(text) => Ok(text),
+        Stored::Binary(bytes) => decode_binary(bytes),
+    };
+    match format {
+        StoredFormat::Json(fields) => parse_json(text()?, fields),
+        StoredFormat::Pem { ca } => parse_pem_bundle(text()?, ca),
+        StoredFormat::Pkcs12 { password } => match (stored, password) {
+            (Stored::Binary(bytes), Some(password)) => keystore::read_pkcs12(bytes, password),
+            (Stored::Binary(_), None) => Err(PkiError::InvalidPkcs12 {
+                detail: "is stored as SecretBinary without a password: set \
+                         spec.source.passwordSecretRef"
+                    .into(),
+            }),
+            (Stored::Text(text), password) => keystore::read_pkcs12_json(text, password),
+        },
     }
 }
 

@@ -338,6 +338,35 @@ impl webpki::ExtendedKeyUsageValidator for ClientAuthOrAny {
     }
 }
 
+/// The facts of one certificate and its extended key usages by name, whether or not it would
+/// pass validation (for `mtls-operator check`); `None` if it does not parse.
+pub fn certificate_facts(der: &CertificateDer<'_>) -> Option<(CertificateFacts, Vec<String>)> {
+    let (_, certificate) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let usages = match certificate.extended_key_usage() {
+        Ok(Some(eku)) => {
+            let eku = eku.value;
+            let mut names: Vec<String> = [
+                (eku.any, "any"),
+                (eku.server_auth, "serverAuth"),
+                (eku.client_auth, "clientAuth"),
+                (eku.code_signing, "codeSigning"),
+                (eku.email_protection, "emailProtection"),
+                (eku.time_stamping, "timeStamping"),
+                (eku.ocsp_signing, "OCSPSigning"),
+            ]
+            .into_iter()
+            .filter(|(present, _)| *present)
+            .map(|(_, name)| name.to_string())
+            .collect();
+            names.extend(eku.other.iter().map(|oid| oid.to_id_string()));
+            names
+        }
+        // No extension: any purpose.
+        _ => Vec::new(),
+    };
+    Some((facts(&certificate, der), usages))
+}
+
 fn facts(leaf: &X509Certificate<'_>, leaf_der: &CertificateDer<'_>) -> CertificateFacts {
     let mut dns_names = Vec::new();
     let mut uris = Vec::new();

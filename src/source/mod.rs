@@ -69,6 +69,16 @@ pub enum SecretContent {
     Binary(Vec<u8>),
 }
 
+impl SecretContent {
+    /// The value as the certificate parser takes it.
+    pub fn stored(&self) -> crate::pki::Stored<'_> {
+        match self {
+            Self::Text(text) => crate::pki::Stored::Text(text),
+            Self::Binary(bytes) => crate::pki::Stored::Binary(bytes),
+        }
+    }
+}
+
 impl fmt::Debug for SecretContent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
