@@ -201,6 +201,24 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             metrics.leader.clone(),
         );
+        // Counters with fixed outcomes start at 0, so /metrics lists them (and rate() works) before
+        // the first restart or event.
+        for outcome in ["triggered", "failed"] {
+            let _ = metrics.restarts.get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            });
+        }
+        for outcome in [
+            "received",
+            "handled",
+            "unknown_secret",
+            "rejected",
+            "queue_error",
+        ] {
+            let _ = metrics.events.get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            });
+        }
         Self {
             registry,
             ..metrics

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -226,7 +227,8 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
 #[tokio::test]
 async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Result<()> {
     install_crd_and_rbac().await?;
-    let lint = helm(&["lint", "--strict", &chart()])?;
+    let chart = chart();
+    let lint = helm(&["lint", "--strict", &chart])?;
     assert!(String::from_utf8_lossy(&lint.stdout).contains("0 chart(s) failed"));
     // The examples, as a user would apply them (server-side dry run: admission and schema run).
     let admin = support::admin_client().await?;
@@ -252,6 +254,28 @@ async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Resu
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // The Grafana dashboard ConfigMap only when asked for, with the sidecar's label.
+    let template = |extra: &[&str]| -> Result<String> {
+        let mut args = vec!["template", "x", chart.as_str(), "--kube-version", "1.31.0"];
+        args.extend_from_slice(extra);
+        Ok(String::from_utf8(helm(&args)?.stdout)?)
+    };
+    let default = template(&[])?;
+    assert!(!default.contains("grafana_dashboard"), "{default}");
+    let enabled = template(&["--set", "dashboard.enabled=true"])?;
+    let config_map = enabled
+        .split("\n---")
+        .find(|document| document.contains("grafana_dashboard"))
+        .context("no dashboard ConfigMap")?;
+    assert!(config_map.contains("kind: ConfigMap"), "{config_map}");
+    assert!(
+        config_map.contains("grafana_dashboard: \"1\""),
+        "{config_map}"
+    );
+    assert!(
+        config_map.contains("mtls-operator.json: |-"),
+        "{config_map}"
+    );
     let policy: serde_json::Value =
         serde_json::from_str(include_str!("../examples/iam-policy.json"))?;
     assert_eq!(
@@ -594,6 +618,51 @@ async fn operator_runs_with_the_charts_service_account_in_both_modes() -> Result
     Ok(())
 }
 
+/// The sample names `/metrics` can carry: each `# TYPE` family with its suffixes (`_total` for a
+/// counter; `_bucket`, `_sum`, `_count` for a histogram), so families without series yet count too.
+fn exposed_metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let Some(declared) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = declared.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for suffix in suffixes {
+            names.insert(format!("{name}{suffix}"));
+        }
+    }
+    names
+}
+
+/// Every `mtls_...` metric name the chart's dashboard JSON mentions.
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let dashboard = include_str!("../charts/mtls-operator/dashboards/mtls-operator.json");
+    dashboard
+        .match_indices("mtls_")
+        .filter(|(at, _)| {
+            // Not a longer word that happens to contain it.
+            dashboard[..*at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+        })
+        .map(|(at, _)| {
+            dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
 /// Kills its process when dropped.
 struct Process(Child);
 
@@ -743,10 +812,23 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
         .context("no facts")?;
     let not_after = chrono::DateTime::parse_from_rfc3339(&not_after)?.timestamp();
 
+    // And one that fails: its reason is on /metrics (and on the dashboard).
+    let mut absent = identity("absent", &format!("{apps}/absent"), serde_json::json!({}))?;
+    absent.metadata.labels =
+        Some([("mtls-operator.io/test-shard".to_string(), shard.clone())].into());
+    create_identity(&apps, &absent).await?;
+    wait_ready(&apps, "absent", "False", "SourceNotFound").await?;
+
     // /metrics: the leader reports the expiry and its AWS calls; the standby has reconciled nothing.
     let leader_metrics = wait_for("the leader's metrics", TIMEOUT, || async {
         let text = http_get(ports[leader_index], "/metrics").await?;
         ensure!(text.contains("mtls_leader 1"), "not leader in metrics");
+        ensure!(
+            text.contains(&format!(
+                "mtls_identity_not_ready{{namespace=\"{apps}\",name=\"absent\",reason=\"SourceNotFound\"}} 1"
+            )),
+            "no not-ready series yet"
+        );
         ensure!(
             text.contains(&format!(
                 "mtls_certificate_expiration_timestamp_seconds{{namespace=\"{apps}\",name=\"client\"}} {not_after}"
@@ -761,6 +843,15 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
             "mtls_secretsmanager_calls_total{operation=\"GetSecretValue\",outcome=\"success\"}"
         ),
         "{leader_metrics}"
+    );
+    // Every metric the chart's Grafana dashboard queries is one this operator exports.
+    let exposed = exposed_metric_names(&leader_metrics);
+    let queried = dashboard_metric_names();
+    ensure!(queried.len() >= 10, "the dashboard queries {queried:?}");
+    let unknown: Vec<&String> = queried.difference(&exposed).collect();
+    ensure!(
+        unknown.is_empty(),
+        "the dashboard queries metrics the operator does not export: {unknown:?}"
     );
     let standby_metrics = http_get(ports[standby_index], "/metrics").await?;
     assert!(
