@@ -97,6 +97,76 @@ async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> R
     wait_event(&namespace, "client", "RestartTriggered").await?;
     wait_event(&namespace, "uses-volume", "RestartTriggered").await?;
 
+    // At a glance: `kubectl get -o wide` shows the secret, its version and the rotation; `kubectl
+    // describe` tells the story: conditions, certificate, last rotation, recent Events.
+    let kubectl = |args: &[&str]| -> Result<String> {
+        let output = support::kubectl(args)?;
+        ensure!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    let wide = kubectl(&["get", "mtlsid", "client", "-n", &namespace, "-o", "wide"])?;
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header
+            == [
+                "NAME", "READY", "REASON", "EXPIRES", "AGE", "SECRET", "VERSION", "ROTATED",
+                "TARGET"
+            ],
+        "{wide}"
+    );
+    ensure!(
+        wide.contains(&secret_id) && wide.contains(&version) && wide.contains("client-tls"),
+        "{wide}"
+    );
+    let narrow = kubectl(&["get", "mtlsid", "client", "-n", &namespace])?;
+    ensure!(
+        !narrow.contains(&version),
+        "the version is for -o wide: {narrow}"
+    );
+    let story = kubectl(&["describe", "mtlsid", "client", "-n", &namespace])?;
+    for expected in [
+        "Conditions:",
+        "sha256Fingerprint:",
+        "Last Rotation:",
+        "Restarted Workloads:",
+        "Events:",
+        "Rotated",
+        "RestartTriggered",
+    ] {
+        ensure!(
+            story.contains(expected),
+            "describe lacks {expected:?}: {story}"
+        );
+    }
+    // One Event per change: the Secret write that triggers a reconcile at once must not make the
+    // operator judge the change again against a status it already replaced.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+        support::admin_client().await?,
+        &namespace,
+    )
+    .list(&ListParams::default())
+    .await?
+    .items;
+    for reason in ["Synced", "Rotated"] {
+        let count = events
+            .iter()
+            .filter(|event| {
+                event.reason.as_deref() == Some(reason)
+                    && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("client")
+            })
+            .count();
+        ensure!(count == 1, "{count} {reason} Events about the identity");
+    }
+
     // Restart the operator, and make it reconcile (a spec change); then re-apply unchanged.
     drop(operator);
     let operator = start_operator(&namespace).await?;

@@ -35,7 +35,11 @@ pub const DATA_DIGEST_ANNOTATION: &str = "mtls-operator.io/data-sha256";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.certificate.notAfter"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".spec.source.secretId","priority":1}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.source.versionId","priority":1}"#,
+    printcolumn = r#"{"name":"Rotated","type":"date","jsonPath":".status.lastRotation.time","priority":1}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.secretName","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MtlsIdentitySpec {

@@ -151,6 +151,10 @@ pub struct IdentityState {
     /// A rotation waiting for sibling identities that share a workload: its fingerprint and since
     /// when (see `rotation`).
     coalescing: Mutex<HashMap<ObjectRef<MtlsIdentity>, (String, std::time::Instant)>>,
+    /// The resourceVersion our last status write gave each identity, until the watch delivers it:
+    /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
+    /// against a status we already replaced, and write it and its Events twice.
+    written: Mutex<HashMap<ObjectRef<MtlsIdentity>, u64>>,
 }
 
 impl IdentityState {
@@ -163,8 +167,32 @@ impl IdentityState {
         lock(&self.known_bad).remove(&key);
         lock(&self.api_errors).remove(&key);
         lock(&self.coalescing).remove(&key);
+        lock(&self.written).remove(&key);
         fleet.unregister(&(namespace.clone(), identity.name_any()));
         metrics.forget_identity(&namespace, &identity.name_any());
+    }
+
+    /// Whether `seen` (the resourceVersion of the copy about to be reconciled) is older than our last
+    /// status write; forgets the write once the watch has caught up with it. resourceVersions are
+    /// etcd revisions, compared only when both are numbers.
+    fn is_stale(&self, key: &ObjectRef<MtlsIdentity>, seen: Option<&str>) -> bool {
+        let mut written = lock(&self.written);
+        let Some(ours) = written.get(key).copied() else {
+            return false;
+        };
+        match seen.and_then(|seen| seen.parse::<u64>().ok()) {
+            Some(seen) if seen < ours => true,
+            _ => {
+                written.remove(key);
+                false
+            }
+        }
+    }
+
+    fn record_written(&self, key: &ObjectRef<MtlsIdentity>, resource_version: Option<&str>) {
+        if let Some(version) = resource_version.and_then(|version| version.parse::<u64>().ok()) {
+            lock(&self.written).insert(key.clone(), version);
+        }
     }
 
     /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.
@@ -438,6 +466,10 @@ async fn reconcile(
     result
 }
 
+/// How soon a reconcile of a copy older than our last status write is tried again: the watch
+/// delivers the write within milliseconds.
+const STALE_RETRY: Duration = Duration::from_millis(500);
+
 async fn reconcile_inner(
     identity: Arc<MtlsIdentity>,
     context: &Context,
@@ -445,6 +477,12 @@ async fn reconcile_inner(
     let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = identity.name_any();
     let key = ObjectRef::from_obj(identity.as_ref());
+    if context
+        .state
+        .is_stale(&key, identity.resource_version().as_deref())
+    {
+        return Ok(Action::requeue(STALE_RETRY));
+    }
     let target = identity.target_secret_name();
     // The CRD's 1s floor, enforced here too (an identity written before the rule, or a lax server).
     let refresh = parse_duration(&identity.spec.refresh_interval)
@@ -590,9 +628,12 @@ async fn reconcile_inner(
     if previous != Some(&status) {
         let identities: Api<MtlsIdentity> = Api::namespaced(context.client.clone(), &namespace);
         let patch = serde_json::json!({ "status": status });
-        identities
+        let written = identities
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        context
+            .state
+            .record_written(&key, written.resource_version().as_deref());
     }
     for event in status::event_for(previous, &outcome)
         .into_iter()

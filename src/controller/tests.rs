@@ -466,3 +466,19 @@ async fn an_egress_name_taken_by_a_foreign_deployment_is_a_conflict_not_a_takeov
         (&json!("False"), &json!("EgressConflict"))
     );
 }
+
+/// A copy of the identity older than our last status write is not reconciled (it would judge the
+/// change again and write its status and Events twice); once the watch has caught up, it is.
+#[test]
+fn a_copy_older_than_our_last_status_write_waits_for_the_watch() {
+    let state = IdentityState::default();
+    let key = ObjectRef::<MtlsIdentity>::new("client").within("team");
+    assert!(!state.is_stale(&key, Some("10")), "nothing written yet");
+    state.record_written(&key, Some("12"));
+    assert!(state.is_stale(&key, Some("11")));
+    assert!(state.is_stale(&key, Some("11")), "still behind");
+    assert!(!state.is_stale(&key, Some("12")), "caught up");
+    assert!(!state.is_stale(&key, Some("11")), "forgotten once caught up");
+    state.record_written(&key, Some("20"));
+    assert!(!state.is_stale(&key, Some("not-a-number")), "not comparable: go ahead");
+}
