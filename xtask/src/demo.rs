@@ -145,7 +145,10 @@ fn start_operator(environment: &Environment, binary: &Path) -> Result<()> {
 
 pub fn run(progress: &dyn Fn(&str)) -> Result<()> {
     crate::install::ensure_installed(progress)?;
-    say("building the operator");
+    say(&format!(
+        "building the operator (cargo build; cold: about {}, cargo's progress below)",
+        crate::install::COLD_OPERATOR_BUILD
+    ));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(project_root())

@@ -22,6 +22,12 @@ pub const KWOK_VERSION: &str = "v0.8.0";
 pub const HELM_VERSION: &str = "v3.22.0";
 pub const MOTO_VERSION: &str = "5.2.5";
 
+/// What the cold steps took on a fresh 2-core machine (BENCHMARKS.md, "Cold start"), told up front.
+pub const COLD_GO_BUILDS: &str = "9 minutes";
+pub const COLD_MOTO: &str = "1 minute";
+pub const COLD_OPERATOR_BUILD: &str = "6 minutes";
+pub const COLD_SUITE_BUILD: &str = "12 minutes";
+
 /// Paths of every installed binary the environment runs.
 #[derive(Debug, Clone)]
 pub struct Toolset {
@@ -169,6 +175,45 @@ fn fresh_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
+/// Prints `still WHAT (elapsed)` every [`HEARTBEAT`] until dropped, so a long cold step (a Go build,
+/// pip) is never silent for long.
+struct Heartbeat {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl Heartbeat {
+    fn start(what: String) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(HEARTBEAT)
+            {
+                eprintln!(
+                    "xtask: still {what} ({}s)",
+                    started.elapsed().as_secs()
+                );
+            }
+        });
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn run(command: &mut Command) -> Result<()> {
     let status = command
         .status()
@@ -203,6 +248,7 @@ fn build_go_tool(tool: &GoTool, dir: &Path, progress: &dyn Fn(&str)) -> Result<(
             command.args(["-tags", tool.tags]);
         }
         command.arg("-o").arg(bin.join(name)).arg(package);
+        let _heartbeat = Heartbeat::start(format!("building {name} with go build"));
         run(&mut command)?;
     }
     mark_complete(dir)?;
@@ -215,6 +261,7 @@ fn install_moto(dir: &Path, progress: &dyn Fn(&str)) -> Result<()> {
         "installing moto[server] {MOTO_VERSION} into a virtualenv (pinned by xtask/moto-requirements.txt)"
     ));
     fresh_dir(dir)?;
+    let _heartbeat = Heartbeat::start("installing moto with pip".into());
     let venv = dir.join("venv");
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     run(Command::new(venv.join("bin").join("pip"))
@@ -305,6 +352,19 @@ pub fn ensure_installed(progress: &dyn Fn(&str)) -> Result<Toolset> {
     let kubernetes = kubernetes_tool();
     let mut go_tools = vec![kubernetes];
     go_tools.extend(other_go_tools());
+    let missing: Vec<&str> = go_tools
+        .iter()
+        .filter(|tool| go_tool_dir(tool).map_or(true, |dir| !is_complete(&dir)))
+        .map(|tool| tool.name)
+        .collect();
+    if !missing.is_empty() {
+        progress(&format!(
+            "first run: building {} from source into {} (measured cold on 2 cores: about {COLD_GO_BUILDS} \
+             in all, then moto from PyPI, about {COLD_MOTO}); later runs reuse them and start in seconds",
+            missing.join(", "),
+            cache_dir().display()
+        ));
+    }
     for tool in &go_tools {
         let dir = go_tool_dir(tool)?;
         if !is_complete(&dir) {

@@ -140,6 +140,11 @@ fn test(cargo_args: &[&str]) -> Result<ExitCode> {
     // Attached: the environment stops when this process ends, even if it is killed.
     let supervisor =
         supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
+    progress(&format!(
+        "cargo test builds the suite first (cold: about {}, cargo's progress below), then runs it \
+         (about 20 minutes)",
+        install::COLD_SUITE_BUILD
+    ));
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
         .current_dir(xtask::project_root())
