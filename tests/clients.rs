@@ -408,9 +408,10 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
     secrets.create(&Default::default(), &password).await?;
     for (name, profile) in [("modern", "Modern"), ("legacy", "Legacy")] {
         // An hour between checks: only the password Secret's edit can make it render again.
+        // Legacy's clients read the password once at start: they are restarted when it changes.
         let spec = serde_json::json!({"refreshInterval": "1h", "target": {"keystores": {"pkcs12": {
             "passwordSecretRef": {"name": "keystore-pass", "key": "password"}, "profile": profile
-        }}}});
+        }}}, "restart": {"onPasswordChange": profile == "Legacy"}});
         create_identity(&namespace, &identity(name, &id, spec)?).await?;
     }
 
@@ -466,6 +467,7 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
     // A new password in the password Secret: its edit reconciles the identity, which renders the
     // keystores again under it (one read), with the same certificate and no rollout.
     create_deployment_mounting(&namespace, "java-app", &["modern"]).await?;
+    create_deployment_mounting(&namespace, "old-java-app", &["legacy"]).await?;
     wait_all_rolled_out(&namespace).await?;
     let generations_before = generations(&namespace).await?;
     let before = get_secret(&namespace, "modern")
@@ -500,9 +502,46 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
         secret_data(&rerendered, "tls.crt") == secret_data(&before, "tls.crt"),
         "the certificate is the same"
     );
+    // Legacy (onPasswordChange) restarts its workload once, for the same certificate.
+    let rotation = wait_for(
+        "the legacy identity's password rotation",
+        TIMEOUT,
+        || async {
+            let identity = Api::<mtls_operator::api::MtlsIdentity>::namespaced(
+                support::admin_client().await?,
+                &namespace,
+            )
+            .get("legacy")
+            .await?;
+            let rotation = identity
+                .status
+                .and_then(|status| status.last_rotation)
+                .context("no rotation")?;
+            ensure!(
+                rotation.restart_token.is_some() && rotation.complete,
+                "{rotation:?}"
+            );
+            Ok(rotation)
+        },
+    )
+    .await?;
     ensure!(
-        generations(&namespace).await? == generations_before,
-        "a password change rolls nothing"
+        rotation.restarted_workloads == ["Deployment/old-java-app"],
+        "{rotation:?}"
+    );
+    wait_all_rolled_out(&namespace).await?;
+    let generations_after = generations(&namespace).await?;
+    ensure!(
+        generations_after.get("Deployment/java-app")
+            == generations_before.get("Deployment/java-app"),
+        "without onPasswordChange a password change rolls nothing: {generations_before:?} -> {generations_after:?}"
+    );
+    ensure!(
+        generations_after.get("Deployment/old-java-app").copied()
+            == generations_before
+                .get("Deployment/old-java-app")
+                .map(|g| g + 1),
+        "with onPasswordChange it rolls once: {generations_before:?} -> {generations_after:?}"
     );
 
     // A missing password: KeystorePasswordMissing, and the keystore in place stays.

@@ -358,6 +358,11 @@ pub struct RestartSpec {
     /// applications that read the certificate another way, such as a CSI driver).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Also restart when the keystores change without a new certificate (a new password, alias or
+    /// profile): for clients that read the password once at start (an env var) but reload the
+    /// keystore file. Default: the keystores are rendered again without a rollout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_password_change: bool,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -436,6 +441,11 @@ pub struct RotationStatus {
     pub restarted_workloads: Vec<String>,
     /// Every affected workload has been handled.
     pub complete: bool,
+    /// Set when this rotation is a keystore change without a new certificate
+    /// (`spec.restart.onPasswordChange`): the restart token written to pod templates instead of the
+    /// fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_token: Option<String>,
 }
 
 /// A status condition: Kubernetes' own `meta/v1` Condition, so `kubectl wait --for=condition=Ready`,

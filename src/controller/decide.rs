@@ -219,6 +219,9 @@ pub struct Synced {
     pub certificate: CertificateStatus,
     pub not_after_unix: i64,
     pub secret_name: String,
+    /// The keystores were rendered again for the same certificate (a new password, alias or
+    /// profile): the digest of their new inputs.
+    pub keystore_changed: Option<String>,
 }
 
 pub fn certificate_status(identity: &ValidatedIdentity) -> CertificateStatus {
@@ -266,6 +269,7 @@ pub fn synced_from_status(
         certificate: certificate.clone(),
         not_after_unix,
         secret_name: target.to_string(),
+        keystore_changed: None,
     })
 }
 
@@ -286,6 +290,7 @@ pub(crate) mod fixtures {
             },
             not_after_unix: 1_893_456_000,
             secret_name: "x".into(),
+            keystore_changed: None,
         }
     }
 

@@ -541,7 +541,12 @@ async fn reconcile_inner(
     // A Kubernetes error after the Secret was written: returned once the status says so.
     let mut after_status: Option<ReconcileError> = None;
     if let Ok(synced) = &outcome {
-        status.last_rotation = status::rotation(previous, synced, &now);
+        let on_password_change = identity
+            .spec
+            .restart
+            .as_ref()
+            .is_some_and(|restart| restart.on_password_change);
+        status.last_rotation = status::rotation(previous, synced, &now, on_password_change);
         if let Some(rotation) = status.last_rotation.as_mut()
             && !rotation.complete
             && rotation.sha256_fingerprint == synced.certificate.sha256_fingerprint

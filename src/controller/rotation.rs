@@ -200,7 +200,10 @@ pub(super) async fn restart_workloads(
         namespace,
         identity_name: &identity_name,
         policy: spec.policy,
-        token: &rotation.sha256_fingerprint,
+        token: rotation
+            .restart_token
+            .as_deref()
+            .unwrap_or(&rotation.sha256_fingerprint),
         rotated_at_unix: rotated_at,
     };
     let mut report = context

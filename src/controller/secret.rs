@@ -83,6 +83,21 @@ pub fn reusable_pkcs12(existing: Option<&Secret>, inputs: &str) -> Option<Pkcs12
     })
 }
 
+/// `Some(inputs)` when the keystores are rendered from new `inputs` for the certificate `existing`
+/// already holds (a new password, alias or profile), `None` otherwise (new certificate, first write,
+/// or nothing changed).
+pub fn keystore_changed_alone(
+    existing: Option<&Secret>,
+    material: &ValidatedIdentity,
+    inputs: &str,
+) -> Option<String> {
+    let annotations = existing?.metadata.annotations.as_ref()?;
+    let before = annotations.get(KEYSTORE_INPUTS_ANNOTATION)?;
+    let same_certificate =
+        annotations.get(FINGERPRINT_ANNOTATION) == Some(&material.facts.sha256_fingerprint);
+    (same_certificate && before != inputs).then(|| inputs.to_string())
+}
+
 /// The source versions a Secret is written from (the certificate's, the separate CA's).
 #[derive(Debug, Clone, Copy)]
 pub struct SourceVersions<'a> {

@@ -247,22 +247,32 @@ pub fn rotation(
     previous: Option<&MtlsIdentityStatus>,
     synced: &Synced,
     now: &str,
+    on_password_change: bool,
 ) -> Option<RotationStatus> {
     let previous = previous?;
     let before = previous.certificate.as_ref()?;
-    if before.sha256_fingerprint != synced.certificate.sha256_fingerprint {
-        return Some(RotationStatus {
-            from_version_id: previous
-                .source
-                .as_ref()
-                .map(|source| source.version_id.clone())
-                .unwrap_or_default(),
-            to_version_id: synced.version_id.clone(),
-            sha256_fingerprint: synced.certificate.sha256_fingerprint.clone(),
-            time: now.to_string(),
-            restarted_workloads: Vec::new(),
-            complete: false,
-        });
+    let fingerprint = &synced.certificate.sha256_fingerprint;
+    let new = |restart_token: Option<String>| RotationStatus {
+        from_version_id: previous
+            .source
+            .as_ref()
+            .map(|source| source.version_id.clone())
+            .unwrap_or_default(),
+        to_version_id: synced.version_id.clone(),
+        sha256_fingerprint: fingerprint.clone(),
+        time: now.to_string(),
+        restarted_workloads: Vec::new(),
+        complete: false,
+        restart_token,
+    };
+    if before.sha256_fingerprint != *fingerprint {
+        return Some(new(None));
+    }
+    // The same certificate in new keystores: a rotation of its own only when asked for, with a
+    // token of its own (the fingerprint is already on the pod templates).
+    if on_password_change && let Some(inputs) = &synced.keystore_changed {
+        let short: String = inputs.chars().take(16).collect();
+        return Some(new(Some(format!("{fingerprint}.{short}"))));
     }
     previous.last_rotation.clone()
 }
@@ -431,14 +441,14 @@ mod tests {
     fn rotation_is_recorded_only_when_the_certificate_changes() {
         let first = next_status(None, Some(1), &Ok(synced("v1", "f1")), "t0");
         assert!(
-            rotation(None, &synced("v1", "f1"), "t0").is_none(),
+            rotation(None, &synced("v1", "f1"), "t0", false).is_none(),
             "first sync"
         );
         assert!(
-            rotation(Some(&first), &synced("v1", "f1"), "t1").is_none(),
+            rotation(Some(&first), &synced("v1", "f1"), "t1", false).is_none(),
             "resync"
         );
-        let rotated = rotation(Some(&first), &synced("v2", "f2"), "t2");
+        let rotated = rotation(Some(&first), &synced("v2", "f2"), "t2", false);
         let rotated = rotated.as_ref();
         assert_eq!(rotated.map(|r| r.from_version_id.as_str()), Some("v1"));
         assert_eq!(rotated.map(|r| r.to_version_id.as_str()), Some("v2"));
@@ -447,8 +457,32 @@ mod tests {
         after.last_rotation = rotated.cloned();
         // Replayed (operator restart): the same rotation, not a new one.
         assert_eq!(
-            rotation(Some(&after), &synced("v2", "f2"), "t3").as_ref(),
+            rotation(Some(&after), &synced("v2", "f2"), "t3", false).as_ref(),
             rotated
         );
+    }
+
+    #[test]
+    fn new_keystores_for_the_same_certificate_rotate_only_when_asked() {
+        let first = next_status(None, Some(1), &Ok(synced("v1", "f1")), "t0");
+        let new_password = Synced {
+            keystore_changed: Some("0123456789abcdef0123".into()),
+            ..synced("v1", "f1")
+        };
+        assert!(
+            rotation(Some(&first), &new_password, "t1", false).is_none(),
+            "by default the keystores change without a rollout"
+        );
+        let rotated = rotation(Some(&first), &new_password, "t1", true);
+        let rotated = rotated.as_ref();
+        assert_eq!(
+            rotated.and_then(|r| r.restart_token.as_deref()),
+            Some("f1.0123456789abcdef"),
+            "a token of its own: the fingerprint is on the templates already"
+        );
+        assert_eq!(rotated.map(|r| r.complete), Some(false));
+        // A new certificate's rotation carries the fingerprint as its token, as always.
+        let certificate = rotation(Some(&first), &synced("v2", "f2"), "t2", true);
+        assert_eq!(certificate.and_then(|r| r.restart_token), None);
     }
 }

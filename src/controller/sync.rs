@@ -279,12 +279,16 @@ pub async fn sync(
             Some(existing) => write::replace_owned_secret(&secrets, existing, desired).await?,
         }
     }
+    let keystore_changed = pkcs12.as_ref().and_then(|rendered| {
+        secret::keystore_changed_alone(existing.as_ref(), &validated, &rendered.inputs)
+    });
     Ok(SyncStep::done(Ok(Synced {
         arn: fetched.arn,
         version_id: fetched.version_id,
         certificate: decide::certificate_status(&validated),
         not_after_unix: validated.facts.not_after,
         secret_name: target.to_string(),
+        keystore_changed,
     })))
 }
 

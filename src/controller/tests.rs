@@ -478,7 +478,13 @@ fn a_copy_older_than_our_last_status_write_waits_for_the_watch() {
     assert!(state.is_stale(&key, Some("11")));
     assert!(state.is_stale(&key, Some("11")), "still behind");
     assert!(!state.is_stale(&key, Some("12")), "caught up");
-    assert!(!state.is_stale(&key, Some("11")), "forgotten once caught up");
+    assert!(
+        !state.is_stale(&key, Some("11")),
+        "forgotten once caught up"
+    );
     state.record_written(&key, Some("20"));
-    assert!(!state.is_stale(&key, Some("not-a-number")), "not comparable: go ahead");
+    assert!(
+        !state.is_stale(&key, Some("not-a-number")),
+        "not comparable: go ahead"
+    );
 }

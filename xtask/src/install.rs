@@ -192,10 +192,7 @@ impl Heartbeat {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(HEARTBEAT)
             {
-                eprintln!(
-                    "xtask: still {what} ({}s)",
-                    started.elapsed().as_secs()
-                );
+                eprintln!("xtask: still {what} ({}s)", started.elapsed().as_secs());
             }
         });
         Self {
