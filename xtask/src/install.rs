@@ -23,9 +23,9 @@ pub const HELM_VERSION: &str = "v3.22.0";
 pub const MOTO_VERSION: &str = "5.2.5";
 
 /// What the cold steps took on a fresh 2-core machine (BENCHMARKS.md, "Cold start"), told up front.
-pub const COLD_GO_BUILDS: &str = "9 minutes";
-pub const COLD_MOTO: &str = "1 minute";
-pub const COLD_OPERATOR_BUILD: &str = "6 minutes";
+pub const COLD_GO_BUILDS: &str = "7½ minutes";
+pub const COLD_MOTO: &str = "30 seconds";
+pub const COLD_OPERATOR_BUILD: &str = "3 minutes";
 pub const COLD_SUITE_BUILD: &str = "12 minutes";
 
 /// Paths of every installed binary the environment runs.
