@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::api::VersionSelector;
+use crate::api::{CertificateStatus, VersionSelector};
 use crate::pki::{self, JsonFields, Material, Stored, StoredFormat};
 use crate::source::{AssumedRole, SecretRef, SecretSource, SecretsManagerSource};
 
@@ -111,14 +111,9 @@ pub struct SourceFacts {
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Facts {
-    pub subject: String,
-    pub issuer: String,
-    pub serial_number: String,
-    pub not_before: String,
-    pub not_after: String,
-    pub sha256_fingerprint: String,
-    pub dns_names: Vec<String>,
-    pub uris: Vec<String>,
+    /// The facts status would show (subject, issuer, serial, validity, fingerprint, SANs).
+    #[serde(flatten)]
+    pub leaf: CertificateStatus,
     /// Extended key usages by name; empty: no extension (any purpose).
     pub extended_key_usage: Vec<String>,
     /// The key's type, e.g. `ECDSA P-256`, when it loads.
@@ -310,14 +305,7 @@ fn describe(material: &Material) -> Option<Box<Facts>> {
     let (leaf, usages) = pki::certificate_facts(material.chain.first()?)?;
     let subject_of = |der| pki::certificate_facts(der).map(|(facts, _)| facts.subject);
     Some(Box::new(Facts {
-        not_before: leaf.not_before_rfc3339(),
-        not_after: leaf.not_after_rfc3339(),
-        subject: leaf.subject,
-        issuer: leaf.issuer,
-        serial_number: leaf.serial_number,
-        sha256_fingerprint: leaf.sha256_fingerprint,
-        dns_names: leaf.dns_names,
-        uris: leaf.uris,
+        leaf: crate::controller::decide::facts_status(&leaf),
         extended_key_usage: usages,
         key: material.key.load().ok().map(|(kind, _)| kind.name()),
         chain: material.chain.iter().filter_map(subject_of).collect(),
@@ -337,15 +325,16 @@ fn render_text(report: &Report) -> String {
         line("version", &source.version_id);
     }
     if let Some(facts) = &report.certificate {
-        line("subject", &facts.subject);
-        line("issuer", &facts.issuer);
-        line("serial", &facts.serial_number);
+        let leaf = &facts.leaf;
+        line("subject", &leaf.subject);
+        line("issuer", &leaf.issuer);
+        line("serial", &leaf.serial_number);
         line(
             "valid",
-            &format!("{} to {}", facts.not_before, facts.not_after),
+            &format!("{} to {}", leaf.not_before, leaf.not_after),
         );
-        line("dns names", &facts.dns_names.join(", "));
-        line("uris", &facts.uris.join(", "));
+        line("dns names", &leaf.dns_names.join(", "));
+        line("uris", &leaf.uris.join(", "));
         let usages = if facts.extended_key_usage.is_empty() {
             "(no extension: any purpose)".to_string()
         } else {
@@ -355,7 +344,7 @@ fn render_text(report: &Report) -> String {
         line("key", facts.key.as_deref().unwrap_or("(does not load)"));
         line(
             "fingerprint",
-            &format!("sha256:{}", facts.sha256_fingerprint),
+            &format!("sha256:{}", leaf.sha256_fingerprint),
         );
         line("chain", &facts.chain.join(" <- "));
         line("ca", &facts.ca.join(", "));

@@ -225,7 +225,11 @@ pub struct Synced {
 }
 
 pub fn certificate_status(identity: &ValidatedIdentity) -> CertificateStatus {
-    let facts = &identity.facts;
+    facts_status(&identity.facts)
+}
+
+/// A certificate's facts as status (and `mtls-operator check`) show them.
+pub fn facts_status(facts: &crate::pki::CertificateFacts) -> CertificateStatus {
     CertificateStatus {
         subject: facts.subject.clone(),
         issuer: facts.issuer.clone(),

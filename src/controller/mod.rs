@@ -335,8 +335,14 @@ async fn run_scope(
     };
     let identity_changes = watcher(identities, identity_config)
         .default_backoff()
-        // managedFields are most of an object's size and never read here: not kept in memory.
-        .modify(|identity| identity.managed_fields_mut().clear())
+        // managedFields are most of an object's size, and `kubectl apply` keeps a whole copy of the
+        // object in an annotation: neither is read here, so neither is kept in memory.
+        .modify(|identity| {
+            identity.managed_fields_mut().clear();
+            identity
+                .annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
         .reflect(writer)
         // The first complete listing makes this scope ready (`/readyz`). Not the store's
         // `wait_until_ready`: it wakes only its latest waiter, which is the controller's.

@@ -26,7 +26,7 @@ pub const MOTO_VERSION: &str = "5.2.5";
 pub const COLD_GO_BUILDS: &str = "7½ minutes";
 pub const COLD_MOTO: &str = "30 seconds";
 pub const COLD_OPERATOR_BUILD: &str = "3 minutes";
-pub const COLD_SUITE_BUILD: &str = "12 minutes";
+pub const COLD_SUITE_BUILD: &str = "4 minutes";
 
 /// Paths of every installed binary the environment runs.
 #[derive(Debug, Clone)]
