@@ -702,7 +702,7 @@ fn start_replica(
     let environment = support::environment();
     let log = std::fs::File::create(environment.dir.join("logs").join(format!("{name}.log")))?;
     let child = Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
-        .args(["run", "--leader-election", "--lease-duration=8s"])
+        .args(["run", "--leader-election", "--lease-duration=15s"])
         .arg(format!("--lease-name={lease}"))
         .arg(format!("--lease-namespace={lease_namespace}"))
         .arg(format!("--identity={name}"))
@@ -789,12 +789,7 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
             ports[1],
         )?),
     ];
-    let leader = wait_for("a leader", TIMEOUT, || lease_holder(&release_ns, &lease)).await?;
-    let (leader_index, standby_index) = if leader == "replica-a" {
-        (0, 1)
-    } else {
-        (1, 0)
-    };
+    let first_leader = wait_for("a leader", TIMEOUT, || lease_holder(&release_ns, &lease)).await?;
 
     let apps = support::create_namespace("haapps", &[]).await?;
     let ca = TestCa::new("ha CA")?;
@@ -820,9 +815,12 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
     wait_ready(&apps, "absent", "False", "SourceNotFound").await?;
 
     // /metrics: the leader reports the expiry and its AWS calls; the standby has reconciled nothing.
-    let leader_metrics = wait_for("the leader's metrics", TIMEOUT, || async {
-        let text = http_get(ports[leader_index], "/metrics").await?;
-        ensure!(text.contains("mtls_leader 1"), "not leader in metrics");
+    // The replica holding the Lease now: under the suite's load a starved renewal can hand it over.
+    let (leader_index, leader_metrics) = wait_for("the leader's metrics", TIMEOUT, || async {
+        let holder = lease_holder(&release_ns, &lease).await?;
+        let index = usize::from(holder != "replica-a");
+        let text = http_get(ports[index], "/metrics").await?;
+        ensure!(text.contains("mtls_leader 1"), "{holder} not leader in its metrics yet");
         ensure!(
             text.contains(&format!(
                 "mtls_identity_not_ready{{namespace=\"{apps}\",name=\"absent\",reason=\"SourceNotFound\"}} 1"
@@ -835,9 +833,11 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
             )),
             "no expiry gauge yet"
         );
-        Ok(text)
+        Ok((index, text))
     })
     .await?;
+    let standby_index = 1 - leader_index;
+    let handed_over = ["replica-a", "replica-b"][leader_index] != first_leader;
     assert!(
         leader_metrics.contains(
             "mtls_secretsmanager_calls_total{operation=\"GetSecretValue\",outcome=\"success\"}"
@@ -858,10 +858,15 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
         standby_metrics.contains("mtls_leader 0"),
         "{standby_metrics}"
     );
-    assert!(
-        standby_metrics.contains("mtls_reconcile_duration_seconds_count 0"),
-        "{standby_metrics}"
-    );
+    // A standby reconciles nothing (unless it led before a handover).
+    if handed_over {
+        eprintln!("the Lease changed hands under load before the metrics were read");
+    } else {
+        assert!(
+            standby_metrics.contains("mtls_reconcile_duration_seconds_count 0"),
+            "{standby_metrics}"
+        );
+    }
 
     create_deployment(&apps, "app", Some(("volume", "client"))).await?;
     wait_all_rolled_out(&apps).await?;
@@ -887,13 +892,14 @@ async fn two_replicas_one_leader_failover_and_metrics() -> Result<()> {
     )
     .await?;
     let takeover = killed_at.elapsed();
-    eprintln!("takeover after {takeover:?} (lease duration 8s)");
-    // Generously bounded (the machine is shared): a lease that expires in 8 s, watched by a standby
-    // retrying every few seconds, is taken over well within 40 s. (8 s rather than shorter: under the
-    // suite's load a 4 s lease could change hands before the test had looked at both replicas.)
+    eprintln!("takeover after {takeover:?} (lease duration 15s)");
+    // Generously bounded (the machine is shared): a lease that expires in 15 s (the chart's
+    // default), watched by a standby retrying every few seconds, is taken over well within 40 s.
+    // (Not shorter: under the suite's load an 8 s lease changed hands before the test had read the
+    // leader's metrics.)
     assert!(
         takeover < Duration::from_secs(40),
-        "takeover took {takeover:?} with an 8 s lease"
+        "takeover took {takeover:?} with a 15 s lease"
     );
     wait_rotation(&apps, "client", &version).await?;
     wait_all_rolled_out(&apps).await?;
