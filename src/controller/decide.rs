@@ -4,7 +4,7 @@
 use crate::api::SourceSpec;
 use crate::api::{CertificateStatus, MtlsIdentityStatus};
 use crate::pki::{PkiError, ValidatedIdentity};
-use crate::source::id::{SecretId, parse_region, parse_role_arn, parse_secret_id};
+use crate::source::id::{RoleArn, SecretId, parse_region, parse_role_arn, parse_secret_id};
 use crate::source::policy::{Denied, SourcePolicy};
 use crate::source::{AssumedRole, SecretRef, SourceError, VersionSelector};
 
@@ -92,6 +92,8 @@ impl SyncFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedSecret {
     pub id: SecretId,
+    /// The role read through, as parsed and allowed (its account is where names resolve).
+    pub role: Option<RoleArn>,
     pub request: SecretRef,
 }
 
@@ -167,6 +169,7 @@ pub fn check_source(
                 role: role.as_ref().map(|(_, assumed)| assumed.clone()),
                 version,
             },
+            role: role_arn.cloned(),
             id,
         })
     };
@@ -193,18 +196,12 @@ pub fn check_resolved(
     };
     let arn = crate::source::id::parse_arn(arn)
         .map_err(|_| denied(Denied::Resolved(arn.chars().take(256).collect())))?;
-    let role = match &checked.request.role {
-        Some(role) => {
-            Some(parse_role_arn(&role.arn).map_err(|_| denied(Denied::Role(role.arn.clone())))?)
-        }
-        None => None,
-    };
     policy
         .check_resolved(
             namespace,
             &checked.id,
             &checked.request.region,
-            role.as_ref(),
+            checked.role.as_ref(),
             &arn,
             name,
         )

@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use crate::api::{MtlsIdentity, SourceFormat, parse_duration};
 use crate::pki;
 use crate::pki::keystore::Pkcs12Profile;
-use crate::source::{FetchedSecret, SecretContent};
+use crate::source::FetchedSecret;
 
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
 use super::secret;
@@ -338,7 +338,10 @@ async fn fetch_material(
     let ca_text = match ca {
         Some(ca) if source.format == SourceFormat::Pem => {
             let ca_fetched = fetch_checked(ca, namespace, context).await?;
-            let text = content_text(&ca_fetched.content)
+            let text = ca_fetched
+                .content
+                .stored()
+                .text()
                 .map(str::to_string)
                 .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?;
             ca_version = Some(ca_fetched.version_id.clone());
@@ -364,13 +367,6 @@ async fn fetch_material(
     let material = pki::read_material(fetched.content.stored(), format)
         .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
     Ok((fetched, ca_version, material))
-}
-
-fn content_text(content: &SecretContent) -> Result<&str, pki::PkiError> {
-    match content {
-        SecretContent::Text(text) => Ok(text),
-        SecretContent::Binary(bytes) => pki::decode_binary(bytes),
-    }
 }
 
 /// The keystore of an intact Secret of ours (one that carries its versions).

@@ -64,6 +64,16 @@ pub enum Stored<'a> {
     Binary(&'a [u8]),
 }
 
+impl<'a> Stored<'a> {
+    /// The value as text: SecretString as it is, SecretBinary when it is UTF-8 text.
+    pub fn text(self) -> Result<&'a str, PkiError> {
+        match self {
+            Stored::Text(text) => Ok(text),
+            Stored::Binary(bytes) => decode_binary(bytes),
+        }
+    }
+}
+
 /// How a stored value holds the material (`spec.source.format` and what goes with it).
 #[derive(Clone, Copy)]
 pub enum StoredFormat<'a> {
@@ -81,13 +91,9 @@ pub enum StoredFormat<'a> {
 
 /// Parses a stored value into material, exactly as the operator does for every format.
 pub fn read_material(stored: Stored<'_>, format: StoredFormat<'_>) -> Result<Material, PkiError> {
-    let text = || match stored {
-        Stored::Text(text) => Ok(text),
-        Stored::Binary(bytes) => decode_binary(bytes),
-    };
     match format {
-        StoredFormat::Json(fields) => parse_json(text()?, fields),
-        StoredFormat::Pem { ca } => parse_pem_bundle(text()?, ca),
+        StoredFormat::Json(fields) => parse_json(stored.text()?, fields),
+        StoredFormat::Pem { ca } => parse_pem_bundle(stored.text()?, ca),
         StoredFormat::Pkcs12 { password } => match (stored, password) {
             (Stored::Binary(bytes), Some(password)) => keystore::read_pkcs12(bytes, password),
             (Stored::Binary(_), None) => Err(PkiError::InvalidPkcs12 {
