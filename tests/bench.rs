@@ -295,13 +295,28 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
 
 /// Resident memory of process `pid`, in MiB (Linux /proc).
 fn rss_mib(pid: u32) -> Result<f64> {
+    proc_status_mib(pid, "VmRSS")
+}
+
+/// A `/proc/PID/status` memory line in MiB: `VmRSS`, or its parts `RssAnon` (heap, stacks) and
+/// `RssFile` (the binary's pages read from disk).
+fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
+}
+
+/// RSS with its anonymous and file-backed parts, for the report.
+fn rss_parts(pid: u32) -> Result<String> {
+    Ok(format!(
+        "anon {:.1} + file {:.1} MiB",
+        proc_status_mib(pid, "RssAnon")?,
+        proc_status_mib(pid, "RssFile")?
+    ))
 }
 
 /// The release binary `cargo xtask bench` builds.
@@ -373,6 +388,7 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     let result = async {
         tokio::time::sleep(Duration::from_secs(2)).await; // a baseline after start-up, not a condition
         let idle = rss_mib(pid)?;
+        let idle_parts = rss_parts(pid)?;
         let client = support::admin_client().await?;
         let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
         let started = Instant::now();
@@ -389,6 +405,7 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         let synced = started.elapsed();
         tokio::time::sleep(Duration::from_secs(5)).await; // settle before sampling a steady state
         let with_fleet = rss_mib(pid)?;
+        let fleet_parts = rss_parts(pid)?;
 
         // Unrelated 48 KiB Secrets (not the operator's: no label), in the watched namespace.
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
@@ -416,9 +433,9 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         tokio::time::sleep(Duration::from_secs(10)).await; // settle before sampling
         let with_unrelated = rss_mib(pid)?;
         println!(
-            "W4: RSS {idle:.1} MiB idle; {with_fleet:.1} MiB with {count} identities Ready (synced in {synced:.1?}; \
-             {:.2} MiB per 1,000; target <= 64 MiB at 10,000); {with_unrelated:.1} MiB after {unrelated} unrelated \
-             48 KiB Secrets (target: flat)",
+            "W4: RSS {idle:.1} MiB idle ({idle_parts}); {with_fleet:.1} MiB with {count} identities Ready \
+             ({fleet_parts}; synced in {synced:.1?}; {:.2} MiB per 1,000; target <= 64 MiB at 10,000); \
+             {with_unrelated:.1} MiB after {unrelated} unrelated 48 KiB Secrets (target: flat)",
             (with_fleet - idle) / (count as f64 / 1000.0),
         );
         anyhow::Ok(())
