@@ -1,9 +1,12 @@
 //! Prometheus metrics. Label values are bounded: namespace and name of identities, fixed reason
 //! strings, fixed operation and outcome names; never error text.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,18 +16,90 @@ use prometheus_client::registry::Registry;
 use crate::api::MtlsIdentityStatus;
 use crate::controller::status;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityLabels {
-    pub namespace: String,
-    pub name: String,
+/// What `/metrics` says about one identity.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct IdentitySeries {
+    /// The certificate in the identity's Secret (Unix seconds); none before the first sync.
+    not_after: Option<i64>,
+    not_before: Option<i64>,
+    ready: bool,
+    /// The Ready condition's fixed reason while not Ready.
+    not_ready_reason: Option<Box<str>>,
+    source_reachable: bool,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NotReadyLabels {
-    pub namespace: String,
-    pub name: String,
-    /// The Ready condition's fixed reason.
-    pub reason: String,
+/// The per-identity series, one compact record per identity, written out at each scrape. A
+/// `Family` per gauge would keep five hash tables with their own copies of the labels: about
+/// 800 bytes per identity, 8 MB at 10,000 identities.
+#[derive(Debug, Default)]
+struct IdentityGauges {
+    /// By namespace and name; ordered, so a scrape lists them in a stable order.
+    series: Mutex<BTreeMap<(Box<str>, Box<str>), IdentitySeries>>,
+}
+
+impl IdentityGauges {
+    /// Gauges named like cert-manager's where they mean the same, so its users' alerts translate.
+    const GAUGES: [(&'static str, &'static str); 5] = [
+        (
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of the certificate in the identity's Secret (Unix seconds)",
+        ),
+        (
+            "certificate_not_before_timestamp_seconds",
+            "notBefore of the certificate in the identity's Secret (Unix seconds)",
+        ),
+        ("identity_ready", "1 when the identity is Ready, 0 when not"),
+        (
+            "identity_not_ready",
+            "1 while the identity is not Ready, with the Ready condition's reason",
+        ),
+        (
+            "identity_source_reachable",
+            "0 while the identity's last Secrets Manager check failed transiently (throttled, \
+             unreachable), 1 otherwise",
+        ),
+    ];
+}
+
+impl Collector for IdentityGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series = crate::lock(&self.series);
+        for (index, (name, help)) in Self::GAUGES.into_iter().enumerate() {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for ((namespace, identity), values) in series.iter() {
+                let labels = [
+                    ("namespace", namespace.as_ref()),
+                    ("name", identity.as_ref()),
+                ];
+                let value = match index {
+                    0 => values.not_after,
+                    1 => values.not_before,
+                    2 => Some(i64::from(values.ready)),
+                    3 => {
+                        if let Some(reason) = &values.not_ready_reason {
+                            let labels = [
+                                ("namespace", namespace.as_ref()),
+                                ("name", identity.as_ref()),
+                                ("reason", reason.as_ref()),
+                            ];
+                            metric.encode_family(&labels)?.encode_gauge(&1i64)?;
+                        }
+                        None
+                    }
+                    _ => Some(i64::from(values.source_reachable)),
+                };
+                if let Some(value) = value {
+                    metric.encode_family(&labels)?.encode_gauge(&value)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,15 +129,9 @@ pub struct OutcomeLabels {
 
 pub struct Metrics {
     registry: Registry,
-    pub certificate_not_after: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
-    pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
-    pub identity_ready: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
-    /// 1 while the identity is not Ready, labelled with the reason: "which are failing and why".
-    pub identity_not_ready: Family<NotReadyLabels, Gauge<i64, AtomicI64>>,
-    /// The reason each not-Ready identity's series carries, to remove it when the reason changes.
-    not_ready_reasons: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
-    /// 0 while the identity's last source check failed transiently (Ready may stay True).
-    pub source_reachable: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    /// Certificate times, Ready (and, while not Ready, why: "which are failing and why"), and
+    /// whether the last source check got an answer, per identity.
+    identities: std::sync::Arc<IdentityGauges>,
     pub syncs: Family<SyncLabels, Counter>,
     pub aws_calls: Family<CallLabels, Counter>,
     /// The adaptive client-side rate per region (calls per second).
@@ -93,12 +162,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("mtls");
         let metrics = Self {
             registry: Registry::default(),
-            certificate_not_after: Family::default(),
-            certificate_not_before: Family::default(),
-            identity_ready: Family::default(),
-            identity_not_ready: Family::default(),
-            not_ready_reasons: Default::default(),
-            source_reachable: Family::default(),
+            identities: Default::default(),
             syncs: Family::default(),
             aws_calls: Family::default(),
             aws_rate: Family::default(),
@@ -112,33 +176,7 @@ impl Metrics {
             events: Family::default(),
             detection_lag: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
         };
-        // Named like cert-manager's, so its users' alerts translate.
-        registry.register(
-            "certificate_expiration_timestamp_seconds",
-            "notAfter of the certificate in the identity's Secret (Unix seconds)",
-            metrics.certificate_not_after.clone(),
-        );
-        registry.register(
-            "certificate_not_before_timestamp_seconds",
-            "notBefore of the certificate in the identity's Secret (Unix seconds)",
-            metrics.certificate_not_before.clone(),
-        );
-        registry.register(
-            "identity_ready",
-            "1 when the identity is Ready, 0 when not",
-            metrics.identity_ready.clone(),
-        );
-        registry.register(
-            "identity_not_ready",
-            "1 while the identity is not Ready, with the Ready condition's reason",
-            metrics.identity_not_ready.clone(),
-        );
-        registry.register(
-            "identity_source_reachable",
-            "0 while the identity's last Secrets Manager check failed transiently (throttled, \
-             unreachable), 1 otherwise",
-            metrics.source_reachable.clone(),
-        );
+        registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
             "syncs",
             "Syncs by outcome and reason",
@@ -244,10 +282,6 @@ impl Metrics {
         now: &MtlsIdentityStatus,
         outcome: Result<(), &str>,
     ) {
-        let labels = IdentityLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
         let (sync_outcome, reason) = match outcome {
             Ok(()) => ("success", status::REASON_SYNCED),
             Err(reason) => ("failure", reason),
@@ -258,44 +292,29 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
-        let ready = now
-            .conditions
-            .iter()
-            .any(|c| c.type_ == status::READY && c.status == "True");
-        self.identity_ready
-            .get_or_create(&labels)
-            .set(i64::from(ready));
-        let not_ready_reason = now
-            .conditions
-            .iter()
-            .find(|c| c.type_ == status::READY && c.status != "True")
-            .map(|c| c.reason.clone());
-        self.set_not_ready(namespace, name, not_ready_reason);
-        let reachable = !now
-            .conditions
-            .iter()
-            .any(|c| c.type_ == status::SOURCE_REACHABLE && c.status == "False");
-        self.source_reachable
-            .get_or_create(&labels)
-            .set(i64::from(reachable));
+        let ready = now.conditions.iter().find(|c| c.type_ == status::READY);
+        let unix = |text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|time| time.timestamp())
+                .ok()
+        };
+        let mut series = IdentitySeries {
+            ready: ready.is_some_and(|c| c.status == "True"),
+            not_ready_reason: ready
+                .filter(|c| c.status != "True")
+                .map(|c| c.reason.as_str().into()),
+            source_reachable: !now
+                .conditions
+                .iter()
+                .any(|c| c.type_ == status::SOURCE_REACHABLE && c.status == "False"),
+            ..IdentitySeries::default()
+        };
         // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
         if let Some(certificate) = &now.certificate {
-            let unix = |text: &str| {
-                chrono::DateTime::parse_from_rfc3339(text)
-                    .map(|time| time.timestamp())
-                    .ok()
-            };
-            if let Some(not_after) = unix(&certificate.not_after) {
-                self.certificate_not_after
-                    .get_or_create(&labels)
-                    .set(not_after);
-            }
-            if let Some(not_before) = unix(&certificate.not_before) {
-                self.certificate_not_before
-                    .get_or_create(&labels)
-                    .set(not_before);
-            }
+            series.not_after = unix(&certificate.not_after);
+            series.not_before = unix(&certificate.not_before);
         }
+        self.set_identity(namespace, name, series);
         let new_rotation = now.last_rotation.as_ref().is_some_and(|rotation| {
             previous
                 .and_then(|p| p.last_rotation.as_ref())
@@ -310,41 +329,11 @@ impl Metrics {
     /// Removes a deleted identity's series, so `/metrics` does not grow with every identity that
     /// ever existed.
     pub fn forget_identity(&self, namespace: &str, name: &str) {
-        let labels = IdentityLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        self.certificate_not_after.remove(&labels);
-        self.certificate_not_before.remove(&labels);
-        self.identity_ready.remove(&labels);
-        self.source_reachable.remove(&labels);
-        self.set_not_ready(namespace, name, None);
+        crate::lock(&self.identities.series).remove(&(namespace.into(), name.into()));
     }
 
-    /// One `identity_not_ready` series per not-Ready identity, with its current reason; none while
-    /// Ready.
-    fn set_not_ready(&self, namespace: &str, name: &str, reason: Option<String>) {
-        let key = (namespace.to_string(), name.to_string());
-        let mut reasons = crate::lock(&self.not_ready_reasons);
-        let previous = match &reason {
-            Some(reason) => reasons.insert(key, reason.clone()),
-            None => reasons.remove(&key),
-        };
-        let series = |reason: String| NotReadyLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            reason,
-        };
-        if let Some(previous) = previous
-            && Some(&previous) != reason.as_ref()
-        {
-            self.identity_not_ready.remove(&series(previous));
-        }
-        if let Some(reason) = reason {
-            self.identity_not_ready
-                .get_or_create(&series(reason))
-                .set(1);
-        }
+    fn set_identity(&self, namespace: &str, name: &str, values: IdentitySeries) {
+        crate::lock(&self.identities.series).insert((namespace.into(), name.into()), values);
     }
 
     pub fn record_event(&self, outcome: &str) {
@@ -380,14 +369,16 @@ mod tests {
     #[test]
     fn exposes_the_documented_names() {
         let metrics = Metrics::new();
-        let labels = IdentityLabels {
-            namespace: "payments".into(),
-            name: "client".into(),
-        };
-        metrics
-            .certificate_not_after
-            .get_or_create(&labels)
-            .set(1_900_000_000);
+        metrics.set_identity(
+            "payments",
+            "client",
+            IdentitySeries {
+                not_after: Some(1_900_000_000),
+                ready: true,
+                source_reachable: true,
+                ..IdentitySeries::default()
+            },
+        );
         metrics.record_aws_call("GetSecretValue", "success");
         let text = metrics.encode();
         assert!(text.contains(
@@ -396,6 +387,25 @@ mod tests {
         assert!(text.contains(
             "mtls_secretsmanager_calls_total{operation=\"GetSecretValue\",outcome=\"success\"} 1"
         ), "{text}");
+        assert!(
+            text.contains("mtls_identity_ready{namespace=\"payments\",name=\"client\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mtls_identity_source_reachable{namespace=\"payments\",name=\"client\"} 1"
+            ),
+            "{text}"
+        );
+        // No certificate yet: no notBefore series, rather than a zero that reads as 1970.
+        assert!(
+            !text.contains("mtls_certificate_not_before_timestamp_seconds{"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE mtls_certificate_not_before_timestamp_seconds gauge"),
+            "{text}"
+        );
         assert!(text.contains("mtls_reconcile_duration_seconds_bucket"));
         assert!(text.contains("mtls_leader 0"));
     }
@@ -411,19 +421,24 @@ mod tests {
                 .map(str::to_string)
                 .collect()
         };
-        metrics.set_not_ready("ns", "a", Some("SourceNotFound".into()));
+        let not_ready = |reason: Option<&str>| IdentitySeries {
+            not_ready_reason: reason.map(Into::into),
+            ready: reason.is_none(),
+            ..IdentitySeries::default()
+        };
+        metrics.set_identity("ns", "a", not_ready(Some("SourceNotFound")));
         assert_eq!(
             series(&metrics),
             vec![r#"mtls_identity_not_ready{namespace="ns",name="a",reason="SourceNotFound"} 1"#]
         );
-        metrics.set_not_ready("ns", "a", Some("AccessDenied".into()));
+        metrics.set_identity("ns", "a", not_ready(Some("AccessDenied")));
         assert_eq!(
             series(&metrics),
             vec![r#"mtls_identity_not_ready{namespace="ns",name="a",reason="AccessDenied"} 1"#]
         );
-        metrics.set_not_ready("ns", "a", None);
+        metrics.set_identity("ns", "a", not_ready(None));
         assert!(series(&metrics).is_empty());
-        metrics.set_not_ready("ns", "b", Some("Expired".into()));
+        metrics.set_identity("ns", "b", not_ready(Some("Expired")));
         metrics.forget_identity("ns", "b");
         assert!(series(&metrics).is_empty());
         metrics.forget_identity("payments", "client");
