@@ -28,13 +28,16 @@ struct IdentitySeries {
     source_reachable: bool,
 }
 
+/// Namespace and name.
+type IdentityName = (Box<str>, Box<str>);
+
 /// The per-identity series, one compact record per identity, written out at each scrape. A
 /// `Family` per gauge would keep five hash tables with their own copies of the labels: about
 /// 800 bytes per identity, 8 MB at 10,000 identities.
 #[derive(Debug, Default)]
 struct IdentityGauges {
     /// By namespace and name; ordered, so a scrape lists them in a stable order.
-    series: Mutex<BTreeMap<(Box<str>, Box<str>), IdentitySeries>>,
+    series: Mutex<BTreeMap<IdentityName, IdentitySeries>>,
 }
 
 impl IdentityGauges {

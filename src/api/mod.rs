@@ -8,6 +8,9 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod stored;
+pub use stored::StoredIdentity;
+
 pub const GROUP: &str = "mtls-operator.io";
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "mtls-operator";
@@ -320,16 +323,25 @@ pub enum OutputFormatType {
     Der,
 }
 
+impl MtlsIdentitySpec {
+    /// The PKCS#12 keystore the target Secret holds, if any.
+    pub fn pkcs12(&self) -> Option<&Pkcs12Spec> {
+        self.target.as_ref()?.keystores.as_ref()?.pkcs12.as_ref()
+    }
+
+    /// The name of the Secret the identity named `identity` writes.
+    pub fn target_secret_name(&self, identity: Option<&str>) -> String {
+        self.target
+            .as_ref()
+            .and_then(|target| target.secret_name.clone())
+            .unwrap_or_else(|| identity.unwrap_or_default().to_string())
+    }
+}
+
 impl MtlsIdentity {
     /// The PKCS#12 keystore the target Secret holds, if any.
     pub fn pkcs12(&self) -> Option<&Pkcs12Spec> {
-        self.spec
-            .target
-            .as_ref()?
-            .keystores
-            .as_ref()?
-            .pkcs12
-            .as_ref()
+        self.spec.pkcs12()
     }
 
     /// The extra formats the target Secret holds.
@@ -480,11 +492,7 @@ pub struct CertificateStatus {
 impl MtlsIdentity {
     /// The name of the Secret this identity writes.
     pub fn target_secret_name(&self) -> String {
-        self.spec
-            .target
-            .as_ref()
-            .and_then(|target| target.secret_name.clone())
-            .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+        self.spec.target_secret_name(self.metadata.name.as_deref())
     }
 
     pub fn ready_condition(&self) -> Option<&Condition> {

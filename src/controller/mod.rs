@@ -33,7 +33,9 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, parse_duration};
+use crate::api::{
+    FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, StoredIdentity, parse_duration,
+};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::restart::{RestartLimits, RestartReport, Restarter};
 use crate::source::SecretSource;
@@ -122,9 +124,9 @@ impl Settings {
 pub struct Context {
     pub client: kube::Client,
     /// Every identity the controller watches, for finding the siblings that share a workload.
-    identities: Store<MtlsIdentity>,
+    identities: Store<StoredIdentity>,
     /// Asks the controller to reconcile an identity now.
-    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<MtlsIdentity>>,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<StoredIdentity>>,
     pub source: Arc<dyn SecretSource>,
     pub settings: Settings,
     /// Who publishes Events (see `publish` for why there is no long-lived Recorder).
@@ -159,8 +161,8 @@ pub struct IdentityState {
 
 impl IdentityState {
     /// Forgets a deleted identity: its backoff, its read budget and its metric series.
-    fn forget(&self, identity: &MtlsIdentity, metrics: &Metrics, fleet: &Fleet) {
-        let key = ObjectRef::from_obj(identity);
+    fn forget(&self, identity: &StoredIdentity, metrics: &Metrics, fleet: &Fleet) {
+        let key = identity_key(identity);
         let namespace = identity.namespace().unwrap_or_default();
         lock(&self.failures).remove(&key);
         lock(&self.budget).forget(&key);
@@ -199,6 +201,11 @@ impl IdentityState {
     fn take_fetch(&self, key: &ObjectRef<MtlsIdentity>, refresh: Duration) -> Option<Duration> {
         lock(&self.budget).take(key, refresh, std::time::Instant::now())
     }
+}
+
+/// The key of the per-identity state, for an identity as the store keeps it.
+fn identity_key(identity: &StoredIdentity) -> ObjectRef<MtlsIdentity> {
+    ObjectRef::from_obj(identity).into_kind_unchecked(())
 }
 
 impl Context {
@@ -309,7 +316,7 @@ async fn run_scope(
         restarter,
         fleet,
     } = shared;
-    let (identities, secrets): (Api<MtlsIdentity>, Api<PartialObjectMeta<Secret>>) =
+    let (identities, secrets): (Api<StoredIdentity>, Api<PartialObjectMeta<Secret>>) =
         match &namespace {
             Some(namespace) => (
                 Api::namespaced(client.clone(), namespace),
@@ -327,7 +334,7 @@ async fn run_scope(
     }
     let forget = {
         let (state, metrics, fleet) = (state.clone(), metrics.clone(), fleet.clone());
-        move |event: &watcher::Event<MtlsIdentity>| {
+        move |event: &watcher::Event<StoredIdentity>| {
             if let watcher::Event::Delete(identity) = event {
                 state.forget(identity, &metrics, &fleet);
             }
@@ -424,7 +431,7 @@ async fn run_scope(
         .watches_stream(password_secrets, named_by)
         .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
+        .run(reconcile_stored, error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(error = %error, "reconcile failed");
@@ -436,11 +443,11 @@ async fn run_scope(
 /// Kubernetes API errors: retried with exponential backoff per identity (5 s doubling, up to 5 min,
 /// with jitter), reset by the next reconcile that succeeds.
 fn error_policy(
-    identity: Arc<MtlsIdentity>,
+    identity: Arc<StoredIdentity>,
     error: &ReconcileError,
     context: Arc<Context>,
 ) -> Action {
-    let key = ObjectRef::from_obj(identity.as_ref());
+    let key = identity_key(&identity);
     let attempts = {
         let mut errors = lock(&context.state.api_errors);
         let count = errors.entry(key.clone()).or_insert(0);
@@ -457,6 +464,15 @@ fn error_policy(
         "reconcile error; retrying"
     );
     Action::requeue(backoff)
+}
+
+/// The controller's entry point: the identity as the store keeps it, its status parsed back for
+/// this one reconcile.
+async fn reconcile_stored(
+    identity: Arc<StoredIdentity>,
+    context: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    reconcile(Arc::new(identity.expand()), context).await
 }
 
 async fn reconcile(

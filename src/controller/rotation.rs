@@ -18,7 +18,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
-use crate::api::{FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, VERSION_ID_ANNOTATION};
+use crate::api::{
+    FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, StoredIdentity, VERSION_ID_ANNOTATION,
+};
 use crate::lock;
 use crate::restart::{RestartReport, RestartRequest, Workload};
 
@@ -95,7 +97,7 @@ pub(super) async fn restart_workloads(
         .await
         .map_err(|crate::restart::RestartError::Kube(error)| ReconcileError::Kube(error))?;
     let workloads = affected.workloads;
-    let siblings: Vec<Arc<MtlsIdentity>> = context
+    let siblings: Vec<Arc<StoredIdentity>> = context
         .identities
         .state()
         .into_iter()
@@ -137,7 +139,7 @@ pub(super) async fn restart_workloads(
                 .as_ref()
                 .and_then(|secret| context.fleet.expected_version(secret));
             let refused = lock(&context.state.known_bad)
-                .get(&ObjectRef::from_obj(sibling.as_ref()))
+                .get(&super::identity_key(sibling))
                 .cloned();
             let state = self::sibling(
                 expected.as_deref(),
@@ -236,7 +238,7 @@ fn coalescing_since(
 
 /// A sibling's certificate source, if its spec is valid and allowed (else it never syncs).
 fn sibling_source(
-    sibling: &MtlsIdentity,
+    sibling: &StoredIdentity,
     namespace: &str,
     context: &Context,
 ) -> Option<crate::source::SecretRef> {
