@@ -11,6 +11,7 @@
 //!   extra read, never a write of an older version, because what is written comes from the read.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{AssumedRole, Scope, SecretRef, VersionSelector};
@@ -22,7 +23,7 @@ pub type IdentityKey = (String, String);
 struct Entry {
     /// The identities on this secret, each with its refresh interval. A Vec, not a map: almost
     /// always one identity, and a B-tree node per entry cost ~700 bytes at 10,000 identities.
-    identities: Vec<(IdentityKey, Duration)>,
+    identities: Vec<(Arc<IdentityKey>, Duration)>,
     /// The version the last read returned (or the Secret carried when the index was empty).
     current: Option<String>,
     /// What the last sweep or event said.
@@ -65,11 +66,13 @@ pub struct Due {
     pub name: Option<String>,
 }
 
+/// Keys are shared (`Arc`) between the two maps and the entries' identity lists: one copy of each
+/// name per index, not three.
 #[derive(Debug, Default)]
 pub struct VersionIndex {
-    entries: BTreeMap<SecretKey, Entry>,
+    entries: BTreeMap<Arc<SecretKey>, Entry>,
     /// Each identity's secrets (one or two: the certificate's and the CA's), sorted.
-    by_identity: BTreeMap<IdentityKey, Vec<SecretKey>>,
+    by_identity: BTreeMap<Arc<IdentityKey>, Vec<Arc<SecretKey>>>,
 }
 
 /// `SecretRef` as an ordered key.
@@ -119,23 +122,39 @@ impl VersionIndex {
         let mut wanted: Vec<SecretKey> = secrets.iter().map(SecretKey::from).collect();
         wanted.sort();
         wanted.dedup();
-        wanted.shrink_to_fit();
-        let before = self.by_identity.remove(identity).unwrap_or_default();
-        for key in before.iter().filter(|key| !wanted.contains(key)) {
-            self.detach(identity, key);
+        let (identity, before) = self
+            .by_identity
+            .remove_entry(identity)
+            .unwrap_or_else(|| (Arc::new(identity.clone()), Vec::new()));
+        for key in before
+            .iter()
+            .filter(|key| !wanted.iter().any(|wanted| wanted == key.as_ref()))
+        {
+            self.detach(&identity, key);
         }
-        for key in &wanted {
-            let entry = self.entries.entry(key.clone()).or_default();
-            match entry
-                .identities
-                .iter_mut()
-                .find(|(known, _)| known == identity)
-            {
-                Some((_, known_refresh)) => *known_refresh = refresh,
-                None => entry.identities.push((identity.clone(), refresh)),
+        let mut shared = Vec::with_capacity(wanted.len());
+        for key in wanted {
+            let key = match self.entries.get_key_value(&key) {
+                Some((known, _)) => known.clone(),
+                None => {
+                    let key = Arc::new(key);
+                    self.entries.insert(key.clone(), Entry::default());
+                    key
+                }
+            };
+            if let Some(entry) = self.entries.get_mut(&key) {
+                match entry
+                    .identities
+                    .iter_mut()
+                    .find(|(known, _)| *known == identity)
+                {
+                    Some((_, known_refresh)) => *known_refresh = refresh,
+                    None => entry.identities.push((identity.clone(), refresh)),
+                }
             }
+            shared.push(key);
         }
-        self.by_identity.insert(identity.clone(), wanted);
+        self.by_identity.insert(identity, shared);
     }
 
     /// Forgets a deleted identity (and the secrets only it referenced).
@@ -147,7 +166,9 @@ impl VersionIndex {
 
     fn detach(&mut self, identity: &IdentityKey, key: &SecretKey) {
         if let Some(entry) = self.entries.get_mut(key) {
-            entry.identities.retain(|(known, _)| known != identity);
+            entry
+                .identities
+                .retain(|(known, _)| known.as_ref() != identity);
             if entry.identities.is_empty() {
                 self.entries.remove(key);
             }
@@ -245,7 +266,7 @@ impl VersionIndex {
         let mut identities: Vec<IdentityKey> = entry
             .identities
             .iter()
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| IdentityKey::clone(key))
             .collect();
         identities.sort();
         identities
@@ -291,6 +312,7 @@ impl VersionIndex {
         self.entries
             .iter()
             .filter(|(key, entry)| key.selector.starts_with("S:") && entry.known())
+            .map(|(key, entry)| (key.as_ref(), entry))
     }
 
     /// When the next secret falls due (None: nothing to sweep).
