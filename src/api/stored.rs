@@ -1,12 +1,12 @@
 //! The form in which the controller keeps every watched identity in memory.
 //!
-//! The controller's store holds one copy of each identity for as long as it exists. Most of an
-//! identity's size is its status (condition messages, certificate facts, the last rotation), which
-//! only the reconcile of that one identity reads. So the store keeps the status as its JSON, deflated
-//! (about 550 bytes for a synced identity's 1.2 KB), and parses it back when the identity is
-//! reconciled. The typed status, with its dozens of small allocations, took about 1.9 KB. Metadata
-//! and spec stay typed: the controller reads them across identities (siblings sharing a workload,
-//! password Secrets).
+//! The controller's store holds one copy of each identity for as long as it exists, but only the
+//! reconcile of that one identity reads its spec and status in full. So the store keeps metadata
+//! typed (the controller's keys, generation and resourceVersion), the two names other identities'
+//! work asks about (the target Secret, the keystore password Secret), and spec and status together
+//! as their JSON, deflated: about 600 bytes for a synced identity, where the typed spec and status,
+//! with their dozens of small allocations, took about 2.5 KB. A reconcile expands its identity
+//! again, which costs microseconds.
 
 use std::borrow::Cow;
 
@@ -15,64 +15,86 @@ use kube::core::NamespaceResourceScope;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Deserializer};
 
-use super::{MtlsIdentity, MtlsIdentitySpec, MtlsIdentityStatus, Pkcs12Spec};
+use super::{MtlsIdentity, MtlsIdentitySpec, MtlsIdentityStatus};
 
-/// An `MtlsIdentity` as the controller's store keeps it: the same resource, the status compacted.
-#[derive(Clone, Debug, Deserialize)]
+/// An `MtlsIdentity` as the controller's store keeps it: the same resource, compacted.
+#[derive(Clone, Debug)]
 pub struct StoredIdentity {
     pub metadata: ObjectMeta,
-    pub spec: MtlsIdentitySpec,
-    /// The status as deflated JSON, serialized from its typed form (so it always parses back).
-    #[serde(default, deserialize_with = "compact_status")]
-    status: Option<Box<[u8]>>,
+    /// The Secret the identity writes.
+    target_secret: Box<str>,
+    /// The Secret holding its keystore password, if it has a keystore.
+    password_secret: Option<Box<str>>,
+    /// `[spec, status]` as deflated JSON, serialized from their typed forms (so they parse back).
+    deflated: Box<[u8]>,
 }
 
-/// Fast rather than small: the difference is a few bytes on a status.
+/// Fast rather than small: the difference is a few bytes on an identity.
 const DEFLATE_LEVEL: u8 = 1;
 
-fn compact_status<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Box<[u8]>>, D::Error> {
-    Option::<MtlsIdentityStatus>::deserialize(deserializer)?
-        .map(|status| {
-            serde_json::to_vec(&status)
-                .map(|json| {
-                    miniz_oxide::deflate::compress_to_vec(&json, DEFLATE_LEVEL).into_boxed_slice()
-                })
-                .map_err(serde::de::Error::custom)
+/// What the API server sends.
+#[derive(Deserialize)]
+struct Sent {
+    metadata: ObjectMeta,
+    spec: MtlsIdentitySpec,
+    #[serde(default)]
+    status: Option<MtlsIdentityStatus>,
+}
+
+impl<'de> Deserialize<'de> for StoredIdentity {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Sent {
+            metadata,
+            spec,
+            status,
+        } = Sent::deserialize(deserializer)?;
+        let json = serde_json::to_vec(&(&spec, &status)).map_err(serde::de::Error::custom)?;
+        Ok(Self {
+            target_secret: spec
+                .target_secret_name(metadata.name.as_deref())
+                .into_boxed_str(),
+            password_secret: spec
+                .pkcs12()
+                .map(|pkcs12| pkcs12.password_secret_ref.name.as_str().into()),
+            deflated: miniz_oxide::deflate::compress_to_vec(&json, DEFLATE_LEVEL)
+                .into_boxed_slice(),
+            metadata,
         })
-        .transpose()
+    }
 }
 
 impl StoredIdentity {
-    /// The identity with its typed status, for one reconcile.
-    pub fn expand(&self) -> MtlsIdentity {
-        let status = self.status.as_deref().and_then(|deflated| {
-            // Cannot fail: the bytes were deflated here from JSON of the same type.
-            let parsed = miniz_oxide::inflate::decompress_to_vec(deflated)
-                .map_err(|error| error.to_string())
-                .and_then(|json| serde_json::from_slice(&json).map_err(|error| error.to_string()));
-            parsed
-                .inspect_err(|error| {
-                    tracing::warn!(identity = %self.name_any(), %error, "stored status did not parse");
-                })
-                .ok()
-        });
-        MtlsIdentity {
+    /// The identity with its typed spec and status, for one reconcile. It cannot fail (the bytes
+    /// were deflated here from JSON of the same types); if it did, the message says why.
+    pub fn expand(&self) -> Result<MtlsIdentity, String> {
+        let json = miniz_oxide::inflate::decompress_to_vec(&self.deflated).map_err(|error| {
+            format!(
+                "the stored copy of {} did not inflate: {error}",
+                self.name_any()
+            )
+        })?;
+        let (spec, status): (MtlsIdentitySpec, Option<MtlsIdentityStatus>) =
+            serde_json::from_slice(&json).map_err(|error| {
+                format!(
+                    "the stored copy of {} did not parse: {error}",
+                    self.name_any()
+                )
+            })?;
+        Ok(MtlsIdentity {
             metadata: self.metadata.clone(),
-            spec: self.spec.clone(),
+            spec,
             status,
-        }
+        })
     }
 
-    /// The PKCS#12 keystore the target Secret holds, if any.
-    pub fn pkcs12(&self) -> Option<&Pkcs12Spec> {
-        self.spec.pkcs12()
+    /// The name of the Secret holding the keystore's password, if the identity has a keystore.
+    pub fn password_secret(&self) -> Option<&str> {
+        self.password_secret.as_deref()
     }
 
     /// The name of the Secret this identity writes.
     pub fn target_secret_name(&self) -> String {
-        self.spec.target_secret_name(self.metadata.name.as_deref())
+        self.target_secret.to_string()
     }
 }
 
@@ -113,7 +135,8 @@ mod tests {
             "metadata": {"name": "client", "namespace": "team", "uid": "u-1", "generation": 2,
                          "resourceVersion": "42"},
             "spec": {"source": {"secretId": "team/client"}, "refreshInterval": "1h",
-                     "target": {"secretName": "client-tls"}},
+                     "target": {"secretName": "client-tls", "keystores": {"pkcs12": {
+                         "passwordSecretRef": {"name": "keystore-password", "key": "password"}}}}},
             "status": {
                 "observedGeneration": 2,
                 "secretName": "client-tls",
@@ -131,19 +154,15 @@ mod tests {
         });
         let typed: MtlsIdentity = serde_json::from_value(sent.clone()).unwrap();
         let stored: StoredIdentity = serde_json::from_value(sent).unwrap();
-        let expanded = stored.expand();
+        let expanded = stored.expand().unwrap();
         assert_eq!(expanded.metadata, typed.metadata);
         assert_eq!(expanded.spec, typed.spec);
         assert_eq!(expanded.status, typed.status);
         assert!(typed.status.is_some());
-        let json = serde_json::to_vec(&typed.status).unwrap();
-        let kept = stored.status.as_ref().map_or(0, |status| status.len());
-        assert!(
-            kept > 0 && kept < json.len(),
-            "{kept} bytes kept for {}",
-            json.len()
-        );
+        let json = serde_json::to_vec(&(&typed.spec, &typed.status)).unwrap();
+        assert!(stored.deflated.len() < json.len());
         assert_eq!(stored.target_secret_name(), "client-tls");
+        assert_eq!(stored.password_secret(), Some("keystore-password"));
         assert_eq!(
             kube::runtime::reflector::ObjectRef::from_obj(&stored).to_string(),
             kube::runtime::reflector::ObjectRef::from_obj(&typed).to_string()
@@ -157,7 +176,8 @@ mod tests {
             "spec": {"source": {"secretId": "team/client"}, "refreshInterval": "1h"}
         }))
         .unwrap();
-        assert_eq!(stored.expand().status, None);
+        assert_eq!(stored.expand().unwrap().status, None);
         assert_eq!(stored.target_secret_name(), "client");
+        assert_eq!(stored.password_secret(), None);
     }
 }

@@ -203,9 +203,14 @@ impl IdentityState {
     }
 }
 
-/// The key of the per-identity state, for an identity as the store keeps it.
-fn identity_key(identity: &StoredIdentity) -> ObjectRef<MtlsIdentity> {
-    ObjectRef::from_obj(identity).into_kind_unchecked(())
+/// The key of the per-identity state: namespace and name. (An `ObjectRef` made from an object
+/// also carries its uid and resourceVersion: two more strings in every map, for every identity.)
+pub(crate) fn identity_key(identity: &impl Resource) -> ObjectRef<MtlsIdentity> {
+    let key = ObjectRef::new(&identity.name_any());
+    match identity.namespace() {
+        Some(namespace) => key.within(&namespace),
+        None => key,
+    }
 }
 
 impl Context {
@@ -391,9 +396,7 @@ async fn run_scope(
                 .into_iter()
                 .filter(|identity| {
                     identity.namespace() == secret_namespace
-                        && identity
-                            .pkcs12()
-                            .is_some_and(|spec| spec.password_secret_ref.name == secret_name)
+                        && identity.password_secret() == Some(secret_name.as_str())
                 })
                 .map(|identity| ObjectRef::from_obj(identity.as_ref()))
                 .collect::<Vec<_>>()
@@ -447,7 +450,7 @@ fn error_policy(
     error: &ReconcileError,
     context: Arc<Context>,
 ) -> Action {
-    let key = identity_key(&identity);
+    let key = identity_key(identity.as_ref());
     let attempts = {
         let mut errors = lock(&context.state.api_errors);
         let count = errors.entry(key.clone()).or_insert(0);
@@ -472,7 +475,8 @@ async fn reconcile_stored(
     identity: Arc<StoredIdentity>,
     context: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    reconcile(Arc::new(identity.expand()), context).await
+    let identity = identity.expand().map_err(ReconcileError::InvalidStatus)?;
+    reconcile(Arc::new(identity), context).await
 }
 
 async fn reconcile(
@@ -498,7 +502,7 @@ async fn reconcile_inner(
 ) -> Result<Action, ReconcileError> {
     let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = identity.name_any();
-    let key = ObjectRef::from_obj(identity.as_ref());
+    let key = identity_key(identity.as_ref());
     if context
         .state
         .is_stale(&key, identity.resource_version().as_deref())

@@ -139,7 +139,7 @@ pub(super) async fn restart_workloads(
                 .as_ref()
                 .and_then(|secret| context.fleet.expected_version(secret));
             let refused = lock(&context.state.known_bad)
-                .get(&super::identity_key(sibling))
+                .get(&super::identity_key(sibling.as_ref()))
                 .cloned();
             let state = self::sibling(
                 expected.as_deref(),
@@ -224,7 +224,7 @@ fn coalescing_since(
     rotation: &crate::api::RotationStatus,
 ) -> (Duration, bool) {
     let mut coalescing = lock(&context.state.coalescing);
-    let key = ObjectRef::from_obj(identity);
+    let key = super::identity_key(identity);
     match coalescing.get(&key) {
         Some((fingerprint, since)) if *fingerprint == rotation.sha256_fingerprint => {
             (since.elapsed(), false)
@@ -243,7 +243,7 @@ fn sibling_source(
     context: &Context,
 ) -> Option<crate::source::SecretRef> {
     decide::check_source(
-        &sibling.spec.source,
+        &sibling.expand().ok()?.spec.source,
         namespace,
         &context.settings.policy,
         context.settings.default_region.as_deref(),

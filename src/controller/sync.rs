@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{MtlsIdentity, SourceFormat, parse_duration};
@@ -49,7 +48,7 @@ pub async fn sync(
 ) -> Result<SyncStep, ReconcileError> {
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
     let source = &identity.spec.source;
-    let key = ObjectRef::from_obj(identity);
+    let key = super::identity_key(identity);
     let identity_key = (namespace.to_string(), identity.name_any());
     let checked = decide::check_source(
         source,
