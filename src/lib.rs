@@ -10,6 +10,7 @@ pub mod check;
 pub mod controller;
 pub mod health;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;

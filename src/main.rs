@@ -192,6 +192,7 @@ fn main() -> std::process::ExitCode {
             })
         }
         Command::Run(args) => {
+            mtls_operator::memory::tune();
             mtls_operator::telemetry::init();
             block_on("operator", run(*args))
         }
@@ -223,6 +224,13 @@ fn block_on(
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let trimming = tokio::spawn(mtls_operator::memory::trim_periodically());
+    let result = run_operator(args).await;
+    trimming.abort();
+    result
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let metrics = Arc::new(Metrics::new());
