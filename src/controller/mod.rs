@@ -29,7 +29,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -157,6 +157,9 @@ pub struct IdentityState {
     /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
     /// against a status we already replaced, and write it and its Events twice.
     written: Mutex<HashMap<ObjectRef<MtlsIdentity>, u64>>,
+    /// The generation each identity (by uid) was last reconciled for, to let only spec changes
+    /// through (see `generation_changed`).
+    generations: Mutex<HashMap<Box<str>, i64>>,
 }
 
 impl IdentityState {
@@ -170,6 +173,9 @@ impl IdentityState {
         lock(&self.api_errors).remove(&key);
         lock(&self.coalescing).remove(&key);
         lock(&self.written).remove(&key);
+        if let Some(uid) = identity.metadata.uid.as_deref() {
+            lock(&self.generations).remove(uid);
+        }
         fleet.unregister(&(namespace.clone(), identity.name_any()));
         metrics.forget_identity(&namespace, &identity.name_any());
     }
@@ -194,6 +200,28 @@ impl IdentityState {
     fn record_written(&self, key: &ObjectRef<MtlsIdentity>, resource_version: Option<&str>) {
         if let Some(version) = resource_version.and_then(|version| version.parse::<u64>().ok()) {
             lock(&self.written).insert(key.clone(), version);
+        }
+    }
+
+    /// Whether `identity` comes with a generation (a spec) not seen before: our own status writes
+    /// must not trigger a sync, or every status write would cost another Secrets Manager call. Like
+    /// kube's `predicates::generation` filter, which keeps three strings per identity for it; this
+    /// keeps the uid, and forgets it when the identity is deleted. A new uid (the identity deleted
+    /// and created again) is a change; an object without generation always passes.
+    fn generation_changed(&self, identity: &StoredIdentity) -> bool {
+        let (Some(uid), Some(generation)) = (
+            identity.metadata.uid.as_deref(),
+            identity.metadata.generation,
+        ) else {
+            return true;
+        };
+        let mut generations = lock(&self.generations);
+        match generations.get_mut(uid) {
+            Some(seen) => std::mem::replace(seen, generation) != generation,
+            None => {
+                generations.insert(uid.into(), generation);
+                true
+            }
         }
     }
 
@@ -331,8 +359,6 @@ async fn run_scope(
         };
     let (reader, writer) = reflector::store();
     let state = Arc::new(IdentityState::default());
-    // Only spec changes (generation) trigger a sync: our own status writes must not, or every
-    // status write would cost another Secrets Manager call.
     let mut identity_config = watcher::Config::default();
     if let Some(selector) = &settings.identity_selector {
         identity_config = identity_config.labels(selector);
@@ -370,7 +396,10 @@ async fn run_scope(
         })
         .inspect_ok(forget)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .try_filter({
+            let state = state.clone();
+            move |identity| std::future::ready(state.generation_changed(identity))
+        });
     // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
     let owned_secrets = watcher(
         secrets.clone(),

@@ -488,3 +488,37 @@ fn a_copy_older_than_our_last_status_write_waits_for_the_watch() {
         "not comparable: go ahead"
     );
 }
+
+/// Only a new generation (a spec change) or a new uid passes the filter in front of the
+/// controller; our own status writes (same generation) do not, and a deleted identity is forgotten.
+#[test]
+fn only_spec_changes_pass_the_generation_filter() {
+    let state = IdentityState::default();
+    let stored = |uid: &str, generation: i64| -> crate::api::StoredIdentity {
+        serde_json::from_value(json!({
+            "metadata": {"name": "client", "namespace": "team", "uid": uid,
+                         "generation": generation},
+            "spec": {"source": {"secretId": "team/client"}, "refreshInterval": "1h"}
+        }))
+        .unwrap()
+    };
+    assert!(state.generation_changed(&stored("u1", 1)), "first sight");
+    assert!(
+        !state.generation_changed(&stored("u1", 1)),
+        "a status write"
+    );
+    assert!(state.generation_changed(&stored("u1", 2)), "a spec change");
+    assert!(!state.generation_changed(&stored("u1", 2)));
+    assert!(
+        state.generation_changed(&stored("u2", 2)),
+        "deleted and created again"
+    );
+    let metrics = Metrics::default();
+    let source: Arc<dyn SecretSource> = source();
+    let fleet = Fleet::new(source, SweepMode::Get, Duration::from_secs(60), None);
+    state.forget(&stored("u1", 2), &metrics, &fleet);
+    assert!(
+        state.generation_changed(&stored("u1", 2)),
+        "forgotten on deletion"
+    );
+}
