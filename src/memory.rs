@@ -1,11 +1,13 @@
 //! Giving memory back: glibc's allocator, tuned for a long-running process whose work comes in
 //! bursts (the cold sync of thousands of identities, a sweep over all their secrets).
 //!
-//! By default glibc keeps what a burst freed, so the process stays at the burst's high-water mark,
-//! and it raises its mmap threshold after each large free, so later large buffers (a list page, a
-//! sweep's batch) come from the heap and fragment it. A fixed mmap threshold sends large buffers
-//! straight back to the kernel when freed, and a periodic trim returns the free pages in the heap.
-//! Measured in BENCHMARKS.md (W4): about 4 MiB at 10,000 identities.
+//! By default glibc keeps what a burst freed, so the process stays at the burst's high-water mark;
+//! it raises its mmap threshold after each large free, so later large buffers (a list page, a
+//! sweep's batch) come from the heap and fragment it; and each thread that allocates gets an arena
+//! of its own, each with its own free memory. A fixed mmap threshold sends large buffers straight
+//! back to the kernel when freed, one arena pools the free memory of all threads (the operator
+//! waits on the network: it does not contend for the allocator), and a periodic trim returns the
+//! free pages in the heap. Measured in BENCHMARKS.md (W4): about 5 MiB at 10,000 identities.
 //!
 //! Other platforms and allocators: both are no-ops.
 
@@ -18,13 +20,15 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
 
-/// Sets the allocator's thresholds; call once, first thing in `main`.
+/// Sets the allocator's thresholds and arenas; call once, first thing in `main`, before any other
+/// thread starts.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets glibc malloc parameters; any value is valid input.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
