@@ -40,68 +40,71 @@ struct IdentityGauges {
     series: Mutex<BTreeMap<IdentityName, IdentitySeries>>,
 }
 
-impl IdentityGauges {
-    /// Gauges named like cert-manager's where they mean the same, so its users' alerts translate.
-    const GAUGES: [(&'static str, &'static str); 5] = [
-        (
-            "certificate_expiration_timestamp_seconds",
-            "notAfter of the certificate in the identity's Secret (Unix seconds)",
-        ),
-        (
-            "certificate_not_before_timestamp_seconds",
-            "notBefore of the certificate in the identity's Secret (Unix seconds)",
-        ),
-        ("identity_ready", "1 when the identity is Ready, 0 when not"),
-        (
-            "identity_not_ready",
-            "1 while the identity is not Ready, with the Ready condition's reason",
-        ),
-        (
-            "identity_source_reachable",
-            "0 while the identity's last Secrets Manager check failed transiently (throttled, \
-             unreachable), 1 otherwise",
-        ),
-    ];
-}
-
 impl Collector for IdentityGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
         let series = crate::lock(&self.series);
-        for (index, (name, help)) in Self::GAUGES.into_iter().enumerate() {
-            let mut metric = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
+        // One gauge, a series per identity that has a value for it.
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: fn(&IdentitySeries) -> Option<i64>|
+         -> Result<(), std::fmt::Error> {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for ((namespace, identity), values) in series.iter() {
-                let labels = [
-                    ("namespace", namespace.as_ref()),
-                    ("name", identity.as_ref()),
-                ];
-                let value = match index {
-                    0 => values.not_after,
-                    1 => values.not_before,
-                    2 => Some(i64::from(values.ready)),
-                    3 => {
-                        if let Some(reason) = &values.not_ready_reason {
-                            let labels = [
-                                ("namespace", namespace.as_ref()),
-                                ("name", identity.as_ref()),
-                                ("reason", reason.as_ref()),
-                            ];
-                            metric.encode_family(&labels)?.encode_gauge(&1i64)?;
-                        }
-                        None
-                    }
-                    _ => Some(i64::from(values.source_reachable)),
-                };
-                if let Some(value) = value {
+                if let Some(value) = value(values) {
+                    let labels = [
+                        ("namespace", namespace.as_ref()),
+                        ("name", identity.as_ref()),
+                    ];
                     metric.encode_family(&labels)?.encode_gauge(&value)?;
                 }
             }
+            Ok(())
+        };
+        // Named like cert-manager's where they mean the same, so its users' alerts translate.
+        gauge(
+            &mut encoder,
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of the certificate in the identity's Secret (Unix seconds)",
+            |values| values.not_after,
+        )?;
+        gauge(
+            &mut encoder,
+            "certificate_not_before_timestamp_seconds",
+            "notBefore of the certificate in the identity's Secret (Unix seconds)",
+            |values| values.not_before,
+        )?;
+        gauge(
+            &mut encoder,
+            "identity_ready",
+            "1 when the identity is Ready, 0 when not",
+            |values| Some(i64::from(values.ready)),
+        )?;
+        // Its reason is a label: one series per not-Ready identity, none while Ready.
+        let mut not_ready = encoder.encode_descriptor(
+            "identity_not_ready",
+            "1 while the identity is not Ready, with the Ready condition's reason",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((namespace, identity), values) in series.iter() {
+            if let Some(reason) = &values.not_ready_reason {
+                let labels = [
+                    ("namespace", namespace.as_ref()),
+                    ("name", identity.as_ref()),
+                    ("reason", reason.as_ref()),
+                ];
+                not_ready.encode_family(&labels)?.encode_gauge(&1i64)?;
+            }
         }
-        Ok(())
+        gauge(
+            &mut encoder,
+            "identity_source_reachable",
+            "0 while the identity's last Secrets Manager check failed transiently (throttled, \
+             unreachable), 1 otherwise",
+            |values| Some(i64::from(values.source_reachable)),
+        )
     }
 }
 

@@ -163,7 +163,8 @@ pub struct IdentityState {
 }
 
 impl IdentityState {
-    /// Forgets a deleted identity: its backoff, its read budget and its metric series.
+    /// Forgets a deleted identity: its backoff, its read budget, its generation and its metric
+    /// series.
     fn forget(&self, identity: &StoredIdentity, metrics: &Metrics, fleet: &Fleet) {
         let key = identity_key(identity);
         let namespace = identity.namespace().unwrap_or_default();

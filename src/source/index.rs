@@ -136,21 +136,16 @@ impl VersionIndex {
         for key in wanted {
             let key = match self.entries.get_key_value(&key) {
                 Some((known, _)) => known.clone(),
-                None => {
-                    let key = Arc::new(key);
-                    self.entries.insert(key.clone(), Entry::default());
-                    key
-                }
+                None => Arc::new(key),
             };
-            if let Some(entry) = self.entries.get_mut(&key) {
-                match entry
-                    .identities
-                    .iter_mut()
-                    .find(|(known, _)| *known == identity)
-                {
-                    Some((_, known_refresh)) => *known_refresh = refresh,
-                    None => entry.identities.push((identity.clone(), refresh)),
-                }
+            let entry = self.entries.entry(key.clone()).or_default();
+            match entry
+                .identities
+                .iter_mut()
+                .find(|(known, _)| *known == identity)
+            {
+                Some((_, known_refresh)) => *known_refresh = refresh,
+                None => entry.identities.push((identity.clone(), refresh)),
             }
             shared.push(key);
         }
