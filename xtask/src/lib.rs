@@ -4,12 +4,14 @@
 //! - [`testenv`]: a real control plane and Secrets Manager endpoint on loopback.
 //! - [`supervisor`]: `up`/`down` lifecycles of an environment.
 //! - [`demo`]: `cargo xtask demo`, the operator's main job on a local environment.
+//! - [`runner`]: `cargo xtask test`'s runner: every test binary run, every failure reported.
 //! - [`support`]: what integration tests use: clients, ServiceAccount identities, waiting.
 
 mod certs;
 pub mod demo;
 pub mod install;
 mod processes;
+pub mod runner;
 pub mod supervisor;
 pub mod support;
 pub mod testenv;

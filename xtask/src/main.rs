@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
-use xtask::install;
 use xtask::supervisor::{self, Attachment};
+use xtask::{install, runner};
 
 const HELP: &str = "\
 cargo xtask <task>
@@ -92,7 +92,7 @@ fn dir_flag(args: &[&str]) -> Result<Option<PathBuf>> {
     }
 }
 
-/// The README's test command: everything the suite needs, then the suite, then cleanup.
+/// The benchmarks: the release binary, one environment, each benchmark target with `--ignored`.
 fn bench() -> Result<ExitCode> {
     install::ensure_installed(&progress)?;
     progress(
@@ -135,56 +135,82 @@ fn bench() -> Result<ExitCode> {
     })
 }
 
-fn test(cargo_args: &[&str]) -> Result<ExitCode> {
+/// The README's test command: everything the suite needs, every test binary built and run against
+/// one environment, and a closing summary that names every binary that did not pass.
+///
+/// `ARGS` are `cargo test`'s: those before `--` choose what to build (`--test faults`), those after
+/// go to every test binary (a name filter, `--nocapture`).
+fn test(args: &[&str]) -> Result<ExitCode> {
+    let (build_args, binary_args) = match args.iter().position(|arg| *arg == "--") {
+        Some(index) => (&args[..index], &args[index + 1..]),
+        None => (args, &[][..]),
+    };
     install::ensure_installed(&progress)?;
+    progress(&format!(
+        "cargo test --no-run builds the suite first (cold: about {}, cargo's progress below)",
+        install::COLD_SUITE_BUILD
+    ));
+    let root = xtask::project_root();
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["test", "--workspace", "--locked", "--no-run"])
+        .arg("--message-format=json-render-diagnostics")
+        .args(build_args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    let binaries = runner::test_binaries(&String::from_utf8_lossy(&built.stdout), &root);
+    if !built.status.success() {
+        let (summary, _) = runner::summary(&[], true);
+        print!("{summary}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let deadline = binary_deadline()?;
     // Attached: the environment stops when this process ends, even if it is killed.
     let supervisor =
         supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
+    let environment: Vec<(String, String)> = supervisor
+        .environment
+        .variables()
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+    let binary_args: Vec<String> = binary_args.iter().map(|arg| arg.to_string()).collect();
     progress(&format!(
-        "cargo test builds the suite first (cold: about {}, cargo's progress below), then runs it \
-         (about 20 minutes)",
-        install::COLD_SUITE_BUILD
+        "running {} test binaries one after another (about 10 minutes warm), each bounded by {:.0?}",
+        binaries.len(),
+        deadline
     ));
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo
-        .current_dir(xtask::project_root())
-        .args(["test", "--workspace", "--locked"])
-        .args(cargo_args);
-    for (name, value) in supervisor.environment.variables() {
-        cargo.env(name, value);
-    }
-    // Pass the output through, and count what the test binaries report, for one closing line.
     let started = std::time::Instant::now();
-    let mut child = cargo
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    if let Some(stdout) = child.stdout.take() {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let line = line?;
-            println!("{line}");
-            if let Some(counts) = line.strip_prefix("test result: ") {
-                let number = |word: &str| {
-                    counts
-                        .split(';')
-                        .find_map(|part| part.trim().strip_suffix(word))
-                        .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                passed += number(" passed");
-                failed += number(" failed");
-            }
-        }
+    let mut reports = Vec::new();
+    for binary in &binaries {
+        progress(&format!("running {}", binary.name));
+        reports.push(runner::run_binary(
+            binary,
+            &binary_args,
+            &environment,
+            deadline,
+        )?);
     }
-    let status = child.wait()?;
     supervisor.stop()?;
     eprintln!("xtask: the suite took {:.0?}", started.elapsed());
-    println!("tests: {passed} passed, {failed} failed");
-    Ok(if status.success() {
+    let (summary, success) = runner::summary(&reports, false);
+    print!("{summary}");
+    Ok(if success {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How long one test binary may run before it counts as hung: `MTLS_TEST_BINARY_TIMEOUT` seconds,
+/// by default well above the slowest binary's time on CI (BENCHMARKS.md).
+fn binary_deadline() -> Result<std::time::Duration> {
+    let seconds = match std::env::var("MTLS_TEST_BINARY_TIMEOUT") {
+        Ok(value) => value
+            .parse::<u64>()
+            .with_context(|| format!("MTLS_TEST_BINARY_TIMEOUT={value:?} is not whole seconds"))?,
+        Err(_) => 20 * 60,
+    };
+    Ok(std::time::Duration::from_secs(seconds))
 }
