@@ -146,6 +146,12 @@ fn test(args: &[&str]) -> Result<ExitCode> {
         None => (args, &[][..]),
     };
     install::ensure_installed(&progress)?;
+    let deadline = binary_deadline()?;
+    // Attached: the environment stops when this process ends, even if it is killed. Started
+    // before the build, which replaces this very executable (the suite's tests use the xtask
+    // binary), so that it is started from the file that is running.
+    let supervisor =
+        supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
     progress(&format!(
         "cargo test --no-run builds the suite first (cold: about {}, cargo's progress below)",
         install::COLD_SUITE_BUILD
@@ -161,14 +167,11 @@ fn test(args: &[&str]) -> Result<ExitCode> {
         .context("running cargo test --no-run")?;
     let binaries = runner::test_binaries(&String::from_utf8_lossy(&built.stdout), &root);
     if !built.status.success() {
+        supervisor.stop()?;
         let (summary, _) = runner::summary(&[], true);
         print!("{summary}");
         return Ok(ExitCode::FAILURE);
     }
-    let deadline = binary_deadline()?;
-    // Attached: the environment stops when this process ends, even if it is killed.
-    let supervisor =
-        supervisor::start_supervisor(&std::env::current_exe()?, Attachment::Attached, &progress)?;
     let environment: Vec<(String, String)> = supervisor
         .environment
         .variables()
@@ -185,12 +188,9 @@ fn test(args: &[&str]) -> Result<ExitCode> {
     let mut reports = Vec::new();
     for binary in &binaries {
         progress(&format!("running {}", binary.name));
-        reports.push(runner::run_binary(
-            binary,
-            &binary_args,
-            &environment,
-            deadline,
-        )?);
+        let report = runner::run_binary(binary, &binary_args, &environment, deadline)
+            .unwrap_or_else(|error| runner::Report::not_run(binary, &error));
+        reports.push(report);
     }
     supervisor.stop()?;
     eprintln!("xtask: the suite took {:.0?}", started.elapsed());

@@ -61,6 +61,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// A binary that could not even be started (or read): a failure like any other.
+    pub fn not_run(binary: &TestBinary, error: &anyhow::Error) -> Self {
+        Self {
+            name: binary.name.clone(),
+            counts: Counts::default(),
+            outcome: Outcome::NoReport {
+                status: format!("could not be run: {error:#}"),
+            },
+            took: Duration::ZERO,
+        }
+    }
+
     pub fn is_success(&self) -> bool {
         self.outcome == Outcome::Passed
     }
