@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube_lease_manager::LeaseManagerBuilder;
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tracing::{info, warn};
 
 use crate::api::FIELD_MANAGER;
@@ -76,7 +76,7 @@ pub async fn run_as_leader(
         .build()
         .await
         .map_err(|error| lease_error(error.to_string()))?;
-    let (mut is_leader, lease_task) = manager.watch().await;
+    let (mut is_leader, lease_task) = watch_fenced(manager);
     tokio::pin!(shutdown);
     // A standby is ready: it serves, and takes over when the leader goes.
     readiness.set(true);
@@ -149,4 +149,52 @@ pub async fn run_as_leader(
     drop(is_leader);
     let _ = lease_task.await;
     outcome
+}
+
+/// Drives the lease manager and reports whether this replica leads, fenced: kube-lease-manager's
+/// own `watch` logs an API error and retries while still reporting the last state, so a leader
+/// whose renewals are refused or unanswered would go on writing after its Lease expired and
+/// another replica took it. Here an error while leading reports `false` at once: the replica stops
+/// writing before anyone else can hold the Lease. When the receiver is dropped, the Lease is
+/// released (if still ours) and the task ends.
+fn watch_fenced(
+    manager: LeaseManager,
+) -> (
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (sender, receiver) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut leading = false;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            tokio::select! {
+                biased;
+                () = sender.closed() => {
+                    if let Err(error) = manager.release().await {
+                        warn!(%error, "could not release the leader Lease; it expires by itself");
+                    }
+                    return;
+                }
+                changed = manager.changed() => match changed {
+                    Ok(is_holder) => {
+                        leading = is_holder;
+                        backoff = Duration::from_millis(500);
+                        let _ = sender.send(is_holder);
+                    }
+                    Err(error) if leading => {
+                        warn!(%error, "cannot renew the leader Lease; stepping down before it can expire");
+                        leading = false;
+                        let _ = sender.send(false);
+                    }
+                    Err(error) => {
+                        warn!(%error, "cannot read the leader Lease; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+    });
+    (receiver, task)
 }
