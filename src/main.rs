@@ -303,8 +303,12 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--allowed-region {bad:?} is not a region name");
     }
     let readiness = Readiness::default();
-    let health = tokio::spawn(serve_health(args.health_address, readiness.clone()));
-    let metrics_server = tokio::spawn(serve_metrics(args.metrics_address, metrics.clone()));
+    // Bound before anything else runs, and fatal when they cannot be: an operator without its
+    // health or metrics endpoint would look dead to its platform, or silently unobserved.
+    let health_listener = listen(args.health_address, "health").await?;
+    let metrics_listener = listen(args.metrics_address, "metrics").await?;
+    let health = tokio::spawn(serve_health(health_listener, readiness.clone()));
+    let metrics_server = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     info!(
         version = env!("CARGO_PKG_VERSION"),
         "mtls-operator starting"
@@ -394,18 +398,24 @@ async fn shutdown_signal() {
     info!("shutdown requested");
 }
 
-async fn serve(address: SocketAddr, app: axum::Router, what: &str) {
-    match tokio::net::TcpListener::bind(address).await {
-        Ok(listener) => {
-            if let Err(error) = axum::serve(listener, app).await {
-                error!(%error, what, "server stopped");
-            }
-        }
-        Err(error) => error!(%error, %address, what, "cannot listen"),
+/// Binds `address` (port 0: any free port) and logs the address it got, so that whoever started
+/// the process (a test, a person) can find it.
+async fn listen(address: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {address} for {what}: {error}"))?;
+    let bound = listener.local_addr()?;
+    info!(address = %bound, what, "listening");
+    Ok(listener)
+}
+
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router, what: &str) {
+    if let Err(error) = axum::serve(listener, app).await {
+        error!(%error, what, "server stopped");
     }
 }
 
-async fn serve_health(address: SocketAddr, readiness: Readiness) {
+async fn serve_health(listener: tokio::net::TcpListener, readiness: Readiness) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
@@ -423,10 +433,10 @@ async fn serve_health(address: SocketAddr, readiness: Readiness) {
                 }
             }),
         );
-    serve(address, app, "health").await;
+    serve(listener, app, "health").await;
 }
 
-async fn serve_metrics(address: SocketAddr, metrics: Arc<Metrics>) {
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use axum::http::header::CONTENT_TYPE;
     use axum::routing::get;
     let app = axum::Router::new().route(
@@ -441,5 +451,5 @@ async fn serve_metrics(address: SocketAddr, metrics: Arc<Metrics>) {
             }
         }),
     );
-    serve(address, app, "metrics").await;
+    serve(listener, app, "metrics").await;
 }
