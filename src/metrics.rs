@@ -155,6 +155,8 @@ pub struct Metrics {
     pub detection_lag: Histogram,
     /// Change events by outcome (received, handled, unknown_secret, rejected, queue_error).
     pub events: Family<OutcomeLabels, Counter>,
+    /// Reads an identity needed that its read budget put off (edits faster than the budget).
+    pub reads_deferred: Counter,
 }
 
 impl Default for Metrics {
@@ -181,6 +183,7 @@ impl Metrics {
             changes_detected: Counter::default(),
             events: Family::default(),
             detection_lag: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
+            reads_deferred: Counter::default(),
         };
         registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
@@ -239,6 +242,12 @@ impl Metrics {
             "Change events from the queue, by outcome (received, handled, unknown_secret, \
              rejected, queue_error)",
             metrics.events.clone(),
+        );
+        registry.register(
+            "source_reads_deferred",
+            "Secrets Manager reads an identity needed that its read budget put off (edits of its \
+             Secret or spec arriving faster than the budget allows)",
+            metrics.reads_deferred.clone(),
         );
         registry.register(
             "leader",

@@ -547,7 +547,10 @@ async fn reconcile_inner(
 
     let outcome = match sync::sync(&identity, &namespace, &target, refresh, context).await? {
         SyncStep::Done(outcome) => *outcome,
-        SyncStep::Wait(wait) => return Ok(Action::requeue(wait)),
+        SyncStep::Wait(wait) => {
+            context.metrics.reads_deferred.inc();
+            return Ok(Action::requeue(wait));
+        }
         // Nothing read: carry on from the status (restarts still pending, expiry, egress), or, if
         // the identity is failing on a version already refused, wait for a change.
         SyncStep::Unchanged(carried) => match carried {
