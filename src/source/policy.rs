@@ -527,6 +527,17 @@ mod properties {
         ]
     }
 
+    /// ARNs whose resource reads as two names, with and without what looks like Secrets Manager's
+    /// six-character suffix: `shared/a-client` is also `shared/a` plus the suffix `client`. Under
+    /// `shared/*-client` one reading is allowed and the other is not: the smuggling case.
+    fn suffixed_arns() -> impl Strategy<Value = String> {
+        let prefix = prop_oneof![Just("payments"), Just("billing"), Just("shared")];
+        let suffix = prop_oneof![Just("client".to_string()), "[A-Za-z0-9]{6}"];
+        (prefix, "[a-z]{1,4}", suffix).prop_map(|(prefix, name, suffix)| {
+            format!("arn:aws:secretsmanager:eu-west-1:123456789012:secret:{prefix}/{name}-{suffix}")
+        })
+    }
+
     fn ids() -> impl Strategy<Value = String> {
         let account = prop_oneof![
             Just("123456789012".to_string()),
@@ -545,36 +556,68 @@ mod properties {
             (region, account, name()).prop_map(|(region, account, name)| format!(
                 "arn:aws:secretsmanager:{region}:{account}:secret:{name}"
             )),
+            suffixed_arns(),
         ]
     }
 
-    proptest! {
-        #[test]
-        fn allowed_ids_resolve_only_under_an_allowed_pattern(
-            id in ids(),
-            namespace in prop_oneof![Just("payments"), Just("billing"), Just("a")],
-        ) {
-            let patterns = vec!["{namespace}/*".to_string(), "shared/*-client".to_string()];
-            let policy = SourcePolicy::new(
-                patterns.clone(),
-                Some("123456789012".into()),
-                vec!["eu-west-1".into()],
-            );
-            if let Ok(parsed) = parse_secret_id(&id)
-                && policy.check_request(namespace, &parsed, "eu-west-1", None).is_ok()
-            {
-                for name in resolutions(&parsed) {
-                    prop_assert!(is_valid_name(&name));
-                    let under_a_pattern = patterns
-                        .iter()
-                        .any(|pattern| glob_matches(pattern, namespace, &name));
-                    prop_assert!(under_a_pattern, "{id} resolves to {name}");
+    /// Every id the policy allows resolves only to names under an allowed pattern, and an id one of
+    /// whose readings is not allowed is refused. Counts how many cases reached each assertion, so
+    /// the property cannot pass by never generating what it is about.
+    #[test]
+    fn allowed_ids_resolve_only_under_an_allowed_pattern() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let patterns = vec!["{namespace}/*".to_string(), "shared/*-client".to_string()];
+        let policy = SourcePolicy::new(
+            patterns.clone(),
+            Some("123456789012".into()),
+            vec!["eu-west-1".into()],
+        );
+        let (allowed, mixed) = (AtomicU64::new(0), AtomicU64::new(0));
+        let namespaces = prop_oneof![Just("payments"), Just("billing"), Just("a")];
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 2_000,
+            ..ProptestConfig::default()
+        });
+        let outcome = runner.run(&(ids(), namespaces), |(id, namespace)| {
+            let Ok(parsed) = parse_secret_id(&id) else {
+                return Ok(());
+            };
+            let decision = policy.check_request(namespace, &parsed, "eu-west-1", None);
+            let names = resolutions(&parsed);
+            let matching = names
+                .iter()
+                .filter(|name| patterns.iter().any(|p| glob_matches(p, namespace, name)))
+                .count();
+            if matching > 0 && matching < names.len() {
+                mixed.fetch_add(1, Ordering::Relaxed);
+                prop_assert!(
+                    decision.is_err(),
+                    "{id} in {namespace}: one reading smuggled"
+                );
+            }
+            if decision.is_ok() {
+                allowed.fetch_add(1, Ordering::Relaxed);
+                for name in &names {
+                    prop_assert!(is_valid_name(name));
+                    prop_assert!(matching == names.len(), "{id} resolves to {name}");
                 }
                 if let SecretId::Arn(arn) = &parsed {
                     prop_assert_eq!(arn.account.as_str(), "123456789012");
                     prop_assert_eq!(arn.region.as_str(), "eu-west-1");
                 }
             }
+            Ok(())
+        });
+        if let Err(failure) = outcome {
+            panic!("{failure}");
         }
+        // About a third of the cases are suffixed ARNs; of those, `shared/...-client` in any
+        // namespace is the smuggling case, and every `{namespace}/...` one is allowed.
+        let (allowed, mixed) = (allowed.into_inner(), mixed.into_inner());
+        assert!(allowed >= 100, "only {allowed} of 2000 cases were allowed");
+        assert!(
+            mixed >= 50,
+            "only {mixed} of 2000 cases were the smuggling case"
+        );
     }
 }
