@@ -46,6 +46,7 @@ fn reads(endpoint: &CountingEndpoint) -> usize {
 fn spawn_operator(
     namespace: &str,
     endpoint: &CountingEndpoint,
+    kubeconfig: &std::path::Path,
     extra: &[String],
 ) -> Result<std::process::Child> {
     let binary = release_binary();
@@ -55,7 +56,7 @@ fn spawn_operator(
         binary.display()
     );
     Ok(endpoint
-        .operator_command(&binary, namespace)
+        .operator_command(&binary, namespace, kubeconfig)
         .args(extra)
         .spawn()?)
 }
@@ -142,6 +143,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let refresh = Duration::from_secs(30);
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench", &[]).await?;
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
     let ca = TestCa::new("bench CA")?;
     let value = good_secret(&ca)?;
     // Sources and the event queue first (not timed).
@@ -170,7 +172,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
         .map(|flag| flag.to_string())
         .to_vec()
     };
-    let operator = spawn_operator(&namespace, &endpoint, &flags("describe"))?;
+    let operator = spawn_operator(&namespace, &endpoint, &kubeconfig, &flags("describe"))?;
     // W1: create every identity, then wait until all are Ready.
     let client = support::admin_client().await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
@@ -275,7 +277,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
         reads(&endpoint),
         endpoint.count(Some("ListSecrets")),
     );
-    let restarted = spawn_operator(&namespace, &endpoint, &flags("list"))?;
+    let restarted = spawn_operator(&namespace, &endpoint, &kubeconfig, &flags("list"))?;
     tokio::time::sleep(window).await; // a measurement window, not a condition
     let (calls_after, reads_after, _) = steady(&endpoint);
     let listed = endpoint.count(Some("ListSecrets")) - listed_before;
@@ -475,6 +477,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let observe: u64 = env_or("MTLS_BENCH_LOAD_OBSERVE_SECONDS", 300);
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench-load", &[]).await?;
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
     let ca = TestCa::new("load CA")?;
     let value = good_secret(&ca)?;
     create_sources(&namespace, count, &value, 32).await?;
@@ -485,7 +488,12 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let spawn = || {
         let interval = format!("{refresh}s");
         let flags = ["--sweep-mode", "describe", "--sweep-interval", &interval];
-        spawn_operator(&namespace, &endpoint, &flags.map(|flag| flag.to_string()))
+        spawn_operator(
+            &namespace,
+            &endpoint,
+            &kubeconfig,
+            &flags.map(|flag| flag.to_string()),
+        )
     };
     let mut child = spawn()?;
     let pid = child.id();

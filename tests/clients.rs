@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use xtask::support::{self, wait_for};
 
@@ -137,7 +137,7 @@ impl Drop for TlsServer {
 #[tokio::test]
 async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write() -> Result<()> {
     let namespace = support::create_namespace("formats", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
+    let operator = start_operator(&namespace).await?;
     let ca = TestCa::new("formats CA")?;
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
@@ -332,6 +332,50 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     ensure!(
         after.get("Deployment/app") == before.get("Deployment/app").map(|g| g + 1).as_ref(),
         "not exactly one rollout: {before:?} → {after:?}"
+    );
+
+    // A hand edit of any key is repaired: each in turn, the rest of the Secret as it was (the
+    // keystores are rendered again, with a new salt, so for them only that they are no longer the
+    // edit), and no rollout for the same certificate.
+    let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
+    let keys: Vec<String> = rotated
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .collect();
+    ensure!(keys.len() >= 6, "outputs: {keys:?}");
+    let reconciled = syncs(&operator);
+    for key in &keys {
+        let patch = serde_json::json!({"data": {key: k8s_openapi::ByteString(b"edited".to_vec())}});
+        secrets
+            .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        wait_for(
+            &format!("the edit of {key} to be repaired"),
+            TIMEOUT,
+            || async {
+                let now = secrets.get("client").await?;
+                for other in &keys {
+                    let value = bytes(&now, other);
+                    ensure!(
+                        value.as_deref() != Some(b"edited".as_slice()),
+                        "{other} still edited"
+                    );
+                    if !other.ends_with(".p12") {
+                        ensure!(value == bytes(&rotated, other), "{other} differs");
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    // Each repair's reconcile and the one its own write asked for have run.
+    wait_reconciles(&operator, reconciled, 2 * keys.len() as u64).await?;
+    ensure!(
+        generations(&namespace).await? == after,
+        "a repair rolled a workload"
     );
     Ok(())
 }

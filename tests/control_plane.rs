@@ -4,9 +4,11 @@
 
 mod common;
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
+use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
-use xtask::support;
+use mtls_operator::source::SecretsManagerSource;
+use xtask::support::{self, wait_for};
 
 /// kube-apiserver stopped and started in the middle of a rotation of 20 identities, each used by
 /// its own Deployment: every identity ends Ready with its new version, and each Deployment rolled
@@ -15,10 +17,41 @@ use xtask::support;
 async fn an_apiserver_restart_during_a_mass_rotation_loses_and_doubles_nothing() -> Result<()> {
     const COUNT: usize = 20;
     let namespace = support::create_namespace("apiserver-restart", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
+    // Reads one by one (a role without BatchGetSecretValue), and the last secret's new version
+    // held at the endpoint: the restart provably lands with that rotation still to do.
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    endpoint.deny("BatchGetSecretValue");
+    let aws = endpoint.aws_config(&base);
+    let _operator = start_operator_on(
+        &[&namespace],
+        Default::default(),
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
     let ca = TestCa::new("apiserver restart CA")?;
     let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
+    wait_ready(
+        &namespace,
+        &format!("client-{}", COUNT - 1),
+        "True",
+        "Synced",
+    )
+    .await?;
+    endpoint.hold_reads_of(ids.last().context("no identity")?);
     let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
+    wait_for("the held read to arrive", TIMEOUT, || async {
+        ensure!(endpoint.reads_held() >= 1, "not yet");
+        Ok(())
+    })
+    .await?;
     support::restart_apiserver().await?;
+    ensure!(
+        endpoint.reads_held() >= 1,
+        "the held read ended during the restart"
+    );
+    endpoint.release_reads();
     finish_mass_rotation(&namespace, &versions, &before).await
 }

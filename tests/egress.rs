@@ -213,24 +213,43 @@ async fn without_egress_enabled_the_operator_creates_nothing_and_says_why() -> R
     let message = egress_condition(&namespace, "partner", "False", "EgressDisabled").await?;
     assert!(message.contains("egress.enabled"), "{message}");
     wait_ready(&namespace, "partner", "True", "Synced").await?;
-    let deployments: Api<Deployment> = Api::namespaced(support::admin_client().await?, &namespace);
-    assert!(deployments.get_opt("partner").await?.is_none());
+    // Nothing at all of the three kinds egress makes exists in the namespace, under any name.
+    let admin = support::admin_client().await?;
+    let listed = ListParams::default();
+    let deployments = Api::<Deployment>::namespaced(admin.clone(), &namespace)
+        .list_metadata(&listed)
+        .await?;
+    let services = Api::<Service>::namespaced(admin.clone(), &namespace)
+        .list_metadata(&listed)
+        .await?;
+    let policies = Api::<NetworkPolicy>::namespaced(admin, &namespace)
+        .list_metadata(&listed)
+        .await?;
+    assert!(deployments.items.is_empty(), "a Deployment was created");
+    assert!(services.items.is_empty(), "a Service was created");
+    assert!(policies.items.is_empty(), "a NetworkPolicy was created");
     Ok(())
 }
 
-#[tokio::test]
-async fn egress_never_takes_over_objects_it_does_not_own() -> Result<()> {
-    let namespace = support::create_namespace("egress-takeover", &[]).await?;
+/// The attack: someone else's object already has the egress identity's name, and the attacker
+/// names an identity after it, hoping the operator adopts it (and deletes it with the identity).
+/// The operator leaves it untouched, writes none of the three objects, says which is in the way,
+/// and deleting the identity leaves the foreign object alone.
+async fn egress_refuses_a_foreign<K>(kind: &str, foreign: serde_json::Value) -> Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let namespace =
+        support::create_namespace(&format!("egress-{}", kind.to_lowercase()), &[]).await?;
     grant_egress_rules(&namespace).await?;
     let admin = support::admin_client().await?;
-    // Someone else's Service already has the identity's name (the attacker names the identity after
-    // it, hoping the operator adopts it and deletes it with the identity).
-    let foreign: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "partner", "labels": {"owner": "someone-else"}},
-        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 443}]}
-    }))?;
-    let services: Api<Service> = Api::namespaced(admin.clone(), &namespace);
-    let created = services.create(&Default::default(), &foreign).await?;
+    let foreign: K = serde_json::from_value(foreign)?;
+    let objects: Api<K> = Api::namespaced(admin.clone(), &namespace);
+    let created = objects.create(&Default::default(), &foreign).await?;
     let settings = Settings {
         egress_image: Some("example.invalid/mtls-operator:test".into()),
         ..Settings::default()
@@ -240,19 +259,49 @@ async fn egress_never_takes_over_objects_it_does_not_own() -> Result<()> {
     put_source(&format!("{namespace}/partner"), &good_secret(&ca)?).await?;
     create_identity(&namespace, &egress_identity(&namespace)?).await?;
     let message = egress_condition(&namespace, "partner", "False", "EgressConflict").await?;
-    assert!(message.contains("Service"), "{message}");
-    let after = services.get("partner").await?;
+    assert!(message.contains(kind), "{message}");
+    // Unchanged by the operator (the controller-manager writes a Deployment's status and revision
+    // annotation, so not its resourceVersion): the same spec generation and labels, no owner, and
+    // no field the operator's field manager ever set.
+    let after = objects.get("partner").await?;
+    let (was, is) = (created.meta(), after.meta());
     assert_eq!(
-        after.metadata.resource_version,
-        created.metadata.resource_version
+        (&was.generation, &was.labels),
+        (&is.generation, &is.labels),
+        "the foreign {kind} was modified"
     );
-    assert!(after.metadata.owner_references.is_none());
-    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    assert!(is.owner_references.is_none());
+    let managers: Vec<_> = is
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|entry| entry.manager.clone())
+        .collect();
     assert!(
-        deployments.get_opt("partner").await?.is_none(),
-        "no proxy is started while its Service name is taken"
+        !managers
+            .iter()
+            .any(|m| m == mtls_operator::api::FIELD_MANAGER),
+        "the operator wrote fields of the foreign {kind}: {managers:?}"
     );
-    // Deleting the identity leaves the foreign Service alone.
+    // None of the three is written while one name is taken (so no proxy serves without its
+    // NetworkPolicy, and nothing of ours stands beside a foreign object).
+    let listed = ListParams::default();
+    let ours = Api::<Deployment>::namespaced(admin.clone(), &namespace)
+        .list_metadata(&listed)
+        .await?
+        .items
+        .len()
+        + Api::<Service>::namespaced(admin.clone(), &namespace)
+            .list_metadata(&listed)
+            .await?
+            .items
+            .len()
+        + Api::<NetworkPolicy>::namespaced(admin.clone(), &namespace)
+            .list_metadata(&listed)
+            .await?
+            .items
+            .len();
+    assert_eq!(ours, 1, "only the foreign {kind} exists");
     Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
         .delete("partner", &DeleteParams::foreground())
         .await?;
@@ -265,7 +314,51 @@ async fn egress_never_takes_over_objects_it_does_not_own() -> Result<()> {
         Ok(())
     })
     .await?;
-    let still = services.get("partner").await?;
-    assert_eq!(still.metadata.uid, created.metadata.uid);
+    let still = objects.get("partner").await?;
+    assert_eq!(
+        still.meta().uid,
+        created.meta().uid,
+        "the foreign {kind} was deleted"
+    );
     Ok(())
+}
+
+#[tokio::test]
+async fn egress_never_takes_over_a_foreign_service() -> Result<()> {
+    egress_refuses_a_foreign::<Service>(
+        "Service",
+        serde_json::json!({
+            "metadata": {"name": "partner", "labels": {"owner": "someone-else"}},
+            "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 443}]}
+        }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn egress_never_takes_over_a_foreign_deployment() -> Result<()> {
+    egress_refuses_a_foreign::<Deployment>(
+        "Deployment",
+        serde_json::json!({
+            "metadata": {"name": "partner", "labels": {"owner": "someone-else"}},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "theirs"}},
+                "template": pod_template("theirs", None)
+            }
+        }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn egress_never_takes_over_a_foreign_network_policy() -> Result<()> {
+    egress_refuses_a_foreign::<NetworkPolicy>(
+        "NetworkPolicy",
+        serde_json::json!({
+            "metadata": {"name": "partner", "labels": {"owner": "someone-else"}},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]}
+        }),
+    )
+    .await
 }

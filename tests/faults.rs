@@ -88,7 +88,7 @@ async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<
     create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
     wait_all_rolled_out(&namespace).await?;
     let before = generations(&namespace).await?;
-    let read = reads(&operator);
+    let (read, reconciled) = (reads(&operator), syncs(&operator));
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
     let original = secrets.get("client").await?;
     secrets.delete("client", &DeleteParams::default()).await?;
@@ -102,6 +102,8 @@ async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<
         Ok(())
     })
     .await?;
+    // The reconcile that recreated it, and the one its own write asked for, have both run.
+    wait_reconciles(&operator, reconciled, 2).await?;
     ensure!(
         reads(&operator) - read == 1,
         "{} reads",
@@ -114,7 +116,7 @@ async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<
 #[tokio::test]
 async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<()> {
     let namespace = support::create_namespace("renamed", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
+    let operator = start_operator(&namespace).await?;
     let ca = TestCa::new("renamed CA")?;
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
@@ -123,6 +125,7 @@ async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<
     create_deployment(&namespace, "api", Some(("volume", "client"))).await?;
     wait_all_rolled_out(&namespace).await?;
     let before = generations(&namespace).await?;
+    let reconciled = syncs(&operator);
     let patch = serde_json::json!({"spec": {"target": {"secretName": "client-v2"}}});
     identities(&namespace)
         .await?
@@ -147,6 +150,8 @@ async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<
         .status
         .unwrap_or_default();
     ensure!(status.secret_name.as_deref() == Some("client-v2"));
+    // The rename's reconcile and the one its own writes asked for have both run.
+    wait_reconciles(&operator, reconciled, 2).await?;
     ensure!(
         generations(&namespace).await? == before,
         "no rollout: same certificate"
@@ -269,7 +274,18 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
         sweep_mode: mtls_operator::source::fleet::SweepMode::Get,
         ..Default::default()
     };
-    let operator = start_operator_with(&namespace, settings).await?;
+    // The outage is the endpoint's: every Secrets Manager request answered 503, counted there.
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let aws = endpoint.aws_config(&base);
+    let operator = start_operator_on(
+        &[&namespace],
+        settings,
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
     let ca = TestCa::new("outage CA")?;
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
@@ -301,13 +317,13 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
         }
     };
     reachable("True").await?;
-    operator
-        .outage
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let outage_starts = endpoint.seen().len();
+    endpoint.set_mode(Mode::Unavailable);
     let down = reachable("False").await?;
     ensure!(down.reason == "SourceUnavailable", "{down:?}");
     wait_event(&namespace, "client", "SourceUnreachable").await?;
-    // Two more failed checks: Ready stays True, no second Warning, nothing reached moto.
+    // Two more failed checks: Ready stays True, no second Warning, nothing reached moto, and each
+    // check really went out (the endpoint answered it).
     let failed_checks = || {
         let line = "mtls_syncs_total{outcome=\"failure\",reason=\"SourceUnavailable\"} ";
         operator
@@ -318,7 +334,6 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
             .unwrap_or(0)
     };
     let before = failed_checks();
-    let calls = operator.source.calls();
     wait_for("two more failed checks", TIMEOUT, || async {
         ensure!(
             failed_checks() >= before + 2,
@@ -335,13 +350,17 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
             .is_some_and(|c| c.status == "True"),
         "Ready turned False"
     );
+    let during: Vec<_> = endpoint.seen().split_off(outage_starts);
     ensure!(
-        operator.source.calls() == calls,
-        "calls reached moto during the outage"
+        during.len() >= 3,
+        "{} requests reached the endpoint for three failed checks",
+        during.len()
     );
-    operator
-        .outage
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        during.iter().all(|seen| !seen.forwarded),
+        "a request reached moto during the outage: {during:?}"
+    );
+    endpoint.set_mode(Mode::Pass);
     reachable("True").await?;
     wait_event(&namespace, "client", "SourceReachable").await?;
     let events: Api<k8s_openapi::api::events::v1::Event> =
@@ -573,9 +592,14 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     let base = support::aws_config().await;
     let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    // Reads one by one (a role without BatchGetSecretValue), and the last secret's new version
+    // held at the endpoint: the signal provably lands with that identity's rotation still queued.
+    endpoint.deny("BatchGetSecretValue");
+    let held = ids.last().context("no identity")?.clone();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
     let leader = |name: &str| {
-        let mut command = endpoint.operator_command(binary, &namespace);
+        let mut command = endpoint.operator_command(binary, &namespace, &kubeconfig);
         command
             .args(["--leader-election", "--lease-name", "drain-test"])
             .args(["--lease-namespace", &namespace, "--lease-duration", "6s"])
@@ -584,35 +608,39 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     };
     let mut first = leader("first").spawn()?;
     let result = async {
-        // SIGTERM as soon as the first Deployment has been restarted: the rest are in flight or
-        // queued.
+        // SIGTERM once a first Deployment has been restarted and the held read is waiting.
+        wait_ready(&namespace, &format!("client-{}", COUNT - 1), "True", "Synced").await?;
+        endpoint.hold_reads_of(&held);
         let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
+        wait_for("the held read to arrive", TIMEOUT, || async {
+            ensure!(endpoint.reads_held() >= 1, "not yet");
+            Ok(())
+        })
+        .await?;
         let rolled_at_signal = generations(&namespace)
             .await?
             .iter()
             .filter(|(name, generation)| before.get(*name) != Some(*generation))
             .count();
+        ensure!(
+            rolled_at_signal < COUNT,
+            "every workload rolled before the signal: nothing was pending"
+        );
         std::process::Command::new("kill")
             .args(["-TERM", &first.id().to_string()])
             .status()?;
         let signalled = std::time::Instant::now();
-        wait_for("the leader to exit", Duration::from_secs(60), || {
+        // It must end by itself (the wait is a hang guard; the time is a figure for BENCHMARKS.md).
+        let status = wait_for("the leader to exit by itself", Duration::from_secs(180), || {
             let status = first.try_wait();
-            async move {
-                ensure!(status?.is_some(), "still running");
-                Ok(())
-            }
+            async move { status?.context("still running") }
         })
         .await?;
         let exit_time = signalled.elapsed();
         println!(
-            "{rolled_at_signal} of {COUNT} restarted at SIGTERM; exited after {exit_time:.1?}"
+            "{rolled_at_signal} of {COUNT} restarted at SIGTERM; exited {status} after {exit_time:.1?}"
         );
-        // The drain bound (10 s) plus the Lease release (5 s), well inside the pod's 30 s.
-        ensure!(
-            exit_time < Duration::from_secs(15),
-            "exited {exit_time:.1?} after SIGTERM"
-        );
+        ensure!(status.success(), "SIGTERM ended the leader with {status}");
         let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
             support::admin_client().await?,
             &namespace,
@@ -624,6 +652,19 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
             "the Lease was not released"
         );
 
+        // The held rotation was still to do when the leader went: the successor's to finish.
+        let last = get_secret(&namespace, &format!("client-{}", COUNT - 1))
+            .await?
+            .context("no Secret")?;
+        let carried = last
+            .metadata
+            .annotations
+            .and_then(|a| a.get(VERSION_ID_ANNOTATION).cloned());
+        ensure!(
+            carried.as_ref() != versions.last(),
+            "the held rotation finished before the leader exited"
+        );
+        endpoint.release_reads();
         let mut second = leader("second").spawn()?;
         let finished = finish_mass_rotation(&namespace, &versions, &before).await;
         let _ = second.kill();
@@ -681,6 +722,7 @@ async fn a_conflicting_writer_loses_without_a_hot_loop() -> Result<()> {
         }
     });
     let reads_before = reads(&operator);
+    let deferred_before = metric(&operator, "mtls_source_reads_deferred_total");
     let intruder = PatchParams::apply("intruder").force();
     for edit in 0..EDITS {
         let patch = serde_json::json!({
@@ -710,11 +752,16 @@ async fn a_conflicting_writer_loses_without_a_hot_loop() -> Result<()> {
     let won = wins.load(std::sync::atomic::Ordering::SeqCst);
     watching.abort();
     println!("{EDITS} edits in {EDITS} s: {won} repairs seen, {reads_during} reads");
-    // The budget: 5 at once, then one per refresh interval (5 s): about 11 in 30 s.
-    let budget = 5 + EDITS.div_ceil(5) as u64 + 1;
+    // The budget (5 at once, then one per refresh interval) engaged, by its own count, and the
+    // fight cost fewer reads than edits: no read per edit, whatever the machine's pace.
+    let deferred = metric(&operator, "mtls_source_reads_deferred_total") - deferred_before;
     ensure!(
-        reads_during <= budget,
-        "{reads_during} reads for {EDITS} edits (budget {budget}): a hot loop"
+        deferred >= 1,
+        "{reads_during} reads for {EDITS} edits and none put off: the budget never engaged"
+    );
+    ensure!(
+        reads_during < u64::from(EDITS),
+        "{reads_during} reads for {EDITS} edits: a hot loop"
     );
     ensure!(won >= 5, "only {won} repairs while the writer was active");
     ensure!(
@@ -742,12 +789,8 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
     let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
     let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
-    let kubeconfig = support::service_account_kubeconfig_file(&namespace, "mtls-operator").await?;
-    let operator = || {
-        let mut command = endpoint.operator_command(binary, &namespace);
-        command.env("KUBECONFIG", &kubeconfig);
-        command
-    };
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
+    let operator = || endpoint.operator_command(binary, &namespace, &kubeconfig);
     let mut first = operator().spawn()?;
     let result = async {
         wait_ready(&namespace, "client", "True", "Synced").await?;
@@ -830,4 +873,178 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
     let _ = first.kill();
     let _ = first.wait();
     result
+}
+
+/// The operator binary as a child process, SIGKILLed when dropped (a test that fails leaves none).
+struct KilledOnDrop(std::process::Child);
+
+impl KilledOnDrop {
+    /// SIGKILL, no goodbye, and the exit reaped.
+    fn kill(&mut self) -> Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Seeded chaos: identities, each used by its own Deployment, rotate twice while the operator (this
+/// package's binary, as its own process) is SIGKILLed and started again at moments the seed picks.
+/// After each rotation every Secret holds the newest version and every Deployment rolled exactly
+/// once for it. Counts only. A failure replays with the printed `MTLS_CHAOS_SEED`.
+#[tokio::test]
+async fn seeded_sigkills_during_rotations_lose_and_double_nothing() -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    const COUNT: usize = 12;
+    const ROTATIONS: usize = 2;
+    const KILLS_PER_ROTATION: usize = 3;
+    let seed: u64 = match std::env::var("MTLS_CHAOS_SEED") {
+        Ok(seed) => seed.parse().context("MTLS_CHAOS_SEED is not a number")?,
+        Err(_) => rand::random(),
+    };
+    println!("chaos: seed {seed} (replay with MTLS_CHAOS_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let namespace = support::create_namespace("chaos", &[]).await?;
+    let ca = TestCa::new("chaos CA")?;
+    let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    let spawn = || -> Result<KilledOnDrop> {
+        Ok(KilledOnDrop(
+            endpoint
+                .operator_command(binary, &namespace, &kubeconfig)
+                .args(["--sweep-interval", "1s"])
+                .spawn()?,
+        ))
+    };
+    let mut operator = spawn()?;
+    for index in 0..COUNT {
+        wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
+    }
+    wait_all_rolled_out(&namespace).await?;
+    for rotation in 1..=ROTATIONS {
+        let before = generations(&namespace).await?;
+        let mut versions = Vec::with_capacity(COUNT);
+        for id in &ids {
+            versions.push(put_source(id, &good_secret(&ca)?).await?);
+        }
+        let mut rolled_at_kills = Vec::new();
+        for _ in 0..KILLS_PER_ROTATION {
+            // A moment the seed picks (fault injection, not a wait for a condition).
+            let moment = Duration::from_millis(rng.random_range(0..=2500));
+            tokio::time::sleep(moment).await;
+            operator.kill()?;
+            let rolled = generations(&namespace)
+                .await?
+                .iter()
+                .filter(|(name, generation)| before.get(*name) != Some(*generation))
+                .count();
+            rolled_at_kills.push(rolled);
+            let away = Duration::from_millis(rng.random_range(0..=1000));
+            tokio::time::sleep(away).await;
+            operator = spawn()?;
+        }
+        println!(
+            "chaos: rotation {rotation}: workloads restarted at each SIGKILL {rolled_at_kills:?} of {COUNT}"
+        );
+        finish_mass_rotation(&namespace, &versions, &before).await?;
+    }
+    drop(operator);
+    Ok(())
+}
+
+/// Fencing: two replicas (this package's binary, each its own ServiceAccount), and mid-rotation the
+/// leader's renewals are refused (its leader-election RoleBinding removed; everything else it may
+/// still do) while the other replica waits to take over. The old leader must stop before the new
+/// one holds the Lease, so it writes nothing after the new one starts; the rotation then finishes
+/// with every workload rolled exactly once.
+#[tokio::test]
+async fn a_leader_whose_renewals_fail_stops_before_the_other_takes_over() -> Result<()> {
+    const COUNT: usize = 8;
+    let namespace = support::create_namespace("fencing", &[]).await?;
+    let ca = TestCa::new("fencing CA")?;
+    let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    // Reads one by one, and the last secret's new version held: the Lease is lost mid-rotation.
+    endpoint.deny("BatchGetSecretValue");
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
+    let (namespace_ref, endpoint_ref) = (&namespace, &endpoint);
+    let replica = |name: &'static str| async move {
+        let (namespace, endpoint) = (namespace_ref, endpoint_ref);
+        let kubeconfig = operator_kubeconfig_as(namespace, name).await?;
+        let mut command = endpoint.operator_command(binary, namespace, &kubeconfig);
+        command
+            .args(["--leader-election", "--lease-name", "fencing"])
+            .args(["--lease-namespace", namespace, "--lease-duration", "6s"])
+            .args(["--identity", name]);
+        anyhow::Ok(KilledOnDrop(command.spawn()?))
+    };
+    let mut first = replica("replica-a").await?;
+    let leader = wait_for("a leader", TIMEOUT, || lease_holder(&namespace, "fencing")).await?;
+    ensure!(
+        leader == "replica-a",
+        "{leader} leads before the other started"
+    );
+    let mut second = replica("replica-b").await?;
+    wait_ready(
+        &namespace,
+        &format!("client-{}", COUNT - 1),
+        "True",
+        "Synced",
+    )
+    .await?;
+    endpoint.hold_reads_of(ids.last().context("no identity")?);
+    let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
+    wait_for("the held read to arrive", TIMEOUT, || async {
+        ensure!(endpoint.reads_held() >= 1, "not yet");
+        Ok(())
+    })
+    .await?;
+
+    // The leader's renewals are refused from now on.
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(
+        support::admin_client().await?,
+        &namespace,
+    )
+    .delete(
+        &binding_name("mtls-operator-leader-election", "replica-a"),
+        &DeleteParams::default(),
+    )
+    .await?;
+    // Order, polled: whenever replica-b holds the Lease, replica-a has already exited.
+    let fenced = wait_for(
+        "replica-b to hold the Lease",
+        Duration::from_secs(120),
+        || {
+            let exited = first.0.try_wait();
+            async {
+                let exited = exited?.is_some();
+                let holder = lease_holder(&namespace, "fencing").await?;
+                if holder == "replica-b" {
+                    return Ok(exited);
+                }
+                anyhow::bail!("holder {holder}, replica-a exited: {exited}")
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        fenced,
+        "replica-b holds the Lease while replica-a still runs: both could write"
+    );
+    endpoint.release_reads();
+    let finished = finish_mass_rotation(&namespace, &versions, &before).await;
+    second.kill()?;
+    finished
 }

@@ -7,13 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use common::endpoint::{CountingEndpoint, Mode};
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mtls_operator::controller::Settings;
+use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::fleet::SweepMode;
 use xtask::support::{self, wait_for};
 
@@ -155,26 +157,44 @@ async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Re
     let ca = TestCa::new("batch CA")?;
     // The identities exist before the operator starts: its first list sees all of them at once.
     create_fleet(&namespace, &ca, COUNT).await?;
-    let denied = format!("{namespace}/fault-access-denied");
+    // One more secret that exists, but that the endpoint refuses to this role, as a resource
+    // policy would: inside a batch answer it is one `Errors[]` entry beside the others' values.
+    let refused = format!("{namespace}/refused");
+    put_source(&refused, &good_secret(&ca)?).await?;
     create_identity(
         &namespace,
-        &identity("denied", &denied, serde_json::json!({}))?,
+        &identity("refused", &refused, serde_json::json!({}))?,
     )
     .await?;
-    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    endpoint.refuse_reads_of(&refused);
+    let aws = endpoint.aws_config(&base);
+    let _operator = start_operator_on(
+        &[&namespace],
+        settings(SweepMode::Describe),
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
     wait_all_ready(&namespace, COUNT).await?;
-    wait_ready(&namespace, "denied", "False", "AccessDenied").await?;
-    let batches = operator.source.calls_of("BatchGetSecretValue");
-    let singles = operator.source.calls_of("GetSecretValue");
-    // Batched: 45 single reads would be 45 calls. 3 when all 45 arrive in one window; under the
+    wait_ready(&namespace, "refused", "False", "AccessDenied").await?;
+    ensure!(
+        endpoint.refused_in_batches() >= 1,
+        "the refusal never came inside a batch answer"
+    );
+    let batches = endpoint.count(Some("BatchGetSecretValue"));
+    let singles = endpoint.count(Some("GetSecretValue"));
+    // Batched: 46 single reads would be 46 calls. 3 when all arrive in one window; under the
     // suite's parallel load arrivals spread, so the bound leaves room (at most 0.2 per identity).
     ensure!(
-        batches + singles <= 9,
+        batches + singles <= 10,
         "{batches} BatchGetSecretValue + {singles} GetSecretValue calls for {COUNT} identities"
     );
     ensure!(
         batches >= 3,
-        "45 reads need at least 3 batches of 20: {batches}"
+        "46 reads need at least 3 batches of 20: {batches}"
     );
     Ok(())
 }
@@ -199,6 +219,7 @@ async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with
     // A manual edit of tls.crt: seen by its digest, repaired with one read.
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
     let original = secrets.get("client-3").await?;
+    let reconciled = syncs(&operator);
     let patch = serde_json::json!({"data": {"tls.crt": ByteString(b"tampered".to_vec())}});
     secrets
         .patch("client-3", &PatchParams::default(), &Patch::Merge(&patch))
@@ -212,6 +233,8 @@ async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with
         Ok(())
     })
     .await?;
+    // The repair's reconcile and the one its own write asked for have both run.
+    wait_reconciles(&operator, reconciled, 2).await?;
     ensure!(
         reads(&operator) - synced == 1,
         "{} reads to repair",
@@ -224,7 +247,8 @@ async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with
     let before = generations(&namespace).await?;
     drop(operator);
     let restarted = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
-    // Its first sweep confirms every version (and the reconciles of all 30 have run by then).
+    // Every identity reconciled once after the restart, and two sweeps confirmed every version.
+    wait_reconciles(&restarted, 0, COUNT as u64).await?;
     wait_sweeps(&restarted, SweepMode::Describe, COUNT as u64, 1).await?;
     wait_sweeps(&restarted, SweepMode::Describe, COUNT as u64, 1).await?;
     ensure!(
@@ -375,18 +399,36 @@ async fn events_deliver_rotations_and_the_sweep_carries_on_without_the_queue() -
         generations(&namespace).await? == rolled,
         "no rollout from them"
     );
-    let messages = sqs
-        .get_queue_attributes()
-        .queue_url(&url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await?;
-    let left = messages
-        .attributes()
-        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
-        .cloned()
-        .unwrap_or_default();
-    ensure!(left == "0", "every message deleted ({left} left)");
+    // Deleted, not merely received: a message received and left to time out is in flight
+    // (NotVisible) and would come back.
+    // Counted comes before deleted, so this waits; a message never deleted fails it either way.
+    use aws_sdk_sqs::types::QueueAttributeName;
+    wait_for("every message deleted", TIMEOUT, || async {
+        let messages = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await?;
+        let count = |name: &QueueAttributeName| {
+            messages
+                .attributes()
+                .and_then(|a| a.get(name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (visible, in_flight) = (
+            count(&QueueAttributeName::ApproximateNumberOfMessages),
+            count(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        );
+        ensure!(
+            visible == "0" && in_flight == "0",
+            "{visible} left, {in_flight} in flight"
+        );
+        Ok(())
+    })
+    .await?;
 
     // The queue disappears: the operator says so and keeps working on the sweep.
     sqs.delete_queue().queue_url(&url).send().await?;

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::endpoint::{CountingEndpoint, Mode};
@@ -55,9 +55,25 @@ async fn victim() -> Result<(String, TestCa)> {
 
 #[tokio::test]
 async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
-    let (victim, _) = victim().await?;
+    let (victim, ca) = victim().await?;
+    // What the `resolved` attack makes Secrets Manager answer with: another of the victim's
+    // secrets, so that the two asked for by name stay unasked.
+    put_source(&format!("{victim}/resolved"), &good_secret(&ca)?).await?;
+    let resolved_arn = arn_of(&format!("{victim}/resolved")).await?;
     let namespace = support::create_namespace("payments", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
+    // Every request the operator sends is seen at the endpoint, to show that the refused ids
+    // were refused before any call.
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let aws = endpoint.aws_config(&base);
+    let _operator = start_operator_on(
+        &[&namespace],
+        Settings::default(),
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await?;
     let own = put_source(
         &format!("{namespace}/x"),
         &good_secret(&TestCa::new("own")?)?,
@@ -119,7 +135,7 @@ async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
         // secret (the fault injector makes it resolve elsewhere): refused on the returned ARN.
         (
             "resolved",
-            format!("{namespace}{RESOLVES_TO}{victim}/api-client"),
+            format!("{namespace}{RESOLVES_TO}{victim}/resolved"),
             "SourceNotAllowed",
         ),
     ];
@@ -177,10 +193,26 @@ async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
         );
         // Nor what Secrets Manager resolved the id to.
         if name == "resolved" {
-            ensure!(!message.contains(&victim_arn), "{message}");
+            ensure!(!message.contains(&resolved_arn), "{message}");
         }
         wait_event(&namespace, name, reason).await?;
     }
+    // Refused before any call: no request asked Secrets Manager for the victim's key or CA, by
+    // name, partial ARN or full ARN (`dotdot` asks for a literal name that is none of them).
+    let ca_arn = arn_of(&format!("{victim}/ca")).await?;
+    let victim_ids = [
+        format!("{victim}/api-client"),
+        format!("{victim}/ca"),
+        arn(&account, &region, &format!("{victim}/api-client")),
+        arn(&account, &region, &format!("{victim}/ca")),
+        victim_arn.clone(),
+        ca_arn,
+    ];
+    let asked = endpoint.requests_for(&victim_ids);
+    ensure!(
+        asked.is_empty(),
+        "requests for the victim's secrets reached the endpoint: {asked:?}"
+    );
     // The control: the namespace's own secret, by name and by its full ARN, is synced.
     let own_arn = arn_of(&format!("{namespace}/x")).await?;
     create_identity(
@@ -304,26 +336,60 @@ async fn edits_of_the_target_do_not_drive_aws_calls_and_deletion_forgets_the_ide
         "{text}"
     );
 
-    // 40 edits of the Secret's labels, as fast as the API server takes them: each is a watch event
-    // on an owned Secret, so each asks for a reconcile.
+    // Edits of the Secret's data, one after another as soon as the last was repaired: each is a
+    // watch event on an owned Secret that no longer matches what the operator wrote, so each
+    // wants a read to repair it. After the budget's burst of 5 the next repair must be put off.
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
-    let before = operator.source.calls();
-    let started = Instant::now();
-    for edit in 0..40 {
-        let patch = serde_json::json!({"metadata": {"labels": {"edit": edit.to_string()}}});
+    let good = get_secret(&namespace, "client").await?.context("Secret")?;
+    let good_certificate = secret_data(&good, "tls.crt").context("tls.crt")?;
+    let deferred = || metric(&operator, "mtls_source_reads_deferred_total");
+    let repaired = || async {
+        let secret = get_secret(&namespace, "client").await?.context("Secret")?;
+        anyhow::Ok(secret_data(&secret, "tls.crt").as_deref() == Some(good_certificate.as_str()))
+    };
+    let (before, deferred_before) = (operator.source.calls(), deferred());
+    let mut edits = 0u64;
+    let mut repaired_before_deferral = 0u64;
+    while deferred() == deferred_before && edits < 10 {
+        let patch = serde_json::json!({"stringData": {"tls.crt": format!("edited {edits}")}});
         secrets
             .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        edits += 1;
+        wait_for(
+            "the edit repaired or its repair put off",
+            TIMEOUT,
+            || async {
+                ensure!(
+                    deferred() > deferred_before || repaired().await?,
+                    "neither yet"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+        if deferred() == deferred_before {
+            repaired_before_deferral += 1;
+        }
     }
-    // Let the reconciles those edits asked for run (they are requeued, not dropped).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let elapsed = started.elapsed();
-    let calls = operator.source.calls() - before;
-    // The budget: a burst of 5, then one per 10 s.
-    let allowed = 5 + elapsed.as_secs() / 10 + 1;
     ensure!(
-        calls <= allowed,
-        "{calls} Secrets Manager calls for 40 edits in {elapsed:?} (at most {allowed})"
+        deferred() > deferred_before,
+        "{edits} repairs in a row, none put off: the budget never engaged"
+    );
+    ensure!(
+        repaired_before_deferral >= 4,
+        "a repair was put off after {repaired_before_deferral}: the burst is 5, the first sync took one"
+    );
+    // Repaired all the same once the budget allows, from one more read.
+    wait_for("the last edit to be repaired", TIMEOUT, || async {
+        ensure!(repaired().await?, "tls.crt still edited");
+        Ok(())
+    })
+    .await?;
+    let calls = operator.source.calls() - before;
+    ensure!(
+        calls <= edits,
+        "{calls} Secrets Manager calls for {edits} edits: more than one read per repair"
     );
 
     let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, &namespace);
@@ -339,6 +405,74 @@ async fn edits_of_the_target_do_not_drive_aws_calls_and_deletion_forgets_the_ide
         Ok(())
     })
     .await?;
+    Ok(())
+}
+
+/// The attack: the identity's Secret is replaced by someone else's under the same name while the
+/// operator is away, and the identity's target is renamed, so that the operator, cleaning up the
+/// old name, deletes the foreign Secret. It must delete only a Secret it owns.
+#[tokio::test]
+async fn a_renamed_target_whose_old_name_holds_a_foreign_secret_leaves_it() -> Result<()> {
+    let namespace = support::create_namespace("rename-foreign", &[]).await?;
+    let operator = start_operator(&namespace).await?;
+    let ca = TestCa::new("rename CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    drop(operator);
+
+    let admin = support::admin_client().await?;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &namespace);
+    secrets.delete("client", &DeleteParams::default()).await?;
+    wait_for("the operator's Secret to go", TIMEOUT, || async {
+        ensure!(secrets.get_opt("client").await?.is_none(), "still there");
+        Ok(())
+    })
+    .await?;
+    let foreign: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "client", "labels": {"owner": "someone-else"}},
+        "stringData": {"config": "theirs"}
+    }))?;
+    let foreign = secrets.create(&PostParams::default(), &foreign).await?;
+    let patch = serde_json::json!({"spec": {"target": {"secretName": "client-v2"}}});
+    Api::<MtlsIdentity>::namespaced(admin, &namespace)
+        .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+
+    let operator = start_operator(&namespace).await?;
+    let reconciled = syncs(&operator);
+    wait_for("the renamed target to be synced", TIMEOUT, || async {
+        let identity = Api::<MtlsIdentity>::namespaced(support::admin_client().await?, &namespace)
+            .get("client")
+            .await?;
+        let status = identity.status.clone().unwrap_or_default();
+        ensure!(
+            status.secret_name.as_deref() == Some("client-v2")
+                && identity
+                    .ready_condition()
+                    .is_some_and(|c| c.status == "True"),
+            "{status:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        get_secret(&namespace, "client-v2").await?.is_some(),
+        "no new Secret"
+    );
+    // The reconcile that renamed, and the one its own write asked for, have run.
+    wait_reconciles(&operator, reconciled, 2).await?;
+    let still = secrets.get("client").await?;
+    ensure!(
+        still.metadata.uid == foreign.metadata.uid
+            && still.metadata.resource_version == foreign.metadata.resource_version,
+        "the foreign Secret was deleted or changed"
+    );
+    ensure!(
+        still.metadata.owner_references.is_none(),
+        "the foreign Secret was adopted"
+    );
     Ok(())
 }
 
@@ -539,6 +673,41 @@ async fn listed_workloads_that_do_not_use_the_secret_are_not_restarted() -> Resu
     Ok(())
 }
 
+/// The attack: `restart.force` (restart listed workloads even if they do not use the Secret) names
+/// a Deployment that exists only in another namespace the same operator serves. `force` reaches
+/// only the identity's own namespace: the victim's Deployment of that name never rolls.
+#[tokio::test]
+async fn restart_force_reaches_no_other_namespace() -> Result<()> {
+    let victim = support::create_namespace("billing", &[]).await?;
+    let namespace = support::create_namespace("payments", &[]).await?;
+    let operator = start_operator_for(&[&namespace, &victim], Settings::default()).await?;
+    create_deployment(&victim, "api", None).await?;
+    wait_all_rolled_out(&victim).await?;
+    let victim_before = generations(&victim).await?;
+    let ca = TestCa::new("force CA")?;
+    let secret_id = format!("{namespace}/client");
+    put_source(&secret_id, &good_secret(&ca)?).await?;
+    let spec = serde_json::json!({"restart": {"force": true, "workloads": [
+        {"kind": "Deployment", "name": "api"}
+    ]}});
+    create_identity(&namespace, &identity("client", &secret_id, spec)?).await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    let reconciled = syncs(&operator);
+    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
+    let rotation = wait_rotation(&namespace, "client", &version).await?;
+    ensure!(
+        rotation.restarted_workloads.is_empty(),
+        "restarted: {rotation:?}"
+    );
+    // The rotation's reconcile and the one its own write asked for have run.
+    wait_reconciles(&operator, reconciled, 2).await?;
+    ensure!(
+        generations(&victim).await? == victim_before,
+        "the victim's Deployment rolled"
+    );
+    Ok(())
+}
+
 /// Pods of `namespace` by name, with their annotations.
 async fn pod_annotations(namespace: &str) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
     let pods: Api<Pod> = Api::namespaced(support::admin_client().await?, namespace);
@@ -593,6 +762,12 @@ async fn annotate_touches_only_the_workloads_own_pods() -> Result<()> {
         .create(&PostParams::default(), &reloader)
         .await?;
     deployments.create(&PostParams::default(), &other).await?;
+    // And a Pod of someone else's that carries exactly `reloader`'s labels, owned by nothing.
+    let mut stray: Pod = serde_json::from_value(template.clone())?;
+    stray.metadata.name = Some("stray".into());
+    Api::<Pod>::namespaced(support::admin_client().await?, &namespace)
+        .create(&PostParams::default(), &stray)
+        .await?;
     wait_all_rolled_out(&namespace).await?;
     let version = put_source(&secret_id, &good_secret(&ca)?).await?;
     wait_rotation(&namespace, "client", &version).await?;
@@ -606,8 +781,14 @@ async fn annotate_touches_only_the_workloads_own_pods() -> Result<()> {
         "only reloader's pod: {annotations:?}"
     );
     ensure!(
-        untouched.iter().all(|(name, _)| name.starts_with("other-")),
+        untouched
+            .iter()
+            .all(|(name, _)| name.starts_with("other-") || *name == "stray"),
         "{annotations:?}"
+    );
+    ensure!(
+        untouched.iter().any(|(name, _)| *name == "stray"),
+        "the stray Pod is listed and untouched: {annotations:?}"
     );
     Ok(())
 }

@@ -565,10 +565,35 @@ async fn check_reports_the_facts_of_good_material_from_files_and_secrets_manager
     let namespace = support::create_namespace("check", &[]).await?;
     let id = format!("{namespace}/client");
     let version = put_source(&id, &secret_value).await?;
-    let inputs: [Vec<&str>; 4] = [
+    // A .p12 as a partner would send it (OpenSSL's defaults), with its password in a file, and
+    // the same in the JSON form a Pkcs12 source may hold.
+    let password = file("p12-password", "from-the-partner")?;
+    let exported = std::process::Command::new("openssl")
+        .current_dir(&dir)
+        .args(["pkcs12", "-export", "-inkey", "key.pem", "-in", "cert.pem"])
+        .args(["-certfile", "ca.pem", "-passout", "file:p12-password"])
+        .args(["-out", "client.p12"])
+        .output()?;
+    ensure!(
+        exported.status.success(),
+        "openssl pkcs12 -export: {}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let p12 = dir.join("client.p12").display().to_string();
+    let p12_json = file(
+        "p12.json",
+        &serde_json::json!({
+            "pkcs12": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, std::fs::read(&p12)?),
+            "password": "from-the-partner",
+        })
+        .to_string(),
+    )?;
+    let inputs: [Vec<&str>; 6] = [
         vec!["--cert", &cert, "--key", &key, "--ca", &ca_file],
         vec!["--bundle", &bundle, "--ca", &ca_file],
         vec!["--json", &json],
+        vec!["--pkcs12", &p12, "--password-file", &password],
+        vec!["--pkcs12", &p12_json],
         vec!["--secret-id", &id],
     ];
     for args in inputs {

@@ -38,6 +38,8 @@ pub struct Seen {
     pub service: String,
     pub operation: String,
     pub forwarded: bool,
+    /// The request body (Secrets Manager requests carry ids, never values, in their bodies).
+    pub body: String,
 }
 
 #[derive(Debug)]
@@ -53,6 +55,19 @@ struct State {
     denied: Vec<String>,
     /// STS calls seen (`AssumeRole`, `GetCallerIdentity`, ...).
     sts_seen: Vec<String>,
+    /// Secrets whose value reads are refused with `AccessDeniedException` (a resource policy or
+    /// KMS key that denies the role this one secret): a GetSecretValue answered so, and inside a
+    /// BatchGetSecretValue answer the secret moved from `SecretValues` to `Errors`.
+    refused_secrets: Vec<String>,
+    /// `Errors[]` entries this endpoint put into batch answers.
+    refused_in_batches: usize,
+    /// Value reads that ask for one of these ids are held until [`CountingEndpoint::release_reads`]:
+    /// work provably still queued when a test injects a fault.
+    held_ids: Vec<String>,
+    /// Reads being held right now.
+    held_now: usize,
+    /// Set to true to let every held read go.
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct CountingEndpoint {
@@ -80,6 +95,11 @@ impl CountingEndpoint {
             slow_reads: None,
             denied: Vec::new(),
             sts_seen: Vec::new(),
+            refused_secrets: Vec::new(),
+            refused_in_batches: 0,
+            held_ids: Vec::new(),
+            held_now: 0,
+            released: tokio::sync::watch::Sender::new(false),
         }));
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
@@ -124,6 +144,51 @@ impl CountingEndpoint {
         lock(&self.state).denied.push(operation.to_string());
     }
 
+    /// Holds every value read that asks for `id` (exactly) until [`Self::release_reads`].
+    pub fn hold_reads_of(&self, id: &str) {
+        let mut state = lock(&self.state);
+        state.held_ids.push(id.to_string());
+        state.released.send_replace(false);
+    }
+
+    /// Lets every held read go on to moto, and holds no more.
+    pub fn release_reads(&self) {
+        let mut state = lock(&self.state);
+        state.held_ids.clear();
+        state.released.send_replace(true);
+    }
+
+    /// Reads being held at this moment.
+    pub fn reads_held(&self) -> usize {
+        lock(&self.state).held_now
+    }
+
+    /// Refuses every value read of the secret named `name` (its name, not its ARN) from now on,
+    /// also as one `Errors[]` entry inside a batch answer that reads it with others.
+    pub fn refuse_reads_of(&self, name: &str) {
+        lock(&self.state).refused_secrets.push(name.to_string());
+    }
+
+    /// How many `Errors[]` entries this endpoint has put into BatchGetSecretValue answers.
+    pub fn refused_in_batches(&self) -> usize {
+        lock(&self.state).refused_in_batches
+    }
+
+    /// Secrets Manager requests seen so far that ask for one of `ids` (a name or an ARN, exactly as
+    /// Secrets Manager would read it): as `SecretId`, in `SecretIdList`, or as a filter value.
+    pub fn requests_for(&self, ids: &[String]) -> Vec<Seen> {
+        lock(&self.state)
+            .seen
+            .iter()
+            .filter(|seen| {
+                requested_ids(&seen.body)
+                    .iter()
+                    .any(|asked| ids.iter().any(|id| id == asked))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// STS calls of `operation` seen so far.
     pub fn sts_count(&self, operation: &str) -> usize {
         lock(&self.state)
@@ -166,12 +231,14 @@ impl CountingEndpoint {
         most as f64 / window.as_secs_f64()
     }
 
-    /// `BINARY run --namespace NAMESPACE` as its own process: the test environment's cluster and
+    /// `BINARY run --namespace NAMESPACE` as its own process: the test environment's cluster as
+    /// `kubeconfig` says (the chart's ServiceAccount: [`super::operator_kubeconfig`]), its AWS
     /// credentials, Secrets Manager through this endpoint, its servers on free loopback ports.
     pub fn operator_command(
         &self,
         binary: &std::path::Path,
         namespace: &str,
+        kubeconfig: &std::path::Path,
     ) -> std::process::Command {
         let mut command = std::process::Command::new(binary);
         command
@@ -185,6 +252,7 @@ impl CountingEndpoint {
             command.env(name, value);
         }
         command.env("AWS_ENDPOINT_URL", &self.url);
+        command.env("KUBECONFIG", kubeconfig);
         command
     }
 
@@ -251,6 +319,12 @@ async fn answer(
             }
         };
         let is_read = matches!(operation.as_str(), "GetSecretValue" | "BatchGetSecretValue");
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let refused_single = operation == "GetSecretValue"
+            && state
+                .refused_secrets
+                .iter()
+                .any(|secret| text.contains(secret.as_str()));
         let delay = state
             .slow_reads
             .as_ref()
@@ -258,23 +332,120 @@ async fn answer(
                 is_read && String::from_utf8_lossy(&body).contains(secret.as_str())
             })
             .map(|(_, delay)| *delay);
+        let forward = match forward {
+            Ok(()) if refused_single => Err(access_denied()),
+            other => other,
+        };
+        let batch = operation == "BatchGetSecretValue";
+        let held = (is_read
+            && requested_ids(&text)
+                .iter()
+                .any(|id| state.held_ids.contains(id)))
+        .then(|| state.released.subscribe());
+        state.held_now += usize::from(held.is_some());
         state.seen.push(Seen {
             at: now,
             service,
             operation,
             forwarded: forward.is_ok(),
+            body: text,
         });
-        forward.map(|()| delay)
+        forward.map(|()| (delay, batch, held))
     };
     match forward {
         Err(refused) => Ok(refused),
-        Ok(delay) => {
+        Ok((delay, batch, held)) => {
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
-            forward_bytes(parts, body, client, upstream).await
+            if let Some(mut released) = held {
+                // Counted down however the wait ends: released, or dropped with its connection.
+                let _held = HeldRead(state.clone());
+                let _ = released.wait_for(|released| *released).await;
+            }
+            let response = forward_bytes(parts, body, client, upstream).await?;
+            Ok(if batch {
+                refuse_in_batch(response, &state).await
+            } else {
+                response
+            })
         }
     }
+}
+
+/// One read being held: counted in `held_now` while it lives.
+struct HeldRead(Arc<Mutex<State>>);
+
+impl Drop for HeldRead {
+    fn drop(&mut self) {
+        lock(&self.0).held_now -= 1;
+    }
+}
+
+/// A BatchGetSecretValue answer with each refused secret moved from `SecretValues` to `Errors`,
+/// as Secrets Manager answers a batch in which the role may read all but one secret.
+async fn refuse_in_batch(
+    response: Response<Full<Bytes>>,
+    state: &Mutex<State>,
+) -> Response<Full<Bytes>> {
+    let refused = lock(state).refused_secrets.clone();
+    if refused.is_empty() || !response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, Full::new(bytes));
+    };
+    let values = answer["SecretValues"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let (out, kept): (Vec<_>, Vec<_>) = values.into_iter().partition(|value| {
+        value["Name"]
+            .as_str()
+            .is_some_and(|name| refused.iter().any(|secret| secret == name))
+    });
+    if out.is_empty() {
+        return Response::from_parts(parts, Full::new(bytes));
+    }
+    lock(state).refused_in_batches += out.len();
+    let mut errors = answer["Errors"].as_array().cloned().unwrap_or_default();
+    errors.extend(out.iter().map(|value| {
+        serde_json::json!({
+            "SecretId": value["Name"],
+            "ErrorCode": "AccessDeniedException",
+            "Message": "not authorized to perform secretsmanager:GetSecretValue on this resource",
+        })
+    }));
+    answer["SecretValues"] = serde_json::Value::Array(kept);
+    answer["Errors"] = serde_json::Value::Array(errors);
+    let body = Bytes::from(answer.to_string());
+    let mut parts = parts;
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(body))
+}
+
+/// The secret ids a Secrets Manager request body asks for: `SecretId`, `SecretIdList[]` and every
+/// `Filters[].Values[]` (a name filter's value is a name or a prefix of one).
+fn requested_ids(body: &str) -> Vec<String> {
+    let Ok(request) = serde_json::from_str::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let text = |value: &serde_json::Value| value.as_str().map(str::to_string);
+    let mut ids: Vec<String> = text(&request["SecretId"]).into_iter().collect();
+    for listed in request["SecretIdList"].as_array().into_iter().flatten() {
+        ids.extend(text(listed));
+    }
+    for filter in request["Filters"].as_array().into_iter().flatten() {
+        for value in filter["Values"].as_array().into_iter().flatten() {
+            ids.extend(text(value));
+        }
+    }
+    ids
 }
 
 /// `Action=...` of a form-encoded (query protocol) request body.

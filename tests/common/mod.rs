@@ -77,6 +77,25 @@ pub async fn install_crd_and_rbac() -> Result<()> {
             Api::<ClusterRole>::all(admin.clone())
                 .patch("mtls-operator-annotate", &apply, &Patch::Apply(&annotate))
                 .await?;
+            // Granted in the Lease's namespace to operators that elect a leader, as the chart does.
+            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
+                "../../charts/mtls-operator/files/leader-election-rules.yaml"
+            ))?;
+            let leases = ClusterRole {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("mtls-operator-leader-election".into()),
+                    ..Default::default()
+                },
+                rules: Some(rules),
+                ..Default::default()
+            };
+            Api::<ClusterRole>::all(admin.clone())
+                .patch(
+                    "mtls-operator-leader-election",
+                    &apply,
+                    &Patch::Apply(&leases),
+                )
+                .await?;
             wait_for("the CRD to be established", TIMEOUT, || async {
                 let crd = crds.get("mtlsidentities.mtls-operator.io").await?;
                 let established = crd
@@ -102,8 +121,6 @@ pub struct Operator {
     pub metrics: Arc<mtls_operator::metrics::Metrics>,
     /// Fetches of `/fault-slow` ids that have started (and are being held back).
     pub slow_fetches: Arc<std::sync::atomic::AtomicU64>,
-    /// While true, every call answers as an unreachable Secrets Manager would.
-    pub outage: Arc<std::sync::atomic::AtomicBool>,
     /// What the operator's `/readyz` would say.
     pub readiness: mtls_operator::health::Readiness,
     stop: Option<oneshot::Sender<()>>,
@@ -135,6 +152,34 @@ pub fn syncs(operator: &Operator) -> u64 {
         .filter(|line| line.starts_with("mtls_syncs_total{"))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Waits until `more` reconciles beyond `before` (a [`syncs`] count) have reached a sync outcome:
+/// what a negative check ("no rollout", "one read") waits for, so that it is made after the
+/// operator has acted on its own write, not before.
+pub async fn wait_reconciles(operator: &Operator, before: u64, more: u64) -> Result<()> {
+    wait_for(&format!("{more} more reconciles"), TIMEOUT, || async {
+        let done = syncs(operator) - before;
+        ensure!(done >= more, "{done} so far");
+        Ok(())
+    })
+    .await
+}
+
+/// The value of one series of the operator's metrics (`name` with its labels, as exposed), 0 when
+/// absent.
+pub fn metric(operator: &Operator, series: &str) -> u64 {
+    operator
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// One operator watching `namespaces`, as ServiceAccount `mtls-operator` of the first, bound to the
@@ -185,11 +230,9 @@ pub async fn start_operator_on(
     .await;
     let (stop, stopped) = oneshot::channel::<()>();
     let slow_fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let outage = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let faulty = Arc::new(FaultInjectingSource {
         inner: source.clone(),
         slow_fetches: slow_fetches.clone(),
-        outage: outage.clone(),
     });
     let metrics = Arc::new(mtls_operator::metrics::Metrics::new());
     let readiness = mtls_operator::health::Readiness::default();
@@ -207,31 +250,80 @@ pub async fn start_operator_on(
         source,
         metrics,
         slow_fetches,
-        outage,
         readiness,
         stop: Some(stop),
     })
 }
 
+/// A kubeconfig file for the operator binary run as the chart runs it: ServiceAccount
+/// `mtls-operator` of `namespace`, bound there to the chart's operator rules and its leader-election
+/// rules (the Lease in the same namespace), and nothing else.
+pub async fn operator_kubeconfig(namespace: &str) -> Result<std::path::PathBuf> {
+    operator_kubeconfig_as(namespace, "mtls-operator").await
+}
+
+/// Like [`operator_kubeconfig`], as ServiceAccount `account` (one per replica, so that a test can
+/// take a permission from one replica only).
+pub async fn operator_kubeconfig_as(namespace: &str, account: &str) -> Result<std::path::PathBuf> {
+    install_crd_and_rbac().await?;
+    for role in ["mtls-operator", "mtls-operator-leader-election"] {
+        bind_cluster_role_to_account(namespace, role, namespace, account).await?;
+    }
+    support::service_account_kubeconfig_file(namespace, account).await
+}
+
+/// The name of the RoleBinding [`operator_kubeconfig_as`] makes for `role` and `account`.
+pub fn binding_name(role: &str, account: &str) -> String {
+    if account == "mtls-operator" {
+        role.to_string()
+    } else {
+        format!("{role}-{account}")
+    }
+}
+
 /// Binds ClusterRole `role` in `namespace` to the test operator's ServiceAccount (of `home`).
 pub async fn bind_cluster_role_to(namespace: &str, role: &str, home: &str) -> Result<()> {
+    bind_cluster_role_to_account(namespace, role, home, "mtls-operator").await
+}
+
+/// Binds ClusterRole `role` in `namespace` to ServiceAccount `home/account`.
+pub async fn bind_cluster_role_to_account(
+    namespace: &str,
+    role: &str,
+    home: &str,
+    account: &str,
+) -> Result<()> {
     let admin = support::admin_client().await?;
+    let name = binding_name(role, account);
     let binding: RoleBinding = serde_json::from_value(serde_json::json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": {"name": role, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": home}]
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": home}]
     }))?;
     // Idempotent: a test may restart its operator.
     Api::<RoleBinding>::namespaced(admin, namespace)
         .patch(
-            role,
+            &name,
             &PatchParams::apply("mtls-operator-tests").force(),
             &Patch::Apply(&binding),
         )
         .await?;
     Ok(())
+}
+
+/// Who holds Lease `namespace/lease` now (an error while nobody does).
+pub async fn lease_holder(namespace: &str, lease: &str) -> Result<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(support::admin_client().await?, namespace);
+    leases
+        .get(lease)
+        .await?
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .filter(|holder| !holder.is_empty())
+        .context("no holder")
 }
 
 /// Replaces the operator's role in `namespace` (RoleBinding `from`, as `bind_cluster_role_to`
@@ -351,18 +443,6 @@ pub async fn finish_mass_rotation(
 struct FaultInjectingSource {
     inner: Arc<SecretsManagerSource>,
     slow_fetches: Arc<std::sync::atomic::AtomicU64>,
-    outage: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl FaultInjectingSource {
-    fn down(&self, secret_id: &str) -> Option<SourceError> {
-        self.outage
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then(|| SourceError::Unavailable {
-                secret_id: secret_id.to_string(),
-                detail: "could not reach the endpoint".into(),
-            })
-    }
 }
 
 /// Ids containing this are held back this long before they reach moto (a slow Secrets Manager).
@@ -380,9 +460,6 @@ impl SecretSource for FaultInjectingSource {
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
         let secret_id = secret.secret_id.clone();
-        if let Some(error) = self.down(&secret_id) {
-            return Box::pin(async move { Err(error) });
-        }
         if secret_id.contains(SLOW) {
             self.slow_fetches
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -421,9 +498,6 @@ impl SecretSource for FaultInjectingSource {
         &'a self,
         secret: &'a SecretRef,
     ) -> BoxFuture<'a, Result<mtls_operator::source::DescribedSecret, SourceError>> {
-        if let Some(error) = self.down(&secret.secret_id) {
-            return Box::pin(async move { Err(error) });
-        }
         self.inner.describe(secret)
     }
 
