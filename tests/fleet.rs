@@ -153,6 +153,7 @@ async fn get_mode_reads_at_the_refresh_interval_only() -> Result<()> {
 #[tokio::test]
 async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Result<()> {
     const COUNT: usize = 45;
+    install_crd_and_rbac().await?;
     let namespace = support::create_namespace("batch", &[]).await?;
     let ca = TestCa::new("batch CA")?;
     // The identities exist before the operator starts: its first list sees all of them at once.

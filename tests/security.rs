@@ -463,7 +463,10 @@ async fn a_renamed_target_whose_old_name_holds_a_foreign_secret_leaves_it() -> R
     );
     // The reconcile that renamed, and the one its own write asked for, have run.
     wait_reconciles(&operator, reconciled, 2).await?;
-    let still = secrets.get("client").await?;
+    let still = secrets
+        .get_opt("client")
+        .await?
+        .context("the foreign Secret was deleted")?;
     ensure!(
         still.metadata.uid == foreign.metadata.uid
             && still.metadata.resource_version == foreign.metadata.resource_version,
