@@ -4,11 +4,10 @@
 
 mod common;
 
-use anyhow::{Context, Result, ensure};
-use common::endpoint::{CountingEndpoint, Mode};
+use anyhow::{Result, ensure};
+use common::endpoint::Mode;
 use common::*;
-use mtls_operator::source::SecretsManagerSource;
-use xtask::support::{self, wait_for};
+use xtask::support;
 
 /// kube-apiserver stopped and started in the middle of a rotation of 20 identities, each used by
 /// its own Deployment: every identity ends Ready with its new version, and each Deployment rolled
@@ -19,34 +18,13 @@ async fn an_apiserver_restart_during_a_mass_rotation_loses_and_doubles_nothing()
     let namespace = support::create_namespace("apiserver-restart", &[]).await?;
     // Reads one by one (a role without BatchGetSecretValue), and the last secret's new version
     // held at the endpoint: the restart provably lands with that rotation still to do.
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     endpoint.deny("BatchGetSecretValue");
-    let aws = endpoint.aws_config(&base);
-    let _operator = start_operator_on(
-        &[&namespace],
-        Default::default(),
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let _operator = start_operator_through(&endpoint, &[&namespace], Default::default()).await?;
     let ca = TestCa::new("apiserver restart CA")?;
     let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
-    wait_ready(
-        &namespace,
-        &format!("client-{}", COUNT - 1),
-        "True",
-        "Synced",
-    )
-    .await?;
-    endpoint.hold_reads_of(ids.last().context("no identity")?);
-    let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
-    wait_for("the held read to arrive", TIMEOUT, || async {
-        ensure!(endpoint.reads_held() >= 1, "not yet");
-        Ok(())
-    })
-    .await?;
+    let (before, versions) =
+        start_mass_rotation_holding_the_last(&namespace, &ca, &ids, &endpoint).await?;
     support::restart_apiserver().await?;
     ensure!(
         endpoint.reads_held() >= 1,

@@ -9,7 +9,7 @@ use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::Settings;
@@ -17,22 +17,13 @@ use xtask::support::{self, wait_for};
 
 /// The chart's extra egress rules as a ClusterRole, bound to the operator's ServiceAccount.
 async fn grant_egress_rules(namespace: &str) -> Result<()> {
+    apply_cluster_role(
+        "mtls-operator-egress",
+        "charts/mtls-operator/files/egress-rules.yaml",
+    )
+    .await?;
     let admin = support::admin_client().await?;
     let apply = PatchParams::apply("mtls-operator-tests").force();
-    let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-        "../charts/mtls-operator/files/egress-rules.yaml"
-    ))?;
-    let role = ClusterRole {
-        metadata: kube::api::ObjectMeta {
-            name: Some("mtls-operator-egress".into()),
-            ..Default::default()
-        },
-        rules: Some(rules),
-        ..Default::default()
-    };
-    Api::<ClusterRole>::all(admin.clone())
-        .patch("mtls-operator-egress", &apply, &Patch::Apply(&role))
-        .await?;
     let binding: RoleBinding = serde_json::from_value(serde_json::json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::endpoint::{CountingEndpoint, Mode};
+use common::endpoint::Mode;
 use common::*;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
@@ -275,17 +275,8 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
         ..Default::default()
     };
     // The outage is the endpoint's: every Secrets Manager request answered 503, counted there.
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
-    let aws = endpoint.aws_config(&base);
-    let operator = start_operator_on(
-        &[&namespace],
-        settings,
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let operator = start_operator_through(&endpoint, &[&namespace], settings).await?;
     let ca = TestCa::new("outage CA")?;
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
@@ -389,19 +380,10 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
 #[tokio::test]
 async fn a_slow_sibling_still_restarts_the_shared_deployment_once() -> Result<()> {
     let namespace = support::create_namespace("slowpair", &[]).await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     // Reads one by one (a role without BatchGetSecretValue): the slow read holds back no other.
     endpoint.deny("BatchGetSecretValue");
-    let aws = endpoint.aws_config(&base);
-    let _operator = start_operator_on(
-        &[&namespace],
-        Settings::default(),
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let _operator = start_operator_through(&endpoint, &[&namespace], Settings::default()).await?;
     let ca = TestCa::new("slow pair CA")?;
     let (first_id, second_id) = (format!("{namespace}/first"), format!("{namespace}/second"));
     put_source(&first_id, &good_secret(&ca)?).await?;
@@ -589,13 +571,10 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     install_crd_and_rbac().await?;
     let ca = TestCa::new("leader drain CA")?;
     let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     // Reads one by one (a role without BatchGetSecretValue), and the last secret's new version
     // held at the endpoint: the signal provably lands with that identity's rotation still queued.
     endpoint.deny("BatchGetSecretValue");
-    let held = ids.last().context("no identity")?.clone();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
     let kubeconfig = operator_kubeconfig(&namespace).await?;
     let leader = |name: &str| {
@@ -609,14 +588,8 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
     let mut first = leader("first").spawn()?;
     let result = async {
         // SIGTERM once a first Deployment has been restarted and the held read is waiting.
-        wait_ready(&namespace, &format!("client-{}", COUNT - 1), "True", "Synced").await?;
-        endpoint.hold_reads_of(&held);
-        let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
-        wait_for("the held read to arrive", TIMEOUT, || async {
-            ensure!(endpoint.reads_held() >= 1, "not yet");
-            Ok(())
-        })
-        .await?;
+        let (before, versions) =
+            start_mass_rotation_holding_the_last(&namespace, &ca, &ids, &endpoint).await?;
         let rolled_at_signal = generations(&namespace)
             .await?
             .iter()
@@ -785,9 +758,7 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
     create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
     let kubeconfig = operator_kubeconfig(&namespace).await?;
     let operator = || endpoint.operator_command(binary, &namespace, &kubeconfig);
@@ -913,9 +884,7 @@ async fn seeded_sigkills_during_rotations_lose_and_double_nothing() -> Result<()
     let namespace = support::create_namespace("chaos", &[]).await?;
     let ca = TestCa::new("chaos CA")?;
     let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     let kubeconfig = operator_kubeconfig(&namespace).await?;
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
     let spawn = || -> Result<KilledOnDrop> {
@@ -973,9 +942,7 @@ async fn a_leader_whose_renewals_fail_stops_before_the_other_takes_over() -> Res
     let namespace = support::create_namespace("fencing", &[]).await?;
     let ca = TestCa::new("fencing CA")?;
     let ids = create_identities_with_deployments(&namespace, &ca, COUNT).await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     // Reads one by one, and the last secret's new version held: the Lease is lost mid-rotation.
     endpoint.deny("BatchGetSecretValue");
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mtls-operator"));
@@ -997,20 +964,8 @@ async fn a_leader_whose_renewals_fail_stops_before_the_other_takes_over() -> Res
         "{leader} leads before the other started"
     );
     let mut second = replica("replica-b").await?;
-    wait_ready(
-        &namespace,
-        &format!("client-{}", COUNT - 1),
-        "True",
-        "Synced",
-    )
-    .await?;
-    endpoint.hold_reads_of(ids.last().context("no identity")?);
-    let (before, versions) = start_mass_rotation(&namespace, &ca, &ids).await?;
-    wait_for("the held read to arrive", TIMEOUT, || async {
-        ensure!(endpoint.reads_held() >= 1, "not yet");
-        Ok(())
-    })
-    .await?;
+    let (before, versions) =
+        start_mass_rotation_holding_the_last(&namespace, &ca, &ids, &endpoint).await?;
 
     // The leader's renewals are refused from now on.
     Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(

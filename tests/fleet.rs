@@ -7,15 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use common::endpoint::{CountingEndpoint, Mode};
+use anyhow::{Result, ensure};
+use common::endpoint::Mode;
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mtls_operator::controller::Settings;
-use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::fleet::SweepMode;
 use xtask::support::{self, wait_for};
 
@@ -167,18 +166,10 @@ async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Re
         &identity("refused", &refused, serde_json::json!({}))?,
     )
     .await?;
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     endpoint.refuse_reads_of(&refused);
-    let aws = endpoint.aws_config(&base);
-    let _operator = start_operator_on(
-        &[&namespace],
-        settings(SweepMode::Describe),
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let _operator =
+        start_operator_through(&endpoint, &[&namespace], settings(SweepMode::Describe)).await?;
     wait_all_ready(&namespace, COUNT).await?;
     wait_ready(&namespace, "refused", "False", "AccessDenied").await?;
     ensure!(

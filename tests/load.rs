@@ -14,29 +14,8 @@ use futures::StreamExt;
 use kube::api::{Api, ListParams};
 use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::Settings;
-use mtls_operator::source::SecretsManagerSource;
 use mtls_operator::source::fleet::SweepMode;
 use xtask::support::{self, wait_for};
-
-/// Starts an operator on `namespace` whose Secrets Manager is moto behind a counting endpoint.
-async fn operator_behind(
-    namespace: &str,
-    mode: Mode,
-    settings: Settings,
-) -> Result<(Operator, CountingEndpoint)> {
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, mode).await?;
-    let aws = endpoint.aws_config(&base);
-    let operator = start_operator_on(
-        &[namespace],
-        settings,
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
-    Ok((operator, endpoint))
-}
 
 /// Secrets `{namespace}/client-N` (written to moto directly, not through the endpoint) and their
 /// identities.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::endpoint::{CountingEndpoint, Mode};
+use common::endpoint::Mode;
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -17,7 +17,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::Settings;
 use mtls_operator::restart::RestartLimits;
-use mtls_operator::source::SecretsManagerSource;
 use xtask::support::{self, wait_for};
 
 /// The canonical ARN moto gives `name`, and the operator's own account and region.
@@ -63,17 +62,8 @@ async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
     let namespace = support::create_namespace("payments", &[]).await?;
     // Every request the operator sends is seen at the endpoint, to show that the refused ids
     // were refused before any call.
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
-    let aws = endpoint.aws_config(&base);
-    let _operator = start_operator_on(
-        &[&namespace],
-        Settings::default(),
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let _operator = start_operator_through(&endpoint, &[&namespace], Settings::default()).await?;
     let own = put_source(
         &format!("{namespace}/x"),
         &good_secret(&TestCa::new("own")?)?,
@@ -845,10 +835,7 @@ async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> 
         "{central_arn}"
     );
 
-    let base = support::aws_config().await;
-    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
-    let endpoint = CountingEndpoint::start(&moto, Mode::Pass).await?;
-    let aws = endpoint.aws_config(&base);
+    let endpoint = counting_endpoint(Mode::Pass).await?;
     let settings = Settings {
         policy: mtls_operator::source::policy::SourcePolicy::new(Vec::new(), None, Vec::new())
             .with_allowed_roles(vec![
@@ -857,13 +844,7 @@ async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> 
             ]),
         ..Settings::default()
     };
-    let _operator = start_operator_on(
-        &[&tenant, &intruder],
-        settings,
-        aws.clone(),
-        SecretsManagerSource::new(aws),
-    )
-    .await?;
+    let _operator = start_operator_through(&endpoint, &[&tenant, &intruder], settings).await?;
     let role = format!("arn:aws:iam::{CENTRAL}:role/mtls/{tenant}");
     let through = |role: &str| {
         serde_json::json!({"source": {

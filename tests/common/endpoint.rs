@@ -158,6 +158,15 @@ impl CountingEndpoint {
         state.released.send_replace(true);
     }
 
+    /// Waits until a held read has arrived (and is being held).
+    pub async fn wait_read_held(&self) -> Result<()> {
+        xtask::support::wait_for("a held read to arrive", super::TIMEOUT, || async {
+            anyhow::ensure!(self.reads_held() >= 1, "none held yet");
+            Ok(())
+        })
+        .await
+    }
+
     /// Reads being held at this moment.
     pub fn reads_held(&self) -> usize {
         lock(&self.state).held_now

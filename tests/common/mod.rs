@@ -48,54 +48,17 @@ pub async fn install_crd_and_rbac() -> Result<()> {
                 &Patch::Apply(&crd),
             )
             .await?;
-            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-                "../../charts/mtls-operator/files/operator-rules.yaml"
-            ))?;
-            let role = ClusterRole {
-                metadata: kube::api::ObjectMeta {
-                    name: Some("mtls-operator".into()),
-                    ..Default::default()
-                },
-                rules: Some(rules),
-                ..Default::default()
-            };
-            Api::<ClusterRole>::all(admin.clone())
-                .patch("mtls-operator", &apply, &Patch::Apply(&role))
-                .await?;
-            // Granted only to operators that enable Annotate, as the chart does.
-            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-                "../../charts/mtls-operator/files/annotate-rules.yaml"
-            ))?;
-            let annotate = ClusterRole {
-                metadata: kube::api::ObjectMeta {
-                    name: Some("mtls-operator-annotate".into()),
-                    ..Default::default()
-                },
-                rules: Some(rules),
-                ..Default::default()
-            };
-            Api::<ClusterRole>::all(admin.clone())
-                .patch("mtls-operator-annotate", &apply, &Patch::Apply(&annotate))
-                .await?;
-            // Granted in the Lease's namespace to operators that elect a leader, as the chart does.
-            let rules: Vec<PolicyRule> = serde_yaml::from_str(include_str!(
-                "../../charts/mtls-operator/files/leader-election-rules.yaml"
-            ))?;
-            let leases = ClusterRole {
-                metadata: kube::api::ObjectMeta {
-                    name: Some("mtls-operator-leader-election".into()),
-                    ..Default::default()
-                },
-                rules: Some(rules),
-                ..Default::default()
-            };
-            Api::<ClusterRole>::all(admin.clone())
-                .patch(
-                    "mtls-operator-leader-election",
-                    &apply,
-                    &Patch::Apply(&leases),
-                )
-                .await?;
+            let chart = |file| format!("charts/mtls-operator/files/{file}");
+            // The operator's rules; the Annotate rules, granted only to operators that enable
+            // Annotate; the leader-election rules, granted in the Lease's namespace to operators
+            // that elect a leader: each as the chart grants it.
+            apply_cluster_role("mtls-operator", &chart("operator-rules.yaml")).await?;
+            apply_cluster_role("mtls-operator-annotate", &chart("annotate-rules.yaml")).await?;
+            apply_cluster_role(
+                "mtls-operator-leader-election",
+                &chart("leader-election-rules.yaml"),
+            )
+            .await?;
             wait_for("the CRD to be established", TIMEOUT, || async {
                 let crd = crds.get("mtlsidentities.mtls-operator.io").await?;
                 let established = crd
@@ -204,6 +167,40 @@ pub async fn start_operator_capped(
     start_operator_on(namespaces, settings, aws, source).await
 }
 
+/// A [`endpoint::CountingEndpoint`] in front of the environment's moto.
+pub async fn counting_endpoint(mode: endpoint::Mode) -> Result<endpoint::CountingEndpoint> {
+    let base = support::aws_config().await;
+    let moto = base.endpoint_url().context("no AWS endpoint")?.to_string();
+    endpoint::CountingEndpoint::start(&moto, mode).await
+}
+
+/// Like [`start_operator_for`], every Secrets Manager call through `endpoint`.
+pub async fn start_operator_through(
+    endpoint: &endpoint::CountingEndpoint,
+    namespaces: &[&str],
+    settings: Settings,
+) -> Result<Operator> {
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    start_operator_on(
+        namespaces,
+        settings,
+        aws.clone(),
+        SecretsManagerSource::new(aws),
+    )
+    .await
+}
+
+/// An operator watching `namespace` behind a new counting endpoint in `mode`.
+pub async fn operator_behind(
+    namespace: &str,
+    mode: endpoint::Mode,
+    settings: Settings,
+) -> Result<(Operator, endpoint::CountingEndpoint)> {
+    let endpoint = counting_endpoint(mode).await?;
+    let operator = start_operator_through(&endpoint, &[namespace], settings).await?;
+    Ok((operator, endpoint))
+}
+
 /// Like [`start_operator_for`], with its own AWS configuration (e.g. through a
 /// [`endpoint::CountingEndpoint`]) and Secrets Manager client.
 pub async fn start_operator_on(
@@ -253,6 +250,31 @@ pub async fn start_operator_on(
         readiness,
         stop: Some(stop),
     })
+}
+
+/// ClusterRole `name` with the rules in `rules_file` (a path in the project, one of the chart's
+/// `files/*-rules.yaml`), applied.
+pub async fn apply_cluster_role(name: &str, rules_file: &str) -> Result<()> {
+    let path = xtask::project_root().join(rules_file);
+    let rules: Vec<PolicyRule> = serde_yaml::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    let role = ClusterRole {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(support::admin_client().await?)
+        .patch(
+            name,
+            &PatchParams::apply("mtls-operator-tests").force(),
+            &Patch::Apply(&role),
+        )
+        .await?;
+    Ok(())
 }
 
 /// A kubeconfig file for the operator binary run as the chart runs it: ServiceAccount
@@ -410,6 +432,23 @@ pub async fn start_mass_rotation(
     })
     .await?;
     Ok((before, versions))
+}
+
+/// [`start_mass_rotation`] with the last identity's new version held at `endpoint` (which must
+/// answer reads one by one: `deny("BatchGetSecretValue")`), returning once that read is being held:
+/// a fault injected next provably lands with that rotation still to do. `release_reads` lets it go.
+pub async fn start_mass_rotation_holding_the_last(
+    namespace: &str,
+    ca: &TestCa,
+    ids: &[String],
+    endpoint: &endpoint::CountingEndpoint,
+) -> Result<(BTreeMap<String, i64>, Vec<String>)> {
+    let last = ids.len().checked_sub(1).context("no identity")?;
+    wait_ready(namespace, &format!("client-{last}"), "True", "Synced").await?;
+    endpoint.hold_reads_of(&ids[last]);
+    let started = start_mass_rotation(namespace, ca, ids).await?;
+    endpoint.wait_read_held().await?;
+    Ok(started)
 }
 
 /// The end of a [`start_mass_rotation`]: each identity ends Ready, rotated to its new version, and
