@@ -5,6 +5,9 @@
 //! - [`source`]: Secrets Manager behind a trait, and the tenancy policy.
 //! - [`controller`]: reconcile, with pure decisions apart from the I/O.
 
+// Nothing a user or a server controls may panic the process: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod check;
 pub mod controller;

@@ -1,5 +1,8 @@
 //! `mtls-operator run | crd | check | proxy`, and `--version`.
 
+// Nothing a user or a server controls may panic the process: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,6 +7,9 @@
 //! - [`runner`]: `cargo xtask test`'s runner: every test binary run, every failure reported.
 //! - [`support`]: what integration tests use: clients, ServiceAccount identities, waiting.
 
+// Nothing a user or a server controls may panic the process: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod certs;
 pub mod demo;
 pub mod install;

@@ -1,5 +1,8 @@
 //! `cargo xtask <task>`: see `cargo xtask help`.
 
+// Nothing a user or a server controls may panic the process: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
