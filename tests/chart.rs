@@ -728,12 +728,10 @@ impl Replica {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
         format!(
             "the end of {}:\n{}",
             self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
+            support::log_tail(&self.log, 30)
         )
     }
 }

@@ -316,13 +316,10 @@ async fn a_transient_outage_raises_no_false_alarm() -> Result<()> {
     // Two more failed checks: Ready stays True, no second Warning, nothing reached moto, and each
     // check really went out (the endpoint answered it).
     let failed_checks = || {
-        let line = "mtls_syncs_total{outcome=\"failure\",reason=\"SourceUnavailable\"} ";
-        operator
-            .metrics
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(line)?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
+        metric(
+            &operator,
+            "mtls_syncs_total{outcome=\"failure\",reason=\"SourceUnavailable\"}",
+        )
     };
     let before = failed_checks();
     wait_for("two more failed checks", TIMEOUT, || async {

@@ -284,13 +284,10 @@ async fn identities_sharing_one_secret_cost_one_check() -> Result<()> {
 
 /// The value of `mtls_source_events_total{outcome=...}` in the operator's metrics.
 fn events(operator: &Operator, outcome: &str) -> u64 {
-    let line = format!("mtls_source_events_total{{outcome=\"{outcome}\"}} ");
-    operator
-        .metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
-        .unwrap_or(0)
+    metric(
+        operator,
+        &format!("mtls_source_events_total{{outcome=\"{outcome}\"}}"),
+    )
 }
 
 /// A Secrets Manager event as EventBridge delivers it to an SQS target.

@@ -286,3 +286,9 @@ where
         }
     }
 }
+
+/// The last `lines` lines of the log at `path`, or why there is none: for failure messages of
+/// tests that run processes of their own.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    crate::processes::log_tail(path, lines)
+}
