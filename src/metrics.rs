@@ -157,6 +157,8 @@ pub struct Metrics {
     pub events: Family<OutcomeLabels, Counter>,
     /// Reads an identity needed that its read budget put off (edits faster than the budget).
     pub reads_deferred: Counter,
+    /// Identities the controller keeps per-identity memory for (backoff, read budget, ...).
+    pub identities_remembered: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -184,6 +186,7 @@ impl Metrics {
             events: Family::default(),
             detection_lag: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
             reads_deferred: Counter::default(),
+            identities_remembered: Gauge::default(),
         };
         registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
@@ -248,6 +251,12 @@ impl Metrics {
             "Secrets Manager reads an identity needed that its read budget put off (edits of its \
              Secret or spec arriving faster than the budget allows)",
             metrics.reads_deferred.clone(),
+        );
+        registry.register(
+            "identities_remembered",
+            "Identities the controller keeps per-identity memory for: at most the identities that \
+             exist (forgotten on delete and on every re-list of the watch)",
+            metrics.identities_remembered.clone(),
         );
         registry.register(
             "leader",
@@ -345,6 +354,15 @@ impl Metrics {
     /// ever existed.
     pub fn forget_identity(&self, namespace: &str, name: &str) {
         crate::lock(&self.identities.series).remove(&(namespace.into(), name.into()));
+    }
+
+    /// Removes the series of every identity `keep` rejects (deleted while the watch was
+    /// disconnected); returns how many.
+    pub fn retain_identities(&self, keep: impl Fn(&str, &str) -> bool) -> usize {
+        let mut series = crate::lock(&self.identities.series);
+        let before = series.len();
+        series.retain(|(namespace, name), _| keep(namespace, name));
+        before - series.len()
     }
 
     fn set_identity(&self, namespace: &str, name: &str, values: IdentitySeries) {

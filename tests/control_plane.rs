@@ -33,3 +33,119 @@ async fn an_apiserver_restart_during_a_mass_rotation_loses_and_doubles_nothing()
     endpoint.release_reads();
     finish_mass_rotation(&namespace, &versions, &before).await
 }
+
+/// Identities deleted while the operator's watch is disconnected reach it only through the re-list
+/// that follows (kube-runtime sends no `Delete` for them): their memory, their index entries and
+/// their metric series are gone after it, and the sweep stops describing their secrets.
+#[tokio::test]
+async fn identities_deleted_while_the_watch_is_disconnected_are_forgotten_on_the_re_list()
+-> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use mtls_operator::api::MtlsIdentity;
+    use std::collections::BTreeSet;
+
+    const KEPT: usize = 2;
+    const DELETED: usize = 3;
+    let namespace = support::create_namespace("relist", &[]).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let link = link::ApiLink::start(link::apiserver_address()?).await?;
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    let operator = start_operator_linked(
+        &[&namespace],
+        Default::default(),
+        aws.clone(),
+        mtls_operator::source::SecretsManagerSource::new(aws),
+        Some(&link),
+    )
+    .await?;
+    let ca = TestCa::new("relist CA")?;
+    let mut ids = Vec::new();
+    for index in 0..KEPT + DELETED {
+        let id = format!("{namespace}/client-{index}");
+        put_source(&id, &good_secret(&ca)?).await?;
+        create_identity(
+            &namespace,
+            &identity(&format!("client-{index}"), &id, serde_json::json!({}))?,
+        )
+        .await?;
+        ids.push(id);
+    }
+    for index in 0..KEPT + DELETED {
+        wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
+    }
+    let series_of = |operator: &Operator| -> BTreeSet<String> {
+        operator
+            .metrics
+            .encode()
+            .lines()
+            .filter(|line| line.starts_with("mtls_identity_ready{"))
+            .filter(|line| line.contains(&format!("namespace=\"{namespace}\"")))
+            .filter_map(|line| Some(line.split("name=\"").nth(1)?.split('"').next()?.to_string()))
+            .collect()
+    };
+    ensure!(
+        series_of(&operator).len() == KEPT + DELETED,
+        "{:?}",
+        series_of(&operator)
+    );
+    ensure!(metric(&operator, "mtls_identities_remembered") == (KEPT + DELETED) as u64);
+    ensure!(metric(&operator, "mtls_source_index_secrets") == (KEPT + DELETED) as u64);
+
+    // Cut off, the deletions happen; the API server restarts, so the operator's watch cannot resume
+    // from where it was (its resourceVersion predates the new watch cache: 410 Gone, a re-list).
+    link.cut();
+    let admin = support::admin_client().await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(admin.clone(), &namespace);
+    for index in KEPT..KEPT + DELETED {
+        identities
+            .delete(&format!("client-{index}"), &DeleteParams::default())
+            .await?;
+    }
+    // One more write, so the etcd revision the new watch cache starts at is past the deletions.
+    let marker: ConfigMap =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "marker"}}))?;
+    Api::<ConfigMap>::namespaced(admin, &namespace)
+        .create(&PostParams::default(), &marker)
+        .await?;
+    support::restart_apiserver().await?;
+    link.restore();
+
+    support::wait_for("the deleted identities forgotten", TIMEOUT, || async {
+        let series = series_of(&operator);
+        let remembered = metric(&operator, "mtls_identities_remembered");
+        let indexed = metric(&operator, "mtls_source_index_secrets");
+        ensure!(
+            series.len() == KEPT && remembered == KEPT as u64 && indexed == KEPT as u64,
+            "series {series:?}, memory {remembered}, index {indexed}"
+        );
+        Ok(())
+    })
+    .await?;
+    // The sweep goes on for the identities that remain, and never again for the deleted ones.
+    let (kept, deleted) = ids.split_at(KEPT);
+    let describes = |ids: &[String]| {
+        endpoint
+            .requests_for(ids)
+            .iter()
+            .filter(|seen| seen.operation == "DescribeSecret")
+            .count()
+    };
+    let deleted_before = describes(deleted);
+    let kept_before = describes(kept);
+    support::wait_for(
+        "two more sweeps of the kept identities",
+        TIMEOUT,
+        || async {
+            let more = describes(kept) - kept_before;
+            ensure!(more >= 2 * KEPT, "{more} so far");
+            Ok(())
+        },
+    )
+    .await?;
+    ensure!(
+        describes(deleted) == deleted_before,
+        "the sweep still describes the deleted identities' secrets"
+    );
+    Ok(())
+}

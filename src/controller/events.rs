@@ -4,7 +4,7 @@
 use kube::runtime::events::{Event, EventType, Recorder};
 use tracing::warn;
 
-use super::Context;
+use super::context::Context;
 use super::status;
 
 /// Publishes one Event about `reference`; a failure is logged, never fatal to the reconcile.

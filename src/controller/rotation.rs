@@ -21,11 +21,13 @@ use tracing::warn;
 use crate::api::{
     FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, StoredIdentity, VERSION_ID_ANNOTATION,
 };
-use crate::lock;
 use crate::restart::{RestartReport, RestartRequest, Workload};
 
+use super::context::{Context, identity_key};
+use super::decide;
+use super::error::ReconcileError;
+use super::events::publish;
 use super::status;
-use super::{Context, ReconcileError, decide, publish};
 
 /// How often a rotation waiting for its siblings looks again.
 pub const COALESCE_POLL: Duration = Duration::from_secs(2);
@@ -138,9 +140,11 @@ pub(super) async fn restart_workloads(
             let expected = source
                 .as_ref()
                 .and_then(|secret| context.fleet.expected_version(secret));
-            let refused = lock(&context.state.known_bad)
-                .get(&super::identity_key(sibling.as_ref()))
-                .cloned();
+            let refused = context
+                .memory
+                .read(&identity_key(sibling.as_ref()), |memory| {
+                    memory.known_bad.clone()
+                });
             let state = self::sibling(
                 expected.as_deref(),
                 refused.as_deref(),
@@ -223,17 +227,17 @@ fn coalescing_since(
     identity: &MtlsIdentity,
     rotation: &crate::api::RotationStatus,
 ) -> (Duration, bool) {
-    let mut coalescing = lock(&context.state.coalescing);
-    let key = super::identity_key(identity);
-    match coalescing.get(&key) {
-        Some((fingerprint, since)) if *fingerprint == rotation.sha256_fingerprint => {
-            (since.elapsed(), false)
-        }
-        _ => {
-            coalescing.insert(key, (rotation.sha256_fingerprint.clone(), Instant::now()));
-            (Duration::ZERO, true)
-        }
-    }
+    context
+        .memory
+        .update(&identity_key(identity), |memory| match &memory.coalescing {
+            Some((fingerprint, since)) if *fingerprint == rotation.sha256_fingerprint => {
+                (since.elapsed(), false)
+            }
+            _ => {
+                memory.coalescing = Some((rotation.sha256_fingerprint.clone(), Instant::now()));
+                (Duration::ZERO, true)
+            }
+        })
 }
 
 /// A sibling's certificate source, if its spec is valid and allowed (else it never syncs).

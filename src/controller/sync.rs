@@ -13,11 +13,11 @@ use crate::pki;
 use crate::pki::keystore::Pkcs12Profile;
 use crate::source::FetchedSecret;
 
+use super::context::{Context, identity_key};
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
+use super::error::ReconcileError;
 use super::secret;
 use super::write::{self, Written};
-use super::{Context, ReconcileError};
-use crate::lock;
 
 /// What a sync did.
 pub enum SyncStep {
@@ -48,7 +48,7 @@ pub async fn sync(
 ) -> Result<SyncStep, ReconcileError> {
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
     let source = &identity.spec.source;
-    let key = super::identity_key(identity);
+    let key = identity_key(identity);
     let identity_key = (namespace.to_string(), identity.name_any());
     let checked = decide::check_source(
         source,
@@ -122,7 +122,7 @@ pub async fn sync(
         .status
         .as_ref()
         .is_some_and(|status| status.observed_generation == identity.metadata.generation);
-    let known_bad = lock(&context.state.known_bad).get(&key).cloned();
+    let known_bad = context.memory.read(&key, |memory| memory.known_bad.clone());
     let known_bad = known_bad.filter(|_| failed_spec_current);
     let now = Instant::now();
     let must_read = |checked: &CheckedSecret, carried: Option<&str>| {
@@ -170,7 +170,7 @@ pub async fn sync(
         return Ok(SyncStep::Unchanged(carried_facts.map(Box::new)));
     }
     // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
-    if let Some(wait) = context.state.take_fetch(&key, refresh) {
+    if let Some(wait) = context.memory.take_fetch(&key, refresh, now) {
         return Ok(SyncStep::Wait(wait));
     }
 
@@ -202,14 +202,18 @@ pub async fn sync(
         Ok(validated) => validated,
         Err(error) => {
             // Not read again until a new version arrives (or the refresh interval passes).
-            lock(&context.state.known_bad).insert(key.clone(), fetched.version_id.clone());
+            context.memory.update(&key, |memory| {
+                memory.known_bad = Some(fetched.version_id.clone())
+            });
             return Ok(SyncStep::done(Err(SyncFailure::Material {
                 context: format!("version {} of {}", fetched.version_id, source.secret_id),
                 error,
             })));
         }
     };
-    lock(&context.state.known_bad).remove(&key);
+    context
+        .memory
+        .update(&key, |memory| memory.known_bad = None);
 
     let Some(owner) = identity.controller_owner_ref(&()) else {
         return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(

@@ -13,8 +13,18 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector;
 use serde_json::{Value, json};
 
-use super::*;
-use crate::source::{FetchedSecret, SecretContent, SecretRef, SourceError};
+use kube::runtime::reflector::ObjectRef;
+
+use super::context::{Context, Memory, Settings};
+use super::error::ReconcileError;
+use super::reconcile::reconcile;
+use crate::api::{FIELD_MANAGER, MtlsIdentity};
+use crate::lock;
+use crate::metrics::Metrics;
+use crate::restart::Restarter;
+use crate::source::fleet::Fleet;
+use crate::source::policy::SourcePolicy;
+use crate::source::{FetchedSecret, SecretContent, SecretRef, SecretSource, SourceError};
 
 const NAMESPACE: &str = "team";
 const UID: &str = "0b1c2d3e-0000-4000-8000-000000000001";
@@ -222,7 +232,7 @@ fn context(client: kube::Client, source: Arc<FixedSource>, egress: bool) -> Arc<
             instance: None,
         },
         metrics: Arc::new(Metrics::new()),
-        state: Arc::new(IdentityState::default()),
+        memory: Arc::new(Memory::new(None, None)),
     })
 }
 
@@ -471,54 +481,102 @@ async fn an_egress_name_taken_by_a_foreign_deployment_is_a_conflict_not_a_takeov
 /// change again and write its status and Events twice); once the watch has caught up, it is.
 #[test]
 fn a_copy_older_than_our_last_status_write_waits_for_the_watch() {
-    let state = IdentityState::default();
+    let memory = Memory::new(None, None);
     let key = ObjectRef::<MtlsIdentity>::new("client").within("team");
-    assert!(!state.is_stale(&key, Some("10")), "nothing written yet");
-    state.record_written(&key, Some("12"));
-    assert!(state.is_stale(&key, Some("11")));
-    assert!(state.is_stale(&key, Some("11")), "still behind");
-    assert!(!state.is_stale(&key, Some("12")), "caught up");
+    assert!(!memory.is_stale(&key, Some("10")), "nothing written yet");
+    memory.record_written(&key, Some("12"));
+    assert!(memory.is_stale(&key, Some("11")));
+    assert!(memory.is_stale(&key, Some("11")), "still behind");
+    assert!(!memory.is_stale(&key, Some("12")), "caught up");
     assert!(
-        !state.is_stale(&key, Some("11")),
+        !memory.is_stale(&key, Some("11")),
         "forgotten once caught up"
     );
-    state.record_written(&key, Some("20"));
+    memory.record_written(&key, Some("20"));
     assert!(
-        !state.is_stale(&key, Some("not-a-number")),
+        !memory.is_stale(&key, Some("not-a-number")),
         "not comparable: go ahead"
     );
+}
+
+fn stored(name: &str, uid: &str, generation: i64) -> crate::api::StoredIdentity {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "team", "uid": uid,
+                     "generation": generation},
+        "spec": {"source": {"secretId": "team/client"}, "refreshInterval": "1h"}
+    }))
+    .unwrap()
 }
 
 /// Only a new generation (a spec change) or a new uid passes the filter in front of the
 /// controller; our own status writes (same generation) do not, and a deleted identity is forgotten.
 #[test]
 fn only_spec_changes_pass_the_generation_filter() {
-    let state = IdentityState::default();
-    let stored = |uid: &str, generation: i64| -> crate::api::StoredIdentity {
-        serde_json::from_value(json!({
-            "metadata": {"name": "client", "namespace": "team", "uid": uid,
-                         "generation": generation},
-            "spec": {"source": {"secretId": "team/client"}, "refreshInterval": "1h"}
-        }))
-        .unwrap()
-    };
-    assert!(state.generation_changed(&stored("u1", 1)), "first sight");
+    let memory = Memory::new(None, None);
     assert!(
-        !state.generation_changed(&stored("u1", 1)),
+        memory.generation_changed(&stored("client", "u1", 1)),
+        "first sight"
+    );
+    assert!(
+        !memory.generation_changed(&stored("client", "u1", 1)),
         "a status write"
     );
-    assert!(state.generation_changed(&stored("u1", 2)), "a spec change");
-    assert!(!state.generation_changed(&stored("u1", 2)));
     assert!(
-        state.generation_changed(&stored("u2", 2)),
+        memory.generation_changed(&stored("client", "u1", 2)),
+        "a spec change"
+    );
+    assert!(!memory.generation_changed(&stored("client", "u1", 2)));
+    assert!(
+        memory.generation_changed(&stored("client", "u2", 2)),
         "deleted and created again"
     );
-    let metrics = Metrics::default();
-    let source: Arc<dyn SecretSource> = source();
-    let fleet = Fleet::new(source, SweepMode::Get, Duration::from_secs(60), None);
-    state.forget(&stored("u1", 2), &metrics, &fleet);
+    memory.forget(&ObjectRef::new("client").within("team"));
     assert!(
-        state.generation_changed(&stored("u1", 2)),
+        memory.generation_changed(&stored("client", "u2", 2)),
         "forgotten on deletion"
+    );
+}
+
+/// Memory is bounded by the watch's store: an identity the store does not hold gets none (a late
+/// reconcile of a deleted identity cannot bring it back), and a re-list that drops identities
+/// prunes theirs, with the gauge following.
+#[test]
+fn memory_follows_the_store_and_is_pruned_on_a_re_list() {
+    use kube::runtime::watcher::Event;
+    let (store, mut writer) = reflector::store();
+    let gauge =
+        prometheus_client::metrics::gauge::Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let memory = Memory::new(Some(store), Some(gauge.clone()));
+    let key = |name: &str| ObjectRef::<MtlsIdentity>::new(name).within("team");
+    writer.apply_watcher_event(&Event::Init);
+    for name in ["a", "b", "c"] {
+        writer.apply_watcher_event(&Event::InitApply(stored(name, name, 1)));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    for name in ["a", "b", "c", "deleted"] {
+        memory.count_source_failure(&key(name), true);
+    }
+    assert_eq!(
+        memory.len(),
+        3,
+        "none for an identity the store does not hold"
+    );
+    assert_eq!(
+        memory.count_source_failure(&key("a"), true),
+        2,
+        "remembered"
+    );
+    assert_eq!(gauge.get(), 3);
+    // A re-list while "b" and "c" were deleted: no Delete events, only the new listing.
+    writer.apply_watcher_event(&Event::Init);
+    writer.apply_watcher_event(&Event::InitApply(stored("a", "a", 1)));
+    writer.apply_watcher_event(&Event::InitDone);
+    assert_eq!(memory.prune(), 2);
+    assert_eq!(memory.len(), 1);
+    assert_eq!(gauge.get(), 1);
+    assert_eq!(
+        memory.count_source_failure(&key("a"), true),
+        3,
+        "the survivor keeps its memory"
     );
 }

@@ -14,9 +14,10 @@ use serde::de::DeserializeOwned;
 
 use crate::api::FIELD_MANAGER;
 
+use super::context::Context;
 use super::decide::{SyncFailure, Synced};
+use super::error::ReconcileError;
 use super::secret::is_owned_by;
-use super::{Context, ReconcileError};
 use crate::api::MtlsIdentity;
 use tracing::info;
 

@@ -107,6 +107,22 @@ impl Fleet {
         self.record_size(index.len());
     }
 
+    /// Unregisters every identity `keep` rejects (deleted while the watch was disconnected);
+    /// returns how many.
+    pub fn retain_identities(&self, keep: impl Fn(&IdentityKey) -> bool) -> usize {
+        let mut index = lock(&self.index);
+        let gone: Vec<IdentityKey> = index
+            .identities()
+            .filter(|identity| !keep(identity))
+            .cloned()
+            .collect();
+        for identity in &gone {
+            index.unregister(identity);
+        }
+        self.record_size(index.len());
+        gone.len()
+    }
+
     fn record_size(&self, size: usize) {
         if let Some(metrics) = &self.metrics {
             metrics

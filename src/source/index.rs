@@ -152,6 +152,11 @@ impl VersionIndex {
         self.by_identity.insert(identity, shared);
     }
 
+    /// Every registered identity.
+    pub fn identities(&self) -> impl Iterator<Item = &IdentityKey> {
+        self.by_identity.keys().map(|identity| identity.as_ref())
+    }
+
     /// Forgets a deleted identity (and the secrets only it referenced).
     pub fn unregister(&mut self, identity: &IdentityKey) {
         for key in self.by_identity.remove(identity).unwrap_or_default() {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod endpoint;
+pub mod link;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -209,6 +210,18 @@ pub async fn start_operator_on(
     aws: aws_config::SdkConfig,
     source: SecretsManagerSource,
 ) -> Result<Operator> {
+    start_operator_linked(namespaces, settings, aws, source, None).await
+}
+
+/// Like [`start_operator_on`], reaching kube-apiserver through `link` when given (a test can cut
+/// the operator off the control plane).
+pub async fn start_operator_linked(
+    namespaces: &[&str],
+    settings: Settings,
+    aws: aws_config::SdkConfig,
+    source: SecretsManagerSource,
+    link: Option<&link::ApiLink>,
+) -> Result<Operator> {
     install_crd_and_rbac().await?;
     let home = *namespaces.first().context("no namespace")?;
     for namespace in namespaces {
@@ -217,7 +230,10 @@ pub async fn start_operator_on(
             bind_cluster_role_to(namespace, "mtls-operator-annotate", home).await?;
         }
     }
-    let client = support::service_account_client(home, "mtls-operator").await?;
+    let client = match link {
+        Some(link) => link.service_account_client(home, "mtls-operator").await?,
+        None => support::service_account_client(home, "mtls-operator").await?,
+    };
     let source = Arc::new(source);
     let settings = Settings {
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),

@@ -7,8 +7,10 @@ pub mod objects;
 use kube::api::Api;
 use kube::{Resource, ResourceExt};
 
+use super::context::Context;
+use super::error::ReconcileError;
 use super::write::{self, Written};
-use super::{Context, ReconcileError, secret, status};
+use super::{secret, status};
 use crate::api::MtlsIdentity;
 
 pub use objects::{EGRESS_CONDITION, REASON_CONFLICT};

@@ -1,0 +1,320 @@
+//! What every reconcile shares: the operator's settings, the context (clients, source, index,
+//! metrics) and what the controller remembers per identity. Every part of the controller imports
+//! from here, never from the orchestrator.
+
+use crate::lock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+
+use crate::api::{MtlsIdentity, StoredIdentity};
+use crate::metrics::Metrics;
+use crate::restart::{RestartLimits, Restarter};
+use crate::source::SecretSource;
+use crate::source::fleet::{Fleet, SweepMode};
+use crate::source::policy::SourcePolicy;
+
+use super::budget::FetchBudget;
+
+/// The shortest refresh interval, whatever the spec says.
+pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// `spec.expiry.warnBefore` default: 30 days.
+pub(crate) const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch only these namespaces (one controller each, RBAC only there); all when empty.
+    pub namespaces: Vec<String>,
+    pub policy: SourcePolicy,
+    /// The region of identities without `spec.source.region` (the operator's own).
+    pub default_region: Option<String>,
+    /// Caps on rolling restarts: in progress at once, per namespace, and how long one may take.
+    pub restart_limits: RestartLimits,
+    /// Allow `spec.restart.policy: Annotate`, which patches Pods (RBAC `pods: patch`).
+    pub allow_annotate: bool,
+    /// Where operator-managed egress proxies' admin port may be reached from (NetworkPolicy peers).
+    pub egress_admin_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// How versions are checked between reads, and how often at most.
+    pub sweep_mode: SweepMode,
+    pub sweep_interval: Duration,
+    /// The change-event queue (EventBridge → SQS), the fast path; none: the sweep alone.
+    pub events: Option<crate::source::events::EventQueue>,
+    /// Reconciles running at once (per watched scope): bounds the load on the API server and AWS
+    /// when thousands of identities are due together.
+    pub max_concurrent_reconciles: u16,
+    /// Only identities with these labels (a label selector), to shard identities over several
+    /// operators or to canary a new version; all when `None`.
+    pub identity_selector: Option<String>,
+    /// The image of operator-managed egress proxies; `None`: `spec.egress` is not acted on.
+    pub egress_image: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            policy: SourcePolicy::new(Vec::new(), None, Vec::new()),
+            default_region: None,
+            restart_limits: RestartLimits::default(),
+            allow_annotate: false,
+            egress_admin_from: Vec::new(),
+            sweep_mode: SweepMode::default(),
+            sweep_interval: Duration::from_secs(300),
+            events: None,
+            max_concurrent_reconciles: 64,
+            identity_selector: None,
+            egress_image: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Fills what the settings leave open from the AWS configuration: the default region (the
+    /// SDK's), the operator's own account (STS GetCallerIdentity) and, when none are allowed yet,
+    /// the allowed regions (the default region).
+    pub async fn with_aws_defaults(mut self, aws: &aws_config::SdkConfig) -> Self {
+        if self.default_region.is_none() {
+            self.default_region = aws.region().map(|region| region.to_string());
+        }
+        let account = match self.policy.own_account() {
+            Some(account) => Some(account.to_string()),
+            None => crate::source::caller_account(aws).await,
+        };
+        let regions = if self.policy.allowed_regions().is_empty() {
+            self.default_region.iter().cloned().collect()
+        } else {
+            self.policy.allowed_regions().to_vec()
+        };
+        self.policy = self.policy.with_account_and_regions(account, regions);
+        self
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    /// Every identity the controller watches, for finding the siblings that share a workload.
+    pub(crate) identities: Store<StoredIdentity>,
+    /// Asks the controller to reconcile an identity now.
+    pub(crate) trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<StoredIdentity>>,
+    pub source: Arc<dyn SecretSource>,
+    pub settings: Settings,
+    /// Who publishes Events (see `publish` for why there is no long-lived Recorder).
+    pub(crate) reporter: Reporter,
+    pub(crate) restarter: Arc<Restarter>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The version index and its sweep, shared by every scope.
+    pub(crate) fleet: Arc<Fleet>,
+    /// What the controller remembers per identity of this scope.
+    pub(crate) memory: Arc<Memory>,
+}
+
+/// What the controller remembers about one identity between reconciles. One value per identity in
+/// one map ([`Memory`]), so forgetting an identity is one removal that cannot miss a field.
+#[derive(Debug, Default)]
+pub struct IdentityMemory {
+    /// Consecutive source failures, for backoff; reset on success.
+    pub source_failures: u32,
+    /// Consecutive Kubernetes API errors, for the error policy's backoff.
+    pub api_errors: u32,
+    /// Secrets Manager reads, rate-limited; `None` until the first read (a full bucket).
+    pub budget: Option<FetchBudget>,
+    /// The source version last read and refused (bad material): not read again until it changes.
+    pub known_bad: Option<String>,
+    /// A rotation waiting for sibling identities that share a workload: its fingerprint and since
+    /// when (see `rotation`).
+    pub coalescing: Option<(String, Instant)>,
+    /// The resourceVersion our last status write gave the identity, until the watch delivers it:
+    /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
+    /// against a status we already replaced, and write it and its Events twice.
+    pub written: Option<u64>,
+    /// The uid and generation last let through to a reconcile (see `generation_changed`).
+    pub seen: Option<(Box<str>, i64)>,
+}
+
+/// Every identity's [`IdentityMemory`], bounded by the identities the watch's store holds: an entry
+/// is made only for an identity in the store, removed on its watch `Delete`, and everything the
+/// store no longer holds is pruned on every re-list (`prune`), since kube-runtime does not emit a
+/// `Delete` for an object deleted while its watch was disconnected.
+pub struct Memory {
+    entries: Mutex<HashMap<ObjectRef<MtlsIdentity>, IdentityMemory>>,
+    /// The scope's store; `None` (unit tests): every identity is taken as present.
+    store: Option<Store<StoredIdentity>>,
+    /// `mtls_identities_remembered`, shared by every scope's memory.
+    remembered: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl Memory {
+    pub fn new(
+        store: Option<Store<StoredIdentity>>,
+        remembered: Option<prometheus_client::metrics::gauge::Gauge>,
+    ) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            store,
+            remembered,
+        }
+    }
+
+    fn in_store(&self, key: &ObjectRef<MtlsIdentity>) -> bool {
+        self.store.as_ref().is_none_or(|store| {
+            let mut stored = ObjectRef::<StoredIdentity>::new(&key.name);
+            stored.namespace = key.namespace.clone();
+            store.get(&stored).is_some()
+        })
+    }
+
+    /// Runs `change` on the identity's memory, made empty first if there is none. An identity the
+    /// store does not hold (deleted while this reconcile ran) gets a scratch value that is dropped,
+    /// so a late reconcile cannot bring a deleted identity's memory back.
+    pub fn update<R>(
+        &self,
+        key: &ObjectRef<MtlsIdentity>,
+        change: impl FnOnce(&mut IdentityMemory) -> R,
+    ) -> R {
+        let mut entries = lock(&self.entries);
+        if let Some(memory) = entries.get_mut(key) {
+            return change(memory);
+        }
+        // Checked under the lock: the store drops an identity before its `Delete` reaches `forget`.
+        let mut memory = IdentityMemory::default();
+        let result = change(&mut memory);
+        if self.in_store(key) {
+            entries.insert(key.clone(), memory);
+            if let Some(gauge) = &self.remembered {
+                gauge.inc();
+            }
+        }
+        result
+    }
+
+    /// Reads the identity's memory (the empty memory when there is none).
+    pub fn read<R>(
+        &self,
+        key: &ObjectRef<MtlsIdentity>,
+        look: impl FnOnce(&IdentityMemory) -> R,
+    ) -> R {
+        match lock(&self.entries).get(key) {
+            Some(memory) => look(memory),
+            None => look(&IdentityMemory::default()),
+        }
+    }
+
+    /// Forgets one identity (its watch `Delete`).
+    pub fn forget(&self, key: &ObjectRef<MtlsIdentity>) {
+        if lock(&self.entries).remove(key).is_some()
+            && let Some(gauge) = &self.remembered
+        {
+            gauge.dec();
+        }
+    }
+
+    /// Forgets every identity the store no longer holds (after a re-list); returns how many.
+    pub fn prune(&self) -> usize {
+        let mut entries = lock(&self.entries);
+        let before = entries.len();
+        entries.retain(|key, _| self.in_store(key));
+        let pruned = before - entries.len();
+        if let Some(gauge) = &self.remembered {
+            gauge.dec_by(i64::try_from(pruned).unwrap_or(i64::MAX));
+        }
+        pruned
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.entries).is_empty()
+    }
+
+    /// Whether `seen` (the resourceVersion of the copy about to be reconciled) is older than our last
+    /// status write; forgets the write once the watch has caught up with it. resourceVersions are
+    /// etcd revisions, compared only when both are numbers.
+    pub fn is_stale(&self, key: &ObjectRef<MtlsIdentity>, seen: Option<&str>) -> bool {
+        let seen = seen.and_then(|seen| seen.parse::<u64>().ok());
+        let mut entries = lock(&self.entries);
+        let Some(memory) = entries.get_mut(key) else {
+            return false;
+        };
+        match (memory.written, seen) {
+            (None, _) => false,
+            (Some(ours), Some(seen)) if seen < ours => true,
+            _ => {
+                memory.written = None;
+                false
+            }
+        }
+    }
+
+    pub fn record_written(&self, key: &ObjectRef<MtlsIdentity>, resource_version: Option<&str>) {
+        if let Some(version) = resource_version.and_then(|version| version.parse::<u64>().ok()) {
+            self.update(key, |memory| memory.written = Some(version));
+        }
+    }
+
+    /// Whether `identity` comes with a generation (a spec) not seen before: our own status writes
+    /// must not trigger a sync, or every status write would cost another Secrets Manager call. Like
+    /// kube's `predicates::generation` filter, which keeps three strings per identity for it; this
+    /// keeps the uid. A new uid (the identity deleted and created again) is a change; an object
+    /// without generation always passes.
+    pub fn generation_changed(&self, identity: &StoredIdentity) -> bool {
+        let (Some(uid), Some(generation)) = (
+            identity.metadata.uid.as_deref(),
+            identity.metadata.generation,
+        ) else {
+            return true;
+        };
+        self.update(&identity_key(identity), |memory| {
+            let changed = memory
+                .seen
+                .as_ref()
+                .is_none_or(|(seen_uid, seen)| seen_uid.as_ref() != uid || *seen != generation);
+            if changed {
+                memory.seen = Some((uid.into(), generation));
+            }
+            changed
+        })
+    }
+
+    /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.
+    pub fn take_fetch(
+        &self,
+        key: &ObjectRef<MtlsIdentity>,
+        refresh: Duration,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.update(key, |memory| {
+            memory
+                .budget
+                .get_or_insert_with(|| FetchBudget::full(now))
+                .take(refresh, now)
+        })
+    }
+
+    /// Counts a source failure (`failed`) or forgets the count (success); returns the count.
+    pub fn count_source_failure(&self, key: &ObjectRef<MtlsIdentity>, failed: bool) -> u32 {
+        self.update(key, |memory| {
+            memory.source_failures = if failed {
+                memory.source_failures.saturating_add(1)
+            } else {
+                0
+            };
+            memory.source_failures
+        })
+    }
+}
+
+/// The key of the per-identity state: namespace and name. (An `ObjectRef` made from an object
+/// also carries its uid and resourceVersion: two more strings in every map, for every identity.)
+pub(crate) fn identity_key(identity: &impl Resource) -> ObjectRef<MtlsIdentity> {
+    let key = ObjectRef::new(&identity.name_any());
+    match identity.namespace() {
+        Some(namespace) => key.within(&namespace),
+        None => key,
+    }
+}

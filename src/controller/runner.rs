@@ -1,0 +1,302 @@
+//! Runs the controller: the watches (identities, our Secrets, password Secrets), the triggers from
+//! the version index, one controller per watched scope, and the error policy.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use tracing::{info, warn};
+
+use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, StoredIdentity};
+use crate::metrics::Metrics;
+use crate::restart::Restarter;
+use crate::source::SecretSource;
+use crate::source::fleet::Fleet;
+
+use super::context::{Context, Memory, Settings, identity_key};
+use super::error::ReconcileError;
+use super::reconcile::reconcile_stored;
+use super::requeue;
+
+/// Runs the controller until `shutdown` completes: one controller for the whole cluster, or one per
+/// watched namespace (so the operator needs RBAC only in those), sharing the restart caps.
+pub async fn run(
+    client: kube::Client,
+    source: Arc<dyn SecretSource>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    readiness: crate::health::Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    info!(
+        namespaces = ?settings.namespaces,
+        policy = ?settings.policy.patterns(),
+        allowed_regions = ?settings.policy.allowed_regions(),
+        own_account = settings.policy.own_account().unwrap_or("(unknown)"),
+        "controller starting"
+    );
+    let restarter = Arc::new(Restarter::new(
+        client.clone(),
+        settings.restart_limits,
+        settings.allow_annotate,
+    ));
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let fleet = Arc::new(Fleet::new(
+        source.clone(),
+        settings.sweep_mode,
+        settings.sweep_interval,
+        Some(metrics.clone()),
+    ));
+    info!(
+        mode = settings.sweep_mode.as_str(),
+        interval = ?settings.sweep_interval,
+        "version sweep"
+    );
+    let sweep = tokio::spawn(fleet.clone().run_sweep(shutdown.clone()));
+    let events = settings.events.clone().map(|queue| {
+        tokio::spawn(crate::source::events::run(
+            fleet.clone(),
+            queue,
+            Some(metrics.clone()),
+            shutdown.clone(),
+        ))
+    });
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let shared = Shared {
+        client,
+        source,
+        settings,
+        metrics,
+        restarter,
+        fleet,
+    };
+    // Ready once every scope's identities have been listed.
+    let synced = readiness.after(scopes.len());
+    let controllers = scopes
+        .into_iter()
+        .map(|namespace| run_scope(shared.clone(), namespace, synced.clone(), shutdown.clone()));
+    futures::future::join_all(controllers).await;
+    sweep.abort();
+    if let Some(events) = events {
+        events.abort();
+    }
+    info!("controller stopped");
+}
+
+/// What every scope's controller shares.
+#[derive(Clone)]
+struct Shared {
+    client: kube::Client,
+    source: Arc<dyn SecretSource>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    restarter: Arc<Restarter>,
+    fleet: Arc<Fleet>,
+}
+
+async fn run_scope(
+    shared: Shared,
+    namespace: Option<String>,
+    synced: crate::health::Synced,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let Shared {
+        client,
+        source,
+        settings,
+        metrics,
+        restarter,
+        fleet,
+    } = shared;
+    let (identities, secrets): (Api<StoredIdentity>, Api<PartialObjectMeta<Secret>>) =
+        match &namespace {
+            Some(namespace) => (
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client.clone(), namespace),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (reader, writer) = reflector::store();
+    let memory = Arc::new(Memory::new(
+        Some(reader.clone()),
+        Some(metrics.identities_remembered.clone()),
+    ));
+    let mut identity_config = watcher::Config::default();
+    if let Some(selector) = &settings.identity_selector {
+        identity_config = identity_config.labels(selector);
+    }
+    let forget = {
+        let (memory, metrics, fleet) = (memory.clone(), metrics.clone(), fleet.clone());
+        let (store, scope) = (reader.clone(), namespace.clone());
+        move |event: &watcher::Event<StoredIdentity>| match event {
+            watcher::Event::Delete(identity) => {
+                let key = identity_key(identity);
+                let namespace = identity.namespace().unwrap_or_default();
+                memory.forget(&key);
+                fleet.unregister(&(namespace.clone(), key.name.clone()));
+                metrics.forget_identity(&namespace, &key.name);
+            }
+            // A re-list replaced the store: identities deleted while the watch was disconnected
+            // get no `Delete`, so whatever the store no longer holds is forgotten here.
+            watcher::Event::InitDone => {
+                let keep = |identity_namespace: &str, name: &str| {
+                    scope
+                        .as_ref()
+                        .is_some_and(|scope| scope != identity_namespace)
+                        || {
+                            let mut key = ObjectRef::<StoredIdentity>::new(name);
+                            key.namespace = Some(identity_namespace.to_string());
+                            store.get(&key).is_some()
+                        }
+                };
+                let pruned = memory.prune();
+                let unregistered =
+                    fleet.retain_identities(|(namespace, name)| keep(namespace, name));
+                let series = metrics.retain_identities(keep);
+                if pruned + unregistered + series > 0 {
+                    info!(
+                        memory = pruned,
+                        index = unregistered,
+                        metric_series = series,
+                        "forgot identities deleted while the watch was disconnected"
+                    );
+                }
+            }
+            _ => {}
+        }
+    };
+    let identity_changes = watcher(identities, identity_config)
+        .default_backoff()
+        // managedFields are most of an object's size, and `kubectl apply` keeps a whole copy of the
+        // object in an annotation: neither is read here, so neither is kept in memory.
+        .modify(|identity| {
+            identity.managed_fields_mut().clear();
+            identity
+                .annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
+        .reflect(writer)
+        // The first complete listing makes this scope ready (`/readyz`). Not the store's
+        // `wait_until_ready`: it wakes only its latest waiter, which is the controller's.
+        .inspect_ok({
+            let mut synced = Some(synced);
+            move |event| {
+                if matches!(event, watcher::Event::InitDone)
+                    && let Some(synced) = synced.take()
+                {
+                    synced.done();
+                }
+            }
+        })
+        .inspect_ok(forget)
+        .applied_objects()
+        .try_filter({
+            let memory = memory.clone();
+            move |identity| std::future::ready(memory.generation_changed(identity))
+        });
+    // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
+    let owned_secrets = watcher(
+        secrets.clone(),
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+    )
+    .default_backoff()
+    .touched_objects();
+    // Keystore password Secrets are the tenants' own, so not label-selected: every Secret that is
+    // not ours, metadata only. An edit reconciles the identities whose keystore names it, and they
+    // render the keystore again under the new password (see `sync`).
+    let password_secrets = watcher(
+        secrets,
+        watcher::Config::default().labels(&format!("!{MANAGED_BY_LABEL}")),
+    )
+    .default_backoff()
+    .touched_objects();
+    let named_by = {
+        let identities = reader.clone();
+        move |secret: PartialObjectMeta<Secret>| {
+            let (secret_namespace, secret_name) = (secret.namespace(), secret.name_any());
+            identities
+                .state()
+                .into_iter()
+                .filter(|identity| {
+                    identity.namespace() == secret_namespace
+                        && identity.password_secret() == Some(secret_name.as_str())
+                })
+                .map(|identity| ObjectRef::from_obj(identity.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (trigger, triggered) = futures::channel::mpsc::unbounded();
+    // The sweep asks for the identities of a changed secret (those in this scope).
+    let notify_trigger = trigger.clone();
+    fleet.subscribe(Arc::new(move |(identity_namespace, name)| {
+        if namespace.as_ref().is_none_or(|n| n == identity_namespace) {
+            let _ = notify_trigger.unbounded_send(ObjectRef::new(name).within(identity_namespace));
+        }
+    }));
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.to_string(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        reporter,
+        client,
+        identities: reader.clone(),
+        trigger,
+        source,
+        settings,
+        restarter,
+        metrics,
+        fleet,
+        memory,
+    });
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(context.settings.max_concurrent_reconciles.max(1));
+    Controller::for_stream(identity_changes, reader)
+        .with_config(config)
+        .owns_stream(owned_secrets)
+        .watches_stream(password_secrets, named_by)
+        .reconcile_on(triggered)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_stored, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(error = %error, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Kubernetes API errors: retried with exponential backoff per identity (5 s doubling, up to 5 min,
+/// with jitter), reset by the next reconcile that succeeds.
+fn error_policy(
+    identity: Arc<StoredIdentity>,
+    error: &ReconcileError,
+    context: Arc<Context>,
+) -> Action {
+    let key = identity_key(identity.as_ref());
+    let attempts = context.memory.update(&key, |memory| {
+        memory.api_errors = memory.api_errors.saturating_add(1);
+        memory.api_errors
+    });
+    let backoff = requeue::api_error_backoff(attempts, rand::random::<f64>());
+    warn!(
+        identity = %key,
+        reason = error.reason(),
+        error = %error,
+        attempts,
+        retry_in = ?backoff,
+        "reconcile error; retrying"
+    );
+    Action::requeue(backoff)
+}
