@@ -226,7 +226,7 @@ async fn check(args: &CheckArgs) -> Report {
             .await
             .map_err(|error| {
                 Report::refused(
-                    Some(error.reason()),
+                    Some(error.reason().as_str()),
                     format!("{error} ({})", error.detail()),
                 )
             })?;
@@ -278,7 +278,7 @@ async fn check(args: &CheckArgs) -> Report {
 
 fn material(stored: Stored<'_>, format: StoredFormat<'_>) -> Result<Material, Report> {
     pki::read_material(stored, format)
-        .map_err(|error| Report::refused(Some(error.reason()), error.to_string()))
+        .map_err(|error| Report::refused(Some(error.reason().as_str()), error.to_string()))
 }
 
 /// An ARN names its region.

@@ -39,10 +39,11 @@ pub enum LeaderError {
 }
 
 impl LeaderError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::api::conditions::Reason {
+        use crate::api::conditions::Reason;
         match self {
-            Self::Lease { .. } => "LeaseError",
-            Self::Lost => "LeaseLost",
+            Self::Lease { .. } => Reason::LeaseError,
+            Self::Lost => Reason::LeaseLost,
         }
     }
 }

@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::api::MtlsIdentityStatus;
-use crate::controller::status;
+use crate::api::conditions::{ConditionType, Outcome, Reason};
 
 /// What `/metrics` says about one identity.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -265,18 +265,12 @@ impl Metrics {
         );
         // Counters with fixed outcomes start at 0, so /metrics lists them (and rate() works) before
         // the first restart or event.
-        for outcome in ["triggered", "failed"] {
+        for outcome in Outcome::RESTARTS {
             let _ = metrics.restarts.get_or_create(&OutcomeLabels {
                 outcome: outcome.to_string(),
             });
         }
-        for outcome in [
-            "received",
-            "handled",
-            "unknown_secret",
-            "rejected",
-            "queue_error",
-        ] {
+        for outcome in Outcome::EVENTS {
             let _ = metrics.events.get_or_create(&OutcomeLabels {
                 outcome: outcome.to_string(),
             });
@@ -304,11 +298,11 @@ impl Metrics {
         name: &str,
         previous: Option<&MtlsIdentityStatus>,
         now: &MtlsIdentityStatus,
-        outcome: Result<(), &str>,
+        outcome: Result<(), Reason>,
     ) {
         let (sync_outcome, reason) = match outcome {
-            Ok(()) => ("success", status::REASON_SYNCED),
-            Err(reason) => ("failure", reason),
+            Ok(()) => (Outcome::Success, Reason::Synced),
+            Err(reason) => (Outcome::Failure, reason),
         };
         self.syncs
             .get_or_create(&SyncLabels {
@@ -316,7 +310,10 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
-        let ready = now.conditions.iter().find(|c| c.type_ == status::READY);
+        let ready = now
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Ready);
         let unix = |text: &str| {
             chrono::DateTime::parse_from_rfc3339(text)
                 .map(|time| time.timestamp())
@@ -330,7 +327,7 @@ impl Metrics {
             source_reachable: !now
                 .conditions
                 .iter()
-                .any(|c| c.type_ == status::SOURCE_REACHABLE && c.status == "False"),
+                .any(|c| c.type_ == ConditionType::SourceReachable && c.status == "False"),
             ..IdentitySeries::default()
         };
         // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
@@ -369,7 +366,16 @@ impl Metrics {
         crate::lock(&self.identities.series).insert((namespace.into(), name.into()), values);
     }
 
-    pub fn record_event(&self, outcome: &str) {
+    /// Counts `count` workload restarts with `outcome` (triggered or failed).
+    pub fn record_restarts(&self, outcome: Outcome, count: usize) {
+        self.restarts
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    pub fn record_event(&self, outcome: Outcome) {
         self.events
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_string(),

@@ -8,6 +8,7 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod conditions;
 mod stored;
 pub use stored::StoredIdentity;
 

@@ -8,7 +8,7 @@ use crate::source::id::{RoleArn, SecretId, parse_region, parse_role_arn, parse_s
 use crate::source::policy::{Denied, SourcePolicy};
 use crate::source::{AssumedRole, SecretRef, SourceError, VersionSelector};
 
-use super::status::READY;
+use crate::api::conditions::{ConditionType, Reason};
 
 /// Why an identity could not be synced. Each variant maps to one fixed reason.
 #[derive(Debug, thiserror::Error)]
@@ -75,15 +75,15 @@ impl SyncFailure {
         }
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::NotAllowed { .. } | Self::RoleNotAllowed { .. } => "SourceNotAllowed",
-            Self::TargetConflict { .. } => "TargetConflict",
+            Self::NotAllowed { .. } | Self::RoleNotAllowed { .. } => Reason::SourceNotAllowed,
+            Self::TargetConflict { .. } => Reason::TargetConflict,
             Self::Source(error) => error.reason(),
             Self::Material { error, .. } => error.reason(),
-            Self::InvalidSpec(_) => "InvalidSpec",
-            Self::KeystorePasswordMissing { .. } => "KeystorePasswordMissing",
-            Self::Keystore(_) => "KeystoreFailed",
+            Self::InvalidSpec(_) => Reason::InvalidSpec,
+            Self::KeystorePasswordMissing { .. } => Reason::KeystorePasswordMissing,
+            Self::Keystore(_) => Reason::KeystoreFailed,
         }
     }
 }
@@ -249,7 +249,10 @@ pub fn synced_from_status(
     now_unix: i64,
 ) -> Option<Synced> {
     let status = status?;
-    let ready = status.conditions.iter().find(|c| c.type_ == READY)?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Ready)?;
     if ready.status != "True" || status.observed_generation != generation {
         return None;
     }
@@ -345,19 +348,19 @@ mod tests {
         assert_eq!(reason(&source(arn, Some("eu-west-1"), None)), None);
         assert_eq!(
             reason(&source(arn, Some("eu-central-1"), None)),
-            Some("InvalidSpec")
+            Some(Reason::InvalidSpec)
         );
         assert_eq!(
             reason(&source("payments/x", Some("us-east-1"), None)),
-            Some("SourceNotAllowed")
+            Some(Reason::SourceNotAllowed)
         );
         assert_eq!(
             reason(&source("payments/x", Some("../../x"), None)),
-            Some("InvalidSpec")
+            Some(Reason::InvalidSpec)
         );
         assert_eq!(
             reason(&source("payments/x", None, Some("billing/ca"))),
-            Some("SourceNotAllowed")
+            Some(Reason::SourceNotAllowed)
         );
         assert_eq!(
             reason(&source(
@@ -365,10 +368,13 @@ mod tests {
                 None,
                 None
             )),
-            Some("InvalidSpec")
+            Some(Reason::InvalidSpec)
         );
         let no_region = check_source(&source("payments/x", None, None), "payments", &policy, None);
-        assert_eq!(no_region.err().map(|f| f.reason()), Some("InvalidSpec"));
+        assert_eq!(
+            no_region.err().map(|f| f.reason()),
+            Some(Reason::InvalidSpec)
+        );
         // The refusal names neither the patterns nor other namespaces.
         let refused = check(&source("billing/x", None, None))
             .err()

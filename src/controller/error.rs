@@ -1,6 +1,8 @@
 //! The controller's one error type: Kubernetes API failures and impossible input, each with the
 //! fixed reason string that status conditions, Events and metrics share.
 
+use crate::api::conditions::Reason;
+
 /// Errors talking to Kubernetes; the reconcile is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -14,11 +16,11 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Kube(_) => "KubernetesApiError",
-            Self::NoNamespace => "InvalidSpec",
-            Self::InvalidStatus(_) => "InvalidStatus",
+            Self::Kube(_) => Reason::KubernetesApiError,
+            Self::NoNamespace => Reason::InvalidSpec,
+            Self::InvalidStatus(_) => Reason::InvalidStatus,
         }
     }
 }

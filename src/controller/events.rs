@@ -19,7 +19,7 @@ pub(super) async fn publish(
         } else {
             EventType::Normal
         },
-        reason: event.reason,
+        reason: event.reason.to_string(),
         note: Some(event.note),
         action: "Sync".to_string(),
         secondary: None,

@@ -9,8 +9,8 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+use crate::api::conditions::{ConditionType, Outcome};
 use crate::api::{MtlsIdentity, StoredIdentity, parse_duration};
-use crate::metrics::OutcomeLabels;
 use crate::restart::RestartReport;
 use crate::source::fleet::SweepMode;
 
@@ -139,20 +139,20 @@ async fn reconcile_inner(
             .await
             {
                 Ok(report) => {
-                    status::clear_condition(&mut status.conditions, status::RESTARTS);
+                    status::clear_condition(&mut status.conditions, ConditionType::Restarts);
                     report
                 }
                 Err(error) => {
                     let condition = match &error {
                         ReconcileError::InvalidStatus(problem) => status::failed_condition(
-                            status::RESTARTS,
+                            ConditionType::Restarts,
                             error.reason(),
                             format!("{problem}; restarts wait until it is corrected"),
                             identity.metadata.generation,
                             &now,
                         ),
                         _ => status::api_error_condition(
-                            status::RESTARTS,
+                            ConditionType::Restarts,
                             "could not list or patch the workloads that use the Secret; \
                                  retrying",
                             identity.metadata.generation,
@@ -174,17 +174,12 @@ async fn reconcile_inner(
             }
             rotation.restarted_workloads.sort();
             rotation.complete = report.complete();
-            let restarts = |outcome: &str, count: usize| {
-                context
-                    .metrics
-                    .restarts
-                    .get_or_create(&OutcomeLabels {
-                        outcome: outcome.to_string(),
-                    })
-                    .inc_by(count as u64);
-            };
-            restarts("triggered", report.triggered.len());
-            restarts("failed", report.failed.len());
+            context
+                .metrics
+                .record_restarts(Outcome::Triggered, report.triggered.len());
+            context
+                .metrics
+                .record_restarts(Outcome::Failed, report.failed.len());
             restarts_pending = !rotation.complete;
             rotation::publish_restart_events(context, &identity, &namespace, &report).await;
         }
@@ -195,7 +190,7 @@ async fn reconcile_inner(
         status::set_condition(
             &mut status.conditions,
             status::api_error_condition(
-                egress::EGRESS_CONDITION,
+                ConditionType::Egress,
                 "could not read or write the egress proxy's objects; retrying",
                 identity.metadata.generation,
                 &now,
@@ -246,7 +241,7 @@ async fn reconcile_inner(
         // The detail (AWS's own words, the policy's verdict) goes to the operator's log only.
         Err(failure) => warn!(
             identity = %key,
-            reason = failure.reason(),
+            reason = failure.reason().as_str(),
             message = %failure,
             detail = %failure.detail(),
             "sync failed"
@@ -267,7 +262,7 @@ async fn reconcile_inner(
     if let Err(failure) = &attempted
         && failure.is_transient()
     {
-        warn!(identity = %key, reason = failure.reason(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
+        warn!(identity = %key, reason = failure.reason().as_str(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
     let failures = context
         .memory

@@ -3,8 +3,8 @@
 //!
 //! Coalescing is decided from state, not from a timer: a workload that mounts the Secrets of
 //! several identities is restarted once each sibling's Secret holds the version the version index
-//! expects for its source (checked once, right after this rotation, so a sibling rotated at the same
-//! time is seen even before the sweep), or after [`COALESCE_LIMIT`]. The restart tokens of all of
+//! expects for its source (confirmed by a sweep after this rotation began, asked for at once, so a
+//! sibling rotated at the same time is seen; no AWS call is made here), or after [`COALESCE_LIMIT`]. The restart tokens of all of
 //! them go into that one patch, read from the Secrets as they are then; a sibling that syncs later
 //! finds its token already in place and restarts nothing.
 
@@ -22,6 +22,8 @@ use crate::api::{
     FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, StoredIdentity, VERSION_ID_ANNOTATION,
 };
 use crate::restart::{RestartReport, RestartRequest, Workload};
+
+use crate::api::conditions::Reason;
 
 use super::context::{Context, identity_key};
 use super::decide;
@@ -121,13 +123,14 @@ pub(super) async fn restart_workloads(
             .iter()
             .map(|sibling| sibling_source(sibling, namespace, context))
             .collect();
+        // A sibling rotated at the same time may not have been swept yet: the sweep checks its
+        // version next (batched with whatever else is due), and until it has, the sibling counts as
+        // syncing. The restart phase itself makes no Secrets Manager call.
+        let since = Instant::now()
+            .checked_sub(waited)
+            .unwrap_or_else(Instant::now);
         if first_look {
-            // A sibling rotated at the same time may not have been swept yet: check now.
-            let checks = sources
-                .iter()
-                .flatten()
-                .map(|secret| context.fleet.check(secret));
-            futures::future::join_all(checks).await;
+            context.fleet.sweep_soon(sources.iter().flatten());
         }
         let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
         let mut states = Vec::with_capacity(siblings.len());
@@ -145,11 +148,18 @@ pub(super) async fn restart_workloads(
                 .read(&identity_key(sibling.as_ref()), |memory| {
                     memory.known_bad.clone()
                 });
-            let state = self::sibling(
-                expected.as_deref(),
-                refused.as_deref(),
-                annotations.as_ref(),
-            );
+            let unconfirmed = source
+                .as_ref()
+                .is_some_and(|secret| !context.fleet.confirmed_since(secret, since));
+            let state = if unconfirmed {
+                Sibling::Syncing
+            } else {
+                self::sibling(
+                    expected.as_deref(),
+                    refused.as_deref(),
+                    annotations.as_ref(),
+                )
+            };
             if let Sibling::Settled(Some(fingerprint)) = &state {
                 tokens_by_secret.insert(
                     secret_name,
@@ -263,15 +273,15 @@ pub(super) async fn publish_restart_events(
     report: &RestartReport,
 ) {
     let identity_ref = identity.object_ref(&());
-    let warn = |reason: &str, note: String| status::EventToEmit {
+    let warn = |reason: Reason, note: String| status::EventToEmit {
         warning: true,
-        reason: reason.to_string(),
+        reason,
         note,
     };
     if !report.triggered.is_empty() {
         let event = status::EventToEmit {
             warning: false,
-            reason: "RestartTriggered".to_string(),
+            reason: Reason::RestartTriggered,
             note: format!(
                 "restarted for the new certificate: {}",
                 report.triggered.join(", ")
@@ -290,7 +300,7 @@ pub(super) async fn publish_restart_events(
                 };
                 let event = status::EventToEmit {
                     warning: false,
-                    reason: "RestartTriggered".to_string(),
+                    reason: Reason::RestartTriggered,
                     note: format!(
                         "restarted by MtlsIdentity {} for its new certificate",
                         identity.name_any()
@@ -304,7 +314,7 @@ pub(super) async fn publish_restart_events(
         publish(
             context,
             &identity_ref,
-            warn("RestartFailed", format!("{workload}: {error}")),
+            warn(Reason::RestartFailed, format!("{workload}: {error}")),
         )
         .await;
     }
@@ -314,14 +324,14 @@ pub(super) async fn publish_restart_events(
              the Deployment is resumed",
             report.paused.join(", ")
         );
-        publish(context, &identity_ref, warn("RolloutPaused", note)).await;
+        publish(context, &identity_ref, warn(Reason::RolloutPaused, note)).await;
     }
     if !report.missing.is_empty() {
         let note = format!(
             "listed in spec.restart.workloads but not found: {}",
             report.missing.join(", ")
         );
-        publish(context, &identity_ref, warn("WorkloadNotFound", note)).await;
+        publish(context, &identity_ref, warn(Reason::WorkloadNotFound, note)).await;
     }
     if !report.not_using.is_empty() {
         let note = format!(
@@ -330,7 +340,12 @@ pub(super) async fn publish_restart_events(
             identity.target_secret_name(),
             report.not_using.join(", ")
         );
-        publish(context, &identity_ref, warn("WorkloadNotUsingSecret", note)).await;
+        publish(
+            context,
+            &identity_ref,
+            warn(Reason::WorkloadNotUsingSecret, note),
+        )
+        .await;
     }
     if !report.annotate_disabled.is_empty() {
         let note = format!(
@@ -338,7 +353,7 @@ pub(super) async fn publish_restart_events(
              restart.annotate.enabled, which grants pods: patch); not annotated: {}",
             report.annotate_disabled.join(", ")
         );
-        publish(context, &identity_ref, warn("AnnotateDisabled", note)).await;
+        publish(context, &identity_ref, warn(Reason::AnnotateDisabled, note)).await;
     }
     for workload in &report.stalled {
         warn!(namespace, workload = %workload, "rollout past the deadline: its slot is released");
@@ -347,7 +362,7 @@ pub(super) async fn publish_restart_events(
              restart slot was released so other rotations can proceed. Check why its pods do not \
              become ready"
         );
-        publish(context, &identity_ref, warn("RestartStalled", note)).await;
+        publish(context, &identity_ref, warn(Reason::RestartStalled, note)).await;
     }
 }
 

@@ -292,7 +292,7 @@ fn error_policy(
     let backoff = requeue::api_error_backoff(attempts, rand::random::<f64>());
     warn!(
         identity = %key,
-        reason = error.reason(),
+        reason = error.reason().as_str(),
         error = %error,
         attempts,
         retry_in = ?backoff,

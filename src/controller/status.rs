@@ -7,10 +7,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{Condition, MtlsIdentityStatus, RotationStatus, SourceStatus};
 
-use super::decide::*;
+use crate::api::conditions::{ConditionType, Reason};
 
-pub const READY: &str = "Ready";
-pub const REASON_SYNCED: &str = "Synced";
+use super::decide::*;
 
 /// A condition's transition time from `now`, the reconcile's current time as RFC 3339 text (the
 /// form the rest of status uses). That text is always the operator's own rendering of the current
@@ -42,7 +41,7 @@ pub fn next_status(
             status.secret_name = Some(synced.secret_name.clone());
             (
                 "True",
-                REASON_SYNCED.to_string(),
+                Reason::Synced,
                 format!(
                     "Secret {} holds certificate {} from version {}, valid until {}",
                     synced.secret_name,
@@ -52,14 +51,14 @@ pub fn next_status(
                 ),
             )
         }
-        Err(failure) => ("False", failure.reason().to_string(), failure.to_string()),
+        Err(failure) => ("False", failure.reason(), failure.to_string()),
     };
     set_condition(
         &mut status.conditions,
         Condition {
-            type_: READY.to_string(),
+            type_: ConditionType::Ready.to_string(),
             status: condition_status.to_string(),
-            reason,
+            reason: reason.to_string(),
             message,
             last_transition_time: transition_time(now),
             observed_generation: generation,
@@ -67,10 +66,6 @@ pub fn next_status(
     );
     status
 }
-
-/// Whether Secrets Manager answered the last check: False (with the reason) during a transient
-/// failure while Ready stays True on the certificate in place.
-pub const SOURCE_REACHABLE: &str = "SourceReachable";
 
 /// Sets `SourceReachable` from the last attempt; returns a Warning Event when it turns False and a
 /// Normal one when it comes back.
@@ -83,7 +78,7 @@ pub fn source_reachable(
     let was_unreachable = status
         .conditions
         .iter()
-        .any(|c| c.type_ == SOURCE_REACHABLE && c.status == "False");
+        .any(|c| c.type_ == ConditionType::SourceReachable && c.status == "False");
     let (condition_status, reason, message) = match transient {
         Some(failure) => (
             "False",
@@ -100,7 +95,7 @@ pub fn source_reachable(
         ),
         None if synced => (
             "True",
-            "Reachable",
+            Reason::Reachable,
             "Secrets Manager answered the last check".to_string(),
         ),
         // A permanent failure: Ready says it; reachability is not the question.
@@ -109,7 +104,7 @@ pub fn source_reachable(
     set_condition(
         &mut status.conditions,
         Condition {
-            type_: SOURCE_REACHABLE.to_string(),
+            type_: ConditionType::SourceReachable.to_string(),
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message: message.clone(),
@@ -120,31 +115,28 @@ pub fn source_reachable(
     match (transient.is_some(), was_unreachable) {
         (true, false) => Some(EventToEmit {
             warning: true,
-            reason: "SourceUnreachable".to_string(),
+            reason: Reason::SourceUnreachable,
             note: message,
         }),
         (false, true) => Some(EventToEmit {
             warning: false,
-            reason: "SourceReachable".to_string(),
+            reason: Reason::SourceReachable,
             note: message,
         }),
         _ => None,
     }
 }
 
-/// The condition that says restarts for the last rotation could not be done (Kubernetes refused).
-pub const RESTARTS: &str = "Restarts";
-
 /// A condition saying the Kubernetes API failed for `what`; the reconcile is retried.
 pub fn api_error_condition(
-    type_: &str,
+    type_: ConditionType,
     what: &str,
     generation: Option<i64>,
     now: &str,
 ) -> Condition {
     failed_condition(
         type_,
-        "KubernetesApiError",
+        Reason::KubernetesApiError,
         format!("the Kubernetes API failed: {what}"),
         generation,
         now,
@@ -153,8 +145,8 @@ pub fn api_error_condition(
 
 /// A condition of `type_` that is False for `reason`.
 pub fn failed_condition(
-    type_: &str,
-    reason: &str,
+    type_: ConditionType,
+    reason: Reason,
     message: String,
     generation: Option<i64>,
     now: &str,
@@ -169,7 +161,7 @@ pub fn failed_condition(
     }
 }
 
-pub fn clear_condition(conditions: &mut Vec<Condition>, type_: &str) {
+pub fn clear_condition(conditions: &mut Vec<Condition>, type_: ConditionType) {
     conditions.retain(|c| c.type_ != type_);
 }
 
@@ -184,8 +176,6 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
         conditions.push(condition);
     }
 }
-
-pub const EXPIRING_SOON: &str = "ExpiringSoon";
 
 /// Sets the `ExpiringSoon` condition from the certificate now in the Secret (after a failed sync the
 /// previous condition stays, as the Secret does). Returns a Warning Event when it turns True; it is
@@ -203,11 +193,11 @@ pub fn expiry(
     let was_expiring = status
         .conditions
         .iter()
-        .any(|c| c.type_ == EXPIRING_SOON && c.status == "True");
+        .any(|c| c.type_ == ConditionType::ExpiringSoon && c.status == "True");
     let (condition_status, reason, message) = if expiring {
         (
             "True",
-            EXPIRING_SOON,
+            Reason::ExpiringSoon,
             format!(
                 "certificate {} expires at {} ({} days left) and Secrets Manager has no newer version",
                 synced.certificate.serial_number,
@@ -218,14 +208,14 @@ pub fn expiry(
     } else {
         (
             "False",
-            "Valid",
+            Reason::Valid,
             format!("certificate valid until {}", synced.certificate.not_after),
         )
     };
     set_condition(
         &mut status.conditions,
         Condition {
-            type_: EXPIRING_SOON.to_string(),
+            type_: ConditionType::ExpiringSoon.to_string(),
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message: message.clone(),
@@ -233,9 +223,9 @@ pub fn expiry(
             observed_generation: status.observed_generation,
         },
     );
-    (expiring && !was_expiring).then(|| EventToEmit {
+    (expiring && !was_expiring).then_some(EventToEmit {
         warning: true,
-        reason: EXPIRING_SOON.to_string(),
+        reason: Reason::ExpiringSoon,
         note: message,
     })
 }
@@ -282,7 +272,7 @@ pub fn rotation(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventToEmit {
     pub warning: bool,
-    pub reason: String,
+    pub reason: Reason,
     pub note: String,
 }
 
@@ -290,8 +280,12 @@ pub fn event_for(
     previous: Option<&MtlsIdentityStatus>,
     outcome: &Result<Synced, SyncFailure>,
 ) -> Option<EventToEmit> {
-    let previous_ready =
-        previous.and_then(|status| status.conditions.iter().find(|c| c.type_ == READY));
+    let previous_ready = previous.and_then(|status| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Ready)
+    });
     match outcome {
         Ok(synced) => {
             let same_content = previous.is_some_and(|status| {
@@ -308,7 +302,11 @@ pub fn event_for(
                 .is_some_and(|c| c.sha256_fingerprint != synced.certificate.sha256_fingerprint);
             (!(same_content && was_ready)).then(|| EventToEmit {
                 warning: false,
-                reason: if rotated { "Rotated" } else { REASON_SYNCED }.to_string(),
+                reason: if rotated {
+                    Reason::Rotated
+                } else {
+                    Reason::Synced
+                },
                 note: format!(
                     "Secret {} written from version {} (certificate {}, expires {})",
                     synced.secret_name,
@@ -323,7 +321,7 @@ pub fn event_for(
                 previous_ready.is_some_and(|c| c.status == "False" && c.reason == failure.reason());
             (!same_failure).then(|| EventToEmit {
                 warning: true,
-                reason: failure.reason().to_string(),
+                reason: failure.reason(),
                 note: failure.to_string(),
             })
         }
@@ -383,11 +381,11 @@ mod tests {
             "resync"
         );
         let rotated = event_for(Some(&first), &Ok(synced("v2", "f2"))).map(|e| e.reason);
-        assert_eq!(rotated.as_deref(), Some("Rotated"));
+        assert_eq!(rotated, Some(Reason::Rotated));
 
         let failed = next_status(Some(&first), Some(1), &Err(denied()), "t");
         let warning = event_for(Some(&first), &Err(denied())).filter(|e| e.warning);
-        assert_eq!(warning.map(|e| e.reason).as_deref(), Some("AccessDenied"));
+        assert_eq!(warning.map(|e| e.reason), Some(Reason::AccessDenied));
         assert!(
             event_for(Some(&failed), &Err(denied())).is_none(),
             "same failure again"
@@ -406,7 +404,7 @@ mod tests {
         };
         let mut status = next_status(None, Some(1), &Ok(soon.clone()), "t");
         let event = expiry(&mut status, &Ok(soon.clone()), 1_000 * day, month, "t");
-        assert_eq!(event.map(|e| e.reason).as_deref(), Some("ExpiringSoon"));
+        assert_eq!(event.map(|e| e.reason), Some(Reason::ExpiringSoon));
         assert!(
             status
                 .conditions

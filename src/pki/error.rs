@@ -4,6 +4,8 @@
 //! wrong, never the content: these strings end up in status conditions, Events and logs, and the private
 //! key must appear only in the target Secret.
 
+use crate::api::conditions::Reason;
+
 /// Why certificate material was rejected. Each variant maps to one fixed [`PkiError::reason`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PkiError {
@@ -151,48 +153,48 @@ pub enum PkiError {
 }
 
 impl PkiError {
-    /// Fixed CamelCase reason for status conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    /// Fixed reason for status conditions, Events and metric labels.
+    pub fn reason(&self) -> Reason {
         match self {
-            PkiError::TooLarge { .. } => "TooLarge",
-            PkiError::BinaryNotText => "BinaryNotText",
-            PkiError::InvalidPkcs12 { .. } => "InvalidPkcs12",
-            PkiError::InvalidJson { .. } => "InvalidJson",
-            PkiError::MissingField { .. } => "MissingField",
-            PkiError::EmptyField { .. } => "EmptyField",
-            PkiError::InvalidPem { .. } => "InvalidPem",
-            PkiError::MissingCertificate { .. } => "MissingCertificate",
-            PkiError::MissingPrivateKey { .. } => "MissingPrivateKey",
-            PkiError::MultipleKeys { .. } => "MultipleKeys",
-            PkiError::EncryptedKey { .. } => "EncryptedKey",
-            PkiError::UnsupportedKey { .. } => "UnsupportedKey",
-            PkiError::KeyMismatch { .. } => "KeyMismatch",
-            PkiError::ChainInvalid { .. } => "ChainInvalid",
-            PkiError::NotYetValid { .. } => "NotYetValid",
-            PkiError::Expired { .. } => "Expired",
-            PkiError::MissingClientAuth { .. } => "MissingClientAuth",
+            PkiError::TooLarge { .. } => Reason::TooLarge,
+            PkiError::BinaryNotText => Reason::BinaryNotText,
+            PkiError::InvalidPkcs12 { .. } => Reason::InvalidPkcs12,
+            PkiError::InvalidJson { .. } => Reason::InvalidJson,
+            PkiError::MissingField { .. } => Reason::MissingField,
+            PkiError::EmptyField { .. } => Reason::EmptyField,
+            PkiError::InvalidPem { .. } => Reason::InvalidPem,
+            PkiError::MissingCertificate { .. } => Reason::MissingCertificate,
+            PkiError::MissingPrivateKey { .. } => Reason::MissingPrivateKey,
+            PkiError::MultipleKeys { .. } => Reason::MultipleKeys,
+            PkiError::EncryptedKey { .. } => Reason::EncryptedKey,
+            PkiError::UnsupportedKey { .. } => Reason::UnsupportedKey,
+            PkiError::KeyMismatch { .. } => Reason::KeyMismatch,
+            PkiError::ChainInvalid { .. } => Reason::ChainInvalid,
+            PkiError::NotYetValid { .. } => Reason::NotYetValid,
+            PkiError::Expired { .. } => Reason::Expired,
+            PkiError::MissingClientAuth { .. } => Reason::MissingClientAuth,
         }
     }
 
     /// Every reason this module can produce, for metrics pre-registration and docs.
-    pub const REASONS: &'static [&'static str] = &[
-        "TooLarge",
-        "BinaryNotText",
-        "InvalidPkcs12",
-        "InvalidJson",
-        "MissingField",
-        "EmptyField",
-        "InvalidPem",
-        "MissingCertificate",
-        "MissingPrivateKey",
-        "MultipleKeys",
-        "EncryptedKey",
-        "UnsupportedKey",
-        "KeyMismatch",
-        "ChainInvalid",
-        "NotYetValid",
-        "Expired",
-        "MissingClientAuth",
+    pub const REASONS: &'static [Reason] = &[
+        Reason::TooLarge,
+        Reason::BinaryNotText,
+        Reason::InvalidPkcs12,
+        Reason::InvalidJson,
+        Reason::MissingField,
+        Reason::EmptyField,
+        Reason::InvalidPem,
+        Reason::MissingCertificate,
+        Reason::MissingPrivateKey,
+        Reason::MultipleKeys,
+        Reason::EncryptedKey,
+        Reason::UnsupportedKey,
+        Reason::KeyMismatch,
+        Reason::ChainInvalid,
+        Reason::NotYetValid,
+        Reason::Expired,
+        Reason::MissingClientAuth,
     ];
 
     pub(crate) fn invalid_pem(origin: &str, detail: impl Into<String>) -> Self {

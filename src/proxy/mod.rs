@@ -107,15 +107,16 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Fixed CamelCase reason for logs and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::api::conditions::Reason {
+        use crate::api::conditions::Reason;
         match self {
-            ProxyError::InvalidUpstream { .. } => "InvalidUpstream",
-            ProxyError::InvalidArgument { .. } => "InvalidArgument",
-            ProxyError::NoTrustRoots { .. } => "NoTrustRoots",
-            ProxyError::InvalidUpstreamCa { .. } => "InvalidUpstreamCa",
-            ProxyError::Certificate(_) => "InvalidCertificate",
-            ProxyError::Tls { .. } => "TlsConfig",
-            ProxyError::Bind { .. } => "BindFailed",
+            ProxyError::InvalidUpstream { .. } => Reason::InvalidUpstream,
+            ProxyError::InvalidArgument { .. } => Reason::InvalidArgument,
+            ProxyError::NoTrustRoots { .. } => Reason::NoTrustRoots,
+            ProxyError::InvalidUpstreamCa { .. } => Reason::InvalidUpstreamCa,
+            ProxyError::Certificate(_) => Reason::InvalidCertificate,
+            ProxyError::Tls { .. } => Reason::TlsConfig,
+            ProxyError::Bind { .. } => Reason::BindFailed,
         }
     }
 }

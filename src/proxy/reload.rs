@@ -177,7 +177,7 @@ impl Reloader {
             Err(error) => {
                 self.shared.metrics.reload(false);
                 warn!(
-                    reason = error.reason(),
+                    reason = error.reason().as_str(),
                     %error,
                     in_use = self.shared.current().is_some(),
                     "refused the client certificate files; keeping the certificate in use"

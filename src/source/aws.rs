@@ -234,7 +234,7 @@ impl SecretsManagerSource {
                 operation,
                 match &result {
                     Ok(_) => "success",
-                    Err(error) => error.reason(),
+                    Err(error) => error.reason().as_str(),
                 },
             );
             let congested = matches!(

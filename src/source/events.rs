@@ -11,6 +11,7 @@ use aws_sdk_sqs::error::ProvideErrorMetadata;
 use tracing::{info, warn};
 
 use super::fleet::Fleet;
+use crate::api::conditions::Outcome;
 
 /// The queue to consume.
 #[derive(Clone, Debug)]
@@ -74,7 +75,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let count = |outcome: &str| {
+    let count = |outcome: Outcome| {
         if let Some(metrics) = &metrics {
             metrics.record_event(outcome);
         }
@@ -96,7 +97,7 @@ pub async fn run(
         let output = match received {
             Ok(output) => output,
             Err(error) => {
-                count("queue_error");
+                count(Outcome::QueueError);
                 if !failing {
                     warn!(
                         queue = %queue.url,
@@ -119,7 +120,7 @@ pub async fn run(
         }
         backoff = Duration::from_secs(1);
         for message in output.messages() {
-            count("received");
+            count(Outcome::Received);
             match secrets_in(message.body().unwrap_or_default()) {
                 Ok(secrets) => {
                     let mut matched = 0;
@@ -127,13 +128,13 @@ pub async fn run(
                         matched += fleet.changed(secret).await;
                     }
                     count(if matched > 0 {
-                        "handled"
+                        Outcome::Handled
                     } else {
-                        "unknown_secret"
+                        Outcome::UnknownSecret
                     });
                 }
                 Err(rejected) => {
-                    count("rejected");
+                    count(Outcome::Rejected);
                     warn!(reason = %rejected, "dropping a change event");
                 }
             }

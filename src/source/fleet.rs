@@ -182,6 +182,30 @@ impl Fleet {
         self.apply(secret, described.map(Some));
     }
 
+    /// Asks the sweep to check these secrets' versions next, at once (a rotation waiting for its
+    /// siblings); nothing in `get` mode, which has no sweep.
+    pub fn sweep_soon<'a>(&self, secrets: impl IntoIterator<Item = &'a SecretRef>) {
+        if self.mode == SweepMode::Get {
+            return;
+        }
+        {
+            let mut index = lock(&self.index);
+            for secret in secrets {
+                index.sweep_soon(secret);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether `secret`'s version was read or checked at or after `since`; always in `get` mode,
+    /// where nothing but a read checks it.
+    pub fn confirmed_since(&self, secret: &SecretRef, since: Instant) -> bool {
+        self.mode == SweepMode::Get
+            || lock(&self.index)
+                .checked_at(secret)
+                .is_some_and(|checked| checked >= since)
+    }
+
     /// The version `secret`'s identities should hold now, as far as the index knows.
     pub fn expected_version(&self, secret: &SecretRef) -> Option<String> {
         lock(&self.index).current(secret).map(str::to_string)
@@ -282,7 +306,7 @@ impl Fleet {
                 warn!(
                     region = scope.region,
                     role = scope.role.as_ref().map(|role| role.arn.as_str()),
-                    reason = error.reason(),
+                    reason = error.reason().as_str(),
                     detail = error.detail(),
                     "ListSecrets failed; versions are checked again at the next sweep, and \
                      identities read their values at their refresh interval meanwhile"
@@ -310,7 +334,7 @@ impl Fleet {
                 // Not checked: the identity falls back to reading at its refresh interval.
                 debug!(
                     secret = %secret.secret_id,
-                    reason = error.reason(),
+                    reason = error.reason().as_str(),
                     detail = error.detail(),
                     "version check failed"
                 );

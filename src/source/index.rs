@@ -234,6 +234,13 @@ impl VersionIndex {
             .as_deref()
     }
 
+    /// Makes `secret` due for the sweep now (if the sweep checks it at all).
+    pub fn sweep_soon(&mut self, secret: &SecretRef) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+            entry.swept = None;
+        }
+    }
+
     /// When `secret` was last read or checked.
     pub fn checked_at(&self, secret: &SecretRef) -> Option<Instant> {
         self.entries.get(&SecretKey::from(secret))?.checked
@@ -367,6 +374,50 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A rotation waiting for its siblings asks for their secrets to be swept at once: a secret
+    /// swept a moment ago is due again, and only once.
+    #[test]
+    fn sweep_soon_makes_a_freshly_swept_secret_due() {
+        let mut index = VersionIndex::default();
+        let now = Instant::now();
+        index.register(&who("a"), &[secret("s")], HOUR);
+        index.observe(&secret("s"), Some("v1"), now);
+        let interval = Duration::from_secs(300);
+        assert!(index.due(now, interval).is_empty(), "just swept");
+        index.sweep_soon(&secret("s"));
+        index.sweep_soon(&secret("not-registered"));
+        assert_eq!(index.due(now, interval).len(), 1);
+        assert_eq!(index.next_due(now, interval), Some(now));
+        index.observe(&secret("s"), Some("v1"), now);
+        assert!(index.due(now, interval).is_empty(), "swept again");
+    }
+
+    /// Identities deleted while the watch was disconnected are dropped with the secrets only they
+    /// referenced.
+    #[test]
+    fn identities_lists_every_registered_identity_for_pruning() {
+        let mut index = VersionIndex::default();
+        index.register(&who("a"), &[secret("shared"), secret("a")], HOUR);
+        index.register(&who("b"), &[secret("shared")], HOUR);
+        let gone: Vec<IdentityKey> = index
+            .identities()
+            .filter(|key| key.1 == "a")
+            .cloned()
+            .collect();
+        for identity in &gone {
+            index.unregister(identity);
+        }
+        assert_eq!(
+            index.identities().cloned().collect::<Vec<_>>(),
+            vec![who("b")]
+        );
+        assert_eq!(
+            index.len(),
+            1,
+            "the secret only a read is gone, the shared one stays"
+        );
+    }
 
     #[test]
     fn identities_on_one_secret_share_one_entry() {

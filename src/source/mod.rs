@@ -142,13 +142,14 @@ impl SourceError {
         }
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::api::conditions::Reason {
+        use crate::api::conditions::Reason;
         match self {
-            Self::NotFound { .. } => "SourceNotFound",
-            Self::AccessDenied { .. } | Self::RoleDenied { .. } => "AccessDenied",
-            Self::Throttled { .. } => "Throttled",
-            Self::Empty { .. } => "EmptySource",
-            Self::Unavailable { .. } => "SourceUnavailable",
+            Self::NotFound { .. } => Reason::SourceNotFound,
+            Self::AccessDenied { .. } | Self::RoleDenied { .. } => Reason::AccessDenied,
+            Self::Throttled { .. } => Reason::Throttled,
+            Self::Empty { .. } => Reason::EmptySource,
+            Self::Unavailable { .. } => Reason::SourceUnavailable,
         }
     }
 }

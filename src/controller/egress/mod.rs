@@ -7,13 +7,13 @@ pub mod objects;
 use kube::api::Api;
 use kube::{Resource, ResourceExt};
 
+use crate::api::conditions::{ConditionType, Reason};
+
 use super::context::Context;
 use super::error::ReconcileError;
 use super::write::{self, Written};
 use super::{secret, status};
 use crate::api::MtlsIdentity;
-
-pub use objects::{EGRESS_CONDITION, REASON_CONFLICT};
 
 /// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
 /// and a NetworkPolicy, each only if absent or already ours; says how it went in the `Egress`
@@ -37,27 +37,29 @@ pub(super) async fn reconcile_egress(
         if status
             .conditions
             .iter()
-            .any(|c| c.type_ == EGRESS_CONDITION)
+            .any(|c| c.type_ == ConditionType::Egress)
         {
             // `spec.egress` was removed: remove what it made (only what is ours).
             write::delete_owned(&deployments, &name, &uid).await?;
             write::delete_owned(&services, &name, &uid).await?;
             write::delete_owned(&policies, &name, &uid).await?;
-            status.conditions.retain(|c| c.type_ != EGRESS_CONDITION);
+            status
+                .conditions
+                .retain(|c| c.type_ != ConditionType::Egress);
         }
         return Ok(());
     };
     let (condition_status, reason, message) = match (&context.settings.egress_image, &status.secret_name) {
         (None, _) => (
             "False",
-            "EgressDisabled",
+            Reason::EgressDisabled,
             "this operator runs without --enable-egress (chart value egress.enabled=true, which also \
              grants the RBAC it needs): no proxy Deployment or Service is created"
                 .to_string(),
         ),
         (Some(_), None) => (
             "False",
-            "EgressWaiting",
+            Reason::EgressWaiting,
             "waiting for the first good certificate before starting the proxy".to_string(),
         ),
         (Some(image), Some(secret)) => {
@@ -102,7 +104,7 @@ pub(super) async fn reconcile_egress(
                     if conflicts.is_empty() {
                         (
                             "True",
-                            "EgressReady",
+                            Reason::EgressReady,
                             format!(
                                 "Deployment and Service {name} forward http://{name}.{namespace}:{} to \
                                  {} with this identity's certificate; NetworkPolicy {name} admits {} \
@@ -119,7 +121,7 @@ pub(super) async fn reconcile_egress(
                     } else {
                         (
                             "False",
-                            REASON_CONFLICT,
+                            Reason::EgressConflict,
                             format!(
                                 "{} {name} already exist(s) and not owned by this MtlsIdentity: left \
                                  untouched, no proxy started. Delete them or rename the identity",
@@ -128,14 +130,14 @@ pub(super) async fn reconcile_egress(
                         )
                     }
                 }
-                Err(error) => ("False", "EgressInvalid", format!("cannot build the proxy: {error}")),
+                Err(error) => ("False", Reason::EgressInvalid, format!("cannot build the proxy: {error}")),
             }
         }
     };
     status::set_condition(
         &mut status.conditions,
         crate::api::Condition {
-            type_: EGRESS_CONDITION.to_string(),
+            type_: ConditionType::Egress.to_string(),
             status: condition_status.to_string(),
             reason: reason.to_string(),
             message,

@@ -11,9 +11,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use crate::api::{EgressSpec, IDENTITY_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 
-pub const EGRESS_CONDITION: &str = "Egress";
-/// A same-named Deployment, Service or NetworkPolicy that the identity does not own.
-pub const REASON_CONFLICT: &str = "EgressConflict";
 /// Where the proxy container mounts the Secret.
 const CERT_DIR: &str = "/etc/mtls";
 const PROXY_PORT: i32 = 8080;
