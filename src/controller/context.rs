@@ -7,6 +7,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -110,6 +114,62 @@ pub struct Context {
     pub(crate) fleet: Arc<Fleet>,
     /// What the controller remembers per identity of this scope.
     pub(crate) memory: Arc<Memory>,
+    /// The operator's own egress objects as the watch sees them (with `--enable-egress`).
+    pub(crate) egress_objects: Option<EgressStores>,
+}
+
+/// The metadata of the operator's egress Deployments, Services and NetworkPolicies (label-selected
+/// watches): what lets a steady reconcile tell that its three objects are as it wrote them without
+/// asking the API server.
+#[derive(Clone)]
+pub struct EgressStores {
+    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+impl EgressStores {
+    /// The change tokens (see [`change_token`]) of the NetworkPolicy, Deployment and Service named
+    /// `name`, in that order; `None` unless all three are in the stores, owned by `owner_uid` and
+    /// not being deleted.
+    pub fn tokens(&self, namespace: &str, name: &str, owner_uid: &str) -> Option<[String; 3]> {
+        fn token<K: Resource<DynamicType = ()> + Clone>(
+            store: &Store<PartialObjectMeta<K>>,
+            namespace: &str,
+            name: &str,
+            owner_uid: &str,
+        ) -> Option<String> {
+            let seen = store.get(&ObjectRef::new(name).within(namespace))?;
+            let meta = &seen.metadata;
+            (meta.deletion_timestamp.is_none() && super::secret::is_owned_by(meta, owner_uid))
+                .then(|| change_token(meta))
+        }
+        Some([
+            token(&self.policies, namespace, name, owner_uid)?,
+            token(&self.deployments, namespace, name, owner_uid)?,
+            token(&self.services, namespace, name, owner_uid)?,
+        ])
+    }
+}
+
+/// What changes when someone else changes an object's spec: its generation where it has one (a
+/// Deployment's status updates do not count), else its resourceVersion.
+pub fn change_token(meta: &kube::api::ObjectMeta) -> String {
+    match meta.generation {
+        Some(generation) => format!("generation {generation}"),
+        None => format!(
+            "resourceVersion {}",
+            meta.resource_version.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+/// The egress objects as last written: a digest of what was desired and each object's change token
+/// in the write's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressApplied {
+    pub desired: u64,
+    pub tokens: [String; 3],
 }
 
 /// What the controller remembers about one identity between reconciles. One value per identity in
@@ -133,6 +193,8 @@ pub struct IdentityMemory {
     pub written: Option<u64>,
     /// The uid and generation last let through to a reconcile (see `generation_changed`).
     pub seen: Option<(Box<str>, i64)>,
+    /// The egress proxy's objects as last written (`spec.egress`).
+    pub egress: Option<EgressApplied>,
 }
 
 /// Every identity's [`IdentityMemory`], bounded by the identities the watch's store holds: an entry

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -20,7 +22,7 @@ use crate::restart::Restarter;
 use crate::source::SecretSource;
 use crate::source::fleet::Fleet;
 
-use super::context::{Context, Memory, Settings, identity_key};
+use super::context::{Context, EgressStores, Memory, Settings, identity_key};
 use super::error::ReconcileError;
 use super::reconcile::reconcile_stored;
 use super::requeue;
@@ -221,6 +223,49 @@ async fn run_scope(
     )
     .default_backoff()
     .touched_objects();
+    // With egress on, the operator's own proxy objects, metadata only and label-selected: a steady
+    // reconcile compares against them instead of asking the API server (see `egress`). They trigger
+    // nothing: a change is repaired at the identity's next reconcile, as before.
+    let egress = settings.egress_image.as_ref().map(|_| {
+        let ours =
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+        let (deployments, deployments_writer) = reflector::store();
+        let (services, services_writer) = reflector::store();
+        let (policies, policies_writer) = reflector::store();
+        let stores = EgressStores {
+            deployments,
+            services,
+            policies,
+        };
+        let streams = (
+            watcher(
+                scoped::<PartialObjectMeta<Deployment>>(&client, &namespace),
+                ours.clone(),
+            )
+            .default_backoff()
+            .reflect(deployments_writer)
+            .touched_objects(),
+            watcher(
+                scoped::<PartialObjectMeta<Service>>(&client, &namespace),
+                ours.clone(),
+            )
+            .default_backoff()
+            .reflect(services_writer)
+            .touched_objects(),
+            watcher(
+                scoped::<PartialObjectMeta<NetworkPolicy>>(&client, &namespace),
+                ours,
+            )
+            .default_backoff()
+            .reflect(policies_writer)
+            .touched_objects(),
+        );
+        (stores, streams)
+    });
+    let (egress_objects, egress_streams) = match egress {
+        Some((stores, streams)) => (Some(stores), Some(streams)),
+        None => (None, None),
+    };
     let named_by = {
         let identities = reader.clone();
         move |secret: PartialObjectMeta<Secret>| {
@@ -259,13 +304,21 @@ async fn run_scope(
         metrics,
         fleet,
         memory,
+        egress_objects,
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(context.settings.max_concurrent_reconciles.max(1));
-    Controller::for_stream(identity_changes, reader)
+    let mut controller = Controller::for_stream(identity_changes, reader)
         .with_config(config)
         .owns_stream(owned_secrets)
-        .watches_stream(password_secrets, named_by)
+        .watches_stream(password_secrets, named_by);
+    if let Some((deployments, services, policies)) = egress_streams {
+        controller = controller
+            .watches_stream(deployments, |_| nothing())
+            .watches_stream(services, |_| nothing())
+            .watches_stream(policies, |_| nothing());
+    }
+    controller
         .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown)
         .run(reconcile_stored, error_policy, context)
@@ -275,6 +328,23 @@ async fn run_scope(
             }
         })
         .await;
+}
+
+/// A watch that triggers no reconcile (kept only for its store).
+fn nothing() -> std::iter::Empty<ObjectRef<StoredIdentity>> {
+    std::iter::empty()
+}
+
+/// An API for `K` in the scope: one namespace, or all.
+fn scoped<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// Kubernetes API errors: retried with exponential backoff per identity (5 s doubling, up to 5 min,

@@ -233,6 +233,7 @@ fn context(client: kube::Client, source: Arc<FixedSource>, egress: bool) -> Arc<
         },
         metrics: Arc::new(Metrics::new()),
         memory: Arc::new(Memory::new(None, None)),
+        egress_objects: None,
     })
 }
 
@@ -578,5 +579,112 @@ fn memory_follows_the_store_and_is_pruned_on_a_re_list() {
         memory.count_source_failure(&key("a"), true),
         3,
         "the survivor keeps its memory"
+    );
+}
+
+/// spec.egress whose three objects are as the operator last wrote them (the watch's stores say so):
+/// the reconcile makes no API call for them at all; once someone changes one (a new generation),
+/// the next reconcile writes again.
+#[tokio::test]
+async fn steady_egress_objects_cost_no_api_call() {
+    use crate::api::MtlsIdentityStatus;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::watcher::Event;
+
+    let egress_paths = ["/deployments/", "/services/", "/networkpolicies/"];
+    let (client, seen) = mock_api(Box::new(move |request| {
+        let collection = ["/deployments", "/services", "/networkpolicies"]
+            .iter()
+            .any(|kind| request.path.contains(kind));
+        if request.method == "POST" && collection {
+            // Created: the API server's answer carries a resourceVersion, and a generation for
+            // the kinds that track one.
+            let mut created = request.body.clone();
+            created["metadata"]["resourceVersion"] = json!("7");
+            if !request.path.contains("/services") {
+                created["metadata"]["generation"] = json!(1);
+            }
+            (StatusCode::CREATED, created)
+        } else {
+            not_found()
+        }
+    }));
+    let mut context = context(client, source(), true);
+    let (deployments, mut deployment_writer) = reflector::store::<PartialObjectMeta<Deployment>>();
+    let (services, mut service_writer) = reflector::store::<PartialObjectMeta<Service>>();
+    let (policies, mut policy_writer) = reflector::store::<PartialObjectMeta<NetworkPolicy>>();
+    Arc::get_mut(&mut context)
+        .expect("the only reference")
+        .egress_objects = Some(super::context::EgressStores {
+        deployments,
+        services,
+        policies,
+    });
+    let spec = json!({"source": {"secretId": "team/client"}, "refreshInterval": "1h",
+                      "egress": {"upstream": "https://api.partner.example:443"}});
+    let identity = identity(spec, None);
+    let mut status = MtlsIdentityStatus {
+        secret_name: Some("client".to_string()),
+        ..Default::default()
+    };
+    let egress_condition = |status: &MtlsIdentityStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Egress")
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let ready = Some(("True".to_string(), "EgressReady".to_string()));
+
+    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+        .await
+        .expect("first pass");
+    assert_eq!(egress_condition(&status), ready);
+    let first: Vec<Seen> = lock(&seen).drain(..).collect();
+    let created: Vec<&Seen> = first.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(created.len(), 3, "{first:?}");
+    // The watch delivers what was created.
+    let stored = |path: &str| -> Value {
+        let mut object = created
+            .iter()
+            .find(|r| r.path.contains(path))
+            .map(|r| r.body.clone())
+            .unwrap_or_default();
+        object["metadata"]["resourceVersion"] = json!("7");
+        if path != "/services" {
+            object["metadata"]["generation"] = json!(1);
+        }
+        object
+    };
+    fn apply<K: serde::de::DeserializeOwned>(object: Value) -> Event<K> {
+        Event::Apply(serde_json::from_value(object).expect("metadata"))
+    }
+    deployment_writer.apply_watcher_event(&apply(stored("/deployments")));
+    service_writer.apply_watcher_event(&apply(stored("/services")));
+    policy_writer.apply_watcher_event(&apply(stored("/networkpolicies")));
+
+    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+        .await
+        .expect("steady pass");
+    assert_eq!(egress_condition(&status), ready);
+    let steady: Vec<Seen> = lock(&seen).drain(..).collect();
+    assert!(steady.is_empty(), "a steady reconcile asked: {steady:?}");
+
+    // Someone edits the Deployment's spec: a new generation, and the next pass looks and writes.
+    let mut edited = stored("/deployments");
+    edited["metadata"]["generation"] = json!(2);
+    deployment_writer.apply_watcher_event(&apply(edited));
+    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+        .await
+        .expect("repair pass");
+    let repair: Vec<Seen> = lock(&seen).drain(..).collect();
+    assert!(
+        repair
+            .iter()
+            .any(|r| egress_paths.iter().any(|p| r.path.contains(p))),
+        "the edited Deployment was not looked at: {repair:?}"
     );
 }

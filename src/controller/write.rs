@@ -43,37 +43,56 @@ where
 }
 
 /// Writes `desired` (named `name`) if the object is absent or owned by `owner_uid`. `seen` is the
-/// metadata read before (None: absent then).
+/// metadata read before (None: absent then). Done: with the written object's metadata, as the API
+/// server answered.
 pub async fn write_owned<K>(
     api: &Api<K>,
     name: &str,
     mut desired: K,
     owner_uid: &str,
     seen: Option<&ObjectMeta>,
-) -> Result<Written, kube::Error>
+) -> Result<Result<ObjectMeta, Conflict>, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
     match seen {
-        None => create_if_absent(api, &desired).await,
-        Some(seen) if !is_owned_by(seen, owner_uid) => Ok(Written::Conflict),
+        None => create_returning(api, &desired).await,
+        Some(seen) if !is_owned_by(seen, owner_uid) => Ok(Err(Conflict)),
         Some(seen) => {
             // A precondition: if the object was replaced since we looked, the apply fails (409)
             // and the reconcile looks again.
             desired.meta_mut().resource_version = seen.resource_version.clone();
-            api.patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await?;
-            Ok(Written::Done)
+            let written = api
+                .patch(
+                    name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&desired),
+                )
+                .await?;
+            Ok(Ok(written.meta().clone()))
         }
     }
 }
 
+/// A same-named object that the identity does not own: left untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict;
+
 /// Creates `desired` under the operator's field manager; `Conflict` when the name is taken.
 pub async fn create_if_absent<K>(api: &Api<K>, desired: &K) -> Result<Written, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    Ok(match create_returning(api, desired).await? {
+        Ok(_) => Written::Done,
+        Err(Conflict) => Written::Conflict,
+    })
+}
+
+async fn create_returning<K>(
+    api: &Api<K>,
+    desired: &K,
+) -> Result<Result<ObjectMeta, Conflict>, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -82,8 +101,8 @@ where
         ..Default::default()
     };
     match api.create(&params, desired).await {
-        Ok(_) => Ok(Written::Done),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Written::Conflict),
+        Ok(created) => Ok(Ok(created.meta().clone())),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Err(Conflict)),
         Err(error) => Err(error),
     }
 }

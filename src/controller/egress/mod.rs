@@ -9,9 +9,9 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::conditions::{ConditionType, Reason};
 
-use super::context::Context;
+use super::context::{Context, EgressApplied, change_token, identity_key};
 use super::error::ReconcileError;
-use super::write::{self, Written};
+use super::write;
 use super::{secret, status};
 use crate::api::MtlsIdentity;
 
@@ -81,25 +81,58 @@ pub(super) async fn reconcile_egress(
             );
             match built {
                 Ok((deployment, service, policy)) => {
-                    // Nothing is written while any of the three names is taken by a foreign
-                    // object; then the NetworkPolicy first, so the proxy never serves without it.
+                    let key = identity_key(identity);
+                    let desired = digest(&[
+                        serde_json::to_value(&policy).unwrap_or_default(),
+                        serde_json::to_value(&deployment).unwrap_or_default(),
+                        serde_json::to_value(&service).unwrap_or_default(),
+                    ]);
+                    // Steady: the three objects are as this operator last wrote them (the watch's
+                    // stores say so): no API call at all.
+                    let seen = context
+                        .egress_objects
+                        .as_ref()
+                        .and_then(|stores| stores.tokens(namespace, &name, &uid));
+                    let steady = seen.is_some_and(|seen| {
+                        context.memory.read(&key, |memory| {
+                            memory.egress.as_ref().is_some_and(|applied| {
+                                applied.desired == desired && applied.tokens == seen
+                            })
+                        })
+                    });
                     let mut conflicts = Vec::new();
-                    for (foreign, kind) in [
-                        (is_foreign(&policies, &name, &uid).await?, "NetworkPolicy"),
-                        (is_foreign(&deployments, &name, &uid).await?, "Deployment"),
-                        (is_foreign(&services, &name, &uid).await?, "Service"),
-                    ] {
-                        if foreign {
-                            conflicts.push(kind);
+                    if !steady {
+                        // Nothing is written while any of the three names is taken by a foreign
+                        // object; then the NetworkPolicy first, so the proxy never serves without
+                        // it.
+                        for (foreign, kind) in [
+                            (is_foreign(&policies, &name, &uid).await?, "NetworkPolicy"),
+                            (is_foreign(&deployments, &name, &uid).await?, "Deployment"),
+                            (is_foreign(&services, &name, &uid).await?, "Service"),
+                        ] {
+                            if foreign {
+                                conflicts.push(kind);
+                            }
                         }
-                    }
-                    if conflicts.is_empty() {
-                        let written = [
-                            guarded(&policies, &name, policy, &uid, "NetworkPolicy").await?,
-                            guarded(&deployments, &name, deployment, &uid, "Deployment").await?,
-                            guarded(&services, &name, service, &uid, "Service").await?,
-                        ];
-                        conflicts.extend(written.into_iter().flatten());
+                        let mut tokens = Vec::new();
+                        if conflicts.is_empty() {
+                            let written = [
+                                guarded(&policies, &name, policy, &uid, "NetworkPolicy").await?,
+                                guarded(&deployments, &name, deployment, &uid, "Deployment").await?,
+                                guarded(&services, &name, service, &uid, "Service").await?,
+                            ];
+                            for result in written {
+                                match result {
+                                    Ok(token) => tokens.push(token),
+                                    Err(kind) => conflicts.push(kind),
+                                }
+                            }
+                        }
+                        let applied = <[String; 3]>::try_from(tokens)
+                            .ok()
+                            .filter(|_| conflicts.is_empty())
+                            .map(|tokens| EgressApplied { desired, tokens });
+                        context.memory.update(&key, |memory| memory.egress = applied);
                     }
                     if conflicts.is_empty() {
                         (
@@ -148,6 +181,16 @@ pub(super) async fn reconcile_egress(
     Ok(())
 }
 
+/// A digest of the desired objects: equal digests, equal objects (within this process).
+fn digest(objects: &[serde_json::Value]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for object in objects {
+        object.to_string().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// Whether `name` exists and is not owned by `owner_uid` (metadata only).
 async fn is_foreign<K>(api: &Api<K>, name: &str, owner_uid: &str) -> Result<bool, ReconcileError>
 where
@@ -158,14 +201,15 @@ where
         .is_some_and(|seen| !secret::is_owned_by(&seen.metadata, owner_uid)))
 }
 
-/// Writes one egress object if absent or ours; `Some(kind)` when a foreign one is in the way.
+/// Writes one egress object if absent or ours: its change token as written, or `Err(kind)` when a
+/// foreign one is in the way.
 async fn guarded<K>(
     api: &Api<K>,
     name: &str,
     desired: K,
     owner_uid: &str,
     kind: &'static str,
-) -> Result<Option<&'static str>, ReconcileError>
+) -> Result<Result<String, &'static str>, ReconcileError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -183,7 +227,11 @@ where
         )
         .await;
         match result {
-            Ok(written) => return Ok((written == Written::Conflict).then_some(kind)),
+            Ok(written) => {
+                return Ok(written
+                    .map(|meta| change_token(&meta))
+                    .map_err(|write::Conflict| kind));
+            }
             Err(kube::Error::Api(status)) if status.code == 409 && attempt < 3 => attempt += 1,
             Err(error) => return Err(error.into()),
         }
