@@ -9,11 +9,15 @@ use common::endpoint::Mode;
 use common::*;
 use xtask::support;
 
+/// The tests here restart kube-apiserver: one at a time, or one would see the other's restart.
+static APISERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// kube-apiserver stopped and started in the middle of a rotation of 20 identities, each used by
 /// its own Deployment: every identity ends Ready with its new version, and each Deployment rolled
 /// exactly once.
 #[tokio::test]
 async fn an_apiserver_restart_during_a_mass_rotation_loses_and_doubles_nothing() -> Result<()> {
+    let _alone = APISERVER.lock().await;
     const COUNT: usize = 20;
     let namespace = support::create_namespace("apiserver-restart", &[]).await?;
     // Reads one by one (a role without BatchGetSecretValue), and the last secret's new version
@@ -45,6 +49,7 @@ async fn identities_deleted_while_the_watch_is_disconnected_are_forgotten_on_the
     use mtls_operator::api::MtlsIdentity;
     use std::collections::BTreeSet;
 
+    let _alone = APISERVER.lock().await;
     const KEPT: usize = 2;
     const DELETED: usize = 3;
     let namespace = support::create_namespace("relist", &[]).await?;
@@ -111,7 +116,8 @@ async fn identities_deleted_while_the_watch_is_disconnected_are_forgotten_on_the
     support::restart_apiserver().await?;
     link.restore();
 
-    support::wait_for("the deleted identities forgotten", TIMEOUT, || async {
+    // The watch retries with backoff (up to 30 s a try) while cut off, and re-lists after its 410.
+    support::wait_for("the deleted identities forgotten", 5 * TIMEOUT, || async {
         let series = series_of(&operator);
         let remembered = metric(&operator, "mtls_identities_remembered");
         let indexed = metric(&operator, "mtls_source_index_secrets");

@@ -18,7 +18,7 @@ pub struct ApiLink {
 impl Drop for ApiLink {
     fn drop(&mut self) {
         self.accept.abort();
-        let _ = self.cut.send(true);
+        self.cut.send_replace(true);
     }
 }
 
@@ -58,12 +58,13 @@ impl ApiLink {
 
     /// Closes every connection and refuses new ones.
     pub fn cut(&self) {
-        let _ = self.cut.send(true);
+        self.cut.send_replace(true);
     }
 
-    /// Lets connections through again.
+    /// Lets connections through again. (`send_replace`: a plain `send` fails, and changes nothing,
+    /// while no connection holds a receiver.)
     pub fn restore(&self) {
-        let _ = self.cut.send(false);
+        self.cut.send_replace(false);
     }
 
     /// A client acting as ServiceAccount `namespace/name` whose every request goes through the link.

@@ -1,0 +1,126 @@
+//! Clients and credentials: one Secrets Manager client per scope (region and role), role sessions
+//! assumed once and renewed before they expire, and the operator's own account.
+
+use crate::lock;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::Credentials;
+use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
+
+use super::{AssumedRole, Operation, Scope, SecretsManagerSource, SourceError};
+
+/// An assumed role's credentials are renewed this long before they expire.
+const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// The session name CloudTrail shows in the role's account for the operator's reads.
+const ROLE_SESSION_NAME: &str = "mtls-operator";
+
+/// A role's credentials while they last; behind an async lock, so one AssumeRole serves every
+/// identity that needs the role at that moment.
+pub(super) type RoleSlot = Arc<tokio::sync::Mutex<Option<Credentials>>>;
+
+impl SecretsManagerSource {
+    /// The client for `scope`: the operator's own credentials, or the scope's role's (assumed
+    /// first when they are missing or about to expire; a refusal is `RoleDenied` about `subject`).
+    /// Callers pass only regions and roles the source policy allowed, so the cache is bounded by
+    /// the operator's configuration, not by what tenants write.
+    pub(super) async fn client(&self, scope: &Scope, subject: &str) -> Result<Client, SourceError> {
+        let credentials = match &scope.role {
+            Some(role) => Some(self.role_credentials(scope, role, subject).await?),
+            None => None,
+        };
+        let built_for = credentials
+            .as_ref()
+            .map(|credentials| credentials.access_key_id().to_string());
+        let mut clients = lock(&self.clients);
+        if let Some((client, key)) = clients.get(scope)
+            && *key == built_for
+        {
+            return Ok(client.clone());
+        }
+        // No SDK retries: every attempt goes through `call`, under the adaptive rate.
+        let mut config = aws_sdk_secretsmanager::config::Builder::from(&self.base)
+            .region(aws_config::Region::new(scope.region.clone()))
+            .retry_config(aws_sdk_secretsmanager::config::retry::RetryConfig::disabled());
+        if let Some(credentials) = credentials {
+            config = config.credentials_provider(credentials);
+        }
+        let client = Client::from_conf(config.build());
+        clients.insert(scope.clone(), (client.clone(), built_for));
+        Ok(client)
+    }
+
+    /// `role`'s credentials: cached until shortly before they expire, then one AssumeRole (with the
+    /// operator's own credentials, under `scope`'s rate) for every identity waiting on them.
+    pub(super) async fn role_credentials(
+        &self,
+        scope: &Scope,
+        role: &AssumedRole,
+        subject: &str,
+    ) -> Result<Credentials, SourceError> {
+        let slot = lock(&self.roles).entry(role.clone()).or_default().clone();
+        let mut current = slot.lock().await;
+        let fresh = |credentials: &Credentials| {
+            credentials
+                .expiry()
+                .is_some_and(|expiry| expiry > SystemTime::now() + RENEW_BEFORE)
+        };
+        if let Some(credentials) = current.as_ref().filter(|c| fresh(c)) {
+            return Ok(credentials.clone());
+        }
+        let request = self
+            .sts
+            .assume_role()
+            .role_arn(&role.arn)
+            .role_session_name(ROLE_SESSION_NAME)
+            .set_external_id(role.external_id.clone());
+        let own = Scope::own(&scope.region);
+        let output = self
+            .call(&own, Operation::AssumeRole, subject, || {
+                request.clone().send()
+            })
+            .await
+            .map_err(|error| match error {
+                SourceError::AccessDenied { secret_id, detail } => SourceError::RoleDenied {
+                    secret_id,
+                    role: role.arn.clone(),
+                    detail,
+                },
+                other => other,
+            })?;
+        let assumed = output
+            .credentials()
+            .ok_or_else(|| SourceError::Unavailable {
+                secret_id: subject.to_string(),
+                detail: "AssumeRole answered without credentials".into(),
+            })?;
+        let expiry = SystemTime::try_from(*assumed.expiration()).ok();
+        let credentials = Credentials::new(
+            assumed.access_key_id(),
+            assumed.secret_access_key(),
+            Some(assumed.session_token().to_string()),
+            expiry,
+            "AssumeRole",
+        );
+        *current = Some(credentials.clone());
+        Ok(credentials)
+    }
+}
+
+/// The account of the operator's own credentials (STS GetCallerIdentity), or `None` when STS cannot
+/// say; the source policy then allows ARN ids only through explicit `arn:` patterns.
+pub async fn caller_account(config: &aws_config::SdkConfig) -> Option<String> {
+    let sts = aws_sdk_sts::Client::new(config);
+    match sts.get_caller_identity().send().await {
+        Ok(identity) => identity.account,
+        Err(error) => {
+            tracing::warn!(
+                code = error.code().unwrap_or_default(),
+                "STS GetCallerIdentity failed: the operator's own account is unknown; ARN ids need \
+                 an arn: pattern in --allowed-source (or set --aws-account-id)"
+            );
+            None
+        }
+    }
+}
