@@ -371,6 +371,93 @@ impl Memory {
     }
 }
 
+/// One reading of the clock, for the whole reconcile: every decision in it sees the same time.
+#[derive(Debug, Clone)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix: i64,
+    pub unix_ms: u64,
+    /// RFC 3339, seconds: the form status uses.
+    pub text: String,
+}
+
+impl Now {
+    pub fn read() -> Self {
+        let wall = chrono::Utc::now();
+        Self {
+            instant: Instant::now(),
+            unix: wall.timestamp(),
+            unix_ms: u64::try_from(wall.timestamp_millis()).unwrap_or(0),
+            text: wall.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    /// The clock at `unix` seconds (tests).
+    pub fn at(unix: i64) -> Self {
+        let wall = chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default();
+        Self {
+            instant: Instant::now(),
+            unix,
+            unix_ms: u64::try_from(unix.saturating_mul(1000)).unwrap_or(0),
+            text: wall.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+}
+
+/// An identity as one reconcile sees it, parsed once.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub key: ObjectRef<MtlsIdentity>,
+    pub namespace: String,
+    pub name: String,
+    /// Required: owner references and ownership checks are by uid.
+    pub uid: String,
+    pub target: String,
+    /// `spec.refreshInterval`, with the 1 s floor; `None` when it does not parse (`InvalidSpec`).
+    pub refresh: Option<Duration>,
+    pub warn_before: Duration,
+    pub generation: Option<i64>,
+    pub on_password_change: bool,
+}
+
+impl Parsed {
+    pub fn new(identity: &MtlsIdentity) -> Result<Self, super::error::ReconcileError> {
+        use super::error::ReconcileError;
+        let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
+        let uid = identity.uid().ok_or(ReconcileError::NoUid)?;
+        let refresh = crate::api::parse_duration(&identity.spec.refresh_interval)
+            // The CRD's 1s floor, enforced here too (an identity written before the rule).
+            .map(|refresh| refresh.max(MIN_REFRESH));
+        let warn_before = identity
+            .spec
+            .expiry
+            .as_ref()
+            .and_then(|expiry| expiry.warn_before.as_deref())
+            .and_then(crate::api::parse_duration)
+            .unwrap_or(DEFAULT_WARN_BEFORE);
+        Ok(Self {
+            key: identity_key(identity),
+            name: identity.name_any(),
+            target: identity.target_secret_name(),
+            refresh,
+            warn_before,
+            generation: identity.metadata.generation,
+            on_password_change: identity
+                .spec
+                .restart
+                .as_ref()
+                .is_some_and(|restart| restart.on_password_change),
+            namespace,
+            uid,
+        })
+    }
+
+    /// The refresh interval to schedule by: the spec's, or an hour while it does not parse.
+    pub fn refresh_or_default(&self) -> Duration {
+        self.refresh.unwrap_or(Duration::from_secs(3600))
+    }
+}
+
 /// The key of the per-identity state: namespace and name. (An `ObjectRef` made from an object
 /// also carries its uid and resourceVersion: two more strings in every map, for every identity.)
 pub(crate) fn identity_key(identity: &impl Resource) -> ObjectRef<MtlsIdentity> {

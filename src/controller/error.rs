@@ -10,6 +10,8 @@ pub enum ReconcileError {
     Kube(#[from] kube::Error),
     #[error("MtlsIdentity has no namespace")]
     NoNamespace,
+    #[error("MtlsIdentity has no uid")]
+    NoUid,
     /// The identity's status holds what the operator cannot have written (edited by hand).
     #[error("{0}")]
     InvalidStatus(String),
@@ -19,7 +21,7 @@ impl ReconcileError {
     pub fn reason(&self) -> Reason {
         match self {
             Self::Kube(_) => Reason::KubernetesApiError,
-            Self::NoNamespace => Reason::InvalidSpec,
+            Self::NoNamespace | Self::NoUid => Reason::InvalidSpec,
             Self::InvalidStatus(_) => Reason::InvalidStatus,
         }
     }

@@ -10,6 +10,7 @@ pub mod decide;
 pub mod egress;
 pub mod error;
 pub mod events;
+pub mod plan;
 pub mod reconcile;
 pub mod requeue;
 pub mod rotation;

@@ -9,16 +9,15 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::conditions::{ConditionType, Outcome};
-use crate::api::{MtlsIdentity, StoredIdentity, parse_duration};
-use crate::restart::RestartReport;
+use crate::api::conditions::Outcome;
+use crate::api::{MtlsIdentity, StoredIdentity};
 use crate::source::fleet::SweepMode;
 
-use super::context::{Context, DEFAULT_WARN_BEFORE, MIN_REFRESH, identity_key};
+use super::context::{Context, Now, Parsed};
 use super::error::ReconcileError;
 use super::events::publish;
 use super::sync::{self, SyncStep};
-use super::{decide, egress, requeue, rotation, status, write};
+use super::{egress, plan, requeue, rotation, write};
 
 /// The controller's entry point: the identity as the store keeps it, its status parsed back for
 /// this one reconcile.
@@ -51,22 +50,19 @@ async fn reconcile_inner(
     identity: Arc<MtlsIdentity>,
     context: &Context,
 ) -> Result<Action, ReconcileError> {
-    let namespace = identity.namespace().ok_or(ReconcileError::NoNamespace)?;
-    let name = identity.name_any();
-    let key = identity_key(identity.as_ref());
+    let parsed = Parsed::new(&identity)?;
+    let key = &parsed.key;
     if context
         .memory
-        .is_stale(&key, identity.resource_version().as_deref())
+        .is_stale(key, identity.resource_version().as_deref())
     {
         return Ok(Action::requeue(STALE_RETRY));
     }
-    let target = identity.target_secret_name();
-    // The CRD's 1s floor, enforced here too (an identity written before the rule, or a lax server).
-    let refresh = parse_duration(&identity.spec.refresh_interval)
-        .unwrap_or(Duration::from_secs(3600))
-        .max(MIN_REFRESH);
+    let now = Now::read();
+    let refresh = parsed.refresh_or_default();
 
-    let outcome = match sync::sync(&identity, &namespace, &target, refresh, context).await? {
+    // Gather: the sync reads (or decides not to read) and writes the Secret.
+    let outcome = match sync::sync(&identity, &parsed, &now, context).await? {
         SyncStep::Done(outcome) => *outcome,
         SyncStep::Wait(wait) => {
             context.metrics.reads_deferred.inc();
@@ -84,154 +80,109 @@ async fn reconcile_inner(
         },
     };
 
+    // Plan: the new status and its Events, from the previous status and one `now`.
     let previous = identity.status.as_ref();
-    // No false alarms: a transient source failure (throttled, unreachable) while a valid
-    // certificate is in place leaves Ready True; `SourceReachable` says what is happening.
-    let (outcome, transient) = match outcome {
-        Err(failure) if failure.is_transient() => match decide::synced_from_status(
-            previous,
-            identity.metadata.generation,
-            &target,
-            chrono::Utc::now().timestamp(),
-        ) {
-            Some(in_place) => (Ok(in_place), Some(failure)),
-            None => (Err(failure), None),
-        },
-        other => (other, None),
+    let facts = plan::Facts {
+        generation: parsed.generation,
+        target: &parsed.target,
+        warn_before: parsed.warn_before,
+        on_password_change: parsed.on_password_change,
     };
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut status = status::next_status(previous, identity.metadata.generation, &outcome, &now);
-    let reachability_event =
-        status::source_reachable(&mut status, transient.as_ref(), outcome.is_ok(), &now);
-    let warn_before = identity
-        .spec
-        .expiry
-        .as_ref()
-        .and_then(|expiry| expiry.warn_before.as_deref())
-        .and_then(parse_duration)
-        .unwrap_or(DEFAULT_WARN_BEFORE);
-    let expiring_event = status::expiry(
-        &mut status,
-        &outcome,
-        chrono::Utc::now().timestamp(),
-        warn_before,
-        &now,
-    );
-    let mut restarts_pending = false;
+    let mut plan = plan::plan(previous, &facts, outcome, &now);
     // A Kubernetes error after the Secret was written: returned once the status says so.
     let mut after_status: Option<ReconcileError> = None;
-    if let Ok(synced) = &outcome {
-        let on_password_change = identity
-            .spec
-            .restart
-            .as_ref()
-            .is_some_and(|restart| restart.on_password_change);
-        status.last_rotation = status::rotation(previous, synced, &now, on_password_change);
-        if let Some(rotation) = status.last_rotation.as_mut()
-            && !rotation.complete
-            && rotation.sha256_fingerprint == synced.certificate.sha256_fingerprint
+    let mut restart_events = Vec::new();
+    let mut restarts_pending = false;
+    if plan.restart_due
+        && let Some(rotation) = plan.status.last_rotation.clone()
+    {
+        // A failure here comes after the Secret was written: it is recorded in status (a
+        // `Restarts` condition) and retried, never allowed to skip the status write.
+        let restarts = match rotation::restart_workloads(
+            &identity,
+            &parsed.namespace,
+            &parsed.target,
+            &rotation,
+            context,
+        )
+        .await
         {
-            // A failure here comes after the Secret was written: it is recorded in status (a
-            // `Restarts` condition) and retried, never allowed to skip the status write.
-            let report = match rotation::restart_workloads(
-                &identity, &namespace, &target, rotation, context,
-            )
-            .await
-            {
-                Ok(report) => {
-                    status::clear_condition(&mut status.conditions, ConditionType::Restarts);
-                    report
-                }
-                Err(error) => {
-                    let condition = match &error {
-                        ReconcileError::InvalidStatus(problem) => status::failed_condition(
-                            ConditionType::Restarts,
-                            error.reason(),
-                            format!("{problem}; restarts wait until it is corrected"),
-                            identity.metadata.generation,
-                            &now,
-                        ),
-                        _ => status::api_error_condition(
-                            ConditionType::Restarts,
-                            "could not list or patch the workloads that use the Secret; \
-                                 retrying",
-                            identity.metadata.generation,
-                            &now,
-                        ),
-                    };
-                    status::set_condition(&mut status.conditions, condition);
-                    after_status.get_or_insert(error);
-                    RestartReport {
-                        pending: vec!["(workloads)".to_string()],
-                        ..RestartReport::default()
-                    }
-                }
-            };
-            for workload in &report.done {
-                if !rotation.restarted_workloads.contains(workload) {
-                    rotation.restarted_workloads.push(workload.clone());
-                }
+            Ok(report) => plan::Restarts::Done(report),
+            Err(ReconcileError::InvalidStatus(problem)) => {
+                after_status.get_or_insert(ReconcileError::InvalidStatus(problem.clone()));
+                plan::Restarts::InvalidStatus(problem)
             }
-            rotation.restarted_workloads.sort();
-            rotation.complete = report.complete();
+            Err(error) => {
+                after_status.get_or_insert(error);
+                plan::Restarts::ApiFailed
+            }
+        };
+        restarts_pending = plan::fold_restarts(&mut plan, &restarts, &now);
+        if let plan::Restarts::Done(report) = &restarts {
             context
                 .metrics
                 .record_restarts(Outcome::Triggered, report.triggered.len());
             context
                 .metrics
                 .record_restarts(Outcome::Failed, report.failed.len());
-            restarts_pending = !rotation.complete;
-            rotation::publish_restart_events(context, &identity, &namespace, &report).await;
+            restart_events = rotation::restart_events(&identity, &parsed.namespace, report);
         }
     }
-    if let Err(error) =
-        egress::reconcile_egress(&identity, &namespace, &mut status, &now, context).await
+    if let Err(error) = egress::reconcile_egress(
+        &identity,
+        &parsed.namespace,
+        &mut plan.status,
+        &now.text,
+        context,
+    )
+    .await
     {
-        status::set_condition(
-            &mut status.conditions,
-            status::api_error_condition(
-                ConditionType::Egress,
-                "could not read or write the egress proxy's objects; retrying",
-                identity.metadata.generation,
-                &now,
-            ),
-        );
+        plan::fold_egress_failure(&mut plan, &now);
         after_status.get_or_insert(error);
     }
-    let attempt = match (&transient, &outcome) {
-        (Some(failure), _) | (None, Err(failure)) => Err(failure.reason()),
-        (None, Ok(_)) => Ok(()),
-    };
-    context
-        .metrics
-        .record_identity(&namespace, &name, previous, &status, attempt);
-    if previous != Some(&status) {
-        let identities: Api<MtlsIdentity> = Api::namespaced(context.client.clone(), &namespace);
-        let patch = serde_json::json!({ "status": status });
+
+    // Apply: metrics, status, Events, in one place.
+    context.metrics.record_identity(
+        &parsed.namespace,
+        &parsed.name,
+        previous,
+        &plan.status,
+        plan.attempt(),
+    );
+    if previous != Some(&plan.status) {
+        let identities: Api<MtlsIdentity> =
+            Api::namespaced(context.client.clone(), &parsed.namespace);
+        let patch = serde_json::json!({ "status": plan.status });
         let written = identities
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&parsed.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         context
             .memory
-            .record_written(&key, written.resource_version().as_deref());
+            .record_written(key, written.resource_version().as_deref());
     }
-    for event in status::event_for(previous, &outcome)
-        .into_iter()
-        .chain(expiring_event)
-        .chain(reachability_event)
-    {
-        publish(context, &identity.object_ref(&()), event).await;
+    let identity_ref = identity.object_ref(&());
+    for event in plan.events.drain(..) {
+        publish(context, &identity_ref, event).await;
     }
-    if let Err(error) =
-        write::remove_renamed_target(&identity, &namespace, &target, previous, &outcome, context)
-            .await
+    for (reference, event) in restart_events {
+        publish(context, &reference, event).await;
+    }
+    if let Err(error) = write::remove_renamed_target(
+        &identity,
+        &parsed.namespace,
+        &parsed.target,
+        previous,
+        &plan.outcome,
+        context,
+    )
+    .await
     {
         after_status.get_or_insert(error);
     }
     if let Some(error) = after_status {
         return Err(error);
     }
-    match &outcome {
+    match &plan.outcome {
         Ok(synced) => info!(
             identity = %key,
             version_id = %synced.version_id,
@@ -252,29 +203,27 @@ async fn reconcile_inner(
         return Ok(Action::requeue(rotation::COALESCE_POLL));
     }
 
-    context.memory.update(&key, |memory| memory.api_errors = 0);
+    context.memory.update(key, |memory| memory.api_errors = 0);
     // Backoff follows what really happened, also when Ready did not change.
-    let valid_in_place = transient.is_some();
-    let attempted = match transient {
+    let valid_in_place = plan.transient.is_some();
+    let attempted = match plan.transient {
         Some(failure) => Err(failure),
-        None => outcome,
+        None => plan.outcome,
     };
     if let Err(failure) = &attempted
         && failure.is_transient()
     {
         warn!(identity = %key, reason = failure.reason().as_str(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
-    let failures = context
-        .memory
-        .count_source_failure(&key, attempted.is_err());
+    let failures = context.memory.count_source_failure(key, attempted.is_err());
     let schedule = requeue::Schedule {
         refresh,
         cadence: match context.settings.sweep_mode {
             SweepMode::Get => refresh,
             _ => refresh.min(context.settings.sweep_interval),
         },
-        phase: requeue::refresh_phase(identity.uid().as_deref().unwrap_or(&name)),
-        now_unix_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+        phase: requeue::refresh_phase(&parsed.uid),
+        now_unix_ms: now.unix_ms,
     };
     Ok(Action::requeue(requeue::after_sync(
         &schedule,

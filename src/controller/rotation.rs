@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -28,7 +28,6 @@ use crate::api::conditions::Reason;
 use super::context::{Context, identity_key};
 use super::decide;
 use super::error::ReconcileError;
-use super::events::publish;
 use super::status;
 
 /// How often a rotation waiting for its siblings looks again.
@@ -266,13 +265,15 @@ fn sibling_source(
     .map(|(main, _)| main.request)
 }
 
-pub(super) async fn publish_restart_events(
-    context: &Context,
+/// The Events a restart report deserves: on the identity, and a `RestartTriggered` on each
+/// workload restarted. Pure; the reconcile publishes them with the rest.
+pub(super) fn restart_events(
     identity: &MtlsIdentity,
     namespace: &str,
     report: &RestartReport,
-) {
+) -> Vec<(ObjectReference, status::EventToEmit)> {
     let identity_ref = identity.object_ref(&());
+    let mut events = Vec::new();
     let warn = |reason: Reason, note: String| status::EventToEmit {
         warning: true,
         reason,
@@ -287,7 +288,7 @@ pub(super) async fn publish_restart_events(
                 report.triggered.join(", ")
             ),
         };
-        publish(context, &identity_ref, event).await;
+        events.push((identity_ref.clone(), event));
         for workload in &report.triggered {
             if let Some((kind, name)) = workload.split_once('/') {
                 let (api_version, kind) = (String::from("apps/v1"), kind.to_string());
@@ -306,17 +307,15 @@ pub(super) async fn publish_restart_events(
                         identity.name_any()
                     ),
                 };
-                publish(context, &reference, event).await;
+                events.push((reference, event));
             }
         }
     }
     for (workload, error) in &report.failed {
-        publish(
-            context,
-            &identity_ref,
+        events.push((
+            identity_ref.clone(),
             warn(Reason::RestartFailed, format!("{workload}: {error}")),
-        )
-        .await;
+        ));
     }
     if !report.paused.is_empty() {
         let note = format!(
@@ -324,14 +323,14 @@ pub(super) async fn publish_restart_events(
              the Deployment is resumed",
             report.paused.join(", ")
         );
-        publish(context, &identity_ref, warn(Reason::RolloutPaused, note)).await;
+        events.push((identity_ref.clone(), warn(Reason::RolloutPaused, note)));
     }
     if !report.missing.is_empty() {
         let note = format!(
             "listed in spec.restart.workloads but not found: {}",
             report.missing.join(", ")
         );
-        publish(context, &identity_ref, warn(Reason::WorkloadNotFound, note)).await;
+        events.push((identity_ref.clone(), warn(Reason::WorkloadNotFound, note)));
     }
     if !report.not_using.is_empty() {
         let note = format!(
@@ -340,12 +339,10 @@ pub(super) async fn publish_restart_events(
             identity.target_secret_name(),
             report.not_using.join(", ")
         );
-        publish(
-            context,
-            &identity_ref,
+        events.push((
+            identity_ref.clone(),
             warn(Reason::WorkloadNotUsingSecret, note),
-        )
-        .await;
+        ));
     }
     if !report.annotate_disabled.is_empty() {
         let note = format!(
@@ -353,7 +350,7 @@ pub(super) async fn publish_restart_events(
              restart.annotate.enabled, which grants pods: patch); not annotated: {}",
             report.annotate_disabled.join(", ")
         );
-        publish(context, &identity_ref, warn(Reason::AnnotateDisabled, note)).await;
+        events.push((identity_ref.clone(), warn(Reason::AnnotateDisabled, note)));
     }
     for workload in &report.stalled {
         warn!(namespace, workload = %workload, "rollout past the deadline: its slot is released");
@@ -362,8 +359,9 @@ pub(super) async fn publish_restart_events(
              restart slot was released so other rotations can proceed. Check why its pods do not \
              become ready"
         );
-        publish(context, &identity_ref, warn(Reason::RestartStalled, note)).await;
+        events.push((identity_ref.clone(), warn(Reason::RestartStalled, note)));
     }
+    events
 }
 
 #[cfg(test)]

@@ -2,18 +2,18 @@
 //! be read at all (the fleet's version index says whether anything changed), read it, check the
 //! canonical ARN again, validate, and write the Secret without ever taking over a foreign one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{MtlsIdentity, SourceFormat, parse_duration};
+use crate::api::{MtlsIdentity, SourceFormat};
 use crate::pki;
 use crate::pki::keystore::Pkcs12Profile;
 use crate::source::FetchedSecret;
 
-use super::context::{Context, identity_key};
+use super::context::{Context, Now, Parsed};
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
 use super::error::ReconcileError;
 use super::secret;
@@ -41,15 +41,16 @@ impl SyncStep {
 /// reconcile is retried.
 pub async fn sync(
     identity: &MtlsIdentity,
-    namespace: &str,
-    target: &str,
-    refresh: Duration,
+    parsed: &Parsed,
+    now: &Now,
     context: &Context,
 ) -> Result<SyncStep, ReconcileError> {
+    let (namespace, target) = (parsed.namespace.as_str(), parsed.target.as_str());
+    let refresh = parsed.refresh_or_default();
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
     let source = &identity.spec.source;
-    let key = identity_key(identity);
-    let identity_key = (namespace.to_string(), identity.name_any());
+    let key = &parsed.key;
+    let identity_key = (parsed.namespace.clone(), parsed.name.clone());
     let checked = decide::check_source(
         source,
         namespace,
@@ -63,7 +64,7 @@ pub async fn sync(
             return Ok(SyncStep::done(Err(failure)));
         }
     };
-    if parse_duration(&identity.spec.refresh_interval).is_none() {
+    if parsed.refresh.is_none() {
         return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(format!(
             "refreshInterval {:?} is not a duration such as 1h or 30s",
             identity.spec.refresh_interval
@@ -78,14 +79,14 @@ pub async fn sync(
 
     // Metadata first: a Secret we do not own is never read, only refused.
     let seen = write::metadata(&secrets, target).await?;
-    let owner_uid = identity.uid().unwrap_or_default();
+    let owner_uid = parsed.uid.as_str();
     let conflict = || {
         Ok(SyncStep::done(Err(SyncFailure::TargetConflict {
             secret: format!("{namespace}/{target}"),
         })))
     };
     if let Some(seen) = &seen
-        && !secret::is_owned_by(&seen.metadata, &owner_uid)
+        && !secret::is_owned_by(&seen.metadata, owner_uid)
     {
         return conflict();
     }
@@ -96,14 +97,14 @@ pub async fn sync(
     };
     // Replaced by a foreign Secret since the metadata check: refuse it, as above.
     if let Some(existing) = &existing
-        && !secret::is_owned_by(&existing.metadata, &owner_uid)
+        && !secret::is_owned_by(&existing.metadata, owner_uid)
     {
         return conflict();
     }
 
     // Is a read needed? Not if the Secret is intact, the spec unchanged, and the index expects the
     // versions the Secret carries.
-    let now_unix = chrono::Utc::now().timestamp();
+    let now_unix = now.unix;
     let carried_facts = decide::synced_from_status(
         identity.status.as_ref(),
         identity.metadata.generation,
@@ -122,16 +123,15 @@ pub async fn sync(
         .status
         .as_ref()
         .is_some_and(|status| status.observed_generation == identity.metadata.generation);
-    let known_bad = context.memory.read(&key, |memory| memory.known_bad.clone());
+    let known_bad = context.memory.read(key, |memory| memory.known_bad.clone());
     let known_bad = known_bad.filter(|_| failed_spec_current);
-    let now = Instant::now();
     let must_read = |checked: &CheckedSecret, carried: Option<&str>| {
         context.fleet.needs_read(
             &checked.request,
             carried,
             known_bad.as_deref(),
             refresh,
-            now,
+            now.instant,
         )
     };
     let read = must_read(&main, carried.as_ref().map(|(main, _)| main.as_str()))
@@ -170,7 +170,7 @@ pub async fn sync(
         return Ok(SyncStep::Unchanged(carried_facts.map(Box::new)));
     }
     // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
-    if let Some(wait) = context.memory.take_fetch(&key, refresh, now) {
+    if let Some(wait) = context.memory.take_fetch(key, refresh, now.instant) {
         return Ok(SyncStep::Wait(wait));
     }
 
@@ -202,7 +202,7 @@ pub async fn sync(
         Ok(validated) => validated,
         Err(error) => {
             // Not read again until a new version arrives (or the refresh interval passes).
-            context.memory.update(&key, |memory| {
+            context.memory.update(key, |memory| {
                 memory.known_bad = Some(fetched.version_id.clone())
             });
             return Ok(SyncStep::done(Err(SyncFailure::Material {
@@ -211,9 +211,7 @@ pub async fn sync(
             })));
         }
     };
-    context
-        .memory
-        .update(&key, |memory| memory.known_bad = None);
+    context.memory.update(key, |memory| memory.known_bad = None);
 
     let Some(owner) = identity.controller_owner_ref(&()) else {
         return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
@@ -271,7 +269,7 @@ pub async fn sync(
                     // Created meanwhile. By us (another replica during a leader change, or a
                     // reconcile that raced): look again shortly. By someone else: a conflict.
                     let now_there = write::metadata(&secrets, target).await?;
-                    if now_there.is_some_and(|meta| secret::is_owned_by(&meta.metadata, &owner_uid))
+                    if now_there.is_some_and(|meta| secret::is_owned_by(&meta.metadata, owner_uid))
                     {
                         return Ok(SyncStep::Wait(Duration::from_secs(1)));
                     }
