@@ -277,6 +277,80 @@ pub fn synced_from_status(
     })
 }
 
+/// What a sync gathered before deciding whether to read a value: the index's view of its secrets,
+/// and the keystore's state against the password Secret (read once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gathered {
+    /// A source the version check found deleted or scheduled for deletion.
+    pub gone: Option<String>,
+    /// A source's version differs from what the Secret carries, or is too old to trust (see
+    /// `fleet::needs_read`), or there is no intact Secret.
+    pub version_changed: bool,
+    pub keystore: Keystore,
+}
+
+/// The PKCS#12 keystore, as far as the decision goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keystore {
+    /// No keystore asked for.
+    None,
+    /// The password Secret or its key is absent; `carried`: a keystore is in the Secret now.
+    PasswordMissing { carried: bool },
+    /// Asked for, none carried yet (it is rendered with the next write).
+    ToRender,
+    /// The carried keystore opens with the password.
+    Opens,
+    /// The password changed: the keystore is rendered again (one read, no rollout).
+    PasswordChanged,
+}
+
+/// What the sync does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Refused, with the reason the user must see; the Secret in place stays.
+    Refuse(Refusal),
+    /// Nothing to read: the Secret and status stand.
+    Unchanged,
+    Read,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Deleted in Secrets Manager (whatever a read would still return).
+    Gone(String),
+    /// The keystore password is missing (`KeystorePasswordMissing`).
+    PasswordMissing,
+}
+
+/// The ordered chain of checks that decides whether a value is read, as cert-manager's policy
+/// chain does over its gathered input: the first that has something to say decides.
+pub fn read_step(gathered: &Gathered) -> Step {
+    type Check = fn(&Gathered) -> Option<Step>;
+    const CHAIN: &[(&str, Check)] = &[
+        // A keystore in place whose password is gone: say so, keep the Secret.
+        ("password missing for the keystore in place", |g| {
+            (g.keystore == Keystore::PasswordMissing { carried: true })
+                .then_some(Step::Refuse(Refusal::PasswordMissing))
+        }),
+        ("deleted in Secrets Manager", |g| {
+            g.gone.clone().map(|id| Step::Refuse(Refusal::Gone(id)))
+        }),
+        ("nothing changed", |g| {
+            (!g.version_changed && g.keystore != Keystore::PasswordChanged)
+                .then_some(Step::Unchanged)
+        }),
+        // A read is needed, but the keystore could not be rendered: no AWS call for nothing.
+        ("password missing for the keystore to write", |g| {
+            matches!(g.keystore, Keystore::PasswordMissing { .. })
+                .then_some(Step::Refuse(Refusal::PasswordMissing))
+        }),
+    ];
+    CHAIN
+        .iter()
+        .find_map(|(_, check)| check(gathered))
+        .unwrap_or(Step::Read)
+}
+
 /// Values the tests of the decision modules share.
 #[cfg(test)]
 pub(crate) mod fixtures {
@@ -410,5 +484,66 @@ mod tests {
                 "KeystorePasswordMissing"
             ]
         );
+    }
+
+    /// The read chain, one row per branch.
+    #[test]
+    fn the_read_chain_decides_in_order() {
+        let gathered = |gone: Option<&str>, version_changed: bool, keystore: Keystore| Gathered {
+            gone: gone.map(str::to_string),
+            version_changed,
+            keystore,
+        };
+        let missing = |carried| Keystore::PasswordMissing { carried };
+        let rows = [
+            (
+                "steady",
+                gathered(None, false, Keystore::None),
+                Step::Unchanged,
+            ),
+            (
+                "a new version",
+                gathered(None, true, Keystore::None),
+                Step::Read,
+            ),
+            (
+                "a keystore that opens",
+                gathered(None, false, Keystore::Opens),
+                Step::Unchanged,
+            ),
+            (
+                "a new password",
+                gathered(None, false, Keystore::PasswordChanged),
+                Step::Read,
+            ),
+            (
+                "a keystore to render",
+                gathered(None, true, Keystore::ToRender),
+                Step::Read,
+            ),
+            (
+                "deleted, even with a new version",
+                gathered(Some("ns/x"), true, Keystore::None),
+                Step::Refuse(Refusal::Gone("ns/x".into())),
+            ),
+            (
+                "the password of the keystore in place is gone",
+                gathered(Some("ns/x"), false, missing(true)),
+                Step::Refuse(Refusal::PasswordMissing),
+            ),
+            (
+                "no password, but nothing to write",
+                gathered(None, false, missing(false)),
+                Step::Unchanged,
+            ),
+            (
+                "no password for the keystore to write: no read",
+                gathered(None, true, missing(false)),
+                Step::Refuse(Refusal::PasswordMissing),
+            ),
+        ];
+        for (case, input, expected) in rows {
+            assert_eq!(read_step(&input), expected, "{case}");
+        }
     }
 }

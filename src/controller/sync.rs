@@ -125,49 +125,76 @@ pub async fn sync(
         .is_some_and(|status| status.observed_generation == identity.metadata.generation);
     let known_bad = context.memory.read(key, |memory| memory.known_bad.clone());
     let known_bad = known_bad.filter(|_| failed_spec_current);
-    let must_read = |checked: &CheckedSecret, carried: Option<&str>| {
-        context.fleet.needs_read(
-            &checked.request,
+    // After an operator restart the index is empty: the versions an intact Secret carries are taken
+    // as current until the first sweep (an explicit write; the view below only reads).
+    if let Some((main_version, ca_version)) = &carried {
+        context.fleet.seed(&main.request, main_version, now.instant);
+        if let (Some(ca), Some(ca_version)) = (&ca, ca_version) {
+            context.fleet.seed(&ca.request, ca_version, now.instant);
+        }
+    }
+    let stale = |checked: &CheckedSecret, carried: Option<&str>| {
+        let view = context.fleet.view(&checked.request, now.instant);
+        crate::source::fleet::needs_read(&crate::source::fleet::Freshness {
+            mode: context.fleet.mode(),
             carried,
-            known_bad.as_deref(),
+            expected: view.expected.as_deref(),
+            known_bad: known_bad.as_deref(),
+            age: view.age,
             refresh,
-            now.instant,
-        )
+        })
     };
-    let read = must_read(&main, carried.as_ref().map(|(main, _)| main.as_str()))
-        | ca.as_ref()
-            .is_some_and(|ca| must_read(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref())));
-    // The keystore's password changed (the password Secret was edited): render it again, from one
-    // read (the operator keeps no private key in memory), without a rollout. A password that is gone
-    // is reported; the Secret in place stays.
-    let read = read
-        || match (
-            identity.pkcs12(),
+    // The keystore's password, read once: the check below and the rendering use the same value.
+    let keystore_password = match identity.pkcs12() {
+        Some(spec) => Some(read_password(&secrets, namespace, &spec.password_secret_ref).await?),
+        None => None,
+    };
+    let gone = std::iter::once(&main)
+        .chain(ca.as_ref())
+        .find(|checked| context.fleet.view(&checked.request, now.instant).gone)
+        .map(|checked| checked.request.secret_id.clone());
+    let gathered = decide::Gathered {
+        gone,
+        version_changed: stale(&main, carried.as_ref().map(|(main, _)| main.as_str()))
+            || ca
+                .as_ref()
+                .is_some_and(|ca| stale(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref()))),
+        keystore: match (
+            &keystore_password,
             carried_keystore(existing.as_ref(), &carried),
         ) {
-            (Some(spec), Some(keystore)) => {
-                match read_password(&secrets, namespace, &spec.password_secret_ref).await? {
-                    Ok(password) => !pki::keystore::opens_with(keystore, &password),
-                    Err(failure) => return Ok(SyncStep::done(Err(failure))),
+            (None, _) => decide::Keystore::None,
+            (Some(Err(_)), carried) => decide::Keystore::PasswordMissing {
+                carried: carried.is_some(),
+            },
+            (Some(Ok(_)), None) => decide::Keystore::ToRender,
+            (Some(Ok(password)), Some(keystore)) => {
+                if pki::keystore::opens_with(keystore, password) {
+                    decide::Keystore::Opens
+                } else {
+                    decide::Keystore::PasswordChanged
                 }
             }
-            _ => false,
-        };
-    // Deleted, or scheduled for deletion, as the sweep found: not found, whatever a read returns
-    // (the last good Secret stays).
-    if let Some(gone) = std::iter::once(&main)
-        .chain(ca.as_ref())
-        .find(|checked| context.fleet.is_gone(&checked.request))
-    {
-        return Ok(SyncStep::done(Err(SyncFailure::Source(
-            crate::source::SourceError::NotFound {
-                secret_id: gone.request.secret_id.clone(),
-                detail: "DescribeSecret: deleted or scheduled for deletion".into(),
-            },
-        ))));
-    }
-    if !read {
-        return Ok(SyncStep::Unchanged(carried_facts.map(Box::new)));
+        },
+    };
+    match decide::read_step(&gathered) {
+        decide::Step::Read => {}
+        decide::Step::Unchanged => return Ok(SyncStep::Unchanged(carried_facts.map(Box::new))),
+        decide::Step::Refuse(refusal) => {
+            let failure = match refusal {
+                decide::Refusal::Gone(secret_id) => {
+                    SyncFailure::Source(crate::source::SourceError::NotFound {
+                        secret_id,
+                        detail: "DescribeSecret: deleted or scheduled for deletion".into(),
+                    })
+                }
+                decide::Refusal::PasswordMissing => match keystore_password {
+                    Some(Err(failure)) => failure,
+                    _ => SyncFailure::InvalidSpec("the keystore password is missing".into()),
+                },
+            };
+            return Ok(SyncStep::done(Err(failure)));
+        }
     }
     // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
     if let Some(wait) = context.memory.take_fetch(key, refresh, now.instant) {
@@ -221,11 +248,16 @@ pub async fn sync(
     let pkcs12 = match identity.pkcs12() {
         None => None,
         Some(spec) => {
-            let password =
-                match read_password(&secrets, namespace, &spec.password_secret_ref).await? {
-                    Ok(password) => password,
-                    Err(failure) => return Ok(SyncStep::done(Err(failure))),
-                };
+            let password = match keystore_password {
+                Some(Ok(password)) => password,
+                Some(Err(failure)) => return Ok(SyncStep::done(Err(failure))),
+                // Read above whenever keystores are asked for.
+                None => {
+                    return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
+                        "the keystore password was not read".into(),
+                    ))));
+                }
+            };
             let alias = spec.alias.clone().unwrap_or_else(|| identity.name_any());
             let profile = match spec.profile {
                 crate::api::Pkcs12Profile::Modern => Pkcs12Profile::Modern,

@@ -131,27 +131,22 @@ impl Fleet {
         }
     }
 
-    /// Whether an identity must read `secret`'s value now, given the version its Secret carries
-    /// (`None`: no intact Secret of ours). See [`needs_read`].
-    pub fn needs_read(
-        &self,
-        secret: &SecretRef,
-        carried: Option<&str>,
-        known_bad: Option<&str>,
-        refresh: Duration,
-        now: Instant,
-    ) -> bool {
-        let mut index = lock(&self.index);
-        let expected = index.current_or_seed(secret, carried, now);
-        let checked = index.checked_at(secret);
-        needs_read(&Freshness {
-            mode: self.mode,
-            carried,
-            expected: expected.as_deref(),
-            known_bad,
-            age: checked.map(|checked| now.saturating_duration_since(checked)),
-            refresh,
-        })
+    /// Seeds `secret`'s entry from the version an intact Secret carries (see
+    /// [`VersionIndex::seed`]).
+    pub fn seed(&self, secret: &SecretRef, carried: &str, now: Instant) {
+        lock(&self.index).seed(secret, carried, now);
+    }
+
+    /// What the index knows about `secret` at `now`, read only.
+    pub fn view(&self, secret: &SecretRef, now: Instant) -> IndexView {
+        let index = lock(&self.index);
+        IndexView {
+            expected: index.current(secret).map(str::to_string),
+            age: index
+                .checked_at(secret)
+                .map(|checked| now.saturating_duration_since(checked)),
+            gone: index.is_gone(secret),
+        }
     }
 
     /// Whether the last version check found the secret deleted or scheduled for deletion: it is
@@ -374,6 +369,17 @@ impl Fleet {
     pub fn is_empty(&self) -> bool {
         lock(&self.index).is_empty()
     }
+}
+
+/// What the index knows about one secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexView {
+    /// The version its identities should hold.
+    pub expected: Option<String>,
+    /// Since the version was last read or confirmed.
+    pub age: Option<Duration>,
+    /// The last check found it deleted or scheduled for deletion.
+    pub gone: bool,
 }
 
 /// What decides whether a value must be read.

@@ -175,24 +175,17 @@ impl VersionIndex {
         }
     }
 
-    /// The version to expect for `secret`: what the last read returned, else (an empty index after a
-    /// restart) what `carried` says the identity's Secret holds, which is then taken as current.
-    pub fn current_or_seed(
-        &mut self,
-        secret: &SecretRef,
-        carried: Option<&str>,
-        now: Instant,
-    ) -> Option<String> {
-        let entry = self.entries.get_mut(&SecretKey::from(secret))?;
-        if entry.current.is_none()
+    /// Seeds an entry no read or check has told anything yet (an empty index after a restart) with
+    /// the version the identity's intact Secret carries: trusted until the first sweep, which is
+    /// due at once. An explicit write, apart from the queries.
+    pub fn seed(&mut self, secret: &SecretRef, carried: &str, now: Instant) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret))
+            && entry.current.is_none()
             && entry.checked.is_none()
-            && let Some(carried) = carried
         {
-            // Trusted until the first sweep, which is due at once.
             entry.current = Some(carried.to_string());
             entry.checked = Some(now);
         }
-        entry.current.clone()
     }
 
     /// A read returned `version_id` (with the canonical ARN and name) at `now`.
@@ -439,10 +432,8 @@ mod tests {
         let mut index = VersionIndex::default();
         index.register(&who("a"), &[secret("ns/x")], HOUR);
         // Empty index: the Secret's version is taken as current, no read.
-        assert_eq!(
-            index.current_or_seed(&secret("ns/x"), Some("v1"), now),
-            Some("v1".into())
-        );
+        index.seed(&secret("ns/x"), "v1", now);
+        assert_eq!(index.current(&secret("ns/x")), Some("v1"));
         assert_eq!(
             index.due(now, HOUR).len(),
             1,
@@ -455,10 +446,9 @@ mod tests {
             index.observe(&secret("ns/x"), Some("v2"), now),
             vec![who("a")]
         );
-        assert_eq!(
-            index.current_or_seed(&secret("ns/x"), Some("v1"), now),
-            Some("v2".into())
-        );
+        // A seed never overrides what the index was told.
+        index.seed(&secret("ns/x"), "v1", now);
+        assert_eq!(index.current(&secret("ns/x")), Some("v2"));
         index.record_read(&secret("ns/x"), "v2", "arn", "ns/x", now);
         // The same observation again (a duplicate event): nothing.
         assert!(index.observe(&secret("ns/x"), Some("v2"), now).is_empty());
