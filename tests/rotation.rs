@@ -208,21 +208,16 @@ async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> R
 
 #[tokio::test]
 async fn bad_rotation_changes_nothing_and_the_next_good_one_restarts_once() -> Result<()> {
-    let namespace = support::create_namespace("badrot", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("bad rotation CA")?;
-    let secret_id = format!("{namespace}/client");
-    put_source(&secret_id, &good_secret(&ca)?).await?;
-    create_identity(
-        &namespace,
-        &identity("client", &secret_id, serde_json::json!({}))?,
-    )
-    .await?;
-    wait_ready(&namespace, "client", "True", "Synced").await?;
-    create_deployment(&namespace, "app", Some(("volume", "client"))).await?;
-    wait_all_rolled_out(&namespace).await?;
-    let before = generations(&namespace).await?;
-    let secret_before = get_secret(&namespace, "client")
+    let scenario = scenario::Scenario::start("badrot").await?;
+    let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
+    let secret_id = scenario.id("client");
+    scenario
+        .synced("client", "client", serde_json::json!({}))
+        .await?;
+    create_deployment(namespace, "app", Some(("volume", "client"))).await?;
+    wait_all_rolled_out(namespace).await?;
+    let before = generations(namespace).await?;
+    let secret_before = get_secret(namespace, "client")
         .await?
         .context("no Secret")?;
 
@@ -233,21 +228,21 @@ async fn bad_rotation_changes_nothing_and_the_next_good_one_restarts_once() -> R
         &json_secret(&good.cert_pem, &other.key_pem, &ca.pem()),
     )
     .await?;
-    wait_ready(&namespace, "client", "False", "KeyMismatch").await?;
-    let secret_after = get_secret(&namespace, "client")
+    wait_ready(namespace, "client", "False", "KeyMismatch").await?;
+    let secret_after = get_secret(namespace, "client")
         .await?
         .context("no Secret")?;
     assert_eq!(secret_after.data, secret_before.data);
     assert_eq!(
-        generations(&namespace).await?,
+        generations(namespace).await?,
         before,
         "no rollout for a bad version"
     );
 
-    let version = put_source(&secret_id, &good_secret(&ca)?).await?;
-    wait_rotation(&namespace, "client", &version).await?;
-    wait_all_rolled_out(&namespace).await?;
-    let after = generations(&namespace).await?;
+    let version = put_source(&secret_id, &good_secret(ca)?).await?;
+    wait_rotation(namespace, "client", &version).await?;
+    wait_all_rolled_out(namespace).await?;
+    let after = generations(namespace).await?;
     assert_eq!(
         after.get("Deployment/app").copied(),
         before.get("Deployment/app").map(|g| g + 1)
@@ -257,34 +252,25 @@ async fn bad_rotation_changes_nothing_and_the_next_good_one_restarts_once() -> R
 
 #[tokio::test]
 async fn two_identities_rotated_together_restart_their_shared_deployment_once() -> Result<()> {
-    let namespace = support::create_namespace("pair", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("pair CA")?;
-    let (first_id, second_id) = (format!("{namespace}/first"), format!("{namespace}/second"));
-    put_source(&first_id, &good_secret(&ca)?).await?;
-    put_source(&second_id, &good_secret(&ca)?).await?;
-    create_identity(
-        &namespace,
-        &identity("first", &first_id, serde_json::json!({}))?,
-    )
-    .await?;
-    create_identity(
-        &namespace,
-        &identity("second", &second_id, serde_json::json!({}))?,
-    )
-    .await?;
-    wait_ready(&namespace, "first", "True", "Synced").await?;
-    wait_ready(&namespace, "second", "True", "Synced").await?;
-    create_deployment_mounting(&namespace, "both", &["first", "second"]).await?;
-    wait_all_rolled_out(&namespace).await?;
-    let before = generations(&namespace).await?;
+    let scenario = scenario::Scenario::start("pair").await?;
+    let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
+    let (first_id, second_id) = (scenario.id("first"), scenario.id("second"));
+    scenario
+        .synced("first", "first", serde_json::json!({}))
+        .await?;
+    scenario
+        .synced("second", "second", serde_json::json!({}))
+        .await?;
+    create_deployment_mounting(namespace, "both", &["first", "second"]).await?;
+    wait_all_rolled_out(namespace).await?;
+    let before = generations(namespace).await?;
 
-    let first_version = put_source(&first_id, &good_secret(&ca)?).await?;
-    let second_version = put_source(&second_id, &good_secret(&ca)?).await?;
-    wait_rotation(&namespace, "first", &first_version).await?;
-    wait_rotation(&namespace, "second", &second_version).await?;
-    wait_all_rolled_out(&namespace).await?;
-    let after = generations(&namespace).await?;
+    let first_version = put_source(&first_id, &good_secret(ca)?).await?;
+    let second_version = put_source(&second_id, &good_secret(ca)?).await?;
+    wait_rotation(namespace, "first", &first_version).await?;
+    wait_rotation(namespace, "second", &second_version).await?;
+    wait_all_rolled_out(namespace).await?;
+    let after = generations(namespace).await?;
     assert_eq!(
         after.get("Deployment/both").copied(),
         before.get("Deployment/both").map(|g| g + 1),

@@ -262,23 +262,12 @@ spec:
 
 #[tokio::test]
 async fn manual_edits_are_reverted_and_foreign_secrets_are_never_touched() -> Result<()> {
-    let namespace = support::create_namespace("owner", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("owner CA")?;
-    let leaf = ca.leaf(&LeafOptions::default())?;
-    let secret_id = format!("{namespace}/client");
-    put_source(
-        &secret_id,
-        &json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()),
-    )
-    .await?;
-
-    create_identity(
-        &namespace,
-        &identity("edited", &secret_id, serde_json::json!({}))?,
-    )
-    .await?;
-    wait_ready(&namespace, "edited", "True", "Synced").await?;
+    let scenario = scenario::Scenario::start("owner").await?;
+    let namespace = scenario.namespace.clone();
+    let (leaf, _) = scenario
+        .synced("edited", "client", serde_json::json!({}))
+        .await?;
+    let secret_id = scenario.id("client");
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, &namespace);
     let edit = serde_json::json!({"stringData": {"tls.crt": "tampered"}});
     secrets
@@ -640,24 +629,14 @@ async fn check_reports_the_facts_of_good_material_from_files_and_secrets_manager
 
 #[tokio::test]
 async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> Result<()> {
-    let namespace = support::create_namespace("keep", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("keep CA")?;
-    let good = ca.leaf(&LeafOptions::default())?;
+    let scenario = scenario::Scenario::start("keep").await?;
+    let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
+    let (good, good_version) = scenario
+        .synced("keep", "client", serde_json::json!({}))
+        .await?;
     let other = ca.leaf(&LeafOptions::default())?;
-    let secret_id = format!("{namespace}/client");
-    let good_version = put_source(
-        &secret_id,
-        &json_secret(&good.cert_pem, &good.key_pem, &ca.pem()),
-    )
-    .await?;
-    create_identity(
-        &namespace,
-        &identity("keep", &secret_id, serde_json::json!({}))?,
-    )
-    .await?;
-    wait_ready(&namespace, "keep", "True", "Synced").await?;
-    let before = get_secret(&namespace, "keep").await?.context("no Secret")?;
+    let secret_id = scenario.id("client");
+    let before = get_secret(namespace, "keep").await?.context("no Secret")?;
 
     // A new version whose key does not match its certificate.
     put_source(
@@ -665,8 +644,8 @@ async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> 
         &json_secret(&good.cert_pem, &other.key_pem, &ca.pem()),
     )
     .await?;
-    let failed = wait_ready(&namespace, "keep", "False", "KeyMismatch").await?;
-    let after = get_secret(&namespace, "keep")
+    let failed = wait_ready(namespace, "keep", "False", "KeyMismatch").await?;
+    let after = get_secret(namespace, "keep")
         .await?
         .context("the Secret was deleted")?;
     assert_eq!(after.data, before.data, "the last good Secret must stay");
@@ -689,7 +668,7 @@ async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> 
         &json_secret(&fixed.cert_pem, &fixed.key_pem, &ca.pem()),
     )
     .await?;
-    let synced = wait_ready(&namespace, "keep", "True", "Synced").await?;
+    let synced = wait_ready(namespace, "keep", "True", "Synced").await?;
     assert_eq!(
         synced.status.and_then(|s| s.source).map(|s| s.version_id),
         Some(fixed_version)

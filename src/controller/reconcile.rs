@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -16,6 +17,7 @@ use crate::source::fleet::SweepMode;
 use super::context::{Context, Now, Parsed};
 use super::error::ReconcileError;
 use super::events::publish;
+use super::status::EventToEmit;
 use super::sync::{self, SyncStep};
 use super::{egress, plan, requeue, rotation, write};
 
@@ -46,22 +48,20 @@ pub(super) async fn reconcile(
 /// delivers the write within milliseconds.
 const STALE_RETRY: Duration = Duration::from_millis(500);
 
+/// One reconcile: gather (the sync), plan (pure), act on the plan (restarts, egress), apply
+/// (metrics, status, Events), and say when to come back.
 async fn reconcile_inner(
     identity: Arc<MtlsIdentity>,
     context: &Context,
 ) -> Result<Action, ReconcileError> {
     let parsed = Parsed::new(&identity)?;
-    let key = &parsed.key;
     if context
         .memory
-        .is_stale(key, identity.resource_version().as_deref())
+        .is_stale(&parsed.key, identity.resource_version().as_deref())
     {
         return Ok(Action::requeue(STALE_RETRY));
     }
     let now = Now::read();
-    let refresh = parsed.refresh_or_default();
-
-    // Gather: the sync reads (or decides not to read) and writes the Secret.
     let outcome = match sync::sync(&identity, &parsed, &now, context).await? {
         SyncStep::Done(outcome) => *outcome,
         SyncStep::Wait(wait) => {
@@ -70,17 +70,14 @@ async fn reconcile_inner(
         }
         // Nothing read: carry on from the status (restarts still pending, expiry, egress), or, if
         // the identity is failing on a version already refused, wait for a change.
-        SyncStep::Unchanged(carried) => match carried {
-            Some(synced) => Ok(*synced),
-            None => {
-                return Ok(Action::requeue(
-                    refresh + refresh.mul_f64(rand::random::<f64>() * 0.1),
-                ));
-            }
-        },
+        SyncStep::Unchanged(Some(synced)) => Ok(*synced),
+        SyncStep::Unchanged(None) => {
+            let refresh = parsed.refresh_or_default();
+            return Ok(Action::requeue(
+                refresh + refresh.mul_f64(rand::random::<f64>() * 0.1),
+            ));
+        }
     };
-
-    // Plan: the new status and its Events, from the previous status and one `now`.
     let previous = identity.status.as_ref();
     let facts = plan::Facts {
         generation: parsed.generation,
@@ -90,44 +87,16 @@ async fn reconcile_inner(
     };
     let mut plan = plan::plan(previous, &facts, outcome, &now);
     // A Kubernetes error after the Secret was written: returned once the status says so.
-    let mut after_status: Option<ReconcileError> = None;
-    let mut restart_events = Vec::new();
-    let mut restarts_pending = false;
-    if plan.restart_due
-        && let Some(rotation) = plan.status.last_rotation.clone()
-    {
-        // A failure here comes after the Secret was written: it is recorded in status (a
-        // `Restarts` condition) and retried, never allowed to skip the status write.
-        let restarts = match rotation::restart_workloads(
-            &identity,
-            &parsed.namespace,
-            &parsed.target,
-            &rotation,
-            context,
-        )
-        .await
-        {
-            Ok(report) => plan::Restarts::Done(report),
-            Err(ReconcileError::InvalidStatus(problem)) => {
-                after_status.get_or_insert(ReconcileError::InvalidStatus(problem.clone()));
-                plan::Restarts::InvalidStatus(problem)
-            }
-            Err(error) => {
-                after_status.get_or_insert(error);
-                plan::Restarts::ApiFailed
-            }
-        };
-        restarts_pending = plan::fold_restarts(&mut plan, &restarts, &now);
-        if let plan::Restarts::Done(report) = &restarts {
-            context
-                .metrics
-                .record_restarts(Outcome::Triggered, report.triggered.len());
-            context
-                .metrics
-                .record_restarts(Outcome::Failed, report.failed.len());
-            restart_events = rotation::restart_events(&identity, &parsed.namespace, report);
-        }
-    }
+    let mut after_status = None;
+    let (restarts_pending, restart_events) = restart_phase(
+        &identity,
+        &parsed,
+        &mut plan,
+        &now,
+        &mut after_status,
+        context,
+    )
+    .await;
     if let Err(error) = egress::reconcile_egress(
         &identity,
         &parsed.namespace,
@@ -140,8 +109,90 @@ async fn reconcile_inner(
         plan::fold_egress_failure(&mut plan, &now);
         after_status.get_or_insert(error);
     }
+    apply(&identity, &parsed, &mut plan, restart_events, context).await?;
+    if let Err(error) = write::remove_renamed_target(
+        &identity,
+        &parsed.namespace,
+        &parsed.target,
+        previous,
+        &plan.outcome,
+        context,
+    )
+    .await
+    {
+        after_status.get_or_insert(error);
+    }
+    if let Some(error) = after_status {
+        return Err(error);
+    }
+    log_outcome(&parsed, &plan);
+    if restarts_pending {
+        // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
+        return Ok(Action::requeue(rotation::COALESCE_POLL));
+    }
+    Ok(Action::requeue(schedule(&parsed, plan, &now, context)))
+}
 
-    // Apply: metrics, status, Events, in one place.
+/// The restarts a rotation still owes, folded into the plan: whether some are still pending, and
+/// the Events to publish. A failure comes after the Secret was written: it is recorded in status (a
+/// `Restarts` condition) and returned after the status write, never allowed to skip it.
+async fn restart_phase(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    plan: &mut plan::Plan,
+    now: &Now,
+    after_status: &mut Option<ReconcileError>,
+    context: &Context,
+) -> (bool, Vec<(ObjectReference, EventToEmit)>) {
+    let rotation = match &plan.status.last_rotation {
+        Some(rotation) if plan.restart_due => rotation.clone(),
+        _ => return (false, Vec::new()),
+    };
+    let restarts = match rotation::restart_workloads(
+        identity,
+        &parsed.namespace,
+        &parsed.target,
+        &rotation,
+        context,
+    )
+    .await
+    {
+        Ok(report) => plan::Restarts::Done(report),
+        Err(ReconcileError::InvalidStatus(problem)) => {
+            after_status.get_or_insert(ReconcileError::InvalidStatus(problem.clone()));
+            plan::Restarts::InvalidStatus(problem)
+        }
+        Err(error) => {
+            after_status.get_or_insert(error);
+            plan::Restarts::ApiFailed
+        }
+    };
+    let pending = plan::fold_restarts(plan, &restarts, now);
+    let events = match &restarts {
+        plan::Restarts::Done(report) => {
+            context
+                .metrics
+                .record_restarts(Outcome::Triggered, report.triggered.len());
+            context
+                .metrics
+                .record_restarts(Outcome::Failed, report.failed.len());
+            rotation::restart_events(identity, &parsed.namespace, report)
+        }
+        _ => Vec::new(),
+    };
+    (pending, events)
+}
+
+/// The one place that writes what the plan decided: metrics, the status (only if it changed),
+/// then the Events.
+async fn apply(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    plan: &mut plan::Plan,
+    restart_events: Vec<(ObjectReference, EventToEmit)>,
+    context: &Context,
+) -> Result<(), ReconcileError> {
+    let previous = identity.status.as_ref();
     context.metrics.record_identity(
         &parsed.namespace,
         &parsed.name,
@@ -158,7 +209,7 @@ async fn reconcile_inner(
             .await?;
         context
             .memory
-            .record_written(key, written.resource_version().as_deref());
+            .record_written(&parsed.key, written.resource_version().as_deref());
     }
     let identity_ref = identity.object_ref(&());
     for event in plan.events.drain(..) {
@@ -167,21 +218,11 @@ async fn reconcile_inner(
     for (reference, event) in restart_events {
         publish(context, &reference, event).await;
     }
-    if let Err(error) = write::remove_renamed_target(
-        &identity,
-        &parsed.namespace,
-        &parsed.target,
-        previous,
-        &plan.outcome,
-        context,
-    )
-    .await
-    {
-        after_status.get_or_insert(error);
-    }
-    if let Some(error) = after_status {
-        return Err(error);
-    }
+    Ok(())
+}
+
+fn log_outcome(parsed: &Parsed, plan: &plan::Plan) {
+    let key = &parsed.key;
     match &plan.outcome {
         Ok(synced) => info!(
             identity = %key,
@@ -198,24 +239,26 @@ async fn reconcile_inner(
             "sync failed"
         ),
     }
-    if restarts_pending {
-        // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
-        return Ok(Action::requeue(rotation::COALESCE_POLL));
+    if let Some(failure) = &plan.transient {
+        warn!(identity = %key, reason = failure.reason().as_str(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
     }
+}
 
-    context.memory.update(key, |memory| memory.api_errors = 0);
-    // Backoff follows what really happened, also when Ready did not change.
+/// When to look again: backoff follows what really happened (also when Ready did not change),
+/// else the refresh schedule.
+fn schedule(parsed: &Parsed, plan: plan::Plan, now: &Now, context: &Context) -> Duration {
+    context
+        .memory
+        .update(&parsed.key, |memory| memory.api_errors = 0);
+    let refresh = parsed.refresh_or_default();
     let valid_in_place = plan.transient.is_some();
     let attempted = match plan.transient {
         Some(failure) => Err(failure),
         None => plan.outcome,
     };
-    if let Err(failure) = &attempted
-        && failure.is_transient()
-    {
-        warn!(identity = %key, reason = failure.reason().as_str(), detail = %failure.detail(), "source unreachable; the Secret in place stays");
-    }
-    let failures = context.memory.count_source_failure(key, attempted.is_err());
+    let failures = context
+        .memory
+        .count_source_failure(&parsed.key, attempted.is_err());
     let schedule = requeue::Schedule {
         refresh,
         cadence: match context.settings.sweep_mode {
@@ -225,11 +268,11 @@ async fn reconcile_inner(
         phase: requeue::refresh_phase(&parsed.uid),
         now_unix_ms: now.unix_ms,
     };
-    Ok(Action::requeue(requeue::after_sync(
+    requeue::after_sync(
         &schedule,
         &attempted,
         valid_in_place,
         failures,
         rand::random::<f64>(),
-    )))
+    )
 }

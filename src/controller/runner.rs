@@ -227,8 +227,6 @@ async fn run_scope(
     // reconcile compares against them instead of asking the API server (see `egress`). They trigger
     // nothing: a change is repaired at the identity's next reconcile, as before.
     let egress = settings.egress_image.as_ref().map(|_| {
-        let ours =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
         let (deployments, deployments_writer) = reflector::store();
         let (services, services_writer) = reflector::store();
         let (policies, policies_writer) = reflector::store();
@@ -238,27 +236,9 @@ async fn run_scope(
             policies,
         };
         let streams = (
-            watcher(
-                scoped::<PartialObjectMeta<Deployment>>(&client, &namespace),
-                ours.clone(),
-            )
-            .default_backoff()
-            .reflect(deployments_writer)
-            .touched_objects(),
-            watcher(
-                scoped::<PartialObjectMeta<Service>>(&client, &namespace),
-                ours.clone(),
-            )
-            .default_backoff()
-            .reflect(services_writer)
-            .touched_objects(),
-            watcher(
-                scoped::<PartialObjectMeta<NetworkPolicy>>(&client, &namespace),
-                ours,
-            )
-            .default_backoff()
-            .reflect(policies_writer)
-            .touched_objects(),
+            our_objects::<Deployment>(&client, &namespace, deployments_writer),
+            our_objects::<Service>(&client, &namespace, services_writer),
+            our_objects::<NetworkPolicy>(&client, &namespace, policies_writer),
         );
         (stores, streams)
     });
@@ -328,6 +308,29 @@ async fn run_scope(
             }
         })
         .await;
+}
+
+/// The operator's own objects of kind `K` in the scope (label-selected), metadata only, kept in
+/// `writer`'s store.
+fn our_objects<K>(
+    client: &kube::Client,
+    namespace: &Option<String>,
+    writer: reflector::store::Writer<PartialObjectMeta<K>>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    watcher(scoped::<PartialObjectMeta<K>>(client, namespace), ours)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
 }
 
 /// A watch that triggers no reconcile (kept only for its store).

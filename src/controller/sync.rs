@@ -45,15 +45,124 @@ pub async fn sync(
     now: &Now,
     context: &Context,
 ) -> Result<SyncStep, ReconcileError> {
-    let (namespace, target) = (parsed.namespace.as_str(), parsed.target.as_str());
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &parsed.namespace);
+    let (main, ca) = match checked_sources(identity, parsed, context) {
+        Ok(checked) => checked,
+        Err(failure) => return Ok(SyncStep::done(Err(failure))),
+    };
+    let existing = match target_secret(&secrets, parsed).await? {
+        Ok(existing) => existing,
+        Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
+    };
+    let looked = gather(
+        identity,
+        parsed,
+        now,
+        context,
+        &secrets,
+        existing.as_ref(),
+        &main,
+        ca.as_ref(),
+    )
+    .await?;
+    let Looked {
+        gathered,
+        carried_facts,
+        keystore_password,
+    } = looked;
+    match decide::read_step(&gathered) {
+        decide::Step::Read => {}
+        decide::Step::Unchanged => return Ok(SyncStep::Unchanged(carried_facts.map(Box::new))),
+        decide::Step::Refuse(refusal) => {
+            let failure = match refusal {
+                decide::Refusal::Gone(secret_id) => {
+                    SyncFailure::Source(crate::source::SourceError::NotFound {
+                        secret_id,
+                        detail: "DescribeSecret: deleted or scheduled for deletion".into(),
+                    })
+                }
+                decide::Refusal::PasswordMissing => match keystore_password {
+                    Some(Err(failure)) => failure,
+                    _ => SyncFailure::InvalidSpec("the keystore password is missing".into()),
+                },
+            };
+            return Ok(SyncStep::done(Err(failure)));
+        }
+    }
     let refresh = parsed.refresh_or_default();
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), namespace);
-    let source = &identity.spec.source;
-    let key = &parsed.key;
+    let (namespace, key, source) = (
+        parsed.namespace.as_str(),
+        &parsed.key,
+        &identity.spec.source,
+    );
+    // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
+    if let Some(wait) = context.memory.take_fetch(key, refresh, now.instant) {
+        return Ok(SyncStep::Wait(wait));
+    }
+
+    // A Pkcs12 source's password, read before the value (a missing one is reported without it).
+    let source_password = match (&source.format, &source.password_secret_ref) {
+        (SourceFormat::Pkcs12, Some(reference)) => {
+            match read_password(&secrets, namespace, reference).await? {
+                Ok(password) => Some(password),
+                Err(failure) => return Ok(SyncStep::done(Err(failure))),
+            }
+        }
+        // Without a reference, the password is a field of the JSON the source holds.
+        _ => None,
+    };
+    let (fetched, ca_version, material) = match fetch_material(
+        identity,
+        namespace,
+        &main,
+        ca.as_ref(),
+        source_password.as_deref(),
+        context,
+    )
+    .await
+    {
+        Ok(fetched) => fetched,
+        Err(failure) => return Ok(SyncStep::done(Err(failure))),
+    };
+    let validated = match pki::validate(&material, now.unix) {
+        Ok(validated) => validated,
+        Err(error) => {
+            // Not read again until a new version arrives (or the refresh interval passes).
+            context.memory.update(key, |memory| {
+                memory.known_bad = Some(fetched.version_id.clone())
+            });
+            return Ok(SyncStep::done(Err(SyncFailure::Material {
+                context: format!("version {} of {}", fetched.version_id, source.secret_id),
+                error,
+            })));
+        }
+    };
+    context.memory.update(key, |memory| memory.known_bad = None);
+
+    write_secret(
+        identity,
+        parsed,
+        &secrets,
+        existing.as_ref(),
+        fetched,
+        ca_version,
+        &validated,
+        keystore_password,
+    )
+    .await
+}
+
+/// The source ids, checked before any AWS call (strict parsing, the policy) and registered in the
+/// index (only secrets the policy allowed enter it), and the refresh interval.
+fn checked_sources(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    context: &Context,
+) -> Result<(CheckedSecret, Option<CheckedSecret>), SyncFailure> {
     let identity_key = (parsed.namespace.clone(), parsed.name.clone());
     let checked = decide::check_source(
-        source,
-        namespace,
+        &identity.spec.source,
+        &parsed.namespace,
         &context.settings.policy,
         context.settings.default_region.as_deref(),
     );
@@ -61,36 +170,40 @@ pub async fn sync(
         Ok(checked) => checked,
         Err(failure) => {
             context.fleet.unregister(&identity_key);
-            return Ok(SyncStep::done(Err(failure)));
+            return Err(failure);
         }
     };
-    if parsed.refresh.is_none() {
-        return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(format!(
+    let Some(refresh) = parsed.refresh else {
+        return Err(SyncFailure::InvalidSpec(format!(
             "refreshInterval {:?} is not a duration such as 1h or 30s",
             identity.spec.refresh_interval
-        )))));
-    }
-    // Only secrets the policy allowed enter the index.
+        )));
+    };
     let requests: Vec<_> = std::iter::once(&main)
         .chain(ca.as_ref())
         .map(|checked| checked.request.clone())
         .collect();
     context.fleet.register(&identity_key, &requests, refresh);
+    Ok((main, ca))
+}
 
-    // Metadata first: a Secret we do not own is never read, only refused.
-    let seen = write::metadata(&secrets, target).await?;
-    let owner_uid = parsed.uid.as_str();
-    let conflict = || {
-        Ok(SyncStep::done(Err(SyncFailure::TargetConflict {
-            secret: format!("{namespace}/{target}"),
-        })))
+/// The target Secret, read whole if it is ours (to see whether it is intact and what it was written
+/// from), `None` if absent; `TargetConflict` if a foreign one holds the name. Metadata first: a
+/// Secret we do not own is never read, only refused.
+async fn target_secret(
+    secrets: &Api<Secret>,
+    parsed: &Parsed,
+) -> Result<Result<Option<Secret>, SyncFailure>, ReconcileError> {
+    let (namespace, target, owner_uid) = (&parsed.namespace, &parsed.target, parsed.uid.as_str());
+    let conflict = || SyncFailure::TargetConflict {
+        secret: format!("{namespace}/{target}"),
     };
+    let seen = write::metadata(secrets, target).await?;
     if let Some(seen) = &seen
         && !secret::is_owned_by(&seen.metadata, owner_uid)
     {
-        return conflict();
+        return Ok(Err(conflict()));
     }
-    // Our own Secret: read it whole, to see whether it is intact and what it was written from.
     let existing = match &seen {
         Some(_) => secrets.get_opt(target).await?,
         None => None,
@@ -99,9 +212,39 @@ pub async fn sync(
     if let Some(existing) = &existing
         && !secret::is_owned_by(&existing.metadata, owner_uid)
     {
-        return conflict();
+        return Ok(Err(conflict()));
     }
+    Ok(Ok(existing))
+}
 
+/// What the read chain decides on, and what the rest of the sync reuses.
+struct Looked {
+    gathered: decide::Gathered,
+    /// The facts of the last successful sync, when the Secret still holds them.
+    carried_facts: Option<Synced>,
+    /// The keystore password, read once (`None`: no keystore asked for).
+    keystore_password: Option<Result<String, SyncFailure>>,
+}
+
+/// Gathers what decides whether a value is read: the versions the Secret carries against the
+/// index's view, the keystore against its password, a source deleted in Secrets Manager.
+#[allow(clippy::too_many_arguments)]
+async fn gather(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    now: &Now,
+    context: &Context,
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    main: &CheckedSecret,
+    ca: Option<&CheckedSecret>,
+) -> Result<Looked, ReconcileError> {
+    let (namespace, target, key) = (
+        parsed.namespace.as_str(),
+        parsed.target.as_str(),
+        &parsed.key,
+    );
+    let refresh = parsed.refresh_or_default();
     // Is a read needed? Not if the Secret is intact, the spec unchanged, and the index expects the
     // versions the Secret carries.
     let now_unix = now.unix;
@@ -112,7 +255,6 @@ pub async fn sync(
         now_unix,
     );
     let carried = existing
-        .as_ref()
         .and_then(secret::carried_versions)
         .filter(|(version, _)| {
             carried_facts
@@ -146,7 +288,7 @@ pub async fn sync(
     };
     // The keystore's password, read once: the check below and the rendering use the same value.
     let keystore_password = match identity.pkcs12() {
-        Some(spec) => Some(read_password(&secrets, namespace, &spec.password_secret_ref).await?),
+        Some(spec) => Some(read_password(secrets, namespace, &spec.password_secret_ref).await?),
         None => None,
     };
     let gone = std::iter::once(&main)
@@ -155,14 +297,11 @@ pub async fn sync(
         .map(|checked| checked.request.secret_id.clone());
     let gathered = decide::Gathered {
         gone,
-        version_changed: stale(&main, carried.as_ref().map(|(main, _)| main.as_str()))
+        version_changed: stale(main, carried.as_ref().map(|(main, _)| main.as_str()))
             || ca
                 .as_ref()
                 .is_some_and(|ca| stale(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref()))),
-        keystore: match (
-            &keystore_password,
-            carried_keystore(existing.as_ref(), &carried),
-        ) {
+        keystore: match (&keystore_password, carried_keystore(existing, &carried)) {
             (None, _) => decide::Keystore::None,
             (Some(Err(_)), carried) => decide::Keystore::PasswordMissing {
                 carried: carried.is_some(),
@@ -177,69 +316,31 @@ pub async fn sync(
             }
         },
     };
-    match decide::read_step(&gathered) {
-        decide::Step::Read => {}
-        decide::Step::Unchanged => return Ok(SyncStep::Unchanged(carried_facts.map(Box::new))),
-        decide::Step::Refuse(refusal) => {
-            let failure = match refusal {
-                decide::Refusal::Gone(secret_id) => {
-                    SyncFailure::Source(crate::source::SourceError::NotFound {
-                        secret_id,
-                        detail: "DescribeSecret: deleted or scheduled for deletion".into(),
-                    })
-                }
-                decide::Refusal::PasswordMissing => match keystore_password {
-                    Some(Err(failure)) => failure,
-                    _ => SyncFailure::InvalidSpec("the keystore password is missing".into()),
-                },
-            };
-            return Ok(SyncStep::done(Err(failure)));
-        }
-    }
-    // Edits of the Secret or the identity trigger reconciles; they must not set the AWS call rate.
-    if let Some(wait) = context.memory.take_fetch(key, refresh, now.instant) {
-        return Ok(SyncStep::Wait(wait));
-    }
+    Ok(Looked {
+        gathered,
+        carried_facts,
+        keystore_password,
+    })
+}
 
-    // A Pkcs12 source's password, read before the value (a missing one is reported without it).
-    let source_password = match (&source.format, &source.password_secret_ref) {
-        (SourceFormat::Pkcs12, Some(reference)) => {
-            match read_password(&secrets, namespace, reference).await? {
-                Ok(password) => Some(password),
-                Err(failure) => return Ok(SyncStep::done(Err(failure))),
-            }
-        }
-        // Without a reference, the password is a field of the JSON the source holds.
-        _ => None,
-    };
-    let (fetched, ca_version, material) = match fetch_material(
-        identity,
-        namespace,
-        &main,
-        ca.as_ref(),
-        source_password.as_deref(),
-        context,
-    )
-    .await
-    {
-        Ok(fetched) => fetched,
-        Err(failure) => return Ok(SyncStep::done(Err(failure))),
-    };
-    let validated = match pki::validate(&material, now_unix) {
-        Ok(validated) => validated,
-        Err(error) => {
-            // Not read again until a new version arrives (or the refresh interval passes).
-            context.memory.update(key, |memory| {
-                memory.known_bad = Some(fetched.version_id.clone())
-            });
-            return Ok(SyncStep::done(Err(SyncFailure::Material {
-                context: format!("version {} of {}", fetched.version_id, source.secret_id),
-                error,
-            })));
-        }
-    };
-    context.memory.update(key, |memory| memory.known_bad = None);
-
+/// Renders the Secret (and keystores) from the validated material and writes it, never over a
+/// foreign one.
+#[allow(clippy::too_many_arguments)]
+async fn write_secret(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    fetched: FetchedSecret,
+    ca_version: Option<String>,
+    validated: &pki::ValidatedIdentity,
+    keystore_password: Option<Result<String, SyncFailure>>,
+) -> Result<SyncStep, ReconcileError> {
+    let (namespace, target, owner_uid) = (
+        parsed.namespace.as_str(),
+        parsed.target.as_str(),
+        parsed.uid.as_str(),
+    );
     let Some(owner) = identity.controller_owner_ref(&()) else {
         return Ok(SyncStep::done(Err(SyncFailure::InvalidSpec(
             "the MtlsIdentity has no uid yet".to_string(),
@@ -263,10 +364,10 @@ pub async fn sync(
                 crate::api::Pkcs12Profile::Modern => Pkcs12Profile::Modern,
                 crate::api::Pkcs12Profile::Legacy => Pkcs12Profile::Legacy,
             };
-            let inputs = secret::keystore_inputs(&validated, &password, &alias, profile);
-            let files = match secret::reusable_pkcs12(existing.as_ref(), &inputs) {
+            let inputs = secret::keystore_inputs(validated, &password, &alias, profile);
+            let files = match secret::reusable_pkcs12(existing, &inputs) {
                 Some(files) => files,
-                None => match pki::keystore::pkcs12(&validated, &password, &alias, profile) {
+                None => match pki::keystore::pkcs12(validated, &password, &alias, profile) {
                     Ok(files) => files,
                     Err(error) => return Ok(SyncStep::done(Err(error.into()))),
                 },
@@ -284,7 +385,7 @@ pub async fn sync(
             main: &fetched.version_id,
             ca: ca_version.as_deref(),
         },
-        &validated,
+        validated,
         secret::Outputs {
             formats: &formats,
             pkcs12: pkcs12.as_ref(),
@@ -297,28 +398,30 @@ pub async fn sync(
         match &existing {
             // Absent when we looked: create, so one created meanwhile is never overwritten.
             None => {
-                if write::create_if_absent(&secrets, &desired).await? == Written::Conflict {
+                if write::create_if_absent(secrets, &desired).await? == Written::Conflict {
                     // Created meanwhile. By us (another replica during a leader change, or a
                     // reconcile that raced): look again shortly. By someone else: a conflict.
-                    let now_there = write::metadata(&secrets, target).await?;
+                    let now_there = write::metadata(secrets, target).await?;
                     if now_there.is_some_and(|meta| secret::is_owned_by(&meta.metadata, owner_uid))
                     {
                         return Ok(SyncStep::Wait(Duration::from_secs(1)));
                     }
-                    return conflict();
+                    return Ok(SyncStep::done(Err(SyncFailure::TargetConflict {
+                        secret: format!("{namespace}/{target}"),
+                    })));
                 }
             }
             // Ours (checked above): replaced with its resourceVersion as the precondition.
-            Some(existing) => write::replace_owned_secret(&secrets, existing, desired).await?,
+            Some(existing) => write::replace_owned_secret(secrets, existing, desired).await?,
         }
     }
-    let keystore_changed = pkcs12.as_ref().and_then(|rendered| {
-        secret::keystore_changed_alone(existing.as_ref(), &validated, &rendered.inputs)
-    });
+    let keystore_changed = pkcs12
+        .as_ref()
+        .and_then(|rendered| secret::keystore_changed_alone(existing, validated, &rendered.inputs));
     Ok(SyncStep::done(Ok(Synced {
         arn: fetched.arn,
         version_id: fetched.version_id,
-        certificate: decide::certificate_status(&validated),
+        certificate: decide::certificate_status(validated),
         not_after_unix: validated.facts.not_after,
         secret_name: target.to_string(),
         keystore_changed,

@@ -4,6 +4,7 @@
 
 pub mod endpoint;
 pub mod link;
+pub mod scenario;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
