@@ -227,32 +227,62 @@ mod tests {
         })
     }
 
-    /// Every Ready=False reason goes into the condition and one Warning Event with that reason,
-    /// and a repeat of the same failure emits nothing.
+    /// One failure of each kind the sync reports.
+    fn every_failure() -> Vec<SyncFailure> {
+        use crate::source::policy::Denied;
+        let id = || "team/client".to_string();
+        let mut failures = vec![
+            SyncFailure::NotAllowed {
+                secret_id: id(),
+                namespace: "team".into(),
+                denied: Denied::Name(id()),
+            },
+            SyncFailure::RoleNotAllowed {
+                role: "arn:aws:iam::1:role/r".into(),
+                namespace: "team".into(),
+                denied: Denied::Name("r".into()),
+            },
+            SyncFailure::TargetConflict {
+                secret: "team/client".into(),
+            },
+            SyncFailure::InvalidSpec("x".into()),
+            SyncFailure::KeystorePasswordMissing {
+                secret: "team/pw".into(),
+                key: "password".into(),
+            },
+            SyncFailure::Keystore(crate::pki::keystore::KeystoreError::sample()),
+            SyncFailure::Source(SourceError::NotFound {
+                secret_id: id(),
+                detail: String::new(),
+            }),
+            denied(),
+            SyncFailure::Source(SourceError::Throttled { secret_id: id() }),
+            SyncFailure::Source(SourceError::Empty { secret_id: id() }),
+            SyncFailure::Source(SourceError::Unavailable {
+                secret_id: id(),
+                detail: String::new(),
+            }),
+        ];
+        failures.extend(crate::pki::PkiError::samples().into_iter().map(|error| {
+            SyncFailure::Material {
+                context: "version v2".into(),
+                error,
+            }
+        }));
+        failures
+    }
+
+    /// Every Ready=False reason (the list is checked to be complete) goes into the condition and
+    /// one Warning Event with that reason, and a repeat of the same failure emits nothing and
+    /// writes nothing.
     #[test]
     fn every_failure_reason_is_reported_once() {
-        let failures = || {
-            [
-                denied(),
-                SyncFailure::TargetConflict {
-                    secret: "team/client".into(),
-                },
-                SyncFailure::InvalidSpec("x".into()),
-                SyncFailure::Source(SourceError::NotFound {
-                    secret_id: "team/client".into(),
-                    detail: String::new(),
-                }),
-                SyncFailure::Material {
-                    context: "version v2".into(),
-                    error: crate::pki::PkiError::BinaryNotText,
-                },
-                SyncFailure::KeystorePasswordMissing {
-                    secret: "pw".into(),
-                    key: "password".into(),
-                },
-            ]
-        };
-        for (index, failure) in failures().into_iter().enumerate() {
+        let covered: std::collections::BTreeSet<Reason> =
+            every_failure().iter().map(SyncFailure::reason).collect();
+        let all: std::collections::BTreeSet<Reason> =
+            Reason::READY_FAILURES.iter().copied().collect();
+        assert_eq!(covered, all, "a failure of every Ready=False reason");
+        for (index, failure) in every_failure().into_iter().enumerate() {
             let reason = failure.reason();
             let first = plan(None, &facts(), Err(failure), &now());
             assert_eq!(
@@ -263,7 +293,10 @@ mod tests {
             assert_eq!(reasons(&first), vec![reason], "{reason}");
             assert!(first.events[0].warning);
             assert_eq!(first.attempt(), Err(reason));
-            let repeat = failures().into_iter().nth(index).expect("the same failure");
+            let repeat = every_failure()
+                .into_iter()
+                .nth(index)
+                .expect("the same failure");
             let again = plan(Some(&first.status), &facts(), Err(repeat), &now());
             assert!(
                 again.events.is_empty(),

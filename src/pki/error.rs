@@ -197,6 +197,55 @@ impl PkiError {
         Reason::MissingClientAuth,
     ];
 
+    /// One error of each variant, in the order of [`PkiError::REASONS`] (tests).
+    #[cfg(test)]
+    pub(crate) fn samples() -> Vec<PkiError> {
+        vec![
+            PkiError::TooLarge {
+                what: "x".into(),
+                size: 1,
+                limit: 0,
+            },
+            PkiError::BinaryNotText,
+            PkiError::InvalidPkcs12 { detail: "x".into() },
+            PkiError::InvalidJson { detail: "x".into() },
+            PkiError::MissingField { field: "x".into() },
+            PkiError::EmptyField { field: "x".into() },
+            PkiError::InvalidPem {
+                origin: "x".into(),
+                detail: "x".into(),
+            },
+            PkiError::MissingCertificate { origin: "x".into() },
+            PkiError::MissingPrivateKey { origin: "x".into() },
+            PkiError::MultipleKeys {
+                origin: "x".into(),
+                count: 2,
+            },
+            PkiError::EncryptedKey { origin: "x".into() },
+            PkiError::UnsupportedKey {
+                origin: "x".into(),
+                detail: "x".into(),
+            },
+            PkiError::KeyMismatch {
+                subject: "x".into(),
+            },
+            PkiError::ChainInvalid { detail: "x".into() },
+            PkiError::NotYetValid {
+                which: "x".into(),
+                not_before: "x".into(),
+                now: "x".into(),
+            },
+            PkiError::Expired {
+                which: "x".into(),
+                not_after: "x".into(),
+                now: "x".into(),
+            },
+            PkiError::MissingClientAuth {
+                present: "x".into(),
+            },
+        ]
+    }
+
     pub(crate) fn invalid_pem(origin: &str, detail: impl Into<String>) -> Self {
         PkiError::InvalidPem {
             origin: origin.to_owned(),

@@ -43,6 +43,14 @@ impl std::fmt::Debug for Pkcs12Files {
 #[error("could not build the PKCS#12 keystore: {0}")]
 pub struct KeystoreError(String);
 
+#[cfg(test)]
+impl KeystoreError {
+    /// An error as rendering would report it (tests).
+    pub(crate) fn sample() -> Self {
+        Self("the key is not readable".to_string())
+    }
+}
+
 /// Renders `identity` as PKCS#12 under `password`, the key entry named `alias`.
 pub fn pkcs12(
     identity: &ValidatedIdentity,

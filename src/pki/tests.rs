@@ -1351,50 +1351,7 @@ fn eku_absent_or_any_is_accepted() {
 
 #[test]
 fn every_reason_is_listed_and_camel_case() {
-    let samples = [
-        PkiError::TooLarge {
-            what: "x".into(),
-            size: 1,
-            limit: 0,
-        },
-        PkiError::BinaryNotText,
-        PkiError::InvalidPkcs12 { detail: "x".into() },
-        PkiError::InvalidJson { detail: "x".into() },
-        PkiError::MissingField { field: "x".into() },
-        PkiError::EmptyField { field: "x".into() },
-        PkiError::InvalidPem {
-            origin: "x".into(),
-            detail: "x".into(),
-        },
-        PkiError::MissingCertificate { origin: "x".into() },
-        PkiError::MissingPrivateKey { origin: "x".into() },
-        PkiError::MultipleKeys {
-            origin: "x".into(),
-            count: 2,
-        },
-        PkiError::EncryptedKey { origin: "x".into() },
-        PkiError::UnsupportedKey {
-            origin: "x".into(),
-            detail: "x".into(),
-        },
-        PkiError::KeyMismatch {
-            subject: "x".into(),
-        },
-        PkiError::ChainInvalid { detail: "x".into() },
-        PkiError::NotYetValid {
-            which: "x".into(),
-            not_before: "x".into(),
-            now: "x".into(),
-        },
-        PkiError::Expired {
-            which: "x".into(),
-            not_after: "x".into(),
-            now: "x".into(),
-        },
-        PkiError::MissingClientAuth {
-            present: "x".into(),
-        },
-    ];
+    let samples = PkiError::samples();
     let reasons: Vec<_> = samples.iter().map(PkiError::reason).collect();
     assert_eq!(reasons, PkiError::REASONS);
     for r in reasons {
