@@ -47,6 +47,36 @@ impl Seen {
 
 type Route = Box<dyn Fn(&Seen) -> (StatusCode, Value) + Send + Sync>;
 
+/// A route of a strict mock API server: `None` for a request the test did not expect.
+type StrictRoute = Box<dyn Fn(&Seen) -> Option<(StatusCode, Value)> + Send + Sync>;
+
+/// Requests a strict mock API server did not expect (answered 500, so the reconcile notices too).
+type Unexpected = Arc<Mutex<Vec<Seen>>>;
+
+/// A strict mock API server, as controller-rs's `ApiServerVerifier`: every request must be one
+/// `route` expects; the test ends with [`assert_all_expected`].
+fn strict_api(route: StrictRoute) -> (kube::Client, Arc<Mutex<Vec<Seen>>>, Unexpected) {
+    let unexpected: Unexpected = Arc::new(Mutex::new(Vec::new()));
+    let recorded = unexpected.clone();
+    let (client, seen) = mock_api(Box::new(move |request| match route(request) {
+        Some(answer) => answer,
+        None => {
+            lock(&recorded).push(request.clone());
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "unexpected request", "code": 500}),
+            )
+        }
+    }));
+    (client, seen, unexpected)
+}
+
+fn assert_all_expected(unexpected: &Unexpected) {
+    let unexpected = lock(unexpected).clone();
+    assert!(unexpected.is_empty(), "unexpected requests: {unexpected:?}");
+}
+
 /// A client whose API server is `route`; every request is recorded.
 fn mock_api(route: Route) -> (kube::Client, Arc<Mutex<Vec<Seen>>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -595,21 +625,28 @@ async fn steady_egress_objects_cost_no_api_call() {
     use kube::runtime::watcher::Event;
 
     let egress_paths = ["/deployments/", "/services/", "/networkpolicies/"];
-    let (client, seen) = mock_api(Box::new(move |request| {
-        let collection = ["/deployments", "/services", "/networkpolicies"]
-            .iter()
-            .any(|kind| request.path.contains(kind));
-        if request.method == "POST" && collection {
-            // Created: the API server's answer carries a resourceVersion, and a generation for
-            // the kinds that track one.
-            let mut created = request.body.clone();
-            created["metadata"]["resourceVersion"] = json!("7");
-            if !request.path.contains("/services") {
-                created["metadata"]["generation"] = json!(1);
+    let (client, seen, unexpected) = strict_api(Box::new(move |request| {
+        let collections = [
+            "/apis/apps/v1/namespaces/team/deployments",
+            "/api/v1/namespaces/team/services",
+            "/apis/networking.k8s.io/v1/namespaces/team/networkpolicies",
+        ];
+        let collection = collections.iter().find(|c| request.path.starts_with(*c))?;
+        let named = request.path.starts_with(&format!("{collection}/client"));
+        match request.method.as_str() {
+            // The ownership checks find nothing yet (the first pass), or what was created.
+            "GET" if named => Some(not_found()),
+            "POST" if !named => {
+                // Created: the answer carries a resourceVersion, and a generation for the kinds
+                // that track one.
+                let mut created = request.body.clone();
+                created["metadata"]["resourceVersion"] = json!("7");
+                if !request.path.contains("/services") {
+                    created["metadata"]["generation"] = json!(1);
+                }
+                Some((StatusCode::CREATED, created))
             }
-            (StatusCode::CREATED, created)
-        } else {
-            not_found()
+            _ => None,
         }
     }));
     let mut context = context(client, source(), true);
@@ -687,4 +724,5 @@ async fn steady_egress_objects_cost_no_api_call() {
             .any(|r| egress_paths.iter().any(|p| r.path.contains(p))),
         "the edited Deployment was not looked at: {repair:?}"
     );
+    assert_all_expected(&unexpected);
 }
