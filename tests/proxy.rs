@@ -5,6 +5,10 @@
 //! cargo test --test proxy
 //! ```
 
+mod common;
+#[path = "proxy/egress.rs"]
+mod egress;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -183,18 +183,18 @@ pub struct IdentityMemory {
     /// Secrets Manager reads, rate-limited; `None` until the first read (a full bucket).
     pub budget: Option<FetchBudget>,
     /// The source version last read and refused (bad material): not read again until it changes.
-    pub known_bad: Option<String>,
+    pub known_bad: Option<Box<str>>,
     /// A rotation waiting for sibling identities that share a workload: its fingerprint and since
-    /// when (see `rotation`).
-    pub coalescing: Option<(String, Instant)>,
+    /// when (see `rotation`). Rare, so boxed: the memory of every identity stays small.
+    pub coalescing: Option<Box<(String, Instant)>>,
     /// The resourceVersion our last status write gave the identity, until the watch delivers it:
     /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
     /// against a status we already replaced, and write it and its Events twice.
     pub written: Option<u64>,
     /// The uid and generation last let through to a reconcile (see `generation_changed`).
     pub seen: Option<(Box<str>, i64)>,
-    /// The egress proxy's objects as last written (`spec.egress`).
-    pub egress: Option<EgressApplied>,
+    /// The egress proxy's objects as last written (`spec.egress`; rare, so boxed).
+    pub egress: Option<Box<EgressApplied>>,
 }
 
 /// Every identity's [`IdentityMemory`], bounded by the identities the watch's store holds: an entry

@@ -236,17 +236,20 @@ fn coalescing_since(
     identity: &MtlsIdentity,
     rotation: &crate::api::RotationStatus,
 ) -> (Duration, bool) {
-    context
-        .memory
-        .update(&identity_key(identity), |memory| match &memory.coalescing {
+    context.memory.update(&identity_key(identity), |memory| {
+        match memory.coalescing.as_deref() {
             Some((fingerprint, since)) if *fingerprint == rotation.sha256_fingerprint => {
                 (since.elapsed(), false)
             }
             _ => {
-                memory.coalescing = Some((rotation.sha256_fingerprint.clone(), Instant::now()));
+                memory.coalescing = Some(Box::new((
+                    rotation.sha256_fingerprint.clone(),
+                    Instant::now(),
+                )));
                 (Duration::ZERO, true)
             }
-        })
+        }
+    })
 }
 
 /// A sibling's certificate source, if its spec is valid and allowed (else it never syncs).

@@ -129,7 +129,7 @@ pub async fn sync(
         Err(error) => {
             // Not read again until a new version arrives (or the refresh interval passes).
             context.memory.update(key, |memory| {
-                memory.known_bad = Some(fetched.version_id.clone())
+                memory.known_bad = Some(fetched.version_id.as_str().into())
             });
             return Ok(SyncStep::done(Err(SyncFailure::Material {
                 context: format!("version {} of {}", fetched.version_id, source.secret_id),

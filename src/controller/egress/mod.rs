@@ -131,7 +131,7 @@ pub(super) async fn reconcile_egress(
                         let applied = <[String; 3]>::try_from(tokens)
                             .ok()
                             .filter(|_| conflicts.is_empty())
-                            .map(|tokens| EgressApplied { desired, tokens });
+                            .map(|tokens| Box::new(EgressApplied { desired, tokens }));
                         context.memory.update(&key, |memory| memory.egress = applied);
                     }
                     if conflicts.is_empty() {

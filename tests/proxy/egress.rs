@@ -1,11 +1,10 @@
-//! Operator-managed egress proxies (`spec.egress`) on the real control plane: created only when the
+//! Operator-managed egress proxies (`spec.egress`) on the real control plane (a module of the proxy
+//! test binary, one link step fewer): created only when the
 //! operator is allowed to (and then with exactly the chart's extra RBAC), accepted under PodSecurity
 //! `restricted`, owned by the identity and removed with it.
 
-mod common;
-
+use crate::common::*;
 use anyhow::{Context, Result, ensure};
-use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
