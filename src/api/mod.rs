@@ -400,7 +400,9 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,

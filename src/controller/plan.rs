@@ -152,9 +152,9 @@ pub fn fold_restarts(plan: &mut Plan, restarts: &Restarts, now: &Now) -> bool {
     };
     match report {
         Some(report) => {
-            for workload in &report.done {
-                if !rotation.restarted_workloads.contains(workload) {
-                    rotation.restarted_workloads.push(workload.clone());
+            for workload in report.done.iter().map(ToString::to_string) {
+                if !rotation.restarted_workloads.contains(&workload) {
+                    rotation.restarted_workloads.push(workload);
                 }
             }
             rotation.restarted_workloads.sort();
@@ -387,8 +387,12 @@ mod tests {
         );
         // Restarts done: the next look at the same version changes nothing.
         let mut done = rotated;
+        let deployment = |name: &str| crate::restart::WorkloadRef {
+            kind: crate::api::WorkloadKind::Deployment,
+            name: name.into(),
+        };
         let report = RestartReport {
-            done: vec!["Deployment/b".into(), "Deployment/a".into()],
+            done: vec![deployment("b"), deployment("a")],
             ..RestartReport::default()
         };
         assert!(!fold_restarts(&mut done, &Restarts::Done(report), &now()));
@@ -440,7 +444,10 @@ mod tests {
                 Some(("False".into(), reason.to_string()))
             );
             let report = RestartReport {
-                pending: vec!["Deployment/a".into()],
+                pending: vec![crate::restart::WorkloadRef {
+                    kind: crate::api::WorkloadKind::Deployment,
+                    name: "a".into(),
+                }],
                 ..RestartReport::default()
             };
             assert!(

@@ -186,7 +186,7 @@ pub(super) async fn restart_workloads(
                 }
             }
             return Ok(RestartReport {
-                pending: workloads.iter().map(Workload::display).collect(),
+                pending: workloads.iter().map(Workload::reference).collect(),
                 missing: affected.missing,
                 not_using: affected.not_using,
                 ..RestartReport::default()
@@ -288,17 +288,16 @@ pub(super) fn restart_events(
             reason: Reason::RestartTriggered,
             note: format!(
                 "restarted for the new certificate: {}",
-                report.triggered.join(", ")
+                crate::restart::joined(&report.triggered)
             ),
         };
         events.push((identity_ref.clone(), event));
         for workload in &report.triggered {
-            if let Some((kind, name)) = workload.split_once('/') {
-                let (api_version, kind) = (String::from("apps/v1"), kind.to_string());
+            {
                 let reference = k8s_openapi::api::core::v1::ObjectReference {
-                    api_version: Some(api_version),
-                    kind: Some(kind),
-                    name: Some(name.to_string()),
+                    api_version: Some("apps/v1".to_string()),
+                    kind: Some(workload.kind_name()),
+                    name: Some(workload.name.clone()),
                     namespace: Some(namespace.to_string()),
                     ..Default::default()
                 };
@@ -324,14 +323,14 @@ pub(super) fn restart_events(
         let note = format!(
             "paused: {}; the new certificate's token is in the pod template and rolls out when \
              the Deployment is resumed",
-            report.paused.join(", ")
+            crate::restart::joined(&report.paused)
         );
         events.push((identity_ref.clone(), warn(Reason::RolloutPaused, note)));
     }
     if !report.missing.is_empty() {
         let note = format!(
             "listed in spec.restart.workloads but not found: {}",
-            report.missing.join(", ")
+            crate::restart::joined(&report.missing)
         );
         events.push((identity_ref.clone(), warn(Reason::WorkloadNotFound, note)));
     }
@@ -340,7 +339,7 @@ pub(super) fn restart_events(
             "listed in spec.restart.workloads but their pod template does not use Secret {}, so they \
              were not restarted: {} (set spec.restart.force: true to restart them anyway)",
             identity.target_secret_name(),
-            report.not_using.join(", ")
+            crate::restart::joined(&report.not_using)
         );
         events.push((
             identity_ref.clone(),
@@ -351,7 +350,7 @@ pub(super) fn restart_events(
         let note = format!(
             "restart policy Annotate is not enabled on this operator (chart value \
              restart.annotate.enabled, which grants pods: patch); not annotated: {}",
-            report.annotate_disabled.join(", ")
+            crate::restart::joined(&report.annotate_disabled)
         );
         events.push((identity_ref.clone(), warn(Reason::AnnotateDisabled, note)));
     }

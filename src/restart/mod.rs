@@ -144,9 +144,16 @@ impl Workload {
         self.metadata.name.clone().unwrap_or_default()
     }
 
+    pub fn reference(&self) -> WorkloadRef {
+        WorkloadRef {
+            kind: self.kind,
+            name: self.name(),
+        }
+    }
+
     /// `Kind/name`, as status and Events show it.
     pub fn display(&self) -> String {
-        format!("{:?}/{}", self.kind, self.name())
+        self.reference().to_string()
     }
 
     pub fn managed_by_operator(&self) -> bool {
@@ -229,27 +236,56 @@ pub async fn list_workloads(
     Ok(all)
 }
 
+/// A workload by kind and name, as restart reports name it; shown as `Kind/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadRef {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}/{}", self.kind, self.name)
+    }
+}
+
+impl WorkloadRef {
+    /// The kind as the API names it (`Deployment`, ...).
+    pub fn kind_name(&self) -> String {
+        format!("{:?}", self.kind)
+    }
+}
+
+/// `a, b, c` of the references' `Kind/name`.
+pub fn joined(workloads: &[WorkloadRef]) -> String {
+    workloads
+        .iter()
+        .map(WorkloadRef::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What happened to the workloads for one rotation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RestartReport {
     /// Restarted (or, for `Annotate`, whose pods were annotated) now or earlier for this token.
-    pub done: Vec<String>,
+    pub done: Vec<WorkloadRef>,
     /// Restarted by this call.
-    pub triggered: Vec<String>,
+    pub triggered: Vec<WorkloadRef>,
     /// Waiting for a free rollout slot.
-    pub pending: Vec<String>,
+    pub pending: Vec<WorkloadRef>,
     /// Paused Deployments: their template carries the new token, which rolls out on resume.
-    pub paused: Vec<String>,
+    pub paused: Vec<WorkloadRef>,
     /// Named in `spec.restart.workloads` but absent.
-    pub missing: Vec<String>,
+    pub missing: Vec<WorkloadRef>,
     /// (workload, reason) for patches the API refused.
-    pub failed: Vec<(String, String)>,
+    pub failed: Vec<(WorkloadRef, String)>,
     /// Named in `spec.restart.workloads` but not using the Secret (and `force` not set).
-    pub not_using: Vec<String>,
+    pub not_using: Vec<WorkloadRef>,
     /// Not handled because `Annotate` is not enabled on this operator.
-    pub annotate_disabled: Vec<String>,
+    pub annotate_disabled: Vec<WorkloadRef>,
     /// Rollouts (any identity's, in this namespace) past the deadline: their slot was released.
-    pub stalled: Vec<String>,
+    pub stalled: Vec<WorkloadRef>,
 }
 
 impl RestartReport {
@@ -284,9 +320,9 @@ impl Default for RestartLimits {
 pub struct Affected {
     pub workloads: Vec<Workload>,
     /// Listed in `spec.restart.workloads` but absent.
-    pub missing: Vec<String>,
+    pub missing: Vec<WorkloadRef>,
     /// Listed, present, but not using the Secret (not restarted unless `force`).
-    pub not_using: Vec<String>,
+    pub not_using: Vec<WorkloadRef>,
 }
 
 type WorkloadKey = (String, WorkloadKind, String);
@@ -296,7 +332,7 @@ type WorkloadKey = (String, WorkloadKind, String);
 struct Slots {
     total: usize,
     in_namespace: usize,
-    stalled: Vec<String>,
+    stalled: Vec<WorkloadRef>,
 }
 
 /// One identity's rotation, as restarts need it.
@@ -374,12 +410,13 @@ impl Restarter {
                     // A tenant names a workload, but the identity may only restart what uses its
                     // Secret: anything else in the namespace is not its to restart.
                     Some(workload) if !spec.force && !workload.uses_secret(secret) => {
-                        affected.not_using.push(workload.display());
+                        affected.not_using.push(workload.reference());
                     }
                     Some(workload) => affected.workloads.push(workload),
-                    None => affected
-                        .missing
-                        .push(format!("{:?}/{}", reference.kind, reference.name)),
+                    None => affected.missing.push(WorkloadRef {
+                        kind: reference.kind,
+                        name: reference.name.clone(),
+                    }),
                 }
             }
             return Ok(affected);
@@ -414,7 +451,10 @@ impl Restarter {
             if !running || overdue {
                 lock(&self.in_flight).remove(&key);
                 if running && workload_namespace == namespace {
-                    slots.stalled.push(format!("{kind:?}/{name}"));
+                    slots.stalled.push(WorkloadRef {
+                        kind: *kind,
+                        name: name.clone(),
+                    });
                 }
                 continue;
             }
@@ -451,7 +491,7 @@ impl Restarter {
                 .creation_timestamp
                 .as_ref()
                 .is_none_or(|created| created.0.as_second() <= rotated_at_unix);
-            let name = workload.display();
+            let name = workload.reference();
             match policy {
                 RestartPolicy::None => {}
                 RestartPolicy::Rollout => {
