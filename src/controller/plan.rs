@@ -165,6 +165,33 @@ pub fn fold_restarts(plan: &mut Plan, restarts: &Restarts, now: &Now) -> bool {
     !rotation.complete
 }
 
+/// Folds what the egress phase found into the plan's `Egress` condition.
+pub fn fold_egress(plan: &mut Plan, egress: super::egress::Egress, now: &Now) {
+    use super::egress::Egress;
+    let generation = plan.status.observed_generation;
+    match egress {
+        Egress::None => {}
+        Egress::Removed => {
+            status::clear_condition(&mut plan.status.conditions, ConditionType::Egress)
+        }
+        Egress::Condition {
+            status: condition_status,
+            reason,
+            message,
+        } => status::set_condition(
+            &mut plan.status.conditions,
+            crate::api::Condition {
+                type_: ConditionType::Egress.to_string(),
+                status: condition_status.to_string(),
+                reason: reason.to_string(),
+                message,
+                last_transition_time: status::transition_time(&now.text),
+                observed_generation: generation,
+            },
+        ),
+    }
+}
+
 /// Folds an egress failure (the Kubernetes API) into the plan.
 pub fn fold_egress_failure(plan: &mut Plan, now: &Now) {
     let generation = plan.status.observed_generation;
@@ -456,6 +483,31 @@ mod tests {
             );
             assert!(condition(&planned.status, ConditionType::Restarts).is_none());
         }
+    }
+
+    /// What the egress phase found becomes the `Egress` condition, and goes with `spec.egress`.
+    #[test]
+    fn the_egress_result_is_folded_into_its_condition() {
+        use crate::controller::egress::Egress;
+        let mut planned = plan(None, &facts(), Ok(synced("v1", "f1")), &now());
+        let ready = Egress::Condition {
+            status: "True",
+            reason: Reason::EgressReady,
+            message: "ready".into(),
+        };
+        fold_egress(&mut planned, ready, &now());
+        let egress = condition(&planned.status, ConditionType::Egress).cloned();
+        assert_eq!(
+            egress.map(|c| (c.status, c.reason)),
+            Some(("True".into(), "EgressReady".into()))
+        );
+        fold_egress(&mut planned, Egress::None, &now());
+        assert!(
+            condition(&planned.status, ConditionType::Egress).is_some(),
+            "nothing to say"
+        );
+        fold_egress(&mut planned, Egress::Removed, &now());
+        assert!(condition(&planned.status, ConditionType::Egress).is_none());
     }
 
     /// An egress failure is an `Egress` condition; the Ready condition is untouched.

@@ -97,17 +97,12 @@ async fn reconcile_inner(
         context,
     )
     .await;
-    if let Err(error) = egress::reconcile_egress(
-        &identity,
-        &parsed.namespace,
-        &mut plan.status,
-        &now.text,
-        context,
-    )
-    .await
-    {
-        plan::fold_egress_failure(&mut plan, &now);
-        after_status.get_or_insert(error);
+    match egress::reconcile_egress(&identity, &parsed.namespace, &plan.status, context).await {
+        Ok(egress) => plan::fold_egress(&mut plan, egress, &now),
+        Err(error) => {
+            plan::fold_egress_failure(&mut plan, &now);
+            after_status.get_or_insert(error);
+        }
     }
     apply(&identity, &parsed, &mut plan, restart_events, context).await?;
     if let Err(error) = write::remove_renamed_target(

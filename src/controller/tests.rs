@@ -675,10 +675,32 @@ async fn steady_egress_objects_cost_no_api_call() {
             .map(|c| (c.status.clone(), c.reason.clone()))
     };
     let ready = Some(("True".to_string(), "EgressReady".to_string()));
+    // The egress result as the plan folds it into the status.
+    let fold = |status: &mut MtlsIdentityStatus, egress: super::egress::Egress| {
+        if let super::egress::Egress::Condition {
+            status: condition_status,
+            reason,
+            message,
+        } = egress
+        {
+            super::status::set_condition(
+                &mut status.conditions,
+                crate::api::Condition {
+                    type_: "Egress".into(),
+                    status: condition_status.into(),
+                    reason: reason.to_string(),
+                    message,
+                    last_transition_time: super::status::transition_time("2026-01-01T00:00:00Z"),
+                    observed_generation: None,
+                },
+            );
+        }
+    };
 
-    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+    let first_pass = super::egress::reconcile_egress(&identity, NAMESPACE, &status, &context)
         .await
         .expect("first pass");
+    fold(&mut status, first_pass);
     assert_eq!(egress_condition(&status), ready);
     let first: Vec<Seen> = lock(&seen).drain(..).collect();
     let created: Vec<&Seen> = first.iter().filter(|r| r.method == "POST").collect();
@@ -703,9 +725,10 @@ async fn steady_egress_objects_cost_no_api_call() {
     service_writer.apply_watcher_event(&apply(stored("/services")));
     policy_writer.apply_watcher_event(&apply(stored("/networkpolicies")));
 
-    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+    let steady_pass = super::egress::reconcile_egress(&identity, NAMESPACE, &status, &context)
         .await
         .expect("steady pass");
+    fold(&mut status, steady_pass);
     assert_eq!(egress_condition(&status), ready);
     let steady: Vec<Seen> = lock(&seen).drain(..).collect();
     assert!(steady.is_empty(), "a steady reconcile asked: {steady:?}");
@@ -714,9 +737,10 @@ async fn steady_egress_objects_cost_no_api_call() {
     let mut edited = stored("/deployments");
     edited["metadata"]["generation"] = json!(2);
     deployment_writer.apply_watcher_event(&apply(edited));
-    super::egress::reconcile_egress(&identity, NAMESPACE, &mut status, "t", &context)
+    let repair_pass = super::egress::reconcile_egress(&identity, NAMESPACE, &status, &context)
         .await
         .expect("repair pass");
+    fold(&mut status, repair_pass);
     let repair: Vec<Seen> = lock(&seen).drain(..).collect();
     assert!(
         repair

@@ -11,20 +11,34 @@ use crate::api::conditions::{ConditionType, Reason};
 
 use super::context::{Context, EgressApplied, change_token, identity_key};
 use super::error::ReconcileError;
+use super::secret;
 use super::write;
-use super::{secret, status};
 use crate::api::MtlsIdentity;
 
+/// What the egress phase found, for the plan to fold into the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Egress {
+    /// No `spec.egress`, and nothing of it left: the status says nothing about egress.
+    None,
+    /// `spec.egress` was removed and what it made is gone: the `Egress` condition goes too.
+    Removed,
+    /// The `Egress` condition to set: its status, reason and message.
+    Condition {
+        status: &'static str,
+        reason: Reason,
+        message: String,
+    },
+}
+
 /// Creates (or removes) the operator-managed egress proxy of `spec.egress`: a Deployment, a Service
-/// and a NetworkPolicy, each only if absent or already ours; says how it went in the `Egress`
-/// condition.
+/// and a NetworkPolicy, each only if absent or already ours; says how it went, for the `Egress`
+/// condition. `status` is the planned status (the Secret it names, the conditions it has).
 pub(super) async fn reconcile_egress(
     identity: &MtlsIdentity,
     namespace: &str,
-    status: &mut crate::api::MtlsIdentityStatus,
-    now: &str,
+    status: &crate::api::MtlsIdentityStatus,
     context: &Context,
-) -> Result<(), ReconcileError> {
+) -> Result<Egress, ReconcileError> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -43,11 +57,12 @@ pub(super) async fn reconcile_egress(
             write::delete_owned(&deployments, &name, &uid).await?;
             write::delete_owned(&services, &name, &uid).await?;
             write::delete_owned(&policies, &name, &uid).await?;
-            status
-                .conditions
-                .retain(|c| c.type_ != ConditionType::Egress);
+            context
+                .memory
+                .update(&identity_key(identity), |memory| memory.egress = None);
+            return Ok(Egress::Removed);
         }
-        return Ok(());
+        return Ok(Egress::None);
     };
     let (condition_status, reason, message) = match (&context.settings.egress_image, &status.secret_name) {
         (None, _) => (
@@ -64,7 +79,7 @@ pub(super) async fn reconcile_egress(
         ),
         (Some(image), Some(secret)) => {
             let Some(owner) = identity.controller_owner_ref(&()) else {
-                return Ok(());
+                return Ok(Egress::None);
             };
             let built = objects::deployment(&name, namespace, spec, secret, image, &owner).and_then(
                 |deployment| {
@@ -167,18 +182,11 @@ pub(super) async fn reconcile_egress(
             }
         }
     };
-    status::set_condition(
-        &mut status.conditions,
-        crate::api::Condition {
-            type_: ConditionType::Egress.to_string(),
-            status: condition_status.to_string(),
-            reason: reason.to_string(),
-            message,
-            last_transition_time: status::transition_time(now),
-            observed_generation: identity.metadata.generation,
-        },
-    );
-    Ok(())
+    Ok(Egress::Condition {
+        status: condition_status,
+        reason,
+        message,
+    })
 }
 
 /// A digest of the desired objects: equal digests, equal objects (within this process).
