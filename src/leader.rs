@@ -73,7 +73,11 @@ pub async fn run_as_leader(
         // by several seconds still lands before expiry (at a third, an 8 s lease was lost under
         // the suite's load, and a leader that loses its Lease exits).
         .with_grace((duration / 2).max(1))
-        .with_field_manager(FIELD_MANAGER)
+        // One field manager per replica: kube-lease-manager takes a free Lease with a server-side
+        // apply of `holderIdentity`, and only distinct managers make the second replica's apply
+        // a conflict. With one manager for all, two replicas starting together both "acquired" it
+        // (seen in the HA test: both reconciled for a lease duration).
+        .with_field_manager(format!("{FIELD_MANAGER}-{}", leader.identity))
         .build()
         .await
         .map_err(|error| lease_error(error.to_string()))?;
