@@ -265,17 +265,34 @@ impl Memory {
         }
     }
 
-    /// Forgets one identity (its watch `Delete`).
-    pub fn forget(&self, key: &ObjectRef<MtlsIdentity>) {
-        if lock(&self.entries).remove(key).is_some()
+    /// Runs `record` only while the identity is in the store, under the memory's lock: what it
+    /// records elsewhere per identity (the index, the metric series) cannot outlive a `forget` or a
+    /// `prune` that runs after it, and is never recorded for an identity already gone (a reconcile
+    /// still in flight when its identity was deleted).
+    pub fn if_present<R>(
+        &self,
+        key: &ObjectRef<MtlsIdentity>,
+        record: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let _entries = lock(&self.entries);
+        self.in_store(key).then(record)
+    }
+
+    /// Forgets one identity (its watch `Delete`), and with `also` what is kept of it elsewhere,
+    /// under the memory's lock (see [`Memory::if_present`]).
+    pub fn forget(&self, key: &ObjectRef<MtlsIdentity>, also: impl FnOnce()) {
+        let mut entries = lock(&self.entries);
+        if entries.remove(key).is_some()
             && let Some(gauge) = &self.remembered
         {
             gauge.dec();
         }
+        also();
     }
 
-    /// Forgets every identity the store no longer holds (after a re-list); returns how many.
-    pub fn prune(&self) -> usize {
+    /// Forgets every identity the store no longer holds (after a re-list), and with `also` what
+    /// is kept of them elsewhere, under the memory's lock; returns how many memories went.
+    pub fn prune(&self, also: impl FnOnce()) -> usize {
         let mut entries = lock(&self.entries);
         let before = entries.len();
         entries.retain(|key, _| self.in_store(key));
@@ -283,6 +300,7 @@ impl Memory {
         if let Some(gauge) = &self.remembered {
             gauge.dec_by(i64::try_from(pruned).unwrap_or(i64::MAX));
         }
+        also();
         pruned
     }
 

@@ -188,13 +188,15 @@ async fn apply(
     context: &Context,
 ) -> Result<(), ReconcileError> {
     let previous = identity.status.as_ref();
-    context.metrics.record_identity(
-        &parsed.namespace,
-        &parsed.name,
-        previous,
-        &plan.status,
-        plan.attempt(),
-    );
+    context.memory.if_present(&parsed.key, || {
+        context.metrics.record_identity(
+            &parsed.namespace,
+            &parsed.name,
+            previous,
+            &plan.status,
+            plan.attempt(),
+        )
+    });
     if previous != Some(&plan.status) {
         let identities: Api<MtlsIdentity> =
             Api::namespaced(context.client.clone(), &parsed.namespace);

@@ -145,9 +145,10 @@ async fn run_scope(
             watcher::Event::Delete(identity) => {
                 let key = identity_key(identity);
                 let namespace = identity.namespace().unwrap_or_default();
-                memory.forget(&key);
-                fleet.unregister(&(namespace.clone(), key.name.clone()));
-                metrics.forget_identity(&namespace, &key.name);
+                memory.forget(&key, || {
+                    fleet.unregister(&(namespace.clone(), key.name.clone()));
+                    metrics.forget_identity(&namespace, &key.name);
+                });
             }
             // A re-list replaced the store: identities deleted while the watch was disconnected
             // get no `Delete`, so whatever the store no longer holds is forgotten here.
@@ -162,10 +163,12 @@ async fn run_scope(
                             store.get(&key).is_some()
                         }
                 };
-                let pruned = memory.prune();
-                let unregistered =
-                    fleet.retain_identities(|(namespace, name)| keep(namespace, name));
-                let series = metrics.retain_identities(keep);
+                let (mut unregistered, mut series) = (0, 0);
+                let pruned = memory.prune(|| {
+                    unregistered =
+                        fleet.retain_identities(|(namespace, name)| keep(namespace, name));
+                    series = metrics.retain_identities(keep);
+                });
                 if pruned + unregistered + series > 0 {
                     info!(
                         memory = pruned,

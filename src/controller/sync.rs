@@ -183,7 +183,10 @@ fn checked_sources(
         .chain(ca.as_ref())
         .map(|checked| checked.request.clone())
         .collect();
-    context.fleet.register(&identity_key, &requests, refresh);
+    // Not for an identity deleted while this reconcile ran (see `Memory::if_present`).
+    context.memory.if_present(&parsed.key, || {
+        context.fleet.register(&identity_key, &requests, refresh)
+    });
     Ok((main, ca))
 }
 

@@ -561,7 +561,7 @@ fn only_spec_changes_pass_the_generation_filter() {
         memory.generation_changed(&stored("client", "u2", 2)),
         "deleted and created again"
     );
-    memory.forget(&ObjectRef::new("client").within("team"));
+    memory.forget(&ObjectRef::new("client").within("team"), || {});
     assert!(
         memory.generation_changed(&stored("client", "u2", 2)),
         "forgotten on deletion"
@@ -602,7 +602,15 @@ fn memory_follows_the_store_and_is_pruned_on_a_re_list() {
     writer.apply_watcher_event(&Event::Init);
     writer.apply_watcher_event(&Event::InitApply(stored("a", "a", 1)));
     writer.apply_watcher_event(&Event::InitDone);
-    assert_eq!(memory.prune(), 2);
+    let mut also = false;
+    assert_eq!(memory.prune(|| also = true), 2);
+    assert!(also, "what is kept elsewhere is pruned with it");
+    assert_eq!(
+        memory.if_present(&key("b"), || ()),
+        None,
+        "b is gone: nothing recorded for it"
+    );
+    assert_eq!(memory.if_present(&key("a"), || 1), Some(1));
     assert_eq!(memory.len(), 1);
     assert_eq!(gauge.get(), 1);
     assert_eq!(
