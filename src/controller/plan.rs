@@ -165,21 +165,19 @@ pub fn fold_restarts(plan: &mut Plan, restarts: &Restarts, now: &Now) -> bool {
     !rotation.complete
 }
 
-/// Folds what the egress phase found into the plan's `Egress` condition.
-pub fn fold_egress(plan: &mut Plan, egress: super::egress::Egress, now: &Now) {
+/// Folds what the egress phase found into the planned status's `Egress` condition.
+pub fn fold_egress(planned: &mut MtlsIdentityStatus, egress: super::egress::Egress, now: &Now) {
     use super::egress::Egress;
-    let generation = plan.status.observed_generation;
+    let generation = planned.observed_generation;
     match egress {
         Egress::None => {}
-        Egress::Removed => {
-            status::clear_condition(&mut plan.status.conditions, ConditionType::Egress)
-        }
+        Egress::Removed => status::clear_condition(&mut planned.conditions, ConditionType::Egress),
         Egress::Condition {
             status: condition_status,
             reason,
             message,
         } => status::set_condition(
-            &mut plan.status.conditions,
+            &mut planned.conditions,
             crate::api::Condition {
                 type_: ConditionType::Egress.to_string(),
                 status: condition_status.to_string(),
@@ -495,18 +493,18 @@ mod tests {
             reason: Reason::EgressReady,
             message: "ready".into(),
         };
-        fold_egress(&mut planned, ready, &now());
+        fold_egress(&mut planned.status, ready, &now());
         let egress = condition(&planned.status, ConditionType::Egress).cloned();
         assert_eq!(
             egress.map(|c| (c.status, c.reason)),
             Some(("True".into(), "EgressReady".into()))
         );
-        fold_egress(&mut planned, Egress::None, &now());
+        fold_egress(&mut planned.status, Egress::None, &now());
         assert!(
             condition(&planned.status, ConditionType::Egress).is_some(),
             "nothing to say"
         );
-        fold_egress(&mut planned, Egress::Removed, &now());
+        fold_egress(&mut planned.status, Egress::Removed, &now());
         assert!(condition(&planned.status, ConditionType::Egress).is_none());
     }
 

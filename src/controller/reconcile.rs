@@ -98,7 +98,7 @@ async fn reconcile_inner(
     )
     .await;
     match egress::reconcile_egress(&identity, &parsed.namespace, &plan.status, context).await {
-        Ok(egress) => plan::fold_egress(&mut plan, egress, &now),
+        Ok(egress) => plan::fold_egress(&mut plan.status, egress, &now),
         Err(error) => {
             plan::fold_egress_failure(&mut plan, &now);
             after_status.get_or_insert(error);

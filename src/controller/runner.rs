@@ -121,14 +121,8 @@ async fn run_scope(
         restarter,
         fleet,
     } = shared;
-    let (identities, secrets): (Api<StoredIdentity>, Api<PartialObjectMeta<Secret>>) =
-        match &namespace {
-            Some(namespace) => (
-                Api::namespaced(client.clone(), namespace),
-                Api::namespaced(client.clone(), namespace),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
+    let identities = scoped::<StoredIdentity>(&client, &namespace);
+    let secrets = scoped::<PartialObjectMeta<Secret>>(&client, &namespace);
     let (reader, writer) = reflector::store();
     let memory = Arc::new(Memory::new(
         Some(reader.clone()),

@@ -278,8 +278,10 @@ async fn gather(
             context.fleet.seed(&ca.request, ca_version, now.instant);
         }
     }
-    let stale = |checked: &CheckedSecret, carried: Option<&str>| {
-        let view = context.fleet.view(&checked.request, now.instant);
+    // The index's view of each source, taken once: whether it changed, whether it is gone.
+    let main_view = context.fleet.view(&main.request, now.instant);
+    let ca_view = ca.map(|ca| (ca, context.fleet.view(&ca.request, now.instant)));
+    let stale = |view: &crate::source::fleet::IndexView, carried: Option<&str>| {
         crate::source::fleet::needs_read(&crate::source::fleet::Freshness {
             mode: context.fleet.mode(),
             carried,
@@ -294,16 +296,16 @@ async fn gather(
         Some(spec) => Some(read_password(secrets, namespace, &spec.password_secret_ref).await?),
         None => None,
     };
-    let gone = std::iter::once(&main)
-        .chain(ca.as_ref())
-        .find(|checked| context.fleet.view(&checked.request, now.instant).gone)
-        .map(|checked| checked.request.secret_id.clone());
+    let gone = std::iter::once((main, &main_view))
+        .chain(ca_view.as_ref().map(|(ca, view)| (*ca, view)))
+        .find(|(_, view)| view.gone)
+        .map(|(checked, _)| checked.request.secret_id.clone());
     let gathered = decide::Gathered {
         gone,
-        version_changed: stale(main, carried.as_ref().map(|(main, _)| main.as_str()))
-            || ca
-                .as_ref()
-                .is_some_and(|ca| stale(ca, carried.as_ref().and_then(|(_, ca)| ca.as_deref()))),
+        version_changed: stale(&main_view, carried.as_ref().map(|(main, _)| main.as_str()))
+            || ca_view.as_ref().is_some_and(|(_, view)| {
+                stale(view, carried.as_ref().and_then(|(_, ca)| ca.as_deref()))
+            }),
         keystore: match (&keystore_password, carried_keystore(existing, &carried)) {
             (None, _) => decide::Keystore::None,
             (Some(Err(_)), carried) => decide::Keystore::PasswordMissing {

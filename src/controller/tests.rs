@@ -684,25 +684,8 @@ async fn steady_egress_objects_cost_no_api_call() {
     };
     let ready = Some(("True".to_string(), "EgressReady".to_string()));
     // The egress result as the plan folds it into the status.
-    let fold = |status: &mut MtlsIdentityStatus, egress: super::egress::Egress| {
-        if let super::egress::Egress::Condition {
-            status: condition_status,
-            reason,
-            message,
-        } = egress
-        {
-            super::status::set_condition(
-                &mut status.conditions,
-                crate::api::Condition {
-                    type_: "Egress".into(),
-                    status: condition_status.into(),
-                    reason: reason.to_string(),
-                    message,
-                    last_transition_time: super::status::transition_time("2026-01-01T00:00:00Z"),
-                    observed_generation: None,
-                },
-            );
-        }
+    let fold = |status: &mut MtlsIdentityStatus, egress| {
+        super::plan::fold_egress(status, egress, &super::context::Now::at(1_800_000_000));
     };
 
     let first_pass = super::egress::reconcile_egress(&identity, NAMESPACE, &status, &context)
