@@ -1,79 +1,131 @@
 //! Batching: AWSCURRENT reads of one scope gathered into BatchGetSecretValue calls of up to 20 ids.
+//!
+//! The gathering ([`Batcher`]: who joins which batch, when a batch is sent, who gets which
+//! answer) knows nothing of AWS, so it is tested on its own with an in-memory fake;
+//! [`SecretsManagerSource::batched`] gives it the call that answers a chunk.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use crate::lock;
 
 use super::classify::{classify_code, with_secret_id};
 use super::{
-    FetchedSecret, Operation, Reply, Scope, SecretContent, SecretRef, SecretsManagerSource,
-    SourceError,
+    FetchedSecret, Operation, Scope, SecretContent, SecretRef, SecretsManagerSource, SourceError,
 };
 
-/// Reads waiting for a batch, and whether a caller is flushing them.
-pub(super) type BatchQueue = (Vec<(SecretRef, Reply)>, bool);
-
 /// BatchGetSecretValue takes at most 20 ids.
-const BATCH_MAX: usize = 20;
-/// The first read of a batch waits for others to join it: until none joined for one step, the
+pub(super) const BATCH_MAX: usize = 20;
+/// The first read of a batch waits for others to join it: until none joined for two steps, the
 /// batch is full, or the window is over.
-pub(super) const BATCH_STEP: std::time::Duration = std::time::Duration::from_millis(20);
-const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+pub(super) const BATCH_STEP: Duration = Duration::from_millis(20);
+const BATCH_WINDOW: Duration = Duration::from_millis(200);
 
-impl SecretsManagerSource {
-    pub(super) fn batch_refused(&self, scope: &Scope) -> bool {
-        lock(&self.batch_refused).contains(scope)
+/// One scope's waiting items, and whether a caller is flushing them.
+struct Queue<K, V> {
+    waiting: Vec<(K, oneshot::Sender<V>)>,
+    flushing: bool,
+}
+
+impl<K, V> Default for Queue<K, V> {
+    fn default() -> Self {
+        Self {
+            waiting: Vec::new(),
+            flushing: false,
+        }
+    }
+}
+
+/// Items gathered per scope into chunks of at most `max`, each answered by one call.
+pub(super) struct Batcher<S, K, V> {
+    queues: Mutex<HashMap<S, Queue<K, V>>>,
+    max: usize,
+}
+
+impl<S: Eq + Hash + Clone, K, V> Batcher<S, K, V> {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            queues: Mutex::new(HashMap::new()),
+            max: max.max(1),
+        }
     }
 
-    /// Joins the scope's batch; the caller that opened it waits a moment for others, then sends
-    /// every queued read in BatchGetSecretValue calls of up to 20.
-    pub(super) async fn batched(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let scope = secret.scope();
+    /// Joins `scope`'s batch and waits for `key`'s answer. The caller that opens a batch waits a
+    /// moment for others, then sends every queued item with `answer` in chunks of at most `max`;
+    /// `answer` gives one value per key, in order. If that caller is dropped, the items still
+    /// queued get `cancelled()` and the scope's next caller opens a new batch.
+    pub(super) async fn join<F, Fut>(
+        &self,
+        scope: &S,
+        key: K,
+        answer: F,
+        cancelled: impl FnOnce() -> V,
+    ) -> V
+    where
+        F: Fn(Vec<K>) -> Fut,
+        Fut: Future<Output = Vec<V>>,
+    {
+        let (reply, answered) = oneshot::channel();
         let flush = {
-            let mut batches = lock(&self.batches);
-            let (queue, flushing) = batches.entry(scope.clone()).or_default();
-            queue.push((secret.clone(), reply));
-            !std::mem::replace(flushing, true)
+            let mut queues = lock(&self.queues);
+            let queue = queues.entry(scope.clone()).or_default();
+            queue.waiting.push((key, reply));
+            !std::mem::replace(&mut queue.flushing, true)
         };
         if flush {
-            // Each chunk gets its own window to fill: during a cold start reads keep arriving while
-            // the previous chunk is sent, and a partial chunk sent at once would split the rest.
+            let flushing = Flushing {
+                batcher: self,
+                scope,
+            };
+            // Each chunk gets its own window to fill: during a cold start items keep arriving
+            // while the previous chunk is sent, and a partial chunk sent at once would split the
+            // rest.
             loop {
-                self.wait_for_batch(&scope).await;
-                let chunk: Vec<(SecretRef, Reply)> = {
-                    let mut batches = lock(&self.batches);
-                    let (queue, flushing) = batches.entry(scope.clone()).or_default();
-                    if queue.is_empty() {
-                        *flushing = false;
+                self.wait_for_batch(scope).await;
+                let chunk: Vec<(K, oneshot::Sender<V>)> = {
+                    let mut queues = lock(&self.queues);
+                    let queue = queues.entry(scope.clone()).or_default();
+                    if queue.waiting.is_empty() {
+                        queue.flushing = false;
                         break;
                     }
-                    let take = queue.len().min(BATCH_MAX);
-                    queue.drain(..take).collect()
+                    let take = queue.waiting.len().min(self.max);
+                    queue.waiting.drain(..take).collect()
                 };
-                self.send_batch(&scope, chunk).await;
+                let (keys, replies): (Vec<K>, Vec<_>) = chunk.into_iter().unzip();
+                let mut answers = answer(keys).await.into_iter();
+                // A reply without its answer is dropped: that caller gets `cancelled()`.
+                for reply in replies {
+                    if let Some(value) = answers.next() {
+                        let _ = reply.send(value);
+                    }
+                }
             }
+            std::mem::forget(flushing);
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(SourceError::Unavailable {
-                secret_id: secret.secret_id.clone(),
-                detail: "the batched read was cancelled".into(),
-            })
-        })
+        answered.await.unwrap_or_else(|_| cancelled())
+    }
+
+    fn queued(&self, scope: &S) -> usize {
+        lock(&self.queues)
+            .get(scope)
+            .map_or(0, |queue| queue.waiting.len())
     }
 
     /// Waits until `scope`'s queue holds a full batch, nobody joined for two steps, or the window
     /// is over.
-    pub(super) async fn wait_for_batch(&self, scope: &Scope) {
+    async fn wait_for_batch(&self, scope: &S) {
         let opened = std::time::Instant::now();
-        let queued_now = || {
-            lock(&self.batches)
-                .get(scope)
-                .map_or(0, |(queue, _)| queue.len())
-        };
-        let mut queued = queued_now();
+        let mut queued = self.queued(scope);
         let mut quiet = 0;
-        while queued < BATCH_MAX && opened.elapsed() < BATCH_WINDOW {
+        while queued < self.max && opened.elapsed() < BATCH_WINDOW {
             tokio::time::sleep(BATCH_STEP).await;
-            let now_queued = queued_now();
+            let now_queued = self.queued(scope);
             // Two quiet steps in a row: nobody else is coming.
             if now_queued == queued {
                 quiet += 1;
@@ -86,15 +138,60 @@ impl SecretsManagerSource {
             queued = now_queued;
         }
     }
+}
 
-    pub(super) async fn send_batch(&self, scope: &Scope, chunk: Vec<(SecretRef, Reply)>) {
+/// The flushing caller's claim on a scope: if it is dropped mid-flush, the queue is emptied (its
+/// callers' channels close) and released, so nobody waits for a flush that no one is doing.
+struct Flushing<'a, S: Eq + Hash, K, V> {
+    batcher: &'a Batcher<S, K, V>,
+    scope: &'a S,
+}
+
+impl<S: Eq + Hash, K, V> Drop for Flushing<'_, S, K, V> {
+    fn drop(&mut self) {
+        lock(&self.batcher.queues).remove(self.scope);
+    }
+}
+
+impl SecretsManagerSource {
+    pub(super) fn batch_refused(&self, scope: &Scope) -> bool {
+        lock(&self.batch_refused).contains(scope)
+    }
+
+    /// An AWSCURRENT read, gathered with the scope's other AWSCURRENT reads into
+    /// BatchGetSecretValue calls.
+    pub(super) async fn batched(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+        let scope = secret.scope();
+        self.batches
+            .join(
+                &scope,
+                secret.clone(),
+                |chunk| self.send_batch(&scope, chunk),
+                || {
+                    Err(SourceError::Unavailable {
+                        secret_id: secret.secret_id.clone(),
+                        detail: "the batched read was cancelled".into(),
+                    })
+                },
+            )
+            .await
+    }
+
+    /// One chunk's answers, in its order: one BatchGetSecretValue, or reads one by one where a
+    /// batch is pointless (one id) or refused.
+    async fn send_batch(
+        &self,
+        scope: &Scope,
+        chunk: Vec<SecretRef>,
+    ) -> Vec<Result<FetchedSecret, SourceError>> {
+        let mut answers = Vec::with_capacity(chunk.len());
         if chunk.len() == 1 || self.batch_refused(scope) {
-            for (secret, reply) in chunk {
-                let _ = reply.send(self.get(&secret).await);
+            for secret in &chunk {
+                answers.push(self.get(secret).await);
             }
-            return;
+            return answers;
         }
-        let ids: Vec<String> = chunk.iter().map(|(s, _)| s.secret_id.clone()).collect();
+        let ids: Vec<String> = chunk.iter().map(|s| s.secret_id.clone()).collect();
         let subject = ids.join(",");
         let result = match self.client(scope, &subject).await {
             Ok(client) => {
@@ -121,19 +218,18 @@ impl SecretsManagerSource {
                     );
                     lock(&self.batch_refused).insert(scope.clone());
                 }
-                for (secret, reply) in chunk {
-                    let answer = match &failure {
-                        SourceError::AccessDenied { .. } => self.get(&secret).await,
+                for secret in &chunk {
+                    answers.push(match &failure {
+                        SourceError::AccessDenied { .. } => self.get(secret).await,
                         other => Err(with_secret_id(other, &secret.secret_id)),
-                    };
-                    let _ = reply.send(answer);
+                    });
                 }
-                return;
+                return answers;
             }
         };
         let values = output.secret_values();
         let errors = output.errors();
-        for (secret, reply) in chunk {
+        for secret in &chunk {
             let id = secret.secret_id.as_str();
             let answered = values.iter().find(|value| {
                 value.name() == Some(id)
@@ -173,9 +269,131 @@ impl SecretsManagerSource {
                 ))
             } else {
                 // Not in the answer (an id form the batch did not echo): read it alone.
-                self.get(&secret).await
+                self.get(secret).await
             };
-            let _ = reply.send(answer);
+            answers.push(answer);
         }
+        answers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-memory fake: records each chunk it is asked for and answers every key.
+    async fn answer_all(chunks: &Mutex<Vec<Vec<String>>>, chunk: Vec<String>) -> Vec<String> {
+        lock(chunks).push(chunk.clone());
+        tokio::task::yield_now().await;
+        chunk
+            .into_iter()
+            .map(|key| format!("value of {key}"))
+            .collect()
+    }
+
+    fn cancelled() -> String {
+        "cancelled".to_string()
+    }
+
+    #[tokio::test]
+    async fn reads_arriving_together_go_in_chunks_of_at_most_max_and_each_gets_its_own_answer() {
+        let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
+        let chunks = Mutex::new(Vec::new());
+        let keys: Vec<String> = (0..45).map(|n| format!("ns/secret-{n}")).collect();
+        let answers = futures::future::join_all(keys.iter().map(|key| {
+            batcher.join(
+                &"eu-west-1",
+                key.clone(),
+                |chunk| answer_all(&chunks, chunk),
+                cancelled,
+            )
+        }))
+        .await;
+        let sizes: Vec<usize> = lock(&chunks).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![20, 20, 5]);
+        for (key, answer) in keys.iter().zip(&answers) {
+            assert_eq!(answer, &format!("value of {key}"));
+        }
+        assert_eq!(batcher.queued(&"eu-west-1"), 0);
+    }
+
+    #[tokio::test]
+    async fn scopes_are_batched_apart() {
+        let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
+        let chunks = Mutex::new(Vec::new());
+        let reads = [("eu-west-1", "a"), ("us-east-1", "b"), ("eu-west-1", "c")];
+        let answers = futures::future::join_all(reads.iter().map(|(scope, key)| {
+            batcher.join(
+                scope,
+                key.to_string(),
+                |chunk| answer_all(&chunks, chunk),
+                cancelled,
+            )
+        }))
+        .await;
+        assert_eq!(answers, ["value of a", "value of b", "value of c"]);
+        let mut chunks = lock(&chunks).clone();
+        chunks.sort();
+        assert_eq!(
+            chunks,
+            vec![
+                vec!["a".to_string(), "c".to_string()],
+                vec!["b".to_string()]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_the_answer_leaves_out_is_cancelled_not_stranded() {
+        let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
+        let answers = futures::future::join_all(["a", "b"].iter().map(|key| {
+            batcher.join(
+                &"eu-west-1",
+                key.to_string(),
+                |chunk: Vec<String>| async move { vec![format!("value of {}", chunk[0])] },
+                cancelled,
+            )
+        }))
+        .await;
+        assert_eq!(answers, ["value of a", "cancelled"]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_flusher_does_not_strand_the_reads_queued_behind_it() {
+        let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
+        let mut flusher = Box::pin(batcher.join(
+            &"eu-west-1",
+            "a".to_string(),
+            |_chunk: Vec<String>| futures::future::pending::<Vec<String>>(),
+            cancelled,
+        ));
+        assert!(futures::poll!(flusher.as_mut()).is_pending());
+        let mut queued = Box::pin(batcher.join(
+            &"eu-west-1",
+            "b".to_string(),
+            |chunk: Vec<String>| async move { chunk },
+            cancelled,
+        ));
+        assert!(
+            futures::poll!(queued.as_mut()).is_pending(),
+            "it waits for the flusher"
+        );
+        drop(flusher);
+        // Answered at once, not left waiting for a flush (or read) that no one is doing.
+        assert_eq!(
+            futures::poll!(queued.as_mut()),
+            std::task::Poll::Ready("cancelled".to_string())
+        );
+        let chunks = Mutex::new(Vec::new());
+        let next = batcher
+            .join(
+                &"eu-west-1",
+                "c".to_string(),
+                |chunk| answer_all(&chunks, chunk),
+                cancelled,
+            )
+            .await;
+        assert_eq!(next, "value of c", "the next read opens a new batch");
+        assert_eq!(*lock(&chunks), vec![vec!["c".to_string()]]);
     }
 }

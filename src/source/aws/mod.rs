@@ -34,9 +34,10 @@ use super::{
     AssumedRole, DescribedSecret, FetchedSecret, Scope, SecretContent, SecretRef, SecretSource,
     SourceError, VersionSelector,
 };
-use batch::BatchQueue;
+use batch::Batcher;
 use classify::classify;
 use credentials::RoleSlot;
+use single_flight::SingleFlight;
 
 /// The AWS operations the operator calls: one value names the call in metrics, sets its priority
 /// and is counted.
@@ -67,9 +68,6 @@ impl Operation {
     }
 }
 
-/// A read's answer, to a caller waiting on it.
-type Reply = tokio::sync::oneshot::Sender<Result<FetchedSecret, SourceError>>;
-
 pub struct SecretsManagerSource {
     base: aws_config::SdkConfig,
     metrics: Option<Arc<Metrics>>,
@@ -83,10 +81,9 @@ pub struct SecretsManagerSource {
     calls: AtomicU64,
     calls_by_operation: Mutex<HashMap<&'static str, u64>>,
     /// Single flight: reads in progress, with the callers waiting for the same answer.
-    in_flight: Mutex<HashMap<SecretRef, Vec<Reply>>>,
-    /// AWSCURRENT reads waiting for a BatchGetSecretValue, per scope; `true` while one caller
-    /// is flushing that scope's queue.
-    batches: Mutex<HashMap<Scope, BatchQueue>>,
+    single_flight: SingleFlight<SecretRef, Result<FetchedSecret, SourceError>>,
+    /// AWSCURRENT reads waiting for a BatchGetSecretValue, per scope.
+    batches: Batcher<Scope, SecretRef, Result<FetchedSecret, SourceError>>,
     /// Scopes whose credentials may not call BatchGetSecretValue: read one by one there.
     batch_refused: Mutex<HashSet<Scope>>,
     /// Calls in flight at once, across every identity, the sweep and the batches.
@@ -119,8 +116,8 @@ impl SecretsManagerSource {
             clients: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
             calls_by_operation: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
-            batches: Mutex::new(HashMap::new()),
+            single_flight: SingleFlight::new(),
+            batches: Batcher::new(batch::BATCH_MAX),
             batch_refused: Mutex::new(HashSet::new()),
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
