@@ -7,7 +7,7 @@ use crate::api::MtlsIdentityStatus;
 use crate::api::conditions::{ConditionType, Reason};
 use crate::restart::RestartReport;
 
-use super::context::Now;
+use super::context::{Now, Parsed};
 use super::decide::{SyncFailure, Synced};
 use super::status::{self, EventToEmit};
 
@@ -19,6 +19,18 @@ pub struct Facts<'a> {
     pub warn_before: std::time::Duration,
     /// `spec.restart.onPasswordChange`.
     pub on_password_change: bool,
+}
+
+impl<'a> Facts<'a> {
+    /// What the plan needs of the identity parsed once for this reconcile.
+    pub fn of(parsed: &'a Parsed) -> Self {
+        Self {
+            generation: parsed.generation,
+            target: &parsed.target,
+            warn_before: parsed.warn_before,
+            on_password_change: parsed.on_password_change,
+        }
+    }
 }
 
 /// What the reconcile will write and say.

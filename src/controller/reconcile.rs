@@ -15,6 +15,7 @@ use crate::api::{MtlsIdentity, StoredIdentity};
 use crate::source::fleet::SweepMode;
 
 use super::context::{Context, Now, Parsed};
+use super::decide::{SyncFailure, Synced};
 use super::error::ReconcileError;
 use super::events::publish;
 use super::status::EventToEmit;
@@ -62,86 +63,108 @@ async fn reconcile_inner(
         return Ok(Action::requeue(STALE_RETRY));
     }
     let now = Now::read();
-    let outcome = match sync::sync(&identity, &parsed, &now, context).await? {
-        SyncStep::Done(outcome) => *outcome,
-        SyncStep::Wait(wait) => {
-            context.metrics.reads_deferred.inc();
-            return Ok(Action::requeue(wait));
-        }
-        // Nothing read: carry on from the status (restarts still pending, expiry, egress), or, if
-        // the identity is failing on a version already refused, wait for a change.
-        SyncStep::Unchanged(Some(synced)) => Ok(*synced),
-        SyncStep::Unchanged(None) => {
-            let refresh = parsed.refresh_or_default();
-            return Ok(Action::requeue(
-                refresh + refresh.mul_f64(rand::random::<f64>() * 0.1),
-            ));
-        }
+    let outcome = match gather(&identity, &parsed, &now, context).await? {
+        Gathered::Outcome(outcome) => *outcome,
+        Gathered::ComeBack(after) => return Ok(Action::requeue(after)),
     };
     let previous = identity.status.as_ref();
-    let facts = plan::Facts {
-        generation: parsed.generation,
-        target: &parsed.target,
-        warn_before: parsed.warn_before,
-        on_password_change: parsed.on_password_change,
-    };
-    let mut plan = plan::plan(previous, &facts, outcome, &now);
-    // A Kubernetes error after the Secret was written: returned once the status says so.
-    let mut after_status = None;
-    let (restarts_pending, restart_events) = restart_phase(
-        &identity,
-        &parsed,
-        &mut plan,
-        &now,
-        &mut after_status,
-        context,
-    )
-    .await;
-    match egress::reconcile_egress(&identity, &parsed.namespace, &plan.status, context).await {
-        Ok(egress) => plan::fold_egress(&mut plan.status, egress, &now),
-        Err(error) => {
-            plan::fold_egress_failure(&mut plan, &now);
-            after_status.get_or_insert(error);
-        }
-    }
-    apply(&identity, &parsed, &mut plan, restart_events, context).await?;
-    if let Err(error) = write::remove_renamed_target(
+    let mut plan = plan::plan(previous, &plan::Facts::of(&parsed), outcome, &now);
+    // Kubernetes errors after the Secret was written: returned once the status says so.
+    let mut late = LateError::default();
+    let restarts = restart_phase(&identity, &parsed, &mut plan, &now, &mut late, context).await;
+    egress_phase(&identity, &parsed, &mut plan, &now, &mut late, context).await;
+    apply(&identity, &parsed, &mut plan, restarts.events, context).await?;
+    let renamed = write::remove_renamed_target(
         &identity,
         &parsed.namespace,
         &parsed.target,
         previous,
         &plan.outcome,
         context,
-    )
-    .await
-    {
-        after_status.get_or_insert(error);
-    }
-    if let Some(error) = after_status {
-        return Err(error);
-    }
+    );
+    late.keep(renamed.await);
+    late.into_result()?;
     log_outcome(&parsed, &plan);
-    if restarts_pending {
+    Ok(Action::requeue(if restarts.pending {
         // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
-        return Ok(Action::requeue(rotation::COALESCE_POLL));
-    }
-    Ok(Action::requeue(schedule(&parsed, plan, &now, context)))
+        rotation::COALESCE_POLL
+    } else {
+        schedule(&parsed, plan, &now, context)
+    }))
 }
 
-/// The restarts a rotation still owes, folded into the plan: whether some are still pending, and
-/// the Events to publish. A failure comes after the Secret was written: it is recorded in status (a
-/// `Restarts` condition) and returned after the status write, never allowed to skip it.
+/// What the gathering phase gives the plan: an outcome to plan on, or when to come back.
+enum Gathered {
+    Outcome(Box<Result<Synced, SyncFailure>>),
+    ComeBack(Duration),
+}
+
+/// The sync, read as what the plan needs: a fresh outcome, the one the status holds (nothing read:
+/// restarts still pending, expiry, egress carry on from it), or a time to come back (reads
+/// deferred, or a version already refused that only a change can cure).
+async fn gather(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    now: &Now,
+    context: &Context,
+) -> Result<Gathered, ReconcileError> {
+    Ok(match sync::sync(identity, parsed, now, context).await? {
+        SyncStep::Done(outcome) => Gathered::Outcome(outcome),
+        SyncStep::Unchanged(Some(synced)) => Gathered::Outcome(Box::new(Ok(*synced))),
+        SyncStep::Wait(wait) => {
+            context.metrics.reads_deferred.inc();
+            Gathered::ComeBack(wait)
+        }
+        SyncStep::Unchanged(None) => {
+            let refresh = parsed.refresh_or_default();
+            Gathered::ComeBack(refresh + refresh.mul_f64(rand::random::<f64>() * 0.1))
+        }
+    })
+}
+
+/// The first Kubernetes error met after the Secret was written: the status write must not be
+/// skipped for it, so it is kept and returned after.
+#[derive(Default)]
+struct LateError(Option<ReconcileError>);
+
+impl LateError {
+    fn keep(&mut self, result: Result<(), ReconcileError>) {
+        if let Err(error) = result {
+            self.0.get_or_insert(error);
+        }
+    }
+
+    fn into_result(self) -> Result<(), ReconcileError> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// What the restart phase leaves to do: whether restarts are still pending, and the Events to
+/// publish on the workloads.
+struct RestartsActed {
+    pending: bool,
+    events: Vec<(ObjectReference, EventToEmit)>,
+}
+
+/// The restarts a rotation still owes, folded into the plan. A failure comes after the Secret was
+/// written: it is recorded in status (a `Restarts` condition) and returned after the status
+/// write, never allowed to skip it.
 async fn restart_phase(
     identity: &MtlsIdentity,
     parsed: &Parsed,
     plan: &mut plan::Plan,
     now: &Now,
-    after_status: &mut Option<ReconcileError>,
+    late: &mut LateError,
     context: &Context,
-) -> (bool, Vec<(ObjectReference, EventToEmit)>) {
+) -> RestartsActed {
     let rotation = match &plan.status.last_rotation {
         Some(rotation) if plan.restart_due => rotation.clone(),
-        _ => return (false, Vec::new()),
+        _ => {
+            return RestartsActed {
+                pending: false,
+                events: Vec::new(),
+            };
+        }
     };
     let restarts = match rotation::restart_workloads(
         identity,
@@ -154,11 +177,11 @@ async fn restart_phase(
     {
         Ok(report) => plan::Restarts::Done(report),
         Err(ReconcileError::InvalidStatus(problem)) => {
-            after_status.get_or_insert(ReconcileError::InvalidStatus(problem.clone()));
+            late.keep(Err(ReconcileError::InvalidStatus(problem.clone())));
             plan::Restarts::InvalidStatus(problem)
         }
         Err(error) => {
-            after_status.get_or_insert(error);
+            late.keep(Err(error));
             plan::Restarts::ApiFailed
         }
     };
@@ -175,7 +198,25 @@ async fn restart_phase(
         }
         _ => Vec::new(),
     };
-    (pending, events)
+    RestartsActed { pending, events }
+}
+
+/// The egress proxy's objects made as the plan's status says, the result folded into it.
+async fn egress_phase(
+    identity: &MtlsIdentity,
+    parsed: &Parsed,
+    plan: &mut plan::Plan,
+    now: &Now,
+    late: &mut LateError,
+    context: &Context,
+) {
+    match egress::reconcile_egress(identity, &parsed.namespace, &plan.status, context).await {
+        Ok(egress) => plan::fold_egress(&mut plan.status, egress, now),
+        Err(error) => {
+            plan::fold_egress_failure(plan, now);
+            late.keep(Err(error));
+        }
+    }
 }
 
 /// The one place that writes what the plan decided: metrics, the status (only if it changed),
