@@ -136,9 +136,7 @@ impl Drop for TlsServer {
 
 #[tokio::test]
 async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write() -> Result<()> {
-    let namespace = support::create_namespace("formats", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("formats CA")?;
+    let (namespace, operator, ca) = Scenario::start("formats").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_password_secret(&namespace, "formats-pass").await?;
@@ -439,9 +437,7 @@ fn run(command: &mut Command) -> Result<String> {
 #[tokio::test]
 async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()> {
     const PASSWORD: &str = "changeit-123";
-    let namespace = support::create_namespace("keystores", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("keystores CA")?;
+    let (namespace, _operator, ca) = Scenario::start("keystores").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     let admin = support::admin_client().await?;
@@ -620,9 +616,7 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
 #[tokio::test]
 async fn a_pkcs12_stored_as_secret_binary_syncs_into_tls_crt_and_tls_key() -> Result<()> {
     const PASSWORD: &str = "from-the-partner";
-    let namespace = support::create_namespace("p12source", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("p12 source CA")?;
+    let (namespace, _operator, ca) = Scenario::start("p12source").await?.parts();
     let leaf = ca.leaf(&LeafOptions::default())?;
     let dir = tempdir("p12source")?;
     std::fs::write(dir.join("leaf.pem"), &leaf.cert_pem)?;

@@ -26,9 +26,7 @@ fn reads(operator: &Operator) -> u64 {
 
 #[tokio::test]
 async fn a_paused_deployment_gets_the_token_and_rolls_once_on_resume() -> Result<()> {
-    let namespace = support::create_namespace("paused", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("paused CA")?;
+    let (namespace, _operator, ca) = Scenario::start("paused").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -77,9 +75,7 @@ async fn a_paused_deployment_gets_the_token_and_rolls_once_on_resume() -> Result
 
 #[tokio::test]
 async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<()> {
-    let namespace = support::create_namespace("deleted-target", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("deleted CA")?;
+    let (namespace, operator, ca) = Scenario::start("deleted-target").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     let spec = serde_json::json!({"refreshInterval": "1h"});
@@ -115,9 +111,7 @@ async fn a_deleted_target_is_recreated_with_one_read_and_no_rollout() -> Result<
 
 #[tokio::test]
 async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<()> {
-    let namespace = support::create_namespace("renamed", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("renamed CA")?;
+    let (namespace, operator, ca) = Scenario::start("renamed").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -161,9 +155,7 @@ async fn a_renamed_target_replaces_the_old_secret_without_a_rollout() -> Result<
 
 #[tokio::test]
 async fn a_source_deleted_in_secrets_manager_keeps_the_last_good_secret() -> Result<()> {
-    let namespace = support::create_namespace("source-deleted", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("source CA")?;
+    let (namespace, _operator, ca) = Scenario::start("source-deleted").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -187,9 +179,7 @@ async fn a_source_deleted_in_secrets_manager_keeps_the_last_good_secret() -> Res
 
 #[tokio::test]
 async fn status_stays_truthful_when_restarts_fail_after_the_write() -> Result<()> {
-    let namespace = support::create_namespace("truthful", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("truthful CA")?;
+    let (namespace, _operator, ca) = Scenario::start("truthful").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -434,9 +424,7 @@ async fn a_slow_sibling_still_restarts_the_shared_deployment_once() -> Result<()
 /// is corrected, the rotation completes.
 #[tokio::test]
 async fn an_unreadable_rotation_time_is_an_error_not_now() -> Result<()> {
-    let namespace = support::create_namespace("badtime", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("bad time CA")?;
+    let (namespace, _operator, ca) = Scenario::start("badtime").await?.parts();
     let id = format!("{namespace}/client");
     let version = put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -655,9 +643,7 @@ async fn sigterm_to_the_leader_during_a_mass_rotation_rolls_each_workload_once()
 async fn a_conflicting_writer_loses_without_a_hot_loop() -> Result<()> {
     use k8s_openapi::ByteString;
     const EDITS: u32 = 30;
-    let namespace = support::create_namespace("conflict", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("conflict CA")?;
+    let (namespace, operator, ca) = Scenario::start("conflict").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;

@@ -80,9 +80,10 @@ async fn sweep_mode_detects_a_rotation_without_reading_values_meanwhile(
     mode: SweepMode,
 ) -> Result<()> {
     const COUNT: usize = 20;
-    let namespace = support::create_namespace(&format!("sweep-{}", mode.as_str()), &[]).await?;
-    let operator = start_operator_with(&namespace, settings(mode)).await?;
-    let ca = TestCa::new("sweep CA")?;
+    let (namespace, operator, ca) =
+        Scenario::start_with(&format!("sweep-{}", mode.as_str()), settings(mode))
+            .await?
+            .parts();
     create_fleet(&namespace, &ca, COUNT).await?;
     wait_all_ready(&namespace, COUNT).await?;
     let reads = || {
@@ -127,9 +128,9 @@ async fn list_mode_detects_a_rotation_without_reading_values_meanwhile() -> Resu
 
 #[tokio::test]
 async fn get_mode_reads_at_the_refresh_interval_only() -> Result<()> {
-    let namespace = support::create_namespace("sweep-get", &[]).await?;
-    let operator = start_operator_with(&namespace, settings(SweepMode::Get)).await?;
-    let ca = TestCa::new("get CA")?;
+    let (namespace, operator, ca) = Scenario::start_with("sweep-get", settings(SweepMode::Get))
+        .await?
+        .parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     let spec = serde_json::json!({"refreshInterval": "3s"});
@@ -195,9 +196,10 @@ async fn a_cold_start_is_batched_and_one_refusal_stays_with_its_identity() -> Re
 async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with_one_read()
 -> Result<()> {
     const COUNT: usize = 30;
-    let namespace = support::create_namespace("own-writes", &[]).await?;
-    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
-    let ca = TestCa::new("own CA")?;
+    let (namespace, operator, ca) =
+        Scenario::start_with("own-writes", settings(SweepMode::Describe))
+            .await?
+            .parts();
     create_fleet(&namespace, &ca, COUNT).await?;
     wait_all_ready(&namespace, COUNT).await?;
     let reads = |operator: &Operator| {
@@ -258,9 +260,10 @@ async fn own_writes_and_restarts_read_nothing_and_a_manual_edit_is_repaired_with
 #[tokio::test]
 async fn identities_sharing_one_secret_cost_one_check() -> Result<()> {
     const COUNT: usize = 10;
-    let namespace = support::create_namespace("shared-secret", &[]).await?;
-    let operator = start_operator_with(&namespace, settings(SweepMode::Describe)).await?;
-    let ca = TestCa::new("shared CA")?;
+    let (namespace, operator, ca) =
+        Scenario::start_with("shared-secret", settings(SweepMode::Describe))
+            .await?
+            .parts();
     let id = format!("{namespace}/shared");
     put_source(&id, &good_secret(&ca)?).await?;
     for index in 0..COUNT {

@@ -20,9 +20,7 @@ use xtask::support::{self, wait_for};
 
 #[tokio::test]
 async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> Result<()> {
-    let namespace = support::create_namespace("rotate", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("rotation CA")?;
+    let (namespace, operator, ca) = Scenario::start("rotate").await?.parts();
     let secret_id = format!("{namespace}/client");
     put_source(&secret_id, &good_secret(&ca)?).await?;
     let spec = serde_json::json!({"target": {"secretName": "client-tls"}});
@@ -208,7 +206,7 @@ async fn rotation_restarts_exactly_the_workloads_that_use_the_secret_once() -> R
 
 #[tokio::test]
 async fn bad_rotation_changes_nothing_and_the_next_good_one_restarts_once() -> Result<()> {
-    let scenario = scenario::Scenario::start("badrot").await?;
+    let scenario = Scenario::start("badrot").await?;
     let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
     let secret_id = scenario.id("client");
     scenario
@@ -252,7 +250,7 @@ async fn bad_rotation_changes_nothing_and_the_next_good_one_restarts_once() -> R
 
 #[tokio::test]
 async fn two_identities_rotated_together_restart_their_shared_deployment_once() -> Result<()> {
-    let scenario = scenario::Scenario::start("pair").await?;
+    let scenario = Scenario::start("pair").await?;
     let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
     let (first_id, second_id) = (scenario.id("first"), scenario.id("second"));
     scenario
@@ -326,9 +324,7 @@ async fn annotate_policy_annotates_pods_without_a_rollout() -> Result<()> {
 
 #[tokio::test]
 async fn expiring_certificate_sets_expiring_soon_and_warns() -> Result<()> {
-    let namespace = support::create_namespace("expiry", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("expiry CA")?;
+    let (namespace, _operator, ca) = Scenario::start("expiry").await?.parts();
     let now = time::OffsetDateTime::now_utc();
     let leaf = ca.leaf(&LeafOptions {
         not_after: now + time::Duration::days(10),

@@ -272,9 +272,7 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
 
 #[tokio::test]
 async fn a_foreign_secret_created_during_the_fetch_is_not_taken_over() -> Result<()> {
-    let namespace = support::create_namespace("race", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("race CA")?;
+    let (namespace, operator, ca) = Scenario::start("race").await?.parts();
     let secret_id = format!("{namespace}{SLOW}");
     put_source(&secret_id, &good_secret(&ca)?).await?;
     create_identity(
@@ -312,9 +310,7 @@ async fn a_foreign_secret_created_during_the_fetch_is_not_taken_over() -> Result
 #[tokio::test]
 async fn edits_of_the_target_do_not_drive_aws_calls_and_deletion_forgets_the_identity() -> Result<()>
 {
-    let namespace = support::create_namespace("edit-storm", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("storm CA")?;
+    let (namespace, operator, ca) = Scenario::start("edit-storm").await?.parts();
     let secret_id = format!("{namespace}/client");
     put_source(&secret_id, &good_secret(&ca)?).await?;
     let spec = serde_json::json!({"refreshInterval": "1h"});
@@ -403,9 +399,7 @@ async fn edits_of_the_target_do_not_drive_aws_calls_and_deletion_forgets_the_ide
 /// old name, deletes the foreign Secret. It must delete only a Secret it owns.
 #[tokio::test]
 async fn a_renamed_target_whose_old_name_holds_a_foreign_secret_leaves_it() -> Result<()> {
-    let namespace = support::create_namespace("rename-foreign", &[]).await?;
-    let operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("rename CA")?;
+    let (namespace, operator, ca) = Scenario::start("rename-foreign").await?.parts();
     let id = format!("{namespace}/client");
     put_source(&id, &good_secret(&ca)?).await?;
     create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
@@ -625,9 +619,7 @@ async fn a_namespace_of_never_ready_workloads_cannot_block_other_namespaces_roll
 
 #[tokio::test]
 async fn listed_workloads_that_do_not_use_the_secret_are_not_restarted() -> Result<()> {
-    let namespace = support::create_namespace("listed", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("listed CA")?;
+    let (namespace, _operator, ca) = Scenario::start("listed").await?.parts();
     let secret_id = format!("{namespace}/client");
     put_source(&secret_id, &good_secret(&ca)?).await?;
     // The attacker lists a workload that has nothing to do with the certificate.
@@ -788,9 +780,7 @@ async fn annotate_touches_only_the_workloads_own_pods() -> Result<()> {
 
 #[tokio::test]
 async fn annotate_is_refused_unless_the_operator_enables_it() -> Result<()> {
-    let namespace = support::create_namespace("annotate-off", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("off CA")?;
+    let (namespace, _operator, ca) = Scenario::start("annotate-off").await?.parts();
     let secret_id = format!("{namespace}/client");
     put_source(&secret_id, &good_secret(&ca)?).await?;
     let spec = serde_json::json!({"restart": {"policy": "Annotate"}});

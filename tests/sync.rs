@@ -92,9 +92,7 @@ async fn mutual_tls_handshake(
 
 #[tokio::test]
 async fn json_identity_becomes_a_tls_secret_that_completes_mutual_tls() -> Result<()> {
-    let namespace = support::create_namespace("sync", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("partner CA")?;
+    let (namespace, _operator, ca) = Scenario::start("sync").await?.parts();
     let leaf = ca.leaf(&LeafOptions::default())?;
     let secret_id = format!("{namespace}/api-client");
     let version = put_source(
@@ -206,9 +204,7 @@ async fn json_identity_becomes_a_tls_secret_that_completes_mutual_tls() -> Resul
 
 #[tokio::test]
 async fn pem_bundle_with_separate_ca_secret_and_custom_target() -> Result<()> {
-    let namespace = support::create_namespace("pem", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("pem CA")?;
+    let (namespace, _operator, ca) = Scenario::start("pem").await?.parts();
     let leaf = ca.leaf(&LeafOptions::default())?;
     let bundle_id = format!("{namespace}/bundle");
     let ca_id = format!("{namespace}/ca");
@@ -262,7 +258,7 @@ spec:
 
 #[tokio::test]
 async fn manual_edits_are_reverted_and_foreign_secrets_are_never_touched() -> Result<()> {
-    let scenario = scenario::Scenario::start("owner").await?;
+    let scenario = Scenario::start("owner").await?;
     let namespace = scenario.namespace.clone();
     let (leaf, _) = scenario
         .synced("edited", "client", serde_json::json!({}))
@@ -314,9 +310,7 @@ async fn manual_edits_are_reverted_and_foreign_secrets_are_never_touched() -> Re
 /// Each bad source gets its own reason and Warning Event; none writes a Secret; the operator goes on.
 #[tokio::test]
 async fn bad_sources_get_specific_reasons() -> Result<()> {
-    let namespace = support::create_namespace("bad", &[]).await?;
-    let _operator = start_operator(&namespace).await?;
-    let ca = TestCa::new("bad CA")?;
+    let (namespace, _operator, ca) = Scenario::start("bad").await?.parts();
     let other_ca = TestCa::new("other CA")?;
     let good = ca.leaf(&LeafOptions::default())?;
     let other = ca.leaf(&LeafOptions::default())?;
@@ -629,7 +623,7 @@ async fn check_reports_the_facts_of_good_material_from_files_and_secrets_manager
 
 #[tokio::test]
 async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> Result<()> {
-    let scenario = scenario::Scenario::start("keep").await?;
+    let scenario = Scenario::start("keep").await?;
     let (namespace, ca) = (scenario.namespace.as_str(), &scenario.ca);
     let (good, good_version) = scenario
         .synced("keep", "client", serde_json::json!({}))

@@ -5,6 +5,8 @@
 pub mod endpoint;
 pub mod link;
 pub mod scenario;
+#[allow(unused_imports)]
+pub use scenario::Scenario;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

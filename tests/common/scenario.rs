@@ -33,6 +33,11 @@ impl Scenario {
         })
     }
 
+    /// The namespace, the operator and the CA, for a test that goes on by hand.
+    pub fn parts(self) -> (String, Operator, TestCa) {
+        (self.namespace, self.operator, self.ca)
+    }
+
     /// The Secrets Manager id of `source` in this namespace (`<namespace>/<source>`).
     pub fn id(&self, source: &str) -> String {
         format!("{}/{source}", self.namespace)
