@@ -2,6 +2,11 @@
 //! operator running as a ServiceAccount bound to the documented ClusterRole.
 
 mod common;
+// Rotation and client interop run in this binary too: one link step each fewer.
+#[path = "sync/clients.rs"]
+mod clients;
+#[path = "sync/rotation.rs"]
+mod rotation;
 
 use std::sync::Arc;
 

@@ -1,13 +1,11 @@
-//! Rotation on the real control plane (controller-manager, scheduler, kwok): the Secret is updated and
+//! (A module of the sync test binary.) Rotation on the real control plane (controller-manager, scheduler, kwok): the Secret is updated and
 //! exactly the workloads that use it roll, once per rotation, never on resync or operator restart.
-
-mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::common::*;
 use anyhow::{Context, Result, ensure};
-use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;

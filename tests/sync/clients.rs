@@ -1,8 +1,6 @@
-//! Outputs every client can use, proven with real clients on the real control plane and moto:
+//! (A module of the sync test binary.) Outputs every client can use, proven with real clients on the real control plane and moto:
 //! cert-manager's `additionalOutputFormats` (`tls-combined.pem`, `key.der`) used by OpenSSL for a
 //! mutual-TLS handshake, and rotated together with `tls.crt` in one Secret write.
-
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use anyhow::{Context, Result, bail, ensure};
-use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
