@@ -298,6 +298,14 @@ impl Fleet {
                 }
             }
             Err(error) => {
+                // Every secret the listing was for backs off, as a failed describe does.
+                {
+                    let mut index = lock(&self.index);
+                    let now = Instant::now();
+                    for due in &due {
+                        index.check_failed(&due.secret, now);
+                    }
+                }
                 warn!(
                     region = scope.region,
                     role = scope.role.as_ref().map(|role| role.arn.as_str()),
@@ -326,11 +334,18 @@ impl Fleet {
             (VersionSelector::Id(id), Ok(Some(_))) => Some(Some(id.clone())),
             (_, Ok(None)) | (_, Err(SourceError::NotFound { .. })) => Some(None),
             (_, Err(error)) => {
-                // Not checked: the identity falls back to reading at its refresh interval.
+                // Not checked: tried again after a backed-off cadence (never at once: a denial is
+                // not damped by the adaptive rate as throttling is).
+                let failures = {
+                    let mut index = lock(&self.index);
+                    index.check_failed(secret, Instant::now());
+                    index.check_failures(secret)
+                };
                 debug!(
                     secret = %secret.secret_id,
                     reason = error.reason().as_str(),
                     detail = error.detail(),
+                    failures,
                     "version check failed"
                 );
                 None

@@ -38,7 +38,14 @@ struct Entry {
     swept: Option<Instant>,
     /// The last version check found the secret deleted or scheduled for deletion.
     gone: bool,
+    /// Version checks failed in a row (denied, throttled, unreachable): each one doubles the wait
+    /// before the next, so a persistent error never turns into a tight loop of calls.
+    check_failures: u8,
 }
+
+/// The longest a failing version check waits before it is tried again (the README's retry
+/// cadence for failures), unless the secret's own cadence is longer.
+pub const FAILED_CHECK_MAX_WAIT: Duration = Duration::from_secs(300);
 
 impl Entry {
     /// Read, seeded from a Secret, or checked once. An entry that is none of these was just
@@ -46,6 +53,18 @@ impl Entry {
     /// a cold start's calls (the read records what the sweep would have found).
     fn known(&self) -> bool {
         self.current.is_some() || self.checked.is_some()
+    }
+
+    /// How long after its last check the secret is checked again: its cadence (the sweep interval
+    /// or the shortest refresh interval, whichever is shorter), doubled for each failed check in a
+    /// row up to [`FAILED_CHECK_MAX_WAIT`].
+    fn check_every(&self, sweep_interval: Duration) -> Duration {
+        let cadence = sweep_interval.min(self.refresh());
+        if self.check_failures == 0 {
+            return cadence;
+        }
+        let backoff = cadence.saturating_mul(1u32 << self.check_failures.min(16));
+        backoff.min(FAILED_CHECK_MAX_WAIT.max(cadence))
     }
 
     /// The shortest refresh interval of the identities on this secret: how stale it may get.
@@ -203,7 +222,24 @@ impl VersionIndex {
             entry.name = Some(name.to_string());
             entry.checked = Some(now);
             entry.swept = Some(now);
+            // Not `check_failures`: a read that works says nothing of whether checks do.
         }
+    }
+
+    /// A version check of `secret` failed at `now` (anything but "not found"): it is checked again
+    /// only after its backed-off cadence, not at the next sweep.
+    pub fn check_failed(&mut self, secret: &SecretRef, now: Instant) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+            entry.swept = Some(now);
+            entry.check_failures = entry.check_failures.saturating_add(1);
+        }
+    }
+
+    /// Version checks of `secret` that failed in a row.
+    pub fn check_failures(&self, secret: &SecretRef) -> u8 {
+        self.entries
+            .get(&SecretKey::from(secret))
+            .map_or(0, |entry| entry.check_failures)
     }
 
     /// Records whether the last version check found `secret` deleted (or scheduled for deletion).
@@ -253,6 +289,7 @@ impl VersionIndex {
         };
         entry.checked = Some(now);
         entry.swept = Some(now);
+        entry.check_failures = 0;
         let listed = version_id.map(str::to_string);
         if entry.listed == listed {
             return Vec::new();
@@ -278,7 +315,7 @@ impl VersionIndex {
     pub fn due(&self, now: Instant, sweep_interval: Duration) -> Vec<Due> {
         self.sweepable()
             .filter(|(_, entry)| {
-                let every = sweep_interval.min(entry.refresh());
+                let every = entry.check_every(sweep_interval);
                 entry
                     .swept
                     .is_none_or(|swept| now.saturating_duration_since(swept) >= every)
@@ -319,7 +356,7 @@ impl VersionIndex {
     pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
         self.sweepable()
             .map(|(_, entry)| match entry.swept {
-                Some(swept) => swept + sweep_interval.min(entry.refresh()),
+                Some(swept) => swept + entry.check_every(sweep_interval),
                 None => now,
             })
             .min()
@@ -499,6 +536,37 @@ mod tests {
         // The 30 s identity goes: the secret is checked at the sweep interval again.
         index.unregister(&who("b"));
         assert!(index.due(now + Duration::from_secs(30), sweep).is_empty());
+    }
+
+    /// A check that keeps failing (denied, throttled, unreachable) is tried at its cadence, then
+    /// at twice it, four times, ... up to five minutes: never again at once, and the first success
+    /// brings the cadence back.
+    #[test]
+    fn failed_checks_back_off_to_five_minutes_and_a_success_resets() {
+        let mut now = Instant::now();
+        let mut index = VersionIndex::default();
+        let sweep = Duration::from_secs(300);
+        let ten = Duration::from_secs(10);
+        index.register(&who("a"), &[secret("ns/x")], ten);
+        index.record_read(&secret("ns/x"), "v1", "arn", "ns/x", now);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let next = index.next_due(now, sweep).expect("sweepable");
+            let wait = next - now;
+            assert!(index.due(next - Duration::from_millis(1), sweep).is_empty());
+            assert_eq!(index.due(next, sweep).len(), 1);
+            waits.push(wait.as_secs());
+            now = next;
+            index.check_failed(&secret("ns/x"), now);
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert!(index.due(now, sweep).is_empty(), "never due again at once");
+        index.observe(&secret("ns/x"), Some("v1"), now);
+        assert_eq!(
+            index.next_due(now, sweep),
+            Some(now + ten),
+            "back to its cadence"
+        );
     }
 
     #[test]
