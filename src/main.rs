@@ -143,6 +143,10 @@ struct RunArgs {
     /// Namespace of the Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
+    /// The Secret, in the operator's own namespace (`--lease-namespace`), that holds the key of the
+    /// integrity tags on the Secrets it writes; created with a random key when absent.
+    #[arg(long, env = "INTEGRITY_KEY_SECRET", default_value = controller::integrity::DEFAULT_SECRET_NAME)]
+    integrity_key_secret: String,
     /// How long a leader's claim lasts without renewal (a Go-style duration, whole seconds).
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration_flag)]
     lease_duration: Duration,
@@ -294,6 +298,14 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         egress_admin_from,
         identity_selector: args.identity_selector,
         egress_image: args.enable_egress.then_some(args.proxy_image),
+        // Fatal when it cannot be had: without it every restart would re-read every identity,
+        // and a tenant's edits could not be told from the operator's writes.
+        integrity_key: controller::integrity::load_or_create(
+            client.clone(),
+            &args.lease_namespace,
+            &args.integrity_key_secret,
+        )
+        .await?,
     }
     .with_aws_defaults(&aws)
     .await;

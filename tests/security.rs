@@ -3,6 +3,9 @@
 //! reason, no Secret, no foreign object changed, no rollout elsewhere.
 
 mod common;
+// Availability between namespaces under attack (#23), in this binary: one link step fewer.
+#[path = "security/fairness.rs"]
+mod fairness;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;

@@ -22,8 +22,10 @@ pub const VERSION_ID_ANNOTATION: &str = "mtls-operator.io/source-version-id";
 pub const FINGERPRINT_ANNOTATION: &str = "mtls-operator.io/certificate-sha256";
 /// The version of `spec.source.caSecretId` the Secret was written from.
 pub const CA_VERSION_ID_ANNOTATION: &str = "mtls-operator.io/ca-source-version-id";
-/// SHA-256 of the Secret's data as written: a manual edit is seen without reading AWS.
-pub const DATA_DIGEST_ANNOTATION: &str = "mtls-operator.io/data-sha256";
+/// The operator's keyed tag (HMAC-SHA256, `pki::integrity`) over the Secret's name, data and the
+/// annotations that say what it was made from: any edit of the Secret is seen without reading AWS
+/// or opening a keystore, and a tenant cannot compute a matching tag.
+pub const INTEGRITY_ANNOTATION: &str = "mtls-operator.io/integrity-hmac-sha256";
 
 /// A workload's client certificate, kept in sync from AWS Secrets Manager into a
 /// `kubernetes.io/tls` Secret.

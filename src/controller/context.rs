@@ -55,6 +55,10 @@ pub struct Settings {
     pub identity_selector: Option<String>,
     /// The image of operator-managed egress proxies; `None`: `spec.egress` is not acted on.
     pub egress_image: Option<String>,
+    /// The key of the integrity tags on the Secrets the operator writes (`pki::integrity`); `run`
+    /// loads it from the operator's namespace (`controller::integrity`). The default is a random
+    /// key of this process alone.
+    pub integrity_key: crate::pki::integrity::IntegrityKey,
 }
 
 impl Default for Settings {
@@ -72,6 +76,7 @@ impl Default for Settings {
             max_concurrent_reconciles: 64,
             identity_selector: None,
             egress_image: None,
+            integrity_key: crate::pki::integrity::IntegrityKey::random(),
         }
     }
 }

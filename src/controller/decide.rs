@@ -298,8 +298,8 @@ pub enum Keystore {
     PasswordMissing { carried: bool },
     /// Asked for, none carried yet (it is rendered with the next write).
     ToRender,
-    /// The carried keystore opens with the password.
-    Opens,
+    /// The carried keystore was written under this password (its keyed tag says so).
+    SamePassword,
     /// The password changed: the keystore is rendered again (one read, no rollout).
     PasswordChanged,
 }
@@ -508,7 +508,7 @@ mod tests {
             ),
             (
                 "a keystore that opens",
-                gathered(None, false, Keystore::Opens),
+                gathered(None, false, Keystore::SamePassword),
                 Step::Unchanged,
             ),
             (

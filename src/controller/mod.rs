@@ -10,6 +10,8 @@ pub mod decide;
 pub mod egress;
 pub mod error;
 pub mod events;
+pub mod integrity;
+pub mod offload;
 pub mod plan;
 pub mod reconcile;
 pub mod requeue;

@@ -8,10 +8,11 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::api::{
-    CA_VERSION_ID_ANNOTATION, DATA_DIGEST_ANNOTATION, FINGERPRINT_ANNOTATION, IDENTITY_LABEL,
+    CA_VERSION_ID_ANNOTATION, FINGERPRINT_ANNOTATION, IDENTITY_LABEL, INTEGRITY_ANNOTATION,
     MANAGED_BY_LABEL, MANAGED_BY_VALUE, OutputFormatType, VERSION_ID_ANNOTATION,
 };
 use crate::pki::ValidatedIdentity;
+use crate::pki::integrity::IntegrityKey;
 use crate::pki::keystore::{Pkcs12Files, Pkcs12Profile};
 
 /// cert-manager's names for the extra formats.
@@ -23,7 +24,20 @@ pub const TRUSTSTORE_KEY: &str = "truststore.p12";
 /// A digest of what the keystores were made from (material, password, alias, profile): PKCS#12 is
 /// salted, so rendering it again gives other bytes; the keystores are re-rendered only when this
 /// changes, never on a sync that changes nothing.
-pub const KEYSTORE_INPUTS_ANNOTATION: &str = "mtls-operator.io/keystore-inputs-sha256";
+pub const KEYSTORE_INPUTS_ANNOTATION: &str = "mtls-operator.io/keystore-inputs-hmac-sha256";
+/// The keyed tag of the keystore password the keystores were written under: a new password is seen
+/// by comparing tags, never by trying to open `keystore.p12` (a KDF on bytes a tenant can write).
+pub const KEYSTORE_PASSWORD_ANNOTATION: &str = "mtls-operator.io/keystore-password-hmac-sha256";
+
+/// The annotations the integrity tag covers besides the data: what the Secret says it was made
+/// from. A tenant who edits any of them makes the Secret look edited, not newer.
+const TAGGED_ANNOTATIONS: [&str; 5] = [
+    VERSION_ID_ANNOTATION,
+    CA_VERSION_ID_ANNOTATION,
+    FINGERPRINT_ANNOTATION,
+    KEYSTORE_INPUTS_ANNOTATION,
+    KEYSTORE_PASSWORD_ANNOTATION,
+];
 
 /// What the Secret holds besides `tls.crt`, `tls.key` and `ca.crt`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,37 +46,66 @@ pub struct Outputs<'a> {
     pub pkcs12: Option<&'a RenderedPkcs12>,
 }
 
-/// Rendered keystores and the digest of their inputs.
+/// Rendered keystores, the tag of their inputs and the tag of their password.
 #[derive(Debug, Clone)]
 pub struct RenderedPkcs12 {
     pub files: Pkcs12Files,
     pub inputs: String,
+    pub password: String,
 }
 
-/// The digest of a keystore's inputs. The password enters only through its own SHA-256, and the
-/// result is as exposed as the keystore itself (whoever reads the annotation reads `keystore.p12`).
+/// The keyed tag of a keystore's inputs (material, password, alias, profile).
 pub fn keystore_inputs(
+    key: &IntegrityKey,
     material: &ValidatedIdentity,
     password: &str,
     alias: &str,
     profile: Pkcs12Profile,
 ) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    for part in [
-        material.content_digest().as_bytes(),
-        Sha256::digest(password.as_bytes()).as_slice(),
-        alias.as_bytes(),
-        format!("{profile:?}").as_bytes(),
-    ] {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part);
-    }
-    hex::encode(hasher.finalize())
+    key.tag(
+        "keystore-inputs",
+        &[
+            material.content_digest().as_bytes(),
+            password.as_bytes(),
+            alias.as_bytes(),
+            format!("{profile:?}").as_bytes(),
+        ],
+    )
+}
+
+/// The keyed tag of the keystore password of the identity `uid`.
+pub fn keystore_password_tag(key: &IntegrityKey, uid: &str, password: &str) -> String {
+    key.tag("keystore-password", &[uid.as_bytes(), password.as_bytes()])
+}
+
+/// Whether an intact Secret's keystores were written under `password` (their password tag says
+/// so); `false` when the tag is absent or another password's.
+pub fn keystore_password_unchanged(
+    key: &IntegrityKey,
+    existing: &Secret,
+    uid: &str,
+    password: &str,
+) -> bool {
+    existing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(KEYSTORE_PASSWORD_ANNOTATION))
+        .is_some_and(|tag| {
+            key.verify(
+                "keystore-password",
+                &[uid.as_bytes(), password.as_bytes()],
+                tag,
+            )
+        })
 }
 
 /// The keystores an intact Secret of ours already holds for these inputs, to be kept as they are.
-pub fn reusable_pkcs12(existing: Option<&Secret>, inputs: &str) -> Option<Pkcs12Files> {
+pub fn reusable_pkcs12(
+    key: &IntegrityKey,
+    existing: Option<&Secret>,
+    inputs: &str,
+) -> Option<Pkcs12Files> {
     let existing = existing?;
     let annotations = existing.metadata.annotations.as_ref()?;
     if annotations
@@ -72,11 +115,11 @@ pub fn reusable_pkcs12(existing: Option<&Secret>, inputs: &str) -> Option<Pkcs12
     {
         return None;
     }
-    let data = existing.data.as_ref()?;
     // Only from an intact Secret: a keystore edited by hand is rendered again, not kept.
-    if annotations.get(DATA_DIGEST_ANNOTATION) != Some(&data_digest(data)) {
+    if !is_intact(key, existing) {
         return None;
     }
+    let data = existing.data.as_ref()?;
     Some(Pkcs12Files {
         keystore: data.get(KEYSTORE_KEY)?.0.clone(),
         truststore: data.get(TRUSTSTORE_KEY).map(|value| value.0.clone()),
@@ -106,7 +149,9 @@ pub struct SourceVersions<'a> {
 }
 
 /// The Secret the identity should own, as applied with server-side apply.
+#[allow(clippy::too_many_arguments)]
 pub fn desired_secret(
+    key: &IntegrityKey,
     name: &str,
     namespace: &str,
     identity_name: &str,
@@ -172,12 +217,15 @@ pub fn desired_secret(
                         FINGERPRINT_ANNOTATION.to_string(),
                         material.facts.sha256_fingerprint.clone(),
                     ),
-                    (DATA_DIGEST_ANNOTATION.to_string(), data_digest(&data)),
                 ]);
                 if let Some(pkcs12) = outputs.pkcs12 {
                     annotations.insert(
                         KEYSTORE_INPUTS_ANNOTATION.to_string(),
                         pkcs12.inputs.clone(),
+                    );
+                    annotations.insert(
+                        KEYSTORE_PASSWORD_ANNOTATION.to_string(),
+                        pkcs12.password.clone(),
                     );
                 }
                 if let Some(ca_version_id) = ca_version_id {
@@ -186,6 +234,8 @@ pub fn desired_secret(
                         ca_version_id.to_string(),
                     );
                 }
+                let tag = integrity_tag(key, namespace, name, &data, &annotations);
+                annotations.insert(INTEGRITY_ANNOTATION.to_string(), tag);
                 annotations
             }),
             owner_references: Some(vec![owner]),
@@ -197,28 +247,77 @@ pub fn desired_secret(
     }
 }
 
-/// SHA-256 over the Secret's data (keys in order, each key and value length-prefixed).
-pub fn data_digest(data: &BTreeMap<String, ByteString>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    for (key, value) in data {
-        for part in [key.as_bytes(), value.0.as_slice()] {
-            hasher.update((part.len() as u64).to_be_bytes());
-            hasher.update(part);
-        }
-    }
-    hex::encode(hasher.finalize())
+/// The keyed tag over the Secret's place (namespace, name), its data (keys in order) and the
+/// annotations that say what it was made from ([`TAGGED_ANNOTATIONS`], absent ones as absent).
+pub fn integrity_tag(
+    key: &IntegrityKey,
+    namespace: &str,
+    name: &str,
+    data: &BTreeMap<String, ByteString>,
+    annotations: &BTreeMap<String, String>,
+) -> String {
+    key.tag(
+        "secret",
+        &integrity_parts(namespace, name, data, annotations)
+            .iter()
+            .map(Vec::as_slice)
+            .collect::<Vec<_>>(),
+    )
 }
 
-/// The source versions (main, CA) an intact Secret of ours was written from: `None` when its data
-/// no longer matches the digest written with it (edited by hand) or it lacks the annotations.
-pub fn carried_versions(secret: &Secret) -> Option<(String, Option<String>)> {
-    let annotations = secret.metadata.annotations.as_ref()?;
-    let digest = annotations.get(DATA_DIGEST_ANNOTATION)?;
-    let data = secret.data.clone().unwrap_or_default();
-    if *digest != data_digest(&data) {
+fn integrity_parts(
+    namespace: &str,
+    name: &str,
+    data: &BTreeMap<String, ByteString>,
+    annotations: &BTreeMap<String, String>,
+) -> Vec<Vec<u8>> {
+    let mut parts = vec![namespace.as_bytes().to_vec(), name.as_bytes().to_vec()];
+    for (data_key, value) in data {
+        parts.push(data_key.as_bytes().to_vec());
+        parts.push(value.0.clone());
+    }
+    parts.push(b"--annotations--".to_vec());
+    for annotation in TAGGED_ANNOTATIONS {
+        match annotations.get(annotation) {
+            Some(value) => {
+                parts.push(annotation.as_bytes().to_vec());
+                parts.push(value.as_bytes().to_vec());
+            }
+            None => parts.push(Vec::new()),
+        }
+    }
+    parts
+}
+
+/// Whether `secret` is as the operator wrote it: its integrity tag matches its name, data and
+/// tagged annotations. A hand edit of any of them (or a Secret written before the tag existed)
+/// is not intact, and is repaired.
+pub fn is_intact(key: &IntegrityKey, secret: &Secret) -> bool {
+    let Some(annotations) = secret.metadata.annotations.as_ref() else {
+        return false;
+    };
+    let Some(tag) = annotations.get(INTEGRITY_ANNOTATION) else {
+        return false;
+    };
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    let parts = integrity_parts(
+        secret.metadata.namespace.as_deref().unwrap_or_default(),
+        secret.metadata.name.as_deref().unwrap_or_default(),
+        data,
+        annotations,
+    );
+    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    key.verify("secret", &parts, tag)
+}
+
+/// The source versions (main, CA) an intact Secret of ours was written from: `None` when it is
+/// not intact (edited by hand) or lacks the annotations.
+pub fn carried_versions(key: &IntegrityKey, secret: &Secret) -> Option<(String, Option<String>)> {
+    if !is_intact(key, secret) {
         return None;
     }
+    let annotations = secret.metadata.annotations.as_ref()?;
     Some((
         annotations.get(VERSION_ID_ANNOTATION)?.clone(),
         annotations.get(CA_VERSION_ID_ANNOTATION).cloned(),
@@ -274,33 +373,123 @@ mod tests {
         assert!(!is_owned_by(&Secret::default().metadata, "u1"));
     }
 
-    #[test]
-    fn keystores_are_kept_only_from_an_intact_secret_with_the_same_inputs() {
-        let data = BTreeMap::from([
-            (KEYSTORE_KEY.to_string(), ByteString(b"p12".to_vec())),
-            (TRUSTSTORE_KEY.to_string(), ByteString(b"trust".to_vec())),
-        ]);
-        let secret = |data: BTreeMap<String, ByteString>, digest: String| Secret {
+    /// An intact Secret as `desired_secret` tags it: these data and annotations, tagged.
+    fn tagged(
+        key: &IntegrityKey,
+        data: BTreeMap<String, ByteString>,
+        mut annotations: BTreeMap<String, String>,
+    ) -> Secret {
+        let tag = integrity_tag(key, "payments", "client-tls", &data, &annotations);
+        annotations.insert(INTEGRITY_ANNOTATION.to_string(), tag);
+        Secret {
             metadata: ObjectMeta {
-                annotations: Some(BTreeMap::from([
-                    (KEYSTORE_INPUTS_ANNOTATION.to_string(), "inputs".to_string()),
-                    (DATA_DIGEST_ANNOTATION.to_string(), digest),
-                ])),
+                name: Some("client-tls".into()),
+                namespace: Some("payments".into()),
+                annotations: Some(annotations),
                 ..Default::default()
             },
             data: Some(data),
             ..Default::default()
-        };
-        let intact = secret(data.clone(), data_digest(&data));
-        let kept = reusable_pkcs12(Some(&intact), "inputs").expect("kept");
+        }
+    }
+
+    #[test]
+    fn keystores_are_kept_only_from_an_intact_secret_with_the_same_inputs() {
+        let key = IntegrityKey::for_tests();
+        let data = BTreeMap::from([
+            (KEYSTORE_KEY.to_string(), ByteString(b"p12".to_vec())),
+            (TRUSTSTORE_KEY.to_string(), ByteString(b"trust".to_vec())),
+        ]);
+        let annotations =
+            BTreeMap::from([(KEYSTORE_INPUTS_ANNOTATION.to_string(), "inputs".to_string())]);
+        let intact = tagged(&key, data.clone(), annotations.clone());
+        let kept = reusable_pkcs12(&key, Some(&intact), "inputs").expect("kept");
         assert_eq!(kept.keystore, b"p12");
         assert_eq!(kept.truststore.as_deref(), Some(b"trust".as_slice()));
         // Other inputs (a rotation, a new password): rendered again.
-        assert!(reusable_pkcs12(Some(&intact), "other").is_none());
+        assert!(reusable_pkcs12(&key, Some(&intact), "other").is_none());
         // Edited by hand: rendered again.
-        let mut edited = data.clone();
-        edited.insert(KEYSTORE_KEY.to_string(), ByteString(b"tampered".to_vec()));
-        assert!(reusable_pkcs12(Some(&secret(edited, data_digest(&data))), "inputs").is_none());
-        assert!(reusable_pkcs12(None, "inputs").is_none());
+        let mut edited = intact.clone();
+        if let Some(data) = edited.data.as_mut() {
+            data.insert(KEYSTORE_KEY.to_string(), ByteString(b"tampered".to_vec()));
+        }
+        assert!(reusable_pkcs12(&key, Some(&edited), "inputs").is_none());
+        assert!(reusable_pkcs12(&key, None, "inputs").is_none());
+    }
+
+    #[test]
+    fn a_tenant_cannot_make_an_edited_secret_look_intact() {
+        let key = IntegrityKey::for_tests();
+        let data = BTreeMap::from([("tls.crt".to_string(), ByteString(b"cert".to_vec()))]);
+        let annotations = BTreeMap::from([
+            (VERSION_ID_ANNOTATION.to_string(), "v1".to_string()),
+            (
+                KEYSTORE_PASSWORD_ANNOTATION.to_string(),
+                "pw-tag".to_string(),
+            ),
+        ]);
+        let intact = tagged(&key, data.clone(), annotations.clone());
+        assert!(is_intact(&key, &intact));
+        assert_eq!(
+            carried_versions(&key, &intact),
+            Some(("v1".to_string(), None))
+        );
+        // The attacker's best forgeries: the edited data with the old tag, with a plain SHA-256 of
+        // the data (the old scheme), with a tag of another key; and each tagged annotation changed.
+        let mut forged_data = data.clone();
+        forged_data.insert("tls.crt".into(), ByteString(b"attacker's".to_vec()));
+        let mut with_old_tag = intact.clone();
+        with_old_tag.data = Some(forged_data.clone());
+        let other_key = IntegrityKey::from_bytes(&[9u8; 32]).expect("key");
+        let with_other_key = tagged(&other_key, forged_data.clone(), annotations.clone());
+        use sha2::{Digest, Sha256};
+        let mut plain = intact.clone();
+        plain.data = Some(forged_data);
+        if let Some(annotations) = plain.metadata.annotations.as_mut() {
+            annotations.insert(
+                INTEGRITY_ANNOTATION.into(),
+                hex::encode(Sha256::digest(b"tls.crtattacker's")),
+            );
+        }
+        for forged in [&with_old_tag, &with_other_key, &plain] {
+            assert!(!is_intact(&key, forged));
+            assert_eq!(carried_versions(&key, forged), None);
+        }
+        for annotation in TAGGED_ANNOTATIONS {
+            let mut edited = intact.clone();
+            if let Some(annotations) = edited.metadata.annotations.as_mut() {
+                annotations.insert(annotation.to_string(), "edited".to_string());
+            }
+            assert!(!is_intact(&key, &edited), "{annotation}");
+        }
+        // Copied whole under another name: not intact there.
+        let mut moved = intact.clone();
+        moved.metadata.name = Some("other-tls".into());
+        assert!(!is_intact(&key, &moved));
+        let mut untagged = intact;
+        untagged.metadata.annotations = None;
+        assert!(!is_intact(&key, &untagged));
+    }
+
+    #[test]
+    fn a_password_change_is_seen_from_the_tags_alone() {
+        let key = IntegrityKey::for_tests();
+        let annotations = BTreeMap::from([(
+            KEYSTORE_PASSWORD_ANNOTATION.to_string(),
+            keystore_password_tag(&key, "uid-1", "old"),
+        )]);
+        let secret = tagged(&key, BTreeMap::new(), annotations);
+        assert!(keystore_password_unchanged(&key, &secret, "uid-1", "old"));
+        assert!(!keystore_password_unchanged(&key, &secret, "uid-1", "new"));
+        assert!(
+            !keystore_password_unchanged(&key, &secret, "uid-2", "old"),
+            "another identity"
+        );
+        assert!(!keystore_password_unchanged(
+            &key,
+            &Secret::default(),
+            "uid-1",
+            "old"
+        ));
     }
 }

@@ -16,6 +16,7 @@ use crate::source::FetchedSecret;
 use super::context::{Context, Now, Parsed};
 use super::decide::{self, CheckedSecret, SyncFailure, Synced};
 use super::error::ReconcileError;
+use super::offload;
 use super::secret;
 use super::write::{self, Written};
 
@@ -111,22 +112,26 @@ pub async fn sync(
         // Without a reference, the password is a field of the JSON the source holds.
         _ => None,
     };
-    let (fetched, ca_version, material) = match fetch_material(
-        identity,
-        namespace,
-        &main,
-        ca.as_ref(),
-        source_password.as_deref(),
-        context,
-    )
-    .await
-    {
-        Ok(fetched) => fetched,
-        Err(failure) => return Ok(SyncStep::done(Err(failure))),
-    };
-    let validated = match pki::validate(&material, now.unix) {
-        Ok(validated) => validated,
-        Err(error) => {
+    let (fetched, ca_version, ca_text) =
+        match fetch_sources(identity, namespace, &main, ca.as_ref(), context).await {
+            Ok(fetched) => fetched,
+            Err(failure) => return Ok(SyncStep::done(Err(failure))),
+        };
+    // Parsing and validation on the certificate-work pool, never on an async worker.
+    let work = parse_and_validate(identity, &fetched, ca_text, source_password, now.unix);
+    let validated = match offload::cpu(work).await {
+        Err(unfinished) => {
+            tracing::warn!(identity = %key, error = %unfinished, "certificate work unfinished; trying again");
+            return Ok(SyncStep::Wait(UNFINISHED_RETRY));
+        }
+        Ok(Err(error)) => {
+            return Ok(SyncStep::done(Err(SyncFailure::Material {
+                context: format!("version {} of {}", fetched.version_id, source.secret_id),
+                error,
+            })));
+        }
+        Ok(Ok(Ok(validated))) => validated,
+        Ok(Ok(Err(error))) => {
             // Not read again until a new version arrives (or the refresh interval passes).
             context.memory.update(key, |memory| {
                 memory.known_bad = Some(fetched.version_id.as_str().into())
@@ -148,6 +153,7 @@ pub async fn sync(
         ca_version,
         &validated,
         keystore_password,
+        context,
     )
     .await
 }
@@ -258,7 +264,7 @@ async fn gather(
         now_unix,
     );
     let carried = existing
-        .and_then(secret::carried_versions)
+        .and_then(|existing| secret::carried_versions(&context.settings.integrity_key, existing))
         .filter(|(version, _)| {
             carried_facts
                 .as_ref()
@@ -312,9 +318,16 @@ async fn gather(
                 carried: carried.is_some(),
             },
             (Some(Ok(_)), None) => decide::Keystore::ToRender,
-            (Some(Ok(password)), Some(keystore)) => {
-                if pki::keystore::opens_with(keystore, password) {
-                    decide::Keystore::Opens
+            // From the tags of the intact Secret alone: no KDF ever runs on `keystore.p12`,
+            // which the tenant can write.
+            (Some(Ok(password)), Some(existing)) => {
+                if secret::keystore_password_unchanged(
+                    &context.settings.integrity_key,
+                    existing,
+                    &parsed.uid,
+                    password,
+                ) {
+                    decide::Keystore::SamePassword
                 } else {
                     decide::Keystore::PasswordChanged
                 }
@@ -340,6 +353,7 @@ async fn write_secret(
     ca_version: Option<String>,
     validated: &pki::ValidatedIdentity,
     keystore_password: Option<Result<String, SyncFailure>>,
+    context: &Context,
 ) -> Result<SyncStep, ReconcileError> {
     let (namespace, target, owner_uid) = (
         parsed.namespace.as_str(),
@@ -369,19 +383,37 @@ async fn write_secret(
                 crate::api::Pkcs12Profile::Modern => Pkcs12Profile::Modern,
                 crate::api::Pkcs12Profile::Legacy => Pkcs12Profile::Legacy,
             };
-            let inputs = secret::keystore_inputs(validated, &password, &alias, profile);
-            let files = match secret::reusable_pkcs12(existing, &inputs) {
+            let key = &context.settings.integrity_key;
+            let inputs = secret::keystore_inputs(key, validated, &password, &alias, profile);
+            let files = match secret::reusable_pkcs12(key, existing, &inputs) {
                 Some(files) => files,
-                None => match pki::keystore::pkcs12(validated, &password, &alias, profile) {
-                    Ok(files) => files,
-                    Err(error) => return Ok(SyncStep::done(Err(error.into()))),
-                },
+                // Rendering runs a KDF (on the operator's own inputs): on the pool too.
+                None => {
+                    let render = {
+                        let (validated, password, alias) =
+                            (validated.clone(), password.clone(), alias.clone());
+                        move || pki::keystore::pkcs12(&validated, &password, &alias, profile)
+                    };
+                    match offload::cpu(render).await {
+                        Ok(Ok(files)) => files,
+                        Ok(Err(error)) => return Ok(SyncStep::done(Err(error.into()))),
+                        Err(unfinished) => {
+                            tracing::warn!(identity = %parsed.key, error = %unfinished, "keystore rendering unfinished; trying again");
+                            return Ok(SyncStep::Wait(UNFINISHED_RETRY));
+                        }
+                    }
+                }
             };
-            Some(secret::RenderedPkcs12 { files, inputs })
+            Some(secret::RenderedPkcs12 {
+                files,
+                inputs,
+                password: secret::keystore_password_tag(key, owner_uid, &password),
+            })
         }
     };
     let formats = identity.output_formats();
     let desired = secret::desired_secret(
+        &context.settings.integrity_key,
         target,
         namespace,
         &identity.name_any(),
@@ -458,25 +490,21 @@ async fn fetch_checked(
     Ok(fetched)
 }
 
-/// Fetches the source (and the separate CA secret, if any) and parses it into material. Returns
-/// the main secret as read, the CA secret's version, and the material.
-async fn fetch_material(
+/// How soon a sync whose certificate work did not finish (see `offload`) is tried again.
+const UNFINISHED_RETRY: Duration = Duration::from_secs(5);
+
+/// Fetches the source and the separate CA secret, if any: the main secret as read, the CA
+/// secret's version and text.
+async fn fetch_sources(
     identity: &MtlsIdentity,
     namespace: &str,
     main: &CheckedSecret,
     ca: Option<&CheckedSecret>,
-    source_password: Option<&str>,
     context: &Context,
-) -> Result<(FetchedSecret, Option<String>, pki::Material), SyncFailure> {
+) -> Result<(FetchedSecret, Option<String>, Option<String>), SyncFailure> {
     let source = &identity.spec.source;
     let fetched = fetch_checked(main, namespace, context).await?;
-    let material_error =
-        |error: pki::PkiError, of: &FetchedSecret, id: &str| SyncFailure::Material {
-            context: format!("version {} of {id}", of.version_id),
-            error,
-        };
-    let mut ca_version = None;
-    let ca_text = match ca {
+    match ca {
         Some(ca) if source.format == SourceFormat::Pem => {
             let ca_fetched = fetch_checked(ca, namespace, context).await?;
             let text = ca_fetched
@@ -484,40 +512,66 @@ async fn fetch_material(
                 .stored()
                 .text()
                 .map(str::to_string)
-                .map_err(|e| material_error(e, &ca_fetched, &ca.request.secret_id))?;
-            ca_version = Some(ca_fetched.version_id.clone());
-            Some(text)
+                .map_err(|error| SyncFailure::Material {
+                    context: format!(
+                        "version {} of {}",
+                        ca_fetched.version_id, ca.request.secret_id
+                    ),
+                    error,
+                })?;
+            Ok((fetched, Some(ca_fetched.version_id), Some(text)))
         }
-        _ => None,
-    };
+        _ => Ok((fetched, None, None)),
+    }
+}
+
+/// The CPU part of a read, as work for the pool: the value parsed into material
+/// (`Err`: unreadable), then validated at `now_unix` (`Ok(Err)`: refused).
+#[allow(clippy::type_complexity)]
+fn parse_and_validate(
+    identity: &MtlsIdentity,
+    fetched: &FetchedSecret,
+    ca_text: Option<String>,
+    source_password: Option<String>,
+    now_unix: i64,
+) -> impl FnOnce() -> Result<Result<pki::ValidatedIdentity, pki::PkiError>, pki::PkiError> + Send + 'static
+{
+    let source = &identity.spec.source;
+    let format = source.format;
     let fields = source.fields.clone().unwrap_or_default();
     let fields = pki::JsonFields {
         certificate: fields.certificate,
         private_key: fields.private_key,
         ca: fields.ca,
     };
-    let format = match source.format {
-        SourceFormat::Json => pki::StoredFormat::Json(&fields),
-        SourceFormat::Pem => pki::StoredFormat::Pem {
-            ca: ca_text.as_deref(),
-        },
-        SourceFormat::Pkcs12 => pki::StoredFormat::Pkcs12 {
-            password: source_password,
-        },
-    };
-    let material = pki::read_material(fetched.content.stored(), format)
-        .map_err(|error| material_error(error, &fetched, &source.secret_id))?;
-    Ok((fetched, ca_version, material))
+    let content = fetched.content.clone();
+    move || {
+        let format = match format {
+            SourceFormat::Json => pki::StoredFormat::Json(&fields),
+            SourceFormat::Pem => pki::StoredFormat::Pem {
+                ca: ca_text.as_deref(),
+            },
+            SourceFormat::Pkcs12 => pki::StoredFormat::Pkcs12 {
+                password: source_password.as_deref(),
+            },
+        };
+        let material = pki::read_material(content.stored(), format)?;
+        Ok(pki::validate(&material, now_unix))
+    }
 }
 
-/// The keystore of an intact Secret of ours (one that carries its versions).
-fn carried_keystore<'a, T>(existing: Option<&'a Secret>, carried: &Option<T>) -> Option<&'a [u8]> {
+/// An intact Secret of ours (one that carries its versions) that holds a keystore.
+fn carried_keystore<'a, T>(
+    existing: Option<&'a Secret>,
+    carried: &Option<T>,
+) -> Option<&'a Secret> {
     carried.as_ref()?;
-    existing?
+    let existing = existing?;
+    existing
         .data
         .as_ref()?
-        .get(secret::KEYSTORE_KEY)
-        .map(|value| value.0.as_slice())
+        .contains_key(secret::KEYSTORE_KEY)
+        .then_some(existing)
 }
 
 /// A password from `reference` in the identity's namespace (a keystore's, or a Pkcs12 source's).

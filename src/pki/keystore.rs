@@ -160,15 +160,151 @@ fn to_pkcs8(der: &[u8]) -> Result<Vec<u8>, KeystoreError> {
     }
 }
 
-/// Whether `keystore` (a `keystore.p12` the operator wrote) opens with `password`: false once the
-/// password Secret holds another password, so the keystore is rendered again.
-pub fn opens_with(keystore: &[u8], password: &str) -> bool {
-    KeyStore::from_pkcs12(
-        keystore,
-        password,
-        p12_keystore::Pkcs12ImportPolicy::Relaxed,
-    )
-    .is_ok()
+/// The most key-derivation iterations a PKCS#12 file the operator opens may ask for, per
+/// derivation (the MAC's, each PBES1/PBKDF2 encryption's): .NET's limit. A file asking for more
+/// would pin a CPU for seconds per open; the operator's own keystores use far fewer.
+pub const MAX_PKCS12_ITERATIONS: u64 = 600_000;
+
+/// scrypt (1.3.6.1.4.1.11591.4.11) as a PBES2 key-derivation function: its cost is memory (up to a
+/// gibibyte by the parameters), so it is refused outright; no PKCS#12 tool writes it by default.
+const SCRYPT_OID: &[u8] = &[0x2B, 0x06, 0x01, 0x04, 0x01, 0xDA, 0x47, 0x04, 0x0B];
+
+/// What a PKCS#12 file would cost to open, read off its DER before any KDF runs: every iteration
+/// count it declares outside its encrypted parts (a salt followed by a count, as in MacData,
+/// PKCS#12 PBE parameters and PBKDF2 parameters) is at most [`MAX_PKCS12_ITERATIONS`], and no
+/// scrypt. Counts inside encrypted parts (a key bag inside an encrypted SafeContents) are bounded
+/// at 1,000,000 by p12-keystore when it gets there.
+pub fn check_pkcs12_cost(bytes: &[u8]) -> Result<(), String> {
+    check_cost(bytes, MAX_PKCS12_ITERATIONS)
+}
+
+fn check_cost(bytes: &[u8], max_iterations: u64) -> Result<(), String> {
+    let mut walk = CostWalk {
+        nodes: 0,
+        max_iterations,
+    };
+    walk.walk(bytes, 0).map_err(str::to_string)
+}
+
+struct CostWalk {
+    nodes: usize,
+    max_iterations: u64,
+}
+
+/// One DER element: its tag byte and value.
+struct Element<'a> {
+    tag: u8,
+    value: &'a [u8],
+}
+
+const TAG_INTEGER: u8 = 0x02;
+const TAG_OCTET_STRING: u8 = 0x04;
+const TAG_OID: u8 = 0x06;
+const CONSTRUCTED: u8 = 0x20;
+
+impl CostWalk {
+    fn walk(&mut self, mut der: &[u8], depth: usize) -> Result<(), &'static str> {
+        if depth > 24 {
+            return Err("is nested too deeply to be a PKCS#12 file");
+        }
+        let mut previous_tag = None;
+        while !der.is_empty() {
+            self.nodes += 1;
+            if self.nodes > 20_000 {
+                return Err("has too many elements to be a PKCS#12 file");
+            }
+            let (element, rest) = next_element(der).ok_or("is not DER-encoded PKCS#12")?;
+            der = rest;
+            if element.tag == TAG_INTEGER && previous_tag == Some(TAG_OCTET_STRING) {
+                let iterations = unsigned(element.value);
+                if iterations > self.max_iterations {
+                    return Err(
+                        "asks for more key-derivation iterations than the operator opens \
+                            (at most 600000 per derivation)",
+                    );
+                }
+            }
+            if element.tag == TAG_OID && element.value == SCRYPT_OID {
+                return Err("uses scrypt, which the operator does not open (use PBKDF2)");
+            }
+            if element.tag & CONSTRUCTED != 0 {
+                self.walk(element.value, depth + 1)?;
+            } else if element.tag == TAG_OCTET_STRING {
+                // Content wrapped in an OCTET STRING (the AuthenticatedSafe, SafeContents) is DER
+                // too; a salt or a digest is not, and is skipped.
+                let mut inner = CostWalk {
+                    nodes: self.nodes,
+                    max_iterations: self.max_iterations,
+                };
+                if let Err(refusal) = inner.walk(element.value, depth + 1)
+                    && looks_like_der(element.value)
+                {
+                    return Err(refusal);
+                }
+                self.nodes = inner.nodes;
+            }
+            previous_tag = Some(element.tag);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `bytes` parse as a sequence of DER elements that fill them exactly.
+fn looks_like_der(mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match next_element(bytes) {
+            Some((_, rest)) => bytes = rest,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The first element of `der` and what follows it; `None` when it is not definite-length DER with
+/// a one-byte tag (PKCS#12 uses no other).
+fn next_element(der: &[u8]) -> Option<(Element<'_>, &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    if tag & 0x1F == 0x1F {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (length, rest) = match first {
+        0..=0x7F => (usize::from(first), rest),
+        0x81..=0x84 => {
+            let count = usize::from(first & 0x7F);
+            if rest.len() < count {
+                return None;
+            }
+            let (bytes, rest) = rest.split_at(count);
+            let length = bytes
+                .iter()
+                .fold(0usize, |length, &byte| (length << 8) | usize::from(byte));
+            (length, rest)
+        }
+        // Indefinite (BER) or absurd lengths.
+        _ => return None,
+    };
+    if rest.len() < length {
+        return None;
+    }
+    let (value, rest) = rest.split_at(length);
+    Some((Element { tag, value }, rest))
+}
+
+/// A DER INTEGER's value as an unsigned count; negative or wider than 64 bits reads as the
+/// largest count (refused as too many).
+fn unsigned(value: &[u8]) -> u64 {
+    let trimmed: &[u8] = match value {
+        [0, rest @ ..] => rest,
+        [first, ..] if first & 0x80 != 0 => return u64::MAX,
+        other => other,
+    };
+    if trimmed.len() > 8 {
+        return u64::MAX;
+    }
+    trimmed
+        .iter()
+        .fold(0u64, |count, &byte| (count << 8) | u64::from(byte))
 }
 
 /// A PKCS#12 source stored as SecretString: `{"pkcs12": "<base64 of the .p12>", "password": "..."}`.
@@ -221,6 +357,8 @@ pub fn read_pkcs12(bytes: &[u8], password: &str) -> Result<super::Material, supe
     let invalid = |detail: &str| PkiError::InvalidPkcs12 {
         detail: detail.to_string(),
     };
+    // Before any KDF runs: a file that would pin a CPU for seconds is refused unopened.
+    check_pkcs12_cost(bytes).map_err(|detail| invalid(&detail))?;
     let store = KeyStore::from_pkcs12(bytes, password, p12_keystore::Pkcs12ImportPolicy::Relaxed)
         .map_err(|_| invalid("does not open with the given password, or is not PKCS#12"))?;
     let (_, chain) = store
@@ -245,4 +383,70 @@ pub fn read_pkcs12(bytes: &[u8], password: &str) -> Result<super::Material, supe
         key,
         ca,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keystore holding one certificate, written with these iteration counts.
+    fn keystore(mac_iterations: u32, encryption_iterations: u32) -> Vec<u8> {
+        let certificate = rcgen::generate_simple_self_signed(vec!["cost.test".into()])
+            .expect("certificate")
+            .cert;
+        let mut store = KeyStore::new();
+        store.add_entry(
+            "ca",
+            KeyStoreEntry::Certificate(Certificate::from_der(certificate.der()).expect("X.509")),
+        );
+        store
+            .writer("pw")
+            .mac_iterations(mac_iterations)
+            .encryption_iterations(encryption_iterations)
+            .write()
+            .expect("written")
+    }
+
+    #[test]
+    fn the_cost_is_read_off_the_mac_and_the_encryption_before_any_kdf() {
+        let cheap = keystore(1000, 1000);
+        assert!(check_cost(&cheap, 1000).is_ok());
+        let mac = keystore(3000, 1000);
+        assert!(check_cost(&mac, 2999).is_err(), "the MAC's count is found");
+        assert!(check_cost(&mac, 3000).is_ok());
+        let encryption = keystore(1000, 4000);
+        let refused = check_cost(&encryption, 3999).expect_err("the PBKDF2 count is found");
+        assert!(refused.contains("600000"), "{refused}");
+        assert!(check_cost(&encryption, 4000).is_ok());
+        // The real bound lets every keystore the operator writes through.
+        assert!(check_pkcs12_cost(&cheap).is_ok());
+    }
+
+    #[test]
+    fn what_is_not_pkcs12_der_is_refused_without_a_panic() {
+        for bytes in [
+            &b""[..],
+            b"\x30",
+            b"\x30\x80\x00\x00",
+            b"\x30\x84\xff\xff\xff\xff",
+            b"not a keystore",
+        ] {
+            let _ = check_pkcs12_cost(bytes);
+        }
+        assert!(check_pkcs12_cost(b"\x30\x03\x02\x01").is_err(), "truncated");
+        // Nested a thousand deep.
+        let mut deep = Vec::new();
+        for _ in 0..1000 {
+            deep.splice(0..0, [0x30, 0x80]);
+        }
+        assert!(check_pkcs12_cost(&deep).is_err());
+    }
+
+    #[test]
+    fn integers_read_as_counts() {
+        assert_eq!(unsigned(&[0x09, 0x27, 0xc0]), 600_000);
+        assert_eq!(unsigned(&[0x00, 0x80]), 128);
+        assert_eq!(unsigned(&[0x80]), u64::MAX, "negative");
+        assert_eq!(unsigned(&[1; 9]), u64::MAX, "wider than 64 bits");
+    }
 }

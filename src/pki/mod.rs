@@ -14,6 +14,7 @@
 //! Private key bytes never reach an error, `Debug` or `Display`: errors name the field and the problem.
 
 mod error;
+pub mod integrity;
 mod key;
 pub mod keystore;
 mod parse;

@@ -255,6 +255,8 @@ impl CountingEndpoint {
             .args(["--metrics-address", "127.0.0.1:0"])
             .args(["--health-address", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
+            // The operator's own namespace (its integrity key's Secret), as the chart sets it.
+            .env("POD_NAMESPACE", namespace)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         for (name, value) in xtask::support::environment().variables() {

@@ -63,6 +63,12 @@ pub async fn install_crd_and_rbac() -> Result<()> {
                 &chart("leader-election-rules.yaml"),
             )
             .await?;
+            // The integrity key's Secret, granted in the operator's own namespace.
+            apply_cluster_role(
+                "mtls-operator-integrity-key",
+                &chart("integrity-key-rules.yaml"),
+            )
+            .await?;
             wait_for("the CRD to be established", TIMEOUT, || async {
                 let crd = crds.get("mtlsidentities.mtls-operator.io").await?;
                 let established = crd
@@ -240,6 +246,7 @@ pub async fn start_operator_linked(
     let source = Arc::new(source);
     let settings = Settings {
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+        integrity_key: test_integrity_key().await?,
         ..settings
     }
     .with_aws_defaults(&aws)
@@ -269,6 +276,36 @@ pub async fn start_operator_linked(
         readiness,
         stop: Some(stop),
     })
+}
+
+/// A folder under the environment's, removed with it (`prefix` unique per test: one binary's tests
+/// run at once).
+pub fn tempdir(prefix: &str) -> Result<std::path::PathBuf> {
+    let dir = support::environment()
+        .dir
+        .join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The integrity key every in-process operator of this test run uses (as the replicas of one
+/// installation share one), loaded or created by the operator's own code in `default`.
+pub async fn test_integrity_key() -> Result<mtls_operator::pki::integrity::IntegrityKey> {
+    static KEY: tokio::sync::OnceCell<mtls_operator::pki::integrity::IntegrityKey> =
+        tokio::sync::OnceCell::const_new();
+    let key = KEY
+        .get_or_try_init(|| async {
+            mtls_operator::controller::integrity::load_or_create(
+                support::admin_client().await?,
+                "default",
+                "mtls-operator-integrity-tests",
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        })
+        .await?;
+    Ok(key.clone())
 }
 
 /// ClusterRole `name` with the rules in `rules_file` (a path in the project, one of the chart's
@@ -307,7 +344,11 @@ pub async fn operator_kubeconfig(namespace: &str) -> Result<std::path::PathBuf> 
 /// take a permission from one replica only).
 pub async fn operator_kubeconfig_as(namespace: &str, account: &str) -> Result<std::path::PathBuf> {
     install_crd_and_rbac().await?;
-    for role in ["mtls-operator", "mtls-operator-leader-election"] {
+    for role in [
+        "mtls-operator",
+        "mtls-operator-leader-election",
+        "mtls-operator-integrity-key",
+    ] {
         bind_cluster_role_to_account(namespace, role, namespace, account).await?;
     }
     support::service_account_kubeconfig_file(namespace, account).await

@@ -376,16 +376,6 @@ async fn combined_pem_and_der_serve_openssl_and_rotate_with_tls_crt_in_one_write
     Ok(())
 }
 
-/// A folder under the environment's, removed with it.
-fn tempdir(prefix: &str) -> Result<std::path::PathBuf> {
-    let dir = support::environment()
-        .dir
-        .join(format!("{prefix}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 /// A Java client: loads `keystore.p12` and `truststore.p12` (type PKCS12, as Java's default since
 /// 9), completes mutual TLS with hostname verification, sends a GET and prints the status line.
 const JAVA_CLIENT: &str = r#"
