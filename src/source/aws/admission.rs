@@ -104,8 +104,11 @@ impl SecretsManagerSource {
                     tokio::time::sleep(BATCH_STEP).await;
                 }
             }
+            // The scope's token first, then a place in flight: a call waiting for a throttled
+            // role's or region's rate must not hold a place the other scopes' calls need.
+            self.take_token(scope, urgent).await;
             let held = self.in_flight().await;
-            let sent = self.take_token(scope, urgent).await;
+            let sent = Instant::now();
             drop(waiting);
             let result = send().await.map_err(|error| classify(subject, &error));
             drop(held);
@@ -167,6 +170,44 @@ impl SecretsManagerSource {
             .or_insert(0) += 1;
         if let Some(metrics) = &self.metrics {
             metrics.record_aws_call(operation.as_str(), outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
+
+    type Sent = Result<&'static str, SdkError<GetSecretValueError, ()>>;
+
+    async fn answered() -> Sent {
+        Ok("answered")
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_its_scopes_rate_holds_no_place_in_flight() {
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        // One place in flight; one call per five seconds per scope.
+        let source = SecretsManagerSource::new(config)
+            .with_max_in_flight(1)
+            .with_max_calls_per_second(0.2);
+        let (slow, other) = (Scope::own("eu-west-1"), Scope::own("us-east-1"));
+        let first = source.call(&slow, Operation::Get, "a", answered).await;
+        assert_eq!(first.ok(), Some("answered"), "spends the scope's token");
+        let mut waiting = std::pin::pin!(source.call(&slow, Operation::Get, "b", answered));
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "waits for its scope's next token"
+        );
+        // Another scope's call goes at once: the waiting one holds no place in flight.
+        let other_call = std::pin::pin!(source.call(&other, Operation::Get, "c", answered));
+        match futures::poll!(other_call) {
+            std::task::Poll::Ready(Ok(answer)) => assert_eq!(answer, "answered"),
+            std::task::Poll::Ready(Err(error)) => panic!("failed: {error}"),
+            std::task::Poll::Pending => panic!("blocked behind the throttled scope's call"),
         }
     }
 }
