@@ -29,7 +29,13 @@ pub enum Rejected {
     NotSecretsManager,
     #[error("names no secret")]
     NoSecret,
+    #[error("names more than {MAX_SECRETS_PER_EVENT} secrets (a Secrets Manager event names one)")]
+    TooManySecrets,
 }
+
+/// The most secrets one message may name: each one costs a version check, and a Secrets Manager
+/// event names one (its `resources` hold that secret's ARN).
+pub const MAX_SECRETS_PER_EVENT: usize = 10;
 
 /// The secrets (names or ARNs) a queue message is about. Accepts the EventBridge envelope of
 /// Secrets Manager's own events (`detail.name`, `detail.secretId`, `detail.arn`), of CloudTrail API
@@ -57,6 +63,9 @@ pub fn secrets_in(body: &str) -> Result<Vec<String>, Rejected> {
     .flatten()
     .collect();
     if let Some(resources) = event.get("resources").and_then(|r| r.as_array()) {
+        if resources.len() > MAX_SECRETS_PER_EVENT {
+            return Err(Rejected::TooManySecrets);
+        }
         secrets.extend(resources.iter().filter_map(|r| text(Some(r))));
     }
     secrets.sort();
@@ -177,6 +186,16 @@ mod tests {
         let resources = r#"{"source":"aws.secretsmanager","resources":["arn:x"],"detail":{}}"#;
         assert_eq!(secrets_in(resources), Ok(vec!["arn:x".to_string()]));
         assert_eq!(secrets_in("{not json"), Err(Rejected::NotJson));
+        // A message naming a thousand secrets would cost a thousand checks: refused whole.
+        let many: Vec<String> = (0..1000).map(|n| format!("arn:{n}")).collect();
+        let flood = serde_json::json!({"source": "aws.secretsmanager", "resources": many});
+        assert_eq!(
+            secrets_in(&flood.to_string()),
+            Err(Rejected::TooManySecrets)
+        );
+        let ten: Vec<String> = (0..10).map(|n| format!("arn:{n}")).collect();
+        let fine = serde_json::json!({"source": "aws.secretsmanager", "resources": ten});
+        assert_eq!(secrets_in(&fine.to_string()).map(|s| s.len()), Ok(10));
         assert_eq!(
             secrets_in(r#"{"source":"aws.ec2","detail":{"name":"x"}}"#),
             Err(Rejected::NotSecretsManager)
