@@ -265,6 +265,33 @@ pub fn joined(workloads: &[WorkloadRef]) -> String {
         .join(", ")
 }
 
+/// A refused patch as the tenant may see it (status, Events): the HTTP code and the API's fixed
+/// reason word, never the API server's own text (which can name admission webhooks, policies or
+/// other objects); that goes to the operator's log.
+pub fn refusal(workload: &WorkloadRef, error: &kube::Error) -> String {
+    tracing::warn!(workload = %workload, error = %error, "restart patch refused");
+    match error {
+        // The reason only when it is one of the API's CamelCase words (a webhook may put text
+        // there).
+        kube::Error::Api(status) => {
+            let word = &status.reason;
+            let is_word = !word.is_empty()
+                && word.len() <= 40
+                && word.chars().all(|c| c.is_ascii_alphanumeric());
+            format!(
+                "the API server refused the patch (HTTP {}, {})",
+                status.code,
+                if is_word {
+                    word.as_str()
+                } else {
+                    "no reason given"
+                }
+            )
+        }
+        _ => "the API server could not be reached".to_string(),
+    }
+}
+
 /// What happened to the workloads for one rotation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RestartReport {
@@ -518,7 +545,10 @@ impl Restarter {
                                     report.paused.push(name.clone());
                                     report.done.push(name);
                                 }
-                                Err(error) => report.failed.push((name, error.to_string())),
+                                Err(error) => {
+                                    let said = refusal(&name, &error);
+                                    report.failed.push((name, said))
+                                }
                             }
                         }
                         RestartDecision::Restart => {
@@ -538,7 +568,10 @@ impl Restarter {
                                     report.triggered.push(name.clone());
                                     report.done.push(name);
                                 }
-                                Err(error) => report.failed.push((name, error.to_string())),
+                                Err(error) => {
+                                    let said = refusal(&name, &error);
+                                    report.failed.push((name, said))
+                                }
                             }
                         }
                     }
@@ -554,7 +587,10 @@ impl Restarter {
                             }
                             report.done.push(name);
                         }
-                        Err(error) => report.failed.push((name, error.to_string())),
+                        Err(error) => {
+                            let said = refusal(&name, &error);
+                            report.failed.push((name, said))
+                        }
                     }
                 }
             }
@@ -660,5 +696,39 @@ impl Restarter {
             changed = true;
         }
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_code_and_reason_word_never_the_servers_text() {
+        let workload = WorkloadRef {
+            kind: WorkloadKind::Deployment,
+            name: "api".into(),
+        };
+        let status = |reason: &str| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code: 403,
+                reason: reason.into(),
+                message:
+                    "admission webhook \"policy.internal.example\" denied: team billing-admins"
+                        .into(),
+                ..Default::default()
+            }))
+        };
+        let said = refusal(&workload, &status("Forbidden"));
+        assert_eq!(
+            said,
+            "the API server refused the patch (HTTP 403, Forbidden)"
+        );
+        let said = refusal(&workload, &status("denied by team billing-admins"));
+        assert_eq!(
+            said,
+            "the API server refused the patch (HTTP 403, no reason given)"
+        );
+        assert!(!said.contains("webhook"));
     }
 }
