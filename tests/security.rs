@@ -258,17 +258,44 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
             "externalId": "tenant-external-id"}}),
     ];
-    for (index, spec) in bad_specs.into_iter().enumerate() {
-        let object = identity(
-            &format!("bad-{index}"),
-            &format!("{namespace}/x"),
-            spec.clone(),
-        )?;
+    let source = serde_json::json!({"source": {"secretId": format!("{namespace}/x")}});
+    let egress = serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
+        "egress": {"upstream": "https://partner.example"}});
+    let bad_names = [
+        // A label value holds 63 characters at most.
+        ("n".repeat(64), source.clone()),
+        // With egress the name is a Service's: no dots.
+        ("with.dots".to_string(), egress.clone()),
+    ];
+    let named = bad_specs
+        .into_iter()
+        .enumerate()
+        .map(|(index, spec)| (format!("bad-{index}"), spec))
+        .chain(bad_names);
+    for (name, spec) in named {
+        let object = identity(&name, &format!("{namespace}/x"), spec.clone())?;
         let created = identities.create(&PostParams::default(), &object).await;
         match created {
-            Err(kube::Error::Api(status)) => ensure!(status.code == 422, "{spec}: {status:?}"),
-            other => anyhow::bail!("{spec} must be refused by the API server, got {other:?}"),
+            Err(kube::Error::Api(status)) => {
+                ensure!(status.code == 422, "{name} {spec}: {status:?}")
+            }
+            other => {
+                anyhow::bail!("{name} {spec} must be refused by the API server, got {other:?}")
+            }
         }
+    }
+    // The limits refuse only what they must: 63 characters, and dots without egress, are fine.
+    for (name, spec) in [
+        ("n".repeat(63), source.clone()),
+        ("with.dots".to_string(), source),
+    ] {
+        identities
+            .create(
+                &PostParams::default(),
+                &identity(&name, &format!("{namespace}/x"), spec)?,
+            )
+            .await
+            .with_context(|| format!("{name} must be accepted"))?;
     }
     Ok(())
 }

@@ -45,7 +45,13 @@ pub const INTEGRITY_ANNOTATION: &str = "mtls-operator.io/integrity-hmac-sha256";
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".spec.source.secretId","priority":1}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.source.versionId","priority":1}"#,
     printcolumn = r#"{"name":"Rotated","type":"date","jsonPath":".status.lastRotation.time","priority":1}"#,
-    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.secretName","priority":1}"#
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.secretName","priority":1}"#,
+    // The name becomes a label value (63 characters at most) and, with egress, a Service name (a
+    // DNS label: no dots): refused here, not in an error loop that reads AWS on every retry.
+    validation = kube::core::Rule::new("self.metadata.name.size() <= 63")
+        .message("the MtlsIdentity name must be at most 63 characters (it is used as a label value)"),
+    validation = kube::core::Rule::new("!has(self.spec.egress) || !self.metadata.name.contains('.')")
+        .message("an MtlsIdentity with spec.egress needs a name without dots (it names a Service)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MtlsIdentitySpec {
