@@ -44,7 +44,9 @@ pub fn next_refresh(refresh: Duration, phase: f64, now_unix_ms: u64) -> Duration
 
 /// When to look again. Healthy: at the refresh interval with up to 10% jitter, so a fleet created
 /// together does not poll together. Throttled or unavailable: exponential backoff from 5s. Not
-/// found or denied: slowly, as a person must act first. Bad material: at the refresh interval.
+/// found or denied: a person must act first, so 5 s doubling up to 5 minutes (or the refresh
+/// interval, if longer, up to 5 minutes), whatever the refresh interval: a `refreshInterval: 1s`
+/// on a missing secret does not retry every second. Bad material: at the refresh interval.
 pub fn requeue_after(
     refresh_interval: Duration,
     outcome: &Result<Synced, SyncFailure>,
@@ -67,7 +69,7 @@ pub fn requeue_after(
         Err(SyncFailure::Source(SourceError::Unavailable { .. })) => {
             jitter(backoff(slow.max(Duration::from_secs(5))))
         }
-        Err(SyncFailure::Source(_)) => jitter(slow),
+        Err(SyncFailure::Source(_)) => jitter(backoff(Duration::from_secs(300)).max(slow)),
         Err(_) => jitter(refresh_interval),
     }
 }
@@ -151,8 +153,12 @@ mod tests {
             requeue_after(hour, &Err(denied()), 3, 0.0),
             Duration::from_secs(300)
         );
-        let short = Duration::from_secs(10);
-        assert_eq!(requeue_after(short, &Err(denied()), 3, 0.0), short);
+        // A short refresh interval does not make a person's fix come sooner: 5 s doubling.
+        let second = Duration::from_secs(1);
+        let retries: Vec<u64> = (1..=8)
+            .map(|n| requeue_after(second, &Err(denied()), n, 0.0).as_secs())
+            .collect();
+        assert_eq!(retries, [5, 10, 20, 40, 80, 160, 300, 300]);
         let conflict = Err(SyncFailure::TargetConflict {
             secret: "ns/x".into(),
         });
