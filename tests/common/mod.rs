@@ -344,6 +344,13 @@ pub async fn operator_kubeconfig(namespace: &str) -> Result<std::path::PathBuf> 
 /// take a permission from one replica only).
 pub async fn operator_kubeconfig_as(namespace: &str, account: &str) -> Result<std::path::PathBuf> {
     install_crd_and_rbac().await?;
+    // The integrity key's Secret, made as the chart makes it (the operator may only read it).
+    mtls_operator::controller::integrity::load_or_create(
+        support::admin_client().await?,
+        namespace,
+        mtls_operator::controller::integrity::DEFAULT_SECRET_NAME,
+    )
+    .await?;
     for role in [
         "mtls-operator",
         "mtls-operator-leader-election",
