@@ -461,16 +461,39 @@ async fn secrets_manager_calls_in_flight_stay_under_the_cap() -> Result<()> {
         )
         .await?;
     }
-    let operator = start_operator_capped(&[&namespace], settings(SweepMode::Describe), CAP).await?;
+    // Every read held at the endpoint until released: the reads that reach it hold their places in
+    // flight, so the cap is exercised by construction, not by timing.
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    for index in 0..COUNT {
+        endpoint.hold_reads_of(&format!("{namespace}/client-{index}"));
+    }
+    let base = support::aws_config().await;
+    let aws = endpoint.aws_config(&base);
+    let source =
+        mtls_operator::source::SecretsManagerSource::new(aws.clone()).with_max_in_flight(CAP);
+    let operator =
+        start_operator_on(&[&namespace], settings(SweepMode::Describe), aws, source).await?;
+    wait_for("the cap's worth of reads held", TIMEOUT, || async {
+        ensure!(
+            endpoint.reads_held() >= CAP,
+            "{} held",
+            endpoint.reads_held()
+        );
+        Ok(())
+    })
+    .await?;
+    // Held, the cap's worth reached the endpoint and no more: one more would be over the cap.
+    ensure!(
+        endpoint.reads_held() == CAP && endpoint.count(Some("GetSecretValue")) == CAP,
+        "{} reads reached the endpoint with {CAP} places in flight",
+        endpoint.count(Some("GetSecretValue"))
+    );
+    endpoint.release_reads();
     wait_all_ready(&namespace, COUNT).await?;
     let peak = operator.source.peak_in_flight();
     ensure!(
-        peak <= CAP as u64,
+        peak == CAP as u64,
         "{peak} calls in flight at once; the cap is {CAP}"
-    );
-    ensure!(
-        peak >= 2,
-        "the reads overlapped ({peak}): the cap was exercised"
     );
     ensure!(operator.source.calls_of("GetSecretValue") >= COUNT as u64);
     Ok(())

@@ -80,6 +80,27 @@ fn holds_the_synced_certificate(secret: &Secret) -> bool {
         .is_some_and(|leaf| Some(&hex::encode(Sha256::digest(leaf.as_ref()))) == fingerprint)
 }
 
+/// Waits until Secret `name`'s keystore is no longer `forged` but the operator's own again.
+async fn wait_repaired(namespace: &str, name: &str, forged: &[u8]) -> Result<()> {
+    wait_for(
+        &format!("{namespace}/{name}'s forged keystore repaired"),
+        TIMEOUT,
+        || async {
+            let secret = get_secret(namespace, name).await?.context("no Secret")?;
+            ensure!(
+                keystore_bytes(&secret).as_deref() != Some(forged),
+                "still forged"
+            );
+            ensure!(
+                holds_the_synced_certificate(&secret),
+                "not the synced certificate"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_forged_costly_keystore_is_repaired_unopened_and_other_namespaces_rotate() -> Result<()> {
     let payments = support::create_namespace("kdf-attacker", &[]).await?;
@@ -154,20 +175,7 @@ async fn a_forged_costly_keystore_is_repaired_unopened_and_other_namespaces_rota
     .await?;
     // Every forged keystore is repaired: the operator's own again, with the synced certificate.
     for n in 0..4 {
-        let name = format!("client-{n}");
-        wait_for("the forged keystore repaired", TIMEOUT, || async {
-            let secret = get_secret(&payments, &name).await?.context("no Secret")?;
-            ensure!(
-                keystore_bytes(&secret).as_ref() != Some(&forged),
-                "still forged"
-            );
-            ensure!(
-                holds_the_synced_certificate(&secret),
-                "not the synced certificate"
-            );
-            Ok(())
-        })
-        .await?;
+        wait_repaired(&payments, &format!("client-{n}"), &forged).await?;
     }
     // A cheap forgery that opens with the password but holds another certificate (before, never
     // repaired: it "opened") is repaired too.
@@ -176,21 +184,7 @@ async fn a_forged_costly_keystore_is_repaired_unopened_and_other_namespaces_rota
     attacker_secrets
         .patch("client-0", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    wait_for("the cheap forgery repaired", TIMEOUT, || async {
-        let secret = get_secret(&payments, "client-0")
-            .await?
-            .context("no Secret")?;
-        ensure!(
-            keystore_bytes(&secret).as_ref() != Some(&cheap),
-            "still forged"
-        );
-        ensure!(
-            holds_the_synced_certificate(&secret),
-            "not the synced certificate"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_repaired(&payments, "client-0", &cheap).await?;
     wait_ready(&payments, "client-0", "True", "Synced").await?;
     Ok(())
 }
