@@ -75,8 +75,13 @@ pub fn keystore_inputs(
 
 /// The keyed tag of the keystore password of the identity `uid`.
 pub fn keystore_password_tag(key: &IntegrityKey, uid: &str, password: &str) -> String {
-    key.tag("keystore-password", &[uid.as_bytes(), password.as_bytes()])
+    key.tag(PASSWORD_PURPOSE, &[uid.as_bytes(), password.as_bytes()])
 }
+
+/// What the keystore password tag is made for (also what it is checked against).
+const PASSWORD_PURPOSE: &str = "keystore-password";
+/// What the Secret's integrity tag is made for.
+const SECRET_PURPOSE: &str = "secret";
 
 /// Whether an intact Secret's keystores were written under `password` (their password tag says
 /// so); `false` when the tag is absent or another password's.
@@ -93,7 +98,7 @@ pub fn keystore_password_unchanged(
         .and_then(|annotations| annotations.get(KEYSTORE_PASSWORD_ANNOTATION))
         .is_some_and(|tag| {
             key.verify(
-                "keystore-password",
+                PASSWORD_PURPOSE,
                 &[uid.as_bytes(), password.as_bytes()],
                 tag,
             )
@@ -308,7 +313,7 @@ pub fn is_intact(key: &IntegrityKey, secret: &Secret) -> bool {
         annotations,
     );
     let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    key.verify("secret", &parts, tag)
+    key.verify(SECRET_PURPOSE, &parts, tag)
 }
 
 /// The source versions (main, CA) an intact Secret of ours was written from: `None` when it is

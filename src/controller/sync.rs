@@ -120,10 +120,7 @@ pub async fn sync(
     // Parsing and validation on the certificate-work pool, never on an async worker.
     let work = parse_and_validate(identity, &fetched, ca_text, source_password, now.unix);
     let validated = match offload::cpu(work).await {
-        Err(unfinished) => {
-            tracing::warn!(identity = %key, error = %unfinished, "certificate work unfinished; trying again");
-            return Ok(SyncStep::Wait(UNFINISHED_RETRY));
-        }
+        Err(unfinished) => return Ok(come_back_unfinished(key, &unfinished)),
         Ok(Err(error)) => {
             return Ok(SyncStep::done(Err(SyncFailure::Material {
                 context: format!("version {} of {}", fetched.version_id, source.secret_id),
@@ -398,8 +395,7 @@ async fn write_secret(
                         Ok(Ok(files)) => files,
                         Ok(Err(error)) => return Ok(SyncStep::done(Err(error.into()))),
                         Err(unfinished) => {
-                            tracing::warn!(identity = %parsed.key, error = %unfinished, "keystore rendering unfinished; trying again");
-                            return Ok(SyncStep::Wait(UNFINISHED_RETRY));
+                            return Ok(come_back_unfinished(&parsed.key, &unfinished));
                         }
                     }
                 }
@@ -492,6 +488,16 @@ async fn fetch_checked(
 
 /// How soon a sync whose certificate work did not finish (see `offload`) is tried again.
 const UNFINISHED_RETRY: Duration = Duration::from_secs(5);
+
+/// A sync whose certificate work (parsing, validation, rendering) did not finish: said in the log,
+/// tried again shortly; the Secret and status stand.
+fn come_back_unfinished(
+    key: &kube::runtime::reflector::ObjectRef<MtlsIdentity>,
+    unfinished: &offload::Unfinished,
+) -> SyncStep {
+    tracing::warn!(identity = %key, error = %unfinished, "certificate work unfinished; trying again");
+    SyncStep::Wait(UNFINISHED_RETRY)
+}
 
 /// Fetches the source and the separate CA secret, if any: the main secret as read, the CA
 /// secret's version and text.

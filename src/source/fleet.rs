@@ -336,11 +336,7 @@ impl Fleet {
             (_, Err(error)) => {
                 // Not checked: tried again after a backed-off cadence (never at once: a denial is
                 // not damped by the adaptive rate as throttling is).
-                let failures = {
-                    let mut index = lock(&self.index);
-                    index.check_failed(secret, Instant::now());
-                    index.check_failures(secret)
-                };
+                let failures = lock(&self.index).check_failed(secret, Instant::now());
                 debug!(
                     secret = %secret.secret_id,
                     reason = error.reason().as_str(),

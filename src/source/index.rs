@@ -227,19 +227,14 @@ impl VersionIndex {
     }
 
     /// A version check of `secret` failed at `now` (anything but "not found"): it is checked again
-    /// only after its backed-off cadence, not at the next sweep.
-    pub fn check_failed(&mut self, secret: &SecretRef, now: Instant) {
-        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
-            entry.swept = Some(now);
-            entry.check_failures = entry.check_failures.saturating_add(1);
-        }
-    }
-
-    /// Version checks of `secret` that failed in a row.
-    pub fn check_failures(&self, secret: &SecretRef) -> u8 {
-        self.entries
-            .get(&SecretKey::from(secret))
-            .map_or(0, |entry| entry.check_failures)
+    /// only after its backed-off cadence, not at the next sweep. Returns the failures in a row.
+    pub fn check_failed(&mut self, secret: &SecretRef, now: Instant) -> u8 {
+        let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) else {
+            return 0;
+        };
+        entry.swept = Some(now);
+        entry.check_failures = entry.check_failures.saturating_add(1);
+        entry.check_failures
     }
 
     /// Records whether the last version check found `secret` deleted (or scheduled for deletion).
