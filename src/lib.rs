@@ -11,7 +11,6 @@
 pub mod api;
 pub mod check;
 pub mod controller;
-pub mod fair;
 pub mod health;
 pub mod leader;
 pub mod memory;

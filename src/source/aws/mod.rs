@@ -10,7 +10,7 @@
 //! BatchGetSecretValue; [`credentials`] holds the clients and the role sessions; [`classify`] maps
 //! AWS errors to fixed reasons.
 
-pub(crate) mod admission;
+mod admission;
 mod batch;
 mod classify;
 mod credentials;
@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
 
-use super::rate;
+use super::rate::{self, AdaptiveRate};
 use super::{
     AssumedRole, DescribedSecret, FetchedSecret, Scope, SecretContent, SecretRef, SecretSource,
     SourceError, VersionSelector,
@@ -62,13 +62,9 @@ impl Operation {
         }
     }
 
-    /// Which share of its scope's rate it draws on: value reads (and AssumeRole, which a read
-    /// waits for), or version checks.
-    pub const fn class(self) -> admission::Class {
-        match self {
-            Self::Get | Self::BatchGet | Self::AssumeRole => admission::Class::Read,
-            Self::Describe | Self::List => admission::Class::Check,
-        }
+    /// Whether it goes before version checks: value reads, and AssumeRole (a read waits for it).
+    pub const fn is_urgent(self) -> bool {
+        matches!(self, Self::Get | Self::BatchGet | Self::AssumeRole)
     }
 }
 
@@ -94,10 +90,12 @@ pub struct SecretsManagerSource {
     in_flight_cap: Arc<tokio::sync::Semaphore>,
     in_flight_now: Arc<AtomicU64>,
     in_flight_peak: Arc<AtomicU64>,
-    /// Per scope (region and credentials), shared by every call: the adaptive rate (AIMD) and how
-    /// its tokens were shared between reads and version checks.
-    lanes: Mutex<HashMap<Scope, admission::Lane>>,
+    /// The adaptive rate per scope (AIMD): per region and credentials, shared by every call.
+    rates: Mutex<HashMap<Scope, AdaptiveRate>>,
     max_calls_per_second: f64,
+    /// Value reads waiting for their turn: version checks (the sweep) yield to them, so under a
+    /// quota identities that need their material are not starved by checks of those that have it.
+    reads_waiting: Arc<AtomicU64>,
 }
 
 /// The default cap on Secrets Manager calls in flight at once.
@@ -124,8 +122,9 @@ impl SecretsManagerSource {
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
             in_flight_peak: Arc::new(AtomicU64::new(0)),
-            lanes: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
+            reads_waiting: Arc::new(AtomicU64::new(0)),
             metrics: None,
         }
     }
@@ -150,9 +149,9 @@ impl SecretsManagerSource {
     /// The current adaptive rate of the operator's own credentials in `region` (calls per
     /// second), if it made any call.
     pub fn rate_of(&self, region: &str) -> Option<f64> {
-        lock(&self.lanes)
+        lock(&self.rates)
             .get(&Scope::own(region))
-            .map(|lane| lane.rate.rate())
+            .map(AdaptiveRate::rate)
     }
 
     /// Counts every call in `mtls_secretsmanager_calls_total`.
