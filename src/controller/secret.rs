@@ -262,7 +262,7 @@ pub fn integrity_tag(
     annotations: &BTreeMap<String, String>,
 ) -> String {
     key.tag(
-        "secret",
+        SECRET_PURPOSE,
         &integrity_parts(namespace, name, data, annotations)
             .iter()
             .map(Vec::as_slice)
