@@ -249,14 +249,9 @@ impl CostWalk {
                 // too, and is walked; a salt, a digest or ciphertext is not, and is skipped. Random
                 // bytes can parse as DER at the first level by chance: inside such content only a
                 // cost counts, never a malformed element (that was opaque data after all).
-                let mut inner = CostWalk {
-                    nodes: self.nodes,
-                    max_iterations: self.max_iterations,
-                };
-                if let Err(Refusal::Costly(why)) = inner.walk(element.value, depth + 1) {
+                if let Err(Refusal::Costly(why)) = self.walk(element.value, depth + 1) {
                     return Err(Refusal::Costly(why));
                 }
-                self.nodes = inner.nodes;
             }
             previous_tag = Some(element.tag);
         }
