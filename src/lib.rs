@@ -11,6 +11,7 @@
 pub mod api;
 pub mod check;
 pub mod controller;
+pub mod fair;
 pub mod health;
 pub mod leader;
 pub mod memory;

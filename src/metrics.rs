@@ -148,6 +148,9 @@ pub struct Metrics {
     pub leader: Gauge<i64, AtomicI64>,
     /// Distinct secrets in the version index.
     pub index_size: Gauge<i64, AtomicI64>,
+    /// Secrets whose version check was due at the last sweep pass: above zero for long, the sweep
+    /// is behind and identities get a longer cadence than their refresh interval.
+    pub sweep_backlog: Gauge<i64, AtomicI64>,
     pub sweep_duration: Histogram,
     /// Version changes the sweep or an event found.
     pub changes_detected: Counter,
@@ -181,6 +184,7 @@ impl Metrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             leader: Gauge::default(),
             index_size: Gauge::default(),
+            sweep_backlog: Gauge::default(),
             sweep_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             changes_detected: Counter::default(),
             events: Family::default(),
@@ -224,6 +228,11 @@ impl Metrics {
             "source_index_secrets",
             "Distinct Secrets Manager secrets the watched identities reference",
             metrics.index_size.clone(),
+        );
+        registry.register(
+            "sweep_backlog",
+            "Secrets whose version check was due when the sweep last looked (the sweep is behind while it stays above zero)",
+            metrics.sweep_backlog.clone(),
         );
         registry.register(
             "sweep_duration_seconds",

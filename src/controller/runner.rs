@@ -26,6 +26,7 @@ use super::context::{Context, EgressStores, Memory, Settings, identity_key};
 use super::error::ReconcileError;
 use super::reconcile::reconcile_stored;
 use super::requeue;
+use crate::fair::FairSemaphore;
 
 /// Runs the controller until `shutdown` completes: one controller for the whole cluster, or one per
 /// watched namespace (so the operator needs RBAC only in those), sharing the restart caps.
@@ -111,7 +112,7 @@ async fn run_scope(
     shared: Shared,
     namespace: Option<String>,
     synced: crate::health::Synced,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
     let Shared {
         client,
@@ -283,8 +284,11 @@ async fn run_scope(
         memory,
         egress_objects,
     });
-    let config = kube::runtime::controller::Config::default()
-        .concurrency(context.settings.max_concurrent_reconciles.max(1));
+    // kube-runtime runs every due reconcile at once (no limit of its own: its queue is first come,
+    // first served, so one namespace's backlog would delay every other's); each then waits for one
+    // of `--max-concurrent-reconciles` permits in its namespace's queue, served in turn.
+    let admission = FairSemaphore::new(usize::from(context.settings.max_concurrent_reconciles));
+    let config = kube::runtime::controller::Config::default().concurrency(0);
     let mut controller = Controller::for_stream(identity_changes, reader)
         .with_config(config)
         .owns_stream(owned_secrets)
@@ -297,14 +301,37 @@ async fn run_scope(
     }
     controller
         .reconcile_on(triggered)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile_stored, error_policy, context)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            move |identity, context| {
+                admitted(identity, context, admission.clone(), shutdown.clone())
+            },
+            error_policy,
+            context,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(error = %error, "reconcile failed");
             }
         })
         .await;
+}
+
+/// One reconcile, once its namespace's turn gives it a permit. A waiting reconcile is small (the
+/// reconcile itself is allocated only once admitted), and one still waiting at shutdown is left to
+/// the successor, as kube-runtime's own queue was.
+async fn admitted(
+    identity: Arc<StoredIdentity>,
+    context: Arc<Context>,
+    admission: FairSemaphore<String>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Action, ReconcileError> {
+    let flow = identity.namespace().unwrap_or_default();
+    let _permit = tokio::select! {
+        permit = admission.acquire(flow) => permit,
+        () = shutdown => return Ok(Action::await_change()),
+    };
+    Box::pin(reconcile_stored(identity, context)).await
 }
 
 /// The operator's own objects of kind `K` in the scope (label-selected), metadata only, kept in

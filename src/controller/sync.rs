@@ -291,6 +291,7 @@ async fn gather(
             expected: view.expected.as_deref(),
             known_bad: known_bad.as_deref(),
             age: view.age,
+            checks_failing: view.checks_failing,
             refresh,
         })
     };

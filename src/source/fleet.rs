@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tracing::{debug, warn};
 
-use super::index::{IdentityKey, VersionIndex};
+use super::index::{FAILED_CHECK_MAX_WAIT, IdentityKey, VersionIndex, fair_order};
 use super::{DescribedSecret, Scope, SecretRef, SecretSource, SourceError, VersionSelector};
 
 /// How versions are checked between reads.
@@ -56,9 +56,14 @@ pub struct Fleet {
 const LIST_FILTER_MAX: usize = 10;
 /// DescribeSecret calls in flight at once.
 const DESCRIBE_CONCURRENCY: usize = 8;
-/// A secret whose version has not been confirmed for this many refresh intervals is read again
-/// (the sweep may be failing: the refresh interval still bounds staleness).
+/// A secret whose version checks fail and that has not been confirmed for this many refresh
+/// intervals (and at least [`FAILED_CHECK_MAX_WAIT`]) is read instead, as `get` mode would. Only
+/// failing checks: a sweep that is merely behind slows the identity's cadence (and says so in
+/// `mtls_sweep_backlog`), it never turns into reads, which would only slow it further.
 const STALE_AFTER_INTERVALS: u32 = 2;
+/// Version checks a describe sweep sends before it looks again at what is due: a secret falling due
+/// (another namespace's) waits for at most one chunk, not for a whole backlog.
+const SWEEP_CHUNK: usize = 64;
 
 impl Fleet {
     pub fn new(
@@ -146,6 +151,7 @@ impl Fleet {
                 .checked_at(secret)
                 .map(|checked| now.saturating_duration_since(checked)),
             gone: index.is_gone(secret),
+            checks_failing: index.checks_failing(secret),
         }
     }
 
@@ -232,16 +238,25 @@ impl Fleet {
         }
     }
 
-    /// Checks every due secret once.
+    /// Checks the due secrets: in `list` mode all of them (a listing covers a whole scope), in
+    /// `describe` mode the first [`SWEEP_CHUNK`] in fair order across namespaces (the sweep comes
+    /// back at once for the rest, after looking again at what fell due meanwhile).
     pub async fn sweep_once(&self) {
         let started = Instant::now();
         let due = lock(&self.index).due(started, self.interval);
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .sweep_backlog
+                .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
+        }
         if due.is_empty() {
             return;
         }
         match self.mode {
             SweepMode::Get => {}
             SweepMode::Describe => {
+                let mut due = fair_order(due);
+                due.truncate(SWEEP_CHUNK);
                 futures::stream::iter(due)
                     .for_each_concurrent(DESCRIBE_CONCURRENCY, |due| async move {
                         let described = self.source.describe(&due.secret).await;
@@ -391,6 +406,8 @@ pub struct IndexView {
     pub age: Option<Duration>,
     /// The last check found it deleted or scheduled for deletion.
     pub gone: bool,
+    /// The last version check failed (denied, throttled, unreachable).
+    pub checks_failing: bool,
 }
 
 /// What decides whether a value must be read.
@@ -407,12 +424,16 @@ pub struct Freshness<'a> {
     pub known_bad: Option<&'a str>,
     /// Since the version was last read or confirmed.
     pub age: Option<Duration>,
+    /// The last version check failed: the version is read once it is old enough.
+    pub checks_failing: bool,
     pub refresh: Duration,
 }
 
 /// Read when the Secret needs (re)writing, when the expected version differs from the carried one
-/// (and is not one already refused), or when the version is older than the refresh interval allows
-/// (in `get` mode: one interval; with a sweep: two, which only a failing sweep reaches).
+/// (and is not one already refused), when nothing ever told the version, or when the version is
+/// older than the refresh interval allows: in `get` mode one interval; with a sweep only while its
+/// checks fail, after two intervals and at least [`FAILED_CHECK_MAX_WAIT`] (a sweep that is only
+/// behind never causes reads).
 pub fn needs_read(freshness: &Freshness<'_>) -> bool {
     let Freshness {
         mode,
@@ -420,14 +441,22 @@ pub fn needs_read(freshness: &Freshness<'_>) -> bool {
         expected,
         known_bad,
         age,
+        checks_failing,
         refresh,
     } = *freshness;
     let limit = match mode {
-        SweepMode::Get => refresh,
-        SweepMode::List | SweepMode::Describe => refresh.saturating_mul(STALE_AFTER_INTERVALS),
+        SweepMode::Get => Some(refresh),
+        SweepMode::List | SweepMode::Describe if checks_failing => Some(
+            refresh
+                .saturating_mul(STALE_AFTER_INTERVALS)
+                .max(FAILED_CHECK_MAX_WAIT),
+        ),
+        SweepMode::List | SweepMode::Describe => None,
     };
-    if age.is_none_or(|age| age >= limit) {
-        return true;
+    match age {
+        None => return true,
+        Some(age) if limit.is_some_and(|limit| age >= limit) => return true,
+        Some(_) => {}
     }
     match (carried, expected) {
         (None, _) => known_bad.is_none() || expected != known_bad,
@@ -449,6 +478,7 @@ mod tests {
             expected,
             known_bad: None,
             age: Some(Duration::from_secs(1)),
+            checks_failing: false,
             refresh: HOUR,
         }
     }
@@ -463,13 +493,32 @@ mod tests {
             ..fresh(Some("v1"), Some("v2"))
         };
         assert!(!needs_read(&refused), "v2 was already refused");
-        let stale = Freshness {
-            age: Some(2 * HOUR),
+        let behind = Freshness {
+            age: Some(10 * HOUR),
             ..fresh(Some("v1"), Some("v1"))
         };
         assert!(
-            needs_read(&stale),
-            "the sweep has not confirmed it for two intervals"
+            !needs_read(&behind),
+            "a sweep that is behind never turns into reads"
+        );
+        let failing = Freshness {
+            age: Some(2 * HOUR),
+            checks_failing: true,
+            ..fresh(Some("v1"), Some("v1"))
+        };
+        assert!(
+            needs_read(&failing),
+            "checks have failed and nobody confirmed it for two intervals"
+        );
+        let failing_fast = Freshness {
+            age: Some(Duration::from_secs(10)),
+            checks_failing: true,
+            refresh: Duration::from_secs(1),
+            ..fresh(Some("v1"), Some("v1"))
+        };
+        assert!(
+            !needs_read(&failing_fast),
+            "failing checks are read for no sooner than the failure cadence, whatever the refresh"
         );
         let polled = Freshness {
             mode: SweepMode::Get,

@@ -67,6 +67,14 @@ impl Entry {
         backoff.min(FAILED_CHECK_MAX_WAIT.max(cadence))
     }
 
+    /// The identity whose namespace the secret's checks are queued under (its first).
+    fn flow(&self) -> Arc<IdentityKey> {
+        self.identities
+            .first()
+            .map(|(identity, _)| identity.clone())
+            .unwrap_or_default()
+    }
+
     /// The shortest refresh interval of the identities on this secret: how stale it may get.
     fn refresh(&self) -> Duration {
         self.identities
@@ -83,6 +91,18 @@ pub struct Due {
     pub secret: SecretRef,
     /// The canonical name, when known (for ListSecrets name filters).
     pub name: Option<String>,
+    /// The namespace of its first identity: the flow its check is queued in (see [`fair_order`]).
+    pub namespace: Arc<IdentityKey>,
+}
+
+/// `due` in fair order: one secret per namespace in turn, so a namespace with thousands of secrets
+/// due delays another's first check by at most one check per namespace ahead of it.
+pub fn fair_order(due: Vec<Due>) -> Vec<Due> {
+    let mut queue = crate::fair::FairQueue::default();
+    for due in due {
+        queue.push(due.namespace.0.clone(), due);
+    }
+    std::iter::from_fn(|| queue.pop().map(|(_, due)| due)).collect()
 }
 
 /// Keys are shared (`Arc`) between the two maps and the entries' identity lists: one copy of each
@@ -237,6 +257,13 @@ impl VersionIndex {
         entry.check_failures
     }
 
+    /// Whether the last version check of `secret` failed (denied, throttled, unreachable).
+    pub fn checks_failing(&self, secret: &SecretRef) -> bool {
+        self.entries
+            .get(&SecretKey::from(secret))
+            .is_some_and(|entry| entry.check_failures > 0)
+    }
+
     /// Records whether the last version check found `secret` deleted (or scheduled for deletion).
     pub fn set_gone(&mut self, secret: &SecretRef, gone: bool) {
         if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
@@ -318,6 +345,7 @@ impl VersionIndex {
             .map(|(key, entry)| Due {
                 secret: key.secret_ref(),
                 name: entry.name.clone(),
+                namespace: entry.flow(),
             })
             .collect()
     }
@@ -335,6 +363,7 @@ impl VersionIndex {
             .map(|(key, entry)| Due {
                 secret: key.secret_ref(),
                 name: entry.name.clone(),
+                namespace: entry.flow(),
             })
             .collect()
     }

@@ -1,5 +1,6 @@
-//! When a call may go: under the in-flight cap and its scope's adaptive rate, value reads before
-//! version checks; counted, its outcome fed back to the rate, tried again when throttled.
+//! When a call may go: under the in-flight cap and its scope's adaptive rate, with the scope's
+//! tokens shared between value reads and version checks so that neither can starve the other;
+//! counted, its outcome fed back to the rate, tried again when throttled.
 
 use crate::lock;
 use std::sync::Arc;
@@ -12,12 +13,99 @@ use super::super::rate::{AdaptiveRate, Signal};
 use super::batch::BATCH_STEP;
 use super::{Operation, Scope, SecretsManagerSource, SourceError, classify};
 
-/// Counts a read as waiting until dropped (also when its future is dropped).
-pub(super) struct Waiting(pub(super) Arc<AtomicU64>);
+/// The two kinds of call that share a scope's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Value reads (and AssumeRole, which a read waits for).
+    Read,
+    /// Version checks (DescribeSecret, ListSecrets): the sweep, events, siblings.
+    Check,
+}
 
-impl Drop for Waiting {
+/// The share of a scope's tokens version checks get while reads wait too (reads get the rest, and
+/// either gets everything while the other waits for nothing). A budget reads cannot exhaust: change
+/// detection keeps its pace however many reads a namespace causes, and reads still come first.
+pub const CHECK_SHARE: f64 = 0.25;
+/// Grants are counted over roughly this many recent tokens (older ones are halved away).
+const SHARE_WINDOW: f64 = 200.0;
+
+/// One scope's adaptive rate and how its tokens were shared between the classes. Sans-IO.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub rate: AdaptiveRate,
+    shares: Shares,
+}
+
+impl Lane {
+    pub fn new(calls_per_second: f64, now: Instant) -> Self {
+        Self {
+            rate: AdaptiveRate::new(calls_per_second, now),
+            shares: Shares::default(),
+        }
+    }
+}
+
+/// Calls waiting and recent grants, per class.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shares {
+    waiting_reads: u64,
+    waiting_checks: u64,
+    granted_reads: f64,
+    granted_checks: f64,
+}
+
+impl Shares {
+    pub fn wait(&mut self, class: Class) {
+        match class {
+            Class::Read => self.waiting_reads += 1,
+            Class::Check => self.waiting_checks += 1,
+        }
+    }
+
+    pub fn stop_waiting(&mut self, class: Class) {
+        match class {
+            Class::Read => self.waiting_reads = self.waiting_reads.saturating_sub(1),
+            Class::Check => self.waiting_checks = self.waiting_checks.saturating_sub(1),
+        }
+    }
+
+    /// Whether a call of `class` may take the next token: yes while the other class waits for
+    /// nothing; else only the class below its share (checks at [`CHECK_SHARE`]) goes.
+    pub fn may_go(&self, class: Class) -> bool {
+        let total = self.granted_reads + self.granted_checks;
+        let checks_behind = self.granted_checks < CHECK_SHARE * total
+            // With nothing granted yet, reads go first.
+            && total > 0.0;
+        match class {
+            Class::Read => self.waiting_checks == 0 || !checks_behind,
+            Class::Check => self.waiting_reads == 0 || checks_behind,
+        }
+    }
+
+    pub fn granted(&mut self, class: Class) {
+        match class {
+            Class::Read => self.granted_reads += 1.0,
+            Class::Check => self.granted_checks += 1.0,
+        }
+        if self.granted_reads + self.granted_checks > SHARE_WINDOW {
+            self.granted_reads /= 2.0;
+            self.granted_checks /= 2.0;
+        }
+    }
+}
+
+/// Counts a call as waiting for its scope's token until dropped (also when its future is dropped).
+struct Waiting<'a> {
+    source: &'a SecretsManagerSource,
+    scope: &'a Scope,
+    class: Class,
+}
+
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(lane) = lock(&self.source.lanes).get_mut(self.scope) {
+            lane.shares.stop_waiting(self.class);
+        }
     }
 }
 
@@ -38,19 +126,36 @@ impl Drop for InFlight {
 }
 
 impl SecretsManagerSource {
-    /// Waits for the scope's next token; returns when it was taken (the call's send time). A
-    /// version check (`urgent` false) waits while any value read is waiting.
-    pub(super) async fn take_token(&self, scope: &Scope, urgent: bool) -> Instant {
+    /// Waits for the scope's next token that `class` may take (see [`Shares::may_go`]); returns
+    /// when it was taken (the call's send time).
+    pub(super) async fn take_token(&self, scope: &Scope, class: Class) -> Instant {
+        lock(&self.lanes)
+            .entry(scope.clone())
+            .or_insert_with(|| Lane::new(self.max_calls_per_second, Instant::now()))
+            .shares
+            .wait(class);
+        let _waiting = Waiting {
+            source: self,
+            scope,
+            class,
+        };
         loop {
-            if !urgent && self.reads_waiting.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(BATCH_STEP).await;
-                continue;
-            }
             let now = Instant::now();
-            let wait = lock(&self.rates)
-                .entry(scope.clone())
-                .or_insert_with(|| AdaptiveRate::new(self.max_calls_per_second, now))
-                .try_acquire(now);
+            let wait = {
+                let mut lanes = lock(&self.lanes);
+                let lane = lanes
+                    .entry(scope.clone())
+                    .or_insert_with(|| Lane::new(self.max_calls_per_second, now));
+                if !lane.shares.may_go(class) {
+                    Err(BATCH_STEP)
+                } else {
+                    let taken = lane.rate.try_acquire(now);
+                    if taken.is_ok() {
+                        lane.shares.granted(class);
+                    }
+                    taken
+                }
+            };
             match wait {
                 Ok(()) => return now,
                 Err(wait) => tokio::time::sleep(wait).await,
@@ -60,12 +165,12 @@ impl SecretsManagerSource {
 
     pub(super) fn feed_back(&self, scope: &Scope, signal: Signal, sent: Instant) {
         let rate = {
-            let mut rates = lock(&self.rates);
-            let Some(bucket) = rates.get_mut(scope) else {
+            let mut lanes = lock(&self.lanes);
+            let Some(lane) = lanes.get_mut(scope) else {
                 return;
             };
-            bucket.observe(signal, sent, Instant::now());
-            bucket.rate()
+            lane.rate.observe(signal, sent, Instant::now());
+            lane.rate.rate()
         };
         // The gauge is per region: the operator's own credentials' rate.
         if let Some(metrics) = &self.metrics
@@ -90,26 +195,14 @@ impl SecretsManagerSource {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        // AssumeRole comes before a read that waits for the role's credentials.
-        let urgent = operation.is_urgent();
+        let class = operation.class();
         let mut attempt = 1;
         loop {
-            let waiting = urgent.then(|| {
-                self.reads_waiting.fetch_add(1, Ordering::Relaxed);
-                Waiting(self.reads_waiting.clone())
-            });
-            if !urgent {
-                // Not even a place in flight while reads wait for one.
-                while self.reads_waiting.load(Ordering::Relaxed) > 0 {
-                    tokio::time::sleep(BATCH_STEP).await;
-                }
-            }
             // The scope's token first, then a place in flight: a call waiting for a throttled
             // role's or region's rate must not hold a place the other scopes' calls need.
-            self.take_token(scope, urgent).await;
+            self.take_token(scope, class).await;
             let held = self.in_flight().await;
             let sent = Instant::now();
-            drop(waiting);
             let result = send().await.map_err(|error| classify(subject, &error));
             drop(held);
             self.count(
@@ -183,6 +276,63 @@ mod tests {
 
     async fn answered() -> Sent {
         Ok("answered")
+    }
+
+    /// Hands out `tokens` one at a time to whichever class may go (reads first when both may),
+    /// with both classes always waiting; returns (reads, checks) granted.
+    fn share_out(shares: &mut Shares, tokens: usize) -> (usize, usize) {
+        let (mut reads, mut checks) = (0, 0);
+        for _ in 0..tokens {
+            let class = if shares.may_go(Class::Read) {
+                reads += 1;
+                Class::Read
+            } else {
+                assert!(shares.may_go(Class::Check), "one class may always go");
+                checks += 1;
+                Class::Check
+            };
+            shares.granted(class);
+        }
+        (reads, checks)
+    }
+
+    #[test]
+    fn checks_keep_their_share_however_many_reads_wait() {
+        let mut shares = Shares::default();
+        for _ in 0..10_000 {
+            shares.wait(Class::Read);
+        }
+        shares.wait(Class::Check);
+        let (reads, checks) = share_out(&mut shares, 1_000);
+        assert_eq!(reads + checks, 1_000);
+        assert!(
+            (249..=251).contains(&checks),
+            "checks got {checks} of 1,000 tokens, not a quarter"
+        );
+        // And the other way round: a sweep of many checks never holds reads back to a trickle.
+        let mut shares = Shares::default();
+        shares.wait(Class::Read);
+        for _ in 0..10_000 {
+            shares.wait(Class::Check);
+        }
+        let (reads, _) = share_out(&mut shares, 1_000);
+        assert!(reads >= 749, "reads got {reads} of 1,000 tokens");
+    }
+
+    #[test]
+    fn a_class_alone_takes_every_token() {
+        let mut shares = Shares::default();
+        shares.wait(Class::Check);
+        for _ in 0..100 {
+            assert!(shares.may_go(Class::Check), "no read waits: checks go");
+            shares.granted(Class::Check);
+        }
+        shares.stop_waiting(Class::Check);
+        shares.wait(Class::Read);
+        assert!(
+            shares.may_go(Class::Read),
+            "checks far ahead, but none waits"
+        );
     }
 
     #[tokio::test]

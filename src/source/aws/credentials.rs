@@ -3,7 +3,7 @@
 
 use crate::lock;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::Credentials;
@@ -16,9 +16,21 @@ const RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// The session name CloudTrail shows in the role's account for the operator's reads.
 const ROLE_SESSION_NAME: &str = "mtls-operator";
 
-/// A role's credentials while they last; behind an async lock, so one AssumeRole serves every
-/// identity that needs the role at that moment.
-pub(super) type RoleSlot = Arc<tokio::sync::Mutex<Option<Credentials>>>;
+/// A refused AssumeRole is answered from memory for this long: every identity on the role gets the
+/// refusal without a call, so one misconfigured role costs one STS call per minute, not one per
+/// reconcile.
+const DENIAL_REMEMBERED_FOR: Duration = Duration::from_secs(60);
+
+/// A role's credentials while they last, or its last refusal; behind an async lock, so one
+/// AssumeRole serves every identity that needs the role at that moment.
+pub(super) type RoleSlot = Arc<tokio::sync::Mutex<RoleState>>;
+
+#[derive(Debug, Default)]
+pub(super) struct RoleState {
+    credentials: Option<Credentials>,
+    /// AWS's words for the last refusal (for the log) and when it came.
+    denied: Option<(String, Instant)>,
+}
 
 impl SecretsManagerSource {
     /// The client for `scope`: the operator's own credentials, or the scope's role's (assumed
@@ -66,8 +78,18 @@ impl SecretsManagerSource {
                 .expiry()
                 .is_some_and(|expiry| expiry > SystemTime::now() + RENEW_BEFORE)
         };
-        if let Some(credentials) = current.as_ref().filter(|c| fresh(c)) {
+        if let Some(credentials) = current.credentials.as_ref().filter(|c| fresh(c)) {
             return Ok(credentials.clone());
+        }
+        if let Some((detail, at)) = &current.denied
+            && at.elapsed() < DENIAL_REMEMBERED_FOR
+        {
+            // About this caller's secret, not the one whose call was refused.
+            return Err(SourceError::RoleDenied {
+                secret_id: subject.to_string(),
+                role: role.arn.clone(),
+                detail: detail.clone(),
+            });
         }
         let request = self
             .sts
@@ -88,7 +110,16 @@ impl SecretsManagerSource {
                     detail,
                 },
                 other => other,
-            })?;
+            });
+        let output = match output {
+            Ok(output) => output,
+            Err(error) => {
+                if let SourceError::RoleDenied { detail, .. } = &error {
+                    current.denied = Some((detail.clone(), Instant::now()));
+                }
+                return Err(error);
+            }
+        };
         let assumed = output
             .credentials()
             .ok_or_else(|| SourceError::Unavailable {
@@ -103,7 +134,8 @@ impl SecretsManagerSource {
             expiry,
             "AssumeRole",
         );
-        *current = Some(credentials.clone());
+        current.credentials = Some(credentials.clone());
+        current.denied = None;
         Ok(credentials)
     }
 }

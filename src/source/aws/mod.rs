@@ -10,7 +10,7 @@
 //! BatchGetSecretValue; [`credentials`] holds the clients and the role sessions; [`classify`] maps
 //! AWS errors to fixed reasons.
 
-mod admission;
+pub(crate) mod admission;
 mod batch;
 mod classify;
 mod credentials;
@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
 
-use super::rate::{self, AdaptiveRate};
+use super::rate;
 use super::{
     AssumedRole, DescribedSecret, FetchedSecret, Scope, SecretContent, SecretRef, SecretSource,
     SourceError, VersionSelector,
@@ -62,9 +62,13 @@ impl Operation {
         }
     }
 
-    /// Whether it goes before version checks: value reads, and AssumeRole (a read waits for it).
-    pub const fn is_urgent(self) -> bool {
-        matches!(self, Self::Get | Self::BatchGet | Self::AssumeRole)
+    /// Which share of its scope's rate it draws on: value reads (and AssumeRole, which a read
+    /// waits for), or version checks.
+    pub const fn class(self) -> admission::Class {
+        match self {
+            Self::Get | Self::BatchGet | Self::AssumeRole => admission::Class::Read,
+            Self::Describe | Self::List => admission::Class::Check,
+        }
     }
 }
 
@@ -90,12 +94,10 @@ pub struct SecretsManagerSource {
     in_flight_cap: Arc<tokio::sync::Semaphore>,
     in_flight_now: Arc<AtomicU64>,
     in_flight_peak: Arc<AtomicU64>,
-    /// The adaptive rate per scope (AIMD): per region and credentials, shared by every call.
-    rates: Mutex<HashMap<Scope, AdaptiveRate>>,
+    /// Per scope (region and credentials), shared by every call: the adaptive rate (AIMD) and how
+    /// its tokens were shared between reads and version checks.
+    lanes: Mutex<HashMap<Scope, admission::Lane>>,
     max_calls_per_second: f64,
-    /// Value reads waiting for their turn: version checks (the sweep) yield to them, so under a
-    /// quota identities that need their material are not starved by checks of those that have it.
-    reads_waiting: Arc<AtomicU64>,
 }
 
 /// The default cap on Secrets Manager calls in flight at once.
@@ -122,9 +124,8 @@ impl SecretsManagerSource {
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
             in_flight_peak: Arc::new(AtomicU64::new(0)),
-            rates: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
-            reads_waiting: Arc::new(AtomicU64::new(0)),
             metrics: None,
         }
     }
@@ -149,9 +150,9 @@ impl SecretsManagerSource {
     /// The current adaptive rate of the operator's own credentials in `region` (calls per
     /// second), if it made any call.
     pub fn rate_of(&self, region: &str) -> Option<f64> {
-        lock(&self.rates)
+        lock(&self.lanes)
             .get(&Scope::own(region))
-            .map(AdaptiveRate::rate)
+            .map(|lane| lane.rate.rate())
     }
 
     /// Counts every call in `mtls_secretsmanager_calls_total`.
