@@ -52,7 +52,8 @@ struct State {
     slow_reads: Option<(String, Duration)>,
     /// Operations answered `AccessDeniedException` (a role without that permission); STS
     /// operations (`AssumeRole`) are answered STS's `AccessDenied`.
-    denied: Vec<String>,
+    /// With the error code each is answered (`AccessDeniedException`, `DecryptionFailure`, ...).
+    denied: Vec<(String, &'static str)>,
     /// STS calls seen (`AssumeRole`, `GetCallerIdentity`, ...).
     sts_seen: Vec<String>,
     /// Secrets whose value reads are refused with `AccessDeniedException` (a resource policy or
@@ -141,7 +142,20 @@ impl CountingEndpoint {
 
     /// Answers `operation` with `AccessDeniedException` from now on.
     pub fn deny(&self, operation: &str) {
-        lock(&self.state).denied.push(operation.to_string());
+        self.deny_with(operation, "AccessDeniedException");
+    }
+
+    /// Answers `operation` with the error `code` from now on (e.g. `DecryptionFailure`, what
+    /// Secrets Manager answers a read when KMS denies the key).
+    pub fn deny_with(&self, operation: &str, code: &'static str) {
+        lock(&self.state)
+            .denied
+            .push((operation.to_string(), code));
+    }
+
+    /// Forgets every [`Self::deny`]: the role is fixed.
+    pub fn allow_all(&self) {
+        lock(&self.state).denied.clear();
     }
 
     /// Holds every value read that asks for `id` (exactly) until [`Self::release_reads`].
@@ -295,7 +309,7 @@ async fn answer(
         let denied = {
             let mut state = lock(&state);
             state.sts_seen.push(action.clone());
-            state.denied.contains(&action)
+            state.denied.iter().any(|(denied, _)| *denied == action)
         };
         if denied {
             return Ok(sts_access_denied(&action));
@@ -309,13 +323,17 @@ async fn answer(
     let now = Instant::now();
     let forward = {
         let mut state = lock(&state);
-        let denied = state.denied.contains(&operation);
-        let forward = match state.mode {
-            _ if denied => Err(access_denied()),
-            Mode::Pass => Ok(()),
-            Mode::Throttle => Err(throttled()),
-            Mode::Unavailable => Err(unavailable()),
-            Mode::Quota(per_second) => {
+        let denied = state
+            .denied
+            .iter()
+            .find(|(denied, _)| *denied == operation)
+            .map(|(_, code)| *code);
+        let forward = match (denied, state.mode) {
+            (Some(code), _) => Err(error_answer(code)),
+            (None, Mode::Pass) => Ok(()),
+            (None, Mode::Throttle) => Err(throttled()),
+            (None, Mode::Unavailable) => Err(unavailable()),
+            (None, Mode::Quota(per_second)) => {
                 let (started, count) = &mut state.window;
                 if now.duration_since(*started) >= Duration::from_secs(1) {
                     *started = now;
@@ -529,13 +547,17 @@ fn throttled() -> Response<Full<Bytes>> {
 
 /// Secrets Manager's answer to a call the role may not make.
 fn access_denied() -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(
-        br#"{"__type":"AccessDeniedException","message":"not authorized to perform this operation"}"#,
-    )));
+    error_answer("AccessDeniedException")
+}
+
+/// A Secrets Manager error answer with `code`.
+fn error_answer(code: &'static str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({"__type": code, "message": "not authorized to perform this operation"});
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = StatusCode::BAD_REQUEST;
     response.headers_mut().insert(
         "x-amzn-errortype",
-        hyper::header::HeaderValue::from_static("AccessDeniedException"),
+        hyper::header::HeaderValue::from_static(code),
     );
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -3,6 +3,7 @@
 //! for, and what it breaks of its own is repaired or refused with a reason.
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::ByteString;
@@ -10,6 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mtls_operator::api::{FINGERPRINT_ANNOTATION, VERSION_ID_ANNOTATION};
 use mtls_operator::controller::Settings;
+use mtls_operator::source::SecretsManagerSource;
 use sha2::{Digest, Sha256};
 use xtask::support::{self, wait_for};
 
@@ -225,5 +227,180 @@ async fn a_pkcs12_source_asking_for_too_many_iterations_is_refused_unopened() ->
     });
     put_source(&id, &value.to_string()).await?;
     wait_ready(&namespace, "costly", "True", "Synced").await?;
+    Ok(())
+}
+
+/// The value of gauge or counter `name` (without labels) in the operator's metrics.
+fn metric(operator: &Operator, name: &str) -> Option<f64> {
+    operator.metrics.encode().lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.parse().ok())?
+    })
+}
+
+/// Whether a request seen at the endpoint reads a value.
+fn is_read(seen: &endpoint::Seen) -> bool {
+    matches!(
+        seen.operation.as_str(),
+        "GetSecretValue" | "BatchGetSecretValue"
+    )
+}
+
+/// Hole 2: a namespace asks for more version checks than the rate grants (40 secrets checked every
+/// second, against 4 calls a second). Before, the sweep fell behind, the "unconfirmed for two
+/// intervals" fallback read the attacker's values, reads went strictly before checks, and no other
+/// namespace's rotation was detected any more. Now the sweep is only behind (and says so), it
+/// causes no read, and the victim's check keeps its turn.
+#[tokio::test]
+async fn a_namespace_whose_checks_outrun_the_rate_neither_reads_nor_delays_others() -> Result<()> {
+    let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
+    let payments = support::create_namespace("sweep-attacker", &[]).await?;
+    let billing = support::create_namespace("sweep-victim", &[]).await?;
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    let source = SecretsManagerSource::new(aws.clone()).with_max_calls_per_second(4.0);
+    let settings = Settings {
+        sweep_interval: Duration::from_secs(10),
+        ..Settings::default()
+    };
+    let operator = start_operator_on(&[&payments, &billing], settings, aws, source).await?;
+    let ca = TestCa::new("sweep CA")?;
+    let mut attacker_ids = Vec::new();
+    for n in 0..40 {
+        let id = format!("{payments}/client-{n}");
+        put_source(&id, &good_secret(&ca)?).await?;
+        let fast = serde_json::json!({"refreshInterval": "1s"});
+        create_identity(&payments, &identity(&format!("client-{n}"), &id, fast)?).await?;
+        attacker_ids.push(id);
+    }
+    let victim_source = format!("{billing}/client");
+    put_source(&victim_source, &good_secret(&ca)?).await?;
+    let hourly = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(&billing, &identity("client", &victim_source, hourly)?).await?;
+    for n in 0..40 {
+        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    wait_ready(&billing, "client", "True", "Synced").await?;
+    let synced = std::time::Instant::now();
+
+    // The victim's secret rotates while the attacker's checks are ten times what the rate grants.
+    let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
+    wait_for("the victim's rotation", TIMEOUT, || async {
+        let secret = get_secret(&billing, "client")
+            .await?
+            .context("no victim Secret")?;
+        let version = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(VERSION_ID_ANNOTATION));
+        ensure!(version == Some(&rotated), "still at {version:?}");
+        Ok(())
+    })
+    .await?;
+    let backlog = metric(&operator, "mtls_sweep_backlog").unwrap_or_default();
+    ensure!(backlog > 0.0, "the sweep is behind and says so: {backlog}");
+    let attacker_reads = endpoint
+        .requests_for(&attacker_ids)
+        .iter()
+        .filter(|seen| seen.at > synced && is_read(seen))
+        .count();
+    ensure!(
+        attacker_reads == 0,
+        "{attacker_reads} reads of unchanged secrets: a sweep that is behind turned into reads"
+    );
+    let checks = endpoint
+        .requests_for(&attacker_ids)
+        .iter()
+        .filter(|seen| seen.at > synced && seen.operation == "DescribeSecret")
+        .count();
+    ensure!(checks > 0, "the attacker's secrets are still checked");
+    Ok(())
+}
+
+/// Counts Secrets Manager calls at the endpoint over `window`.
+async fn calls_during(endpoint: &endpoint::CountingEndpoint, window: Duration) -> usize {
+    let before = endpoint.count(None);
+    // A measurement window, not a wait for a condition: the rate over it is what is asserted.
+    tokio::time::sleep(window).await;
+    endpoint.count(None) - before
+}
+
+/// Hole 6: every call denied (a role missing its permissions), then every read refused by KMS. The
+/// call rate stays at the healthy fleet's (before: 27 times it, a tight loop of DescribeSecret),
+/// nothing is lost, and everything syncs again once the role is fixed.
+#[tokio::test]
+async fn persistent_denials_cost_no_more_calls_than_a_healthy_fleet() -> Result<()> {
+    let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
+    let namespace = support::create_namespace("denied-loop", &[]).await?;
+    let _operator = start_operator_through(&endpoint, &[&namespace], Settings::default()).await?;
+    let ca = TestCa::new("denied-loop CA")?;
+    let every_ten_seconds = serde_json::json!({"refreshInterval": "10s"});
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let id = format!("{namespace}/client-{n}");
+        put_source(&id, &good_secret(&ca)?).await?;
+        create_identity(
+            &namespace,
+            &identity(&format!("client-{n}"), &id, every_ten_seconds.clone())?,
+        )
+        .await?;
+        ids.push(id);
+    }
+    for n in 0..10 {
+        wait_ready(&namespace, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    let window = Duration::from_secs(30);
+    let healthy = calls_during(&endpoint, window).await;
+
+    for operation in ["DescribeSecret", "GetSecretValue", "BatchGetSecretValue"] {
+        endpoint.deny(operation);
+    }
+    let denied = calls_during(&endpoint, window).await;
+    ensure!(
+        denied <= healthy + 5,
+        "{denied} calls in {window:?} while denied, against {healthy} healthy"
+    );
+
+    // KMS refuses the reads (DecryptionFailure) while checks work, and every secret rotates: each
+    // identity's read fails and is retried at its cadence, doubling, not in a loop.
+    endpoint.allow_all();
+    for operation in ["GetSecretValue", "BatchGetSecretValue"] {
+        endpoint.deny_with(operation, "DecryptionFailure");
+    }
+    for id in &ids {
+        put_source(id, &good_secret(&ca)?).await?;
+    }
+    let kms = calls_during(&endpoint, window).await;
+    let kms_reads = endpoint
+        .requests_for(&ids)
+        .iter()
+        .filter(|seen| is_read(seen))
+        .count();
+    ensure!(
+        kms <= 2 * healthy + ids.len(),
+        "{kms} calls in {window:?} while KMS refused the reads ({kms_reads} reads in all), against \
+         {healthy} healthy"
+    );
+    // Nothing lost: the last good Secrets stay; the fixed role syncs the rotation.
+    for n in 0..10 {
+        wait_ready(&namespace, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    endpoint.allow_all();
+    for (n, id) in ids.iter().enumerate() {
+        let name = format!("client-{n}");
+        let current = put_source(id, &good_secret(&ca)?).await?;
+        wait_for(&format!("{name} synced after the fix"), TIMEOUT, || async {
+            let secret = get_secret(&namespace, &name).await?.context("no Secret")?;
+            let version = secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(VERSION_ID_ANNOTATION));
+            ensure!(version == Some(&current), "still at {version:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    println!("calls in {window:?}: healthy {healthy}, all denied {denied}, KMS refusing reads {kms}");
     Ok(())
 }
