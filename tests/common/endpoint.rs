@@ -148,9 +148,7 @@ impl CountingEndpoint {
     /// Answers `operation` with the error `code` from now on (e.g. `DecryptionFailure`, what
     /// Secrets Manager answers a read when KMS denies the key).
     pub fn deny_with(&self, operation: &str, code: &'static str) {
-        lock(&self.state)
-            .denied
-            .push((operation.to_string(), code));
+        lock(&self.state).denied.push((operation.to_string(), code));
     }
 
     /// Forgets every [`Self::deny`]: the role is fixed.
@@ -552,7 +550,8 @@ fn access_denied() -> Response<Full<Bytes>> {
 
 /// A Secrets Manager error answer with `code`.
 fn error_answer(code: &'static str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({"__type": code, "message": "not authorized to perform this operation"});
+    let body =
+        serde_json::json!({"__type": code, "message": "not authorized to perform this operation"});
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = StatusCode::BAD_REQUEST;
     response.headers_mut().insert(
