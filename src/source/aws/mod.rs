@@ -5,7 +5,7 @@
 //!
 //! One concern per file: this one holds the source itself (its state, its settings, the
 //! [`SecretSource`] implementation and the mapping of responses); [`admission`] decides when a
-//! call may go (in-flight cap, adaptive rate, reads before checks, counting, retry);
+//! call may go (in-flight cap, adaptive rate, reads and checks sharing the rate, counting, retry);
 //! [`single_flight`] coalesces identical reads; [`batch`] gathers AWSCURRENT reads into
 //! BatchGetSecretValue; [`credentials`] holds the clients and the role sessions; [`classify`] maps
 //! AWS errors to fixed reasons.
