@@ -139,7 +139,10 @@ impl Fleet {
     /// Seeds `secret`'s entry from the version an intact Secret carries (see
     /// [`VersionIndex::seed`]).
     pub fn seed(&self, secret: &SecretRef, carried: &str, now: Instant) {
-        lock(&self.index).seed(secret, carried, now);
+        if lock(&self.index).seed(secret, carried, now) {
+            // Due for its first check at once: the sweep may be asleep until its interval.
+            self.wake.notify_one();
+        }
     }
 
     /// What the index knows about `secret` at `now`, read only.
@@ -163,7 +166,13 @@ impl Fleet {
 
     /// A read returned this version.
     pub fn record_read(&self, secret: &SecretRef, version_id: &str, arn: &str, name: &str) {
-        lock(&self.index).record_read(secret, version_id, arn, name, Instant::now());
+        let newly_known =
+            lock(&self.index).record_read(secret, version_id, arn, name, Instant::now());
+        if newly_known {
+            // The sweep may be asleep until its interval (nothing was sweepable when it looked):
+            // this secret's first check is due one cadence from now, maybe much sooner.
+            self.wake.notify_one();
+        }
     }
 
     /// An event says `name_or_arn` changed: check its version now (the event's own version id is
@@ -252,6 +261,7 @@ impl Fleet {
         if due.is_empty() {
             return;
         }
+        debug!(due = due.len(), "sweeping");
         match self.mode {
             SweepMode::Get => {}
             SweepMode::Describe => {
@@ -371,6 +381,7 @@ impl Fleet {
         if changed.is_empty() {
             return;
         }
+        debug!(secret = %secret.secret_id, identities = changed.len(), "version changed");
         if let Some(metrics) = &self.metrics {
             metrics.changes_detected.inc();
             // From the secret's last change (as Secrets Manager dates it) to its detection here.
@@ -468,8 +479,85 @@ pub fn needs_read(freshness: &Freshness<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Secrets Manager in memory that only counts DescribeSecret calls (reads are not its test).
+    #[derive(Default)]
+    struct CountingDescribes(AtomicUsize);
+
+    impl SecretSource for CountingDescribes {
+        fn fetch<'a>(
+            &'a self,
+            secret: &'a SecretRef,
+        ) -> BoxFuture<'a, Result<super::super::FetchedSecret, SourceError>> {
+            Box::pin(async move {
+                Err(SourceError::Unavailable {
+                    secret_id: secret.secret_id.clone(),
+                    detail: "not read in this test".into(),
+                })
+            })
+        }
+
+        fn describe<'a>(
+            &'a self,
+            _secret: &'a SecretRef,
+        ) -> BoxFuture<'a, Result<DescribedSecret, SourceError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                Ok(DescribedSecret {
+                    versions: vec![("v1".into(), vec!["AWSCURRENT".into()])],
+                    ..DescribedSecret::default()
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_first_read_after_the_sweep_fell_asleep_is_checked_at_its_cadence() {
+        let source = Arc::new(CountingDescribes::default());
+        // A five-minute sweep, an identity refreshing every second.
+        let fleet = Arc::new(Fleet::new(
+            source.clone(),
+            SweepMode::Describe,
+            Duration::from_secs(300),
+            None,
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sweep = tokio::spawn(fleet.clone().run_sweep(async {
+            let _ = stopped.await;
+        }));
+        let secret = SecretRef {
+            secret_id: "team/client".into(),
+            region: "eu-west-1".into(),
+            role: None,
+            version: VersionSelector::Stage("AWSCURRENT".into()),
+        };
+        let identity = ("team".to_string(), "client".to_string());
+        fleet.register(
+            &identity,
+            std::slice::from_ref(&secret),
+            Duration::from_secs(1),
+        );
+        // The sweep wakes for the new entry, finds nothing it may check yet (the reconcile is
+        // reading it), and would sleep its whole interval: the read must wake it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet.record_read(&secret, "v1", "arn", "team/client");
+        let checked = tokio::time::timeout(Duration::from_secs(20), async {
+            while source.0.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let _ = stop.send(());
+        let _ = sweep.await;
+        assert!(
+            checked.is_ok(),
+            "no version check within 20 s of the first read: the sweep slept through it"
+        );
+    }
 
     fn fresh<'a>(carried: Option<&'a str>, expected: Option<&'a str>) -> Freshness<'a> {
         Freshness {

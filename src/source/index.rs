@@ -217,17 +217,21 @@ impl VersionIndex {
     /// Seeds an entry no read or check has told anything yet (an empty index after a restart) with
     /// the version the identity's intact Secret carries: trusted until the first sweep, which is
     /// due at once. An explicit write, apart from the queries.
-    pub fn seed(&mut self, secret: &SecretRef, carried: &str, now: Instant) {
+    /// Returns whether it seeded (the entry became sweepable).
+    pub fn seed(&mut self, secret: &SecretRef, carried: &str, now: Instant) -> bool {
         if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret))
             && entry.current.is_none()
             && entry.checked.is_none()
         {
             entry.current = Some(carried.to_string());
             entry.checked = Some(now);
+            return true;
         }
+        false
     }
 
-    /// A read returned `version_id` (with the canonical ARN and name) at `now`.
+    /// A read returned `version_id` (with the canonical ARN and name) at `now`. Returns whether
+    /// that made the secret known (sweepable) for the first time.
     pub fn record_read(
         &mut self,
         secret: &SecretRef,
@@ -235,8 +239,12 @@ impl VersionIndex {
         arn: &str,
         name: &str,
         now: Instant,
-    ) {
-        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+    ) -> bool {
+        let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) else {
+            return false;
+        };
+        let newly_known = !entry.known();
+        {
             entry.current = Some(version_id.to_string());
             entry.arn = Some(arn.to_string());
             entry.name = Some(name.to_string());
@@ -244,6 +252,7 @@ impl VersionIndex {
             entry.swept = Some(now);
             // Not `check_failures`: a read that works says nothing of whether checks do.
         }
+        newly_known
     }
 
     /// A version check of `secret` failed at `now` (anything but "not found"): it is checked again
