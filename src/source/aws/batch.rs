@@ -91,7 +91,8 @@ impl<S: Eq + Hash + Clone, K, V> Batcher<S, K, V> {
                     let mut queues = lock(&self.queues);
                     let queue = queues.entry(scope.clone()).or_default();
                     if queue.waiting.is_empty() {
-                        queue.flushing = false;
+                        // Nothing kept for an idle scope: the map holds only scopes being read.
+                        queues.remove(scope);
                         break;
                     }
                     let take = queue.waiting.len().min(self.max);
@@ -184,12 +185,8 @@ impl SecretsManagerSource {
         scope: &Scope,
         chunk: Vec<SecretRef>,
     ) -> Vec<Result<FetchedSecret, SourceError>> {
-        let mut answers = Vec::with_capacity(chunk.len());
         if chunk.len() == 1 || self.batch_refused(scope) {
-            for secret in &chunk {
-                answers.push(self.get(secret).await);
-            }
-            return answers;
+            return self.get_each(&chunk).await;
         }
         let ids: Vec<String> = chunk.iter().map(|s| s.secret_id.clone()).collect();
         let subject = ids.join(",");
@@ -218,62 +215,115 @@ impl SecretsManagerSource {
                     );
                     lock(&self.batch_refused).insert(scope.clone());
                 }
-                for secret in &chunk {
-                    answers.push(match &failure {
-                        SourceError::AccessDenied { .. } => self.get(secret).await,
-                        other => Err(with_secret_id(other, &secret.secret_id)),
-                    });
+                if whole_batch_failure_may_be_one_ids(&failure) {
+                    // A chunk mixes namespaces: one tenant's id must not fail the others' reads.
+                    return self.get_each(&chunk).await;
                 }
-                return answers;
+                return chunk
+                    .iter()
+                    .map(|secret| Err(with_secret_id(&failure, &secret.secret_id)))
+                    .collect();
             }
         };
         let values = output.secret_values();
         let errors = output.errors();
-        for secret in &chunk {
-            let id = secret.secret_id.as_str();
-            let answered = values.iter().find(|value| {
-                value.name() == Some(id)
-                    || value.arn() == Some(id)
-                    || value.arn().is_some_and(|arn| {
-                        arn.strip_prefix(id)
-                            .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
-                    })
-            });
-            let answer = if let Some(value) = answered {
-                let content = match (value.secret_string(), value.secret_binary()) {
-                    (Some(text), _) => Ok(SecretContent::Text(text.to_string())),
-                    (None, Some(blob)) => Ok(SecretContent::Binary(blob.as_ref().to_vec())),
-                    (None, None) => Err(SourceError::Empty {
-                        secret_id: id.to_string(),
-                    }),
-                };
-                match (content, value.arn(), value.name(), value.version_id()) {
-                    (Ok(content), Some(arn), Some(name), Some(version_id)) => Ok(FetchedSecret {
-                        arn: arn.to_string(),
-                        name: name.to_string(),
-                        version_id: version_id.to_string(),
-                        content,
-                    }),
-                    (Err(error), ..) => Err(error),
-                    _ => Err(SourceError::Unavailable {
-                        secret_id: id.to_string(),
-                        detail: "BatchGetSecretValue answered without an ARN, Name or VersionId"
-                            .into(),
-                    }),
+        let mut answers: Vec<Option<Result<FetchedSecret, SourceError>>> = chunk
+            .iter()
+            .map(|secret| {
+                let id = secret.secret_id.as_str();
+                let answered = values.iter().find(|value| {
+                    value.name() == Some(id)
+                        || value.arn() == Some(id)
+                        || value.arn().is_some_and(|arn| {
+                            arn.strip_prefix(id)
+                                .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
+                        })
+                });
+                if let Some(value) = answered {
+                    Some(fetched_from_batch(id, value))
+                } else {
+                    errors
+                        .iter()
+                        .find(|e| e.secret_id() == Some(id))
+                        .map(|error| {
+                            Err(classify_code(
+                                id,
+                                error.error_code().unwrap_or_default(),
+                                error.message().unwrap_or_default(),
+                            ))
+                        })
                 }
-            } else if let Some(error) = errors.iter().find(|e| e.secret_id() == Some(id)) {
-                Err(classify_code(
-                    id,
-                    error.error_code().unwrap_or_default(),
-                    error.message().unwrap_or_default(),
-                ))
-            } else {
-                // Not in the answer (an id form the batch did not echo): read it alone.
-                self.get(secret).await
-            };
-            answers.push(answer);
+            })
+            .collect();
+        // Not in the answer (an id form the batch did not echo): read those alone, together.
+        let unanswered: Vec<SecretRef> = chunk
+            .iter()
+            .zip(&answers)
+            .filter(|(_, answer)| answer.is_none())
+            .map(|(secret, _)| secret.clone())
+            .collect();
+        let mut alone = self.get_each(&unanswered).await.into_iter();
+        for answer in &mut answers {
+            if answer.is_none() {
+                *answer = alone.next();
+            }
         }
-        answers
+        chunk
+            .iter()
+            .zip(answers)
+            .map(|(secret, answer)| {
+                answer.unwrap_or_else(|| {
+                    Err(SourceError::Unavailable {
+                        secret_id: secret.secret_id.clone(),
+                        detail: "the read alone gave no answer".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Reads one by one, all at once (each still admitted by the scope's rate and in-flight
+    /// limit): one slow or held read does not hold back the others of its chunk.
+    async fn get_each(&self, secrets: &[SecretRef]) -> Vec<Result<FetchedSecret, SourceError>> {
+        futures::future::join_all(secrets.iter().map(|secret| self.get(secret))).await
+    }
+}
+
+/// A failure of the whole BatchGetSecretValue call that one id of the chunk may have caused (a
+/// denial or a refused id): worth reading each alone. Throttling, an unreachable endpoint and a
+/// refused role are the scope's, the same for every id: reading alone would only multiply calls.
+fn whole_batch_failure_may_be_one_ids(failure: &SourceError) -> bool {
+    matches!(
+        failure,
+        SourceError::AccessDenied { .. } | SourceError::NotFound { .. }
+    )
+}
+
+/// One secret's value as BatchGetSecretValue gave it.
+fn fetched_from_batch(
+    id: &str,
+    value: &aws_sdk_secretsmanager::types::SecretValueEntry,
+) -> Result<FetchedSecret, SourceError> {
+    let content = match (value.secret_string(), value.secret_binary()) {
+        (Some(text), _) => SecretContent::Text(text.to_string()),
+        (None, Some(blob)) => SecretContent::Binary(blob.as_ref().to_vec()),
+        (None, None) => {
+            return Err(SourceError::Empty {
+                secret_id: id.to_string(),
+            });
+        }
+    };
+    match (value.arn(), value.name(), value.version_id()) {
+        (Some(arn), Some(name), Some(version_id)) => Ok(FetchedSecret {
+            arn: arn.to_string(),
+            name: name.to_string(),
+            version_id: version_id.to_string(),
+            content,
+        }),
+        _ => Err(SourceError::Unavailable {
+            secret_id: id.to_string(),
+            detail: "BatchGetSecretValue answered without an ARN, Name or VersionId".into(),
+        }),
     }
 }
 
@@ -340,6 +390,10 @@ mod tests {
                 vec!["a".to_string(), "c".to_string()],
                 vec!["b".to_string()]
             ]
+        );
+        assert!(
+            lock(&batcher.queues).is_empty(),
+            "a scope with nothing to read keeps no queue"
         );
     }
 
