@@ -200,6 +200,9 @@ pub struct IdentityMemory {
     pub seen: Option<(Box<str>, i64)>,
     /// The egress proxy's objects as last written (`spec.egress`; rare, so boxed).
     pub egress: Option<Box<EgressApplied>>,
+    /// A digest of the restart warnings last published (0: none), so a rotation whose restarts
+    /// stay pending does not publish the same warnings on every reconcile.
+    pub restart_warnings: u64,
 }
 
 /// Every identity's [`IdentityMemory`], bounded by the identities the watch's store holds: an entry

@@ -194,7 +194,13 @@ async fn restart_phase(
             context
                 .metrics
                 .record_restarts(Outcome::Failed, report.failed.len());
-            rotation::restart_events(identity, &parsed.namespace, report)
+            let events = rotation::restart_events(identity, &parsed.namespace, report);
+            context.memory.update(&parsed.key, |memory| {
+                let (events, digest) =
+                    rotation::unrepeated_restart_events(&rotation, events, memory.restart_warnings);
+                memory.restart_warnings = digest;
+                events
+            })
         }
         _ => Vec::new(),
     };

@@ -19,7 +19,8 @@ use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use crate::api::{
-    FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, StoredIdentity, VERSION_ID_ANNOTATION,
+    FINGERPRINT_ANNOTATION, MtlsIdentity, RestartPolicy, RotationStatus, StoredIdentity,
+    VERSION_ID_ANNOTATION,
 };
 use crate::restart::{RestartReport, RestartRequest, Workload};
 
@@ -366,9 +367,116 @@ pub(super) fn restart_events(
     events
 }
 
+/// The restart Events worth publishing, and the digest of their warnings to remember: every Event
+/// of a restart that happened, and the warnings (paused, missing, failing...) only when they differ
+/// from those last published for this rotation (`last`). A rotation whose restarts stay pending is
+/// reconciled every few seconds: without this it would publish the same warnings every time.
+pub(super) fn unrepeated_restart_events(
+    rotation: &RotationStatus,
+    events: Vec<(ObjectReference, status::EventToEmit)>,
+    last: u64,
+) -> (Vec<(ObjectReference, status::EventToEmit)>, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut warnings = events.iter().filter(|(_, event)| event.warning).peekable();
+    if warnings.peek().is_none() {
+        return (events, 0);
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    rotation.to_version_id.hash(&mut hasher);
+    rotation.sha256_fingerprint.hash(&mut hasher);
+    rotation.restart_token.hash(&mut hasher);
+    for (reference, event) in warnings {
+        reference.kind.hash(&mut hasher);
+        reference.name.hash(&mut hasher);
+        event.reason.hash(&mut hasher);
+        event.note.hash(&mut hasher);
+    }
+    // 0 stands for "no warnings".
+    let digest = hasher.finish().max(1);
+    if digest == last {
+        let fresh = events.into_iter().filter(|(_, event)| !event.warning);
+        return (fresh.collect(), digest);
+    }
+    (events, digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rotation_to(version: &str) -> RotationStatus {
+        RotationStatus {
+            from_version_id: "v1".into(),
+            to_version_id: version.into(),
+            sha256_fingerprint: format!("fingerprint of {version}"),
+            time: "2026-12-03T00:00:00Z".into(),
+            restarted_workloads: Vec::new(),
+            complete: false,
+            restart_token: None,
+        }
+    }
+
+    fn event(warning: bool, reason: Reason, note: &str) -> (ObjectReference, status::EventToEmit) {
+        let event = status::EventToEmit {
+            warning,
+            reason,
+            note: note.into(),
+        };
+        (ObjectReference::default(), event)
+    }
+
+    #[test]
+    fn a_pending_rotation_publishes_its_warnings_once_and_again_only_when_they_change() {
+        let rotation = rotation_to("v2");
+        let paused = || vec![event(true, Reason::RolloutPaused, "paused: Deployment/api")];
+        let (first, digest) = unrepeated_restart_events(&rotation, paused(), 0);
+        assert_eq!(first.len(), 1);
+        assert_ne!(digest, 0);
+        let (again, same) = unrepeated_restart_events(&rotation, paused(), digest);
+        assert!(
+            again.is_empty(),
+            "the same warning for the same rotation is not repeated"
+        );
+        assert_eq!(same, digest);
+        let changed = vec![
+            event(true, Reason::RolloutPaused, "paused: Deployment/api"),
+            event(true, Reason::WorkloadNotFound, "not found: Deployment/web"),
+        ];
+        let (news, other) = unrepeated_restart_events(&rotation, changed, digest);
+        assert_eq!(
+            news.len(),
+            2,
+            "a changed set of warnings is published whole"
+        );
+        assert_ne!(other, digest);
+        let (next_rotation, _) = unrepeated_restart_events(&rotation_to("v3"), paused(), digest);
+        assert_eq!(next_rotation.len(), 1, "a new rotation says it again");
+    }
+
+    #[test]
+    fn restarts_that_happened_are_always_published_and_no_warning_forgets_the_digest() {
+        let rotation = rotation_to("v2");
+        let warning = vec![event(true, Reason::RolloutPaused, "paused: Deployment/api")];
+        let (_, digest) = unrepeated_restart_events(&rotation, warning.clone(), 0);
+        let mut mixed = warning.clone();
+        mixed.push(event(
+            false,
+            Reason::RestartTriggered,
+            "restarted: Deployment/web",
+        ));
+        let (published, _) = unrepeated_restart_events(&rotation, mixed, digest);
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].1.reason, Reason::RestartTriggered);
+        let triggered = vec![event(false, Reason::RestartTriggered, "restarted")];
+        let (published, cleared) = unrepeated_restart_events(&rotation, triggered, digest);
+        assert_eq!((published.len(), cleared), (1, 0));
+        let (back, _) = unrepeated_restart_events(&rotation, warning, cleared);
+        assert_eq!(
+            back.len(),
+            1,
+            "a warning that comes back after clearing is published"
+        );
+    }
 
     fn annotations(version: &str, fingerprint: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
