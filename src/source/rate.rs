@@ -71,9 +71,16 @@ impl AdaptiveRate {
 
     /// Takes a token, or says how long to wait before asking again.
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), Duration> {
+        self.token_ready(now)?;
+        self.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Whether a token is there now (without taking it), or how long until one is: for a call
+    /// that must take tokens from two buckets at once, or from neither.
+    pub fn token_ready(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
         if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
             Ok(())
         } else {
             let missing = 1.0 - self.tokens;

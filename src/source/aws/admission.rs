@@ -5,7 +5,7 @@
 use crate::lock;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 
@@ -29,11 +29,13 @@ pub const CHECK_SHARE: f64 = 0.25;
 /// Grants are counted over roughly this many recent tokens (older ones are halved away).
 const SHARE_WINDOW: f64 = 200.0;
 
-/// One scope's adaptive rate and how its tokens were shared between the classes. Sans-IO.
+/// One region and role's adaptive rate and how its tokens were shared between the classes.
+/// Sans-IO.
 #[derive(Debug, Clone)]
 pub struct Lane {
     pub rate: AdaptiveRate,
     shares: Shares,
+    last_used: Instant,
 }
 
 impl Lane {
@@ -41,7 +43,97 @@ impl Lane {
         Self {
             rate: AdaptiveRate::new(calls_per_second, now),
             shares: Shares::default(),
+            last_used: now,
         }
+    }
+
+    fn idle(&self) -> bool {
+        self.shares.waiting_reads == 0 && self.shares.waiting_checks == 0
+    }
+}
+
+/// What a lane is kept per: a region and the role's ARN. An external id is tenant text, so it
+/// gets no rate of its own: every external id on one role shares the role's rate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LaneKey {
+    region: String,
+    role_arn: Option<String>,
+}
+
+impl LaneKey {
+    pub fn of(scope: &Scope) -> Self {
+        Self {
+            region: scope.region.clone(),
+            role_arn: scope.role.as_ref().map(|role| role.arn.clone()),
+        }
+    }
+}
+
+/// Lanes kept at most (idle ones beyond it are forgotten, the least recently used first).
+const MAX_LANES: usize = 256;
+
+/// Every lane, and each region's ceiling: however many roles a region's calls use, together they
+/// stay under the configured calls per second (each role's own rate adapts below it).
+#[derive(Debug, Default)]
+pub struct Lanes {
+    per_role: std::collections::HashMap<LaneKey, Lane>,
+    per_region: std::collections::HashMap<String, (AdaptiveRate, Instant)>,
+}
+
+impl Lanes {
+    fn lane(&mut self, key: &LaneKey, ceiling: f64, now: Instant) -> &mut Lane {
+        if !self.per_role.contains_key(key) {
+            super::bounded::make_room(&mut self.per_role, MAX_LANES, |lane| {
+                lane.idle().then_some(lane.last_used)
+            });
+        }
+        self.per_role
+            .entry(key.clone())
+            .or_insert_with(|| Lane::new(ceiling, now))
+    }
+
+    /// Takes a token from the lane and from its region together, or neither; `Err` says how long
+    /// to wait.
+    fn take(
+        &mut self,
+        scope: &Scope,
+        class: Class,
+        ceiling: f64,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let key = LaneKey::of(scope);
+        if !self.per_region.contains_key(&key.region) {
+            super::bounded::make_room(&mut self.per_region, MAX_LANES, |(_, used)| Some(*used));
+        }
+        let region_ready = self
+            .per_region
+            .entry(key.region.clone())
+            .or_insert_with(|| (AdaptiveRate::new(ceiling, now), now))
+            .0
+            .token_ready(now);
+        let lane = self.lane(&key, ceiling, now);
+        lane.last_used = now;
+        if !lane.shares.may_go(class) {
+            return Err(BATCH_STEP);
+        }
+        lane.rate.token_ready(now)?;
+        region_ready?;
+        let _ = lane.rate.try_acquire(now);
+        lane.shares.granted(class);
+        if let Some((region, used)) = self.per_region.get_mut(&key.region) {
+            let _ = region.try_acquire(now);
+            *used = now;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, scope: &Scope) -> Option<&Lane> {
+        self.per_role.get(&LaneKey::of(scope))
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.per_role.len()
     }
 }
 
@@ -103,7 +195,10 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(lane) = lock(&self.source.lanes).get_mut(self.scope) {
+        if let Some(lane) = lock(&self.source.lanes)
+            .per_role
+            .get_mut(&LaneKey::of(self.scope))
+        {
             lane.shares.stop_waiting(self.class);
         }
     }
@@ -129,9 +224,9 @@ impl SecretsManagerSource {
     /// Waits for the scope's next token that `class` may take (see [`Shares::may_go`]); returns
     /// when it was taken (the call's send time).
     pub(super) async fn take_token(&self, scope: &Scope, class: Class) -> Instant {
+        let ceiling = self.max_calls_per_second;
         lock(&self.lanes)
-            .entry(scope.clone())
-            .or_insert_with(|| Lane::new(self.max_calls_per_second, Instant::now()))
+            .lane(&LaneKey::of(scope), ceiling, Instant::now())
             .shares
             .wait(class);
         let _waiting = Waiting {
@@ -141,21 +236,7 @@ impl SecretsManagerSource {
         };
         loop {
             let now = Instant::now();
-            let wait = {
-                let mut lanes = lock(&self.lanes);
-                let lane = lanes
-                    .entry(scope.clone())
-                    .or_insert_with(|| Lane::new(self.max_calls_per_second, now));
-                if !lane.shares.may_go(class) {
-                    Err(BATCH_STEP)
-                } else {
-                    let taken = lane.rate.try_acquire(now);
-                    if taken.is_ok() {
-                        lane.shares.granted(class);
-                    }
-                    taken
-                }
-            };
+            let wait = lock(&self.lanes).take(scope, class, ceiling, now);
             match wait {
                 Ok(()) => return now,
                 Err(wait) => tokio::time::sleep(wait).await,
@@ -166,7 +247,7 @@ impl SecretsManagerSource {
     pub(super) fn feed_back(&self, scope: &Scope, signal: Signal, sent: Instant) {
         let rate = {
             let mut lanes = lock(&self.lanes);
-            let Some(lane) = lanes.get_mut(scope) else {
+            let Some(lane) = lanes.per_role.get_mut(&LaneKey::of(scope)) else {
                 return;
             };
             lane.rate.observe(signal, sent, Instant::now());
@@ -359,5 +440,70 @@ mod tests {
             std::task::Poll::Ready(Err(error)) => panic!("failed: {error}"),
             std::task::Poll::Pending => panic!("blocked behind the throttled scope's call"),
         }
+    }
+
+    fn role_scope(region: &str, arn: &str, external_id: Option<&str>) -> Scope {
+        Scope {
+            region: region.into(),
+            role: Some(super::super::AssumedRole {
+                arn: arn.into(),
+                external_id: external_id.map(str::to_string),
+            }),
+        }
+    }
+
+    #[test]
+    fn external_ids_on_one_role_share_its_rate_and_roles_share_their_regions_ceiling() {
+        let now = Instant::now();
+        let mut lanes = Lanes::default();
+        // A ceiling of one call per second, so each bucket starts with one token.
+        let tenant_a = role_scope("eu-west-1", "arn:aws:iam::1:role/r", Some("a"));
+        let tenant_b = role_scope("eu-west-1", "arn:aws:iam::1:role/r", Some("b"));
+        assert!(lanes.take(&tenant_a, Class::Read, 1.0, now).is_ok());
+        assert!(
+            lanes.take(&tenant_b, Class::Read, 1.0, now).is_err(),
+            "another external id on the same role gets no token of its own"
+        );
+        assert_eq!(
+            lanes.len(),
+            1,
+            "one lane for the role, whatever the external ids"
+        );
+        let other_role = role_scope("eu-west-1", "arn:aws:iam::2:role/r", None);
+        assert!(
+            lanes.take(&other_role, Class::Read, 1.0, now).is_err(),
+            "another role in the region is under the region's ceiling"
+        );
+        let other_region = role_scope("us-east-1", "arn:aws:iam::2:role/r", None);
+        assert!(lanes.take(&other_region, Class::Read, 1.0, now).is_ok());
+        let later = now + Duration::from_secs(1);
+        assert!(lanes.take(&other_role, Class::Read, 1.0, later).is_ok());
+    }
+
+    #[test]
+    fn idle_lanes_beyond_the_cap_are_forgotten() {
+        let now = Instant::now();
+        let mut lanes = Lanes::default();
+        for role in 0..MAX_LANES + 50 {
+            let scope = role_scope("eu-west-1", &format!("arn:aws:iam::1:role/r{role}"), None);
+            let _ = lanes.take(
+                &scope,
+                Class::Read,
+                50.0,
+                now + Duration::from_secs(role as u64),
+            );
+        }
+        assert_eq!(lanes.len(), MAX_LANES);
+        let newest = role_scope(
+            "eu-west-1",
+            &format!("arn:aws:iam::1:role/r{}", MAX_LANES + 49),
+            None,
+        );
+        assert!(lanes.get(&newest).is_some(), "the most recent lane is kept");
+        let oldest = role_scope("eu-west-1", "arn:aws:iam::1:role/r0", None);
+        assert!(
+            lanes.get(&oldest).is_none(),
+            "the least recently used lane went"
+        );
     }
 }

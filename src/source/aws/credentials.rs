@@ -25,6 +25,15 @@ const DENIAL_REMEMBERED_FOR: Duration = Duration::from_secs(60);
 /// AssumeRole serves every identity that needs the role at that moment.
 pub(super) type RoleSlot = Arc<tokio::sync::Mutex<RoleState>>;
 
+/// Clients and role sessions kept at most; beyond it the least recently used one not in use is
+/// dropped (and made again if it is needed again). External ids are tenant text: without a bound,
+/// each distinct one would keep a client and a session for good.
+const MAX_SESSIONS: usize = 256;
+
+/// A scope's client, the access key it was built for (`None`: the operator's own credentials),
+/// and when it was last handed out.
+pub(super) type CachedClient = (Client, Option<String>, Instant);
+
 #[derive(Debug, Default)]
 pub(super) struct RoleState {
     credentials: Option<Credentials>,
@@ -46,9 +55,10 @@ impl SecretsManagerSource {
             .as_ref()
             .map(|credentials| credentials.access_key_id().to_string());
         let mut clients = lock(&self.clients);
-        if let Some((client, key)) = clients.get(scope)
+        if let Some((client, key, used)) = clients.get_mut(scope)
             && *key == built_for
         {
+            *used = Instant::now();
             return Ok(client.clone());
         }
         // No SDK retries: every attempt goes through `call`, under the adaptive rate.
@@ -59,7 +69,11 @@ impl SecretsManagerSource {
             config = config.credentials_provider(credentials);
         }
         let client = Client::from_conf(config.build());
-        clients.insert(scope.clone(), (client.clone(), built_for));
+        if !clients.contains_key(scope) {
+            // A client is shared by clones: dropping the cache's copy never breaks a call.
+            super::bounded::make_room(&mut clients, MAX_SESSIONS, |(_, _, used)| Some(*used));
+        }
+        clients.insert(scope.clone(), (client.clone(), built_for, Instant::now()));
         Ok(client)
     }
 
@@ -71,7 +85,20 @@ impl SecretsManagerSource {
         role: &AssumedRole,
         subject: &str,
     ) -> Result<Credentials, SourceError> {
-        let slot = lock(&self.roles).entry(role.clone()).or_default().clone();
+        let slot = {
+            let mut roles = lock(&self.roles);
+            if !roles.contains_key(role) {
+                // A slot someone else holds is in use (an AssumeRole or its waiters): kept.
+                super::bounded::make_room(&mut roles, MAX_SESSIONS, |(slot, used)| {
+                    (Arc::strong_count(slot) == 1).then_some(*used)
+                });
+            }
+            let (slot, used) = roles
+                .entry(role.clone())
+                .or_insert_with(|| (RoleSlot::default(), Instant::now()));
+            *used = Instant::now();
+            slot.clone()
+        };
         let mut current = slot.lock().await;
         let fresh = |credentials: &Credentials| {
             credentials

@@ -12,6 +12,7 @@
 
 pub(crate) mod admission;
 mod batch;
+mod bounded;
 mod classify;
 mod credentials;
 mod single_flight;
@@ -23,7 +24,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aws_sdk_secretsmanager::Client;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -77,11 +77,11 @@ pub struct SecretsManagerSource {
     metrics: Option<Arc<Metrics>>,
     /// One client per scope (region and role), shared by every identity (connection pool), with
     /// the access key of the role credentials it was built with.
-    clients: Mutex<HashMap<Scope, (Client, Option<String>)>>,
+    clients: Mutex<HashMap<Scope, credentials::CachedClient>>,
     /// STS with the operator's own credentials (web identity, Pod Identity, ...): AssumeRole.
     sts: aws_sdk_sts::Client,
     /// Each assumed role's current credentials.
-    roles: Mutex<HashMap<AssumedRole, RoleSlot>>,
+    roles: Mutex<HashMap<AssumedRole, (RoleSlot, std::time::Instant)>>,
     calls: AtomicU64,
     calls_by_operation: Mutex<HashMap<&'static str, u64>>,
     /// Single flight: reads in progress, with the callers waiting for the same answer.
@@ -96,7 +96,7 @@ pub struct SecretsManagerSource {
     in_flight_peak: Arc<AtomicU64>,
     /// Per scope (region and credentials), shared by every call: the adaptive rate (AIMD) and how
     /// its tokens were shared between reads and version checks.
-    lanes: Mutex<HashMap<Scope, admission::Lane>>,
+    lanes: Mutex<admission::Lanes>,
     max_calls_per_second: f64,
 }
 
@@ -124,7 +124,7 @@ impl SecretsManagerSource {
             in_flight_cap: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             in_flight_now: Arc::new(AtomicU64::new(0)),
             in_flight_peak: Arc::new(AtomicU64::new(0)),
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(admission::Lanes::default()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
             metrics: None,
         }
