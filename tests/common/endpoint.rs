@@ -271,6 +271,22 @@ impl CountingEndpoint {
             .env("POD_NAMESPACE", namespace)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
+        // To see why a test failed: MTLS_TEST_OPERATOR_LOG=DIR appends the operator's log to
+        // DIR/NAMESPACE.log, at the level MTLS_TEST_OPERATOR_RUST_LOG gives (default: info).
+        if let Some(dir) = std::env::var_os("MTLS_TEST_OPERATOR_LOG") {
+            let path = std::path::Path::new(&dir).join(format!("{namespace}.log"));
+            let file = std::fs::create_dir_all(&dir).and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+            });
+            if let Ok(file) = file {
+                let level = std::env::var("MTLS_TEST_OPERATOR_RUST_LOG")
+                    .unwrap_or_else(|_| "info".to_string());
+                command.stderr(file).env("RUST_LOG", level);
+            }
+        }
         for (name, value) in xtask::support::environment().variables() {
             command.env(name, value);
         }
