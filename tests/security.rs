@@ -257,6 +257,19 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
             "roleArn": "arn:aws:iam::111111111111:role/mtls/*"}}),
         serde_json::json!({"source": {"secretId": format!("{namespace}/x"),
             "externalId": "tenant-external-id"}}),
+        // Padded NetworkPolicy peers (Kubernetes' own type bounds none of its lists, maps or
+        // strings): too many labels, a label value of a megabyte's kind, too many CIDRs.
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
+            "egress": {"upstream": "https://partner.example", "allowFrom": [{"podSelector":
+                {"matchLabels": (0..21).map(|i| (format!("k{i}"), serde_json::json!("v")))
+                    .collect::<serde_json::Map<_, _>>()}}]}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
+            "egress": {"upstream": "https://partner.example", "allowFrom": [{"podSelector":
+                {"matchLabels": {"app": "v".repeat(400)}}}]}}),
+        serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
+            "egress": {"upstream": "https://partner.example", "allowFrom": [{"ipBlock":
+                {"cidr": "10.0.0.0/8", "except": (0..21).map(|i| format!("10.{i}.0.0/16"))
+                    .collect::<Vec<_>>()}}]}}),
     ];
     let source = serde_json::json!({"source": {"secretId": format!("{namespace}/x")}});
     let egress = serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
@@ -285,9 +298,13 @@ async fn the_crd_refuses_unbounded_and_malformed_fields() -> Result<()> {
         }
     }
     // The limits refuse only what they must: 63 characters, and dots without egress, are fine.
+    let peers = serde_json::json!({"source": {"secretId": format!("{namespace}/x")},
+        "egress": {"upstream": "https://partner.example", "allowFrom": [{"podSelector":
+            {"matchLabels": {"app.kubernetes.io/name": "client"}}}]}});
     for (name, spec) in [
         ("n".repeat(63), source.clone()),
         ("with.dots".to_string(), source),
+        ("bounded-peers".to_string(), peers),
     ] {
         identities
             .create(

@@ -101,8 +101,59 @@ pub struct EgressSpec {
     /// Who may send requests through the proxy (NetworkPolicy peers). Default: only pods in the
     /// identity's namespace. Needs a CNI that enforces NetworkPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 20))]
+    #[schemars(schema_with = "bounded_peers")]
     pub allow_from: Option<Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>>,
+}
+
+/// Lists, maps and strings inside `allowFrom` hold at most this many items / characters. Kubernetes'
+/// own NetworkPolicyPeer schema bounds none of them; the operator keeps every identity in memory.
+const PEER_MAX_ITEMS: u64 = 20;
+/// The longest label key (a 253-character prefix, `/`, a 63-character name).
+const PEER_MAX_LENGTH: u64 = 317;
+
+/// `allowFrom`'s schema: Kubernetes' NetworkPolicyPeer list, with a bound on every list, map and
+/// string in it, so that one identity cannot carry megabytes of selectors into the operator's memory.
+fn bounded_peers(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let schema = generator
+        .subschema_for::<Option<Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>>>();
+    let mut value = serde_json::Value::from(schema);
+    bound_schema(&mut value);
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
+
+/// Adds `maxItems`, `maxProperties` and `maxLength` wherever a schema (or any schema inside it)
+/// has none.
+fn bound_schema(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(object) => {
+            let kind = object.get("type").cloned();
+            let is = |name: &str| {
+                kind.as_ref().is_some_and(|kind| {
+                    kind == name
+                        || kind
+                            .as_array()
+                            .is_some_and(|kinds| kinds.iter().any(|k| k == name))
+                })
+            };
+            if is("array") && !object.contains_key("maxItems") {
+                object.insert("maxItems".into(), PEER_MAX_ITEMS.into());
+            }
+            if is("object")
+                && object.contains_key("additionalProperties")
+                && !object.contains_key("maxProperties")
+            {
+                object.insert("maxProperties".into(), PEER_MAX_ITEMS.into());
+            }
+            if is("string") && !object.contains_key("maxLength") && !object.contains_key("enum") {
+                object.insert("maxLength".into(), PEER_MAX_LENGTH.into());
+            }
+            for child in object.values_mut() {
+                bound_schema(child);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(bound_schema),
+        _ => {}
+    }
 }
 
 fn default_egress_port() -> i32 {
@@ -566,6 +617,44 @@ mod tests {
             in_chart == crd_yaml().unwrap_or_default(),
             "charts/mtls-operator/crds/mtlsidentity.yaml drifted: copy crds/mtlsidentity.yaml there"
         );
+    }
+
+    /// Every list, map and string a tenant writes in `spec` has a bound (#23 hole 3): the operator
+    /// keeps every identity in memory, so an unbounded field is a way to exhaust it.
+    #[test]
+    fn every_list_map_and_string_in_the_spec_is_bounded() {
+        fn unbounded(schema: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+            let kind = schema.get("type").and_then(|kind| kind.as_str());
+            let has = |key: &str| schema.get(key).is_some();
+            match kind {
+                Some("string") if !has("maxLength") && !has("enum") => found.push(path.into()),
+                Some("array") if !has("maxItems") => found.push(path.into()),
+                Some("object") if has("additionalProperties") && !has("maxProperties") => {
+                    found.push(path.into())
+                }
+                _ => {}
+            }
+            if let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) {
+                for (name, child) in properties {
+                    unbounded(child, &format!("{path}.{name}"), found);
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                unbounded(items, &format!("{path}[]"), found);
+            }
+            if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+                unbounded(values, &format!("{path}{{}}"), found);
+            }
+        }
+        let crd = serde_json::to_value(MtlsIdentity::crd()).unwrap_or_default();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert!(
+            spec.get("properties").is_some(),
+            "the spec's schema was found"
+        );
+        let mut found = Vec::new();
+        unbounded(spec, "spec", &mut found);
+        assert!(found.is_empty(), "unbounded in the CRD: {found:?}");
     }
 
     #[test]
