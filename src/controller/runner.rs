@@ -129,7 +129,7 @@ async fn run_scope(
         Some(reader.clone()),
         Some(metrics.identities_remembered.clone()),
     ));
-    let mut identity_config = watcher::Config::default();
+    let mut identity_config = watcher::Config::default().page_size(IDENTITY_LIST_PAGE);
     if let Some(selector) = &settings.identity_selector {
         identity_config = identity_config.labels(selector);
     }
@@ -180,11 +180,13 @@ async fn run_scope(
         .default_backoff()
         // managedFields are most of an object's size, and `kubectl apply` keeps a whole copy of the
         // object in an annotation: neither is read here, so neither is kept in memory.
+        // Tenants' own labels and annotations are not read either (the identity selector is
+        // applied by the API server): only the operator's own keys are kept, so padding an
+        // identity's metadata costs the operator nothing for good.
         .modify(|identity| {
             identity.managed_fields_mut().clear();
-            identity
-                .annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
+            identity.labels_mut().retain(|key, _| is_ours(key));
+            identity.annotations_mut().retain(|key, _| is_ours(key));
         })
         .reflect(writer)
         // The first complete listing makes this scope ready (`/readyz`). Not the store's
@@ -208,7 +210,9 @@ async fn run_scope(
     // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
     let owned_secrets = watcher(
         secrets.clone(),
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+        watcher::Config::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+            .page_size(SECRET_LIST_PAGE),
     )
     .default_backoff()
     .touched_objects();
@@ -217,7 +221,11 @@ async fn run_scope(
     // render the keystore again under the new password (see `sync`).
     let password_secrets = watcher(
         secrets,
-        watcher::Config::default().labels(&format!("!{MANAGED_BY_LABEL}")),
+        // Small pages: a tenant can pad its Secrets' annotations (256 KiB each), and a page is
+        // held whole while it is read. Nothing is kept of them after the event.
+        watcher::Config::default()
+            .labels(&format!("!{MANAGED_BY_LABEL}"))
+            .page_size(SECRET_LIST_PAGE),
     )
     .default_backoff()
     .touched_objects();
@@ -350,11 +358,34 @@ where
         + Sync
         + 'static,
 {
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let ours = watcher::Config::default()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+        .page_size(SECRET_LIST_PAGE);
     watcher(scoped::<PartialObjectMeta<K>>(client, namespace), ours)
         .default_backoff()
+        // The store is read for ownership, generation and resourceVersion only (`change_token`):
+        // labels and annotations, which a tenant can pad, are not kept.
+        .modify(|object| {
+            object.metadata.managed_fields = None;
+            object.metadata.labels = None;
+            object.metadata.annotations = None;
+        })
         .reflect(writer)
         .touched_objects()
+}
+
+/// Objects per page when a watch lists identities: each may be up to the API server's object size
+/// limit, and a page is held whole while it is read.
+const IDENTITY_LIST_PAGE: u32 = 100;
+/// Objects per page when a watch lists Secrets (or the egress objects) as metadata: a tenant can
+/// pad each one's annotations to 256 KiB, so a page of the default 500 could be 125 MiB.
+const SECRET_LIST_PAGE: u32 = 50;
+
+/// Whether a label or annotation key is the operator's own (`mtls-operator.io/...`).
+fn is_ours(key: &str) -> bool {
+    key.split_once('/').is_some_and(|(prefix, _)| {
+        prefix == "mtls-operator.io" || prefix.ends_with(".mtls-operator.io")
+    })
 }
 
 /// A watch that triggers no reconcile (kept only for its store).
