@@ -454,6 +454,113 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     result
 }
 
+/// W5: the operator's RSS when a tenant pads what it may write (#23 hole 3): Secrets of its own
+/// (not the operator's) with 250 KiB of annotations each, and identities whose annotations are
+/// padded as much, all there before the operator starts (a start or a takeover lists them all).
+#[tokio::test]
+#[ignore = "benchmark: run explicitly, see the module docs"]
+async fn memory_with_padded_tenant_metadata() -> Result<()> {
+    let padded_secrets: usize = env_or("MTLS_BENCH_W5_SECRETS", 300);
+    let count: usize = env_or("MTLS_BENCH_W5_IDENTITIES", 100);
+    let binary = release_binary();
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build --release",
+        binary.display()
+    );
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("bench-w5", &[]).await?;
+    let ca = TestCa::new("w5 CA")?;
+    create_sources(&namespace, count, &good_secret(&ca)?, 16).await?;
+    let client = support::admin_client().await?;
+    // Just under the API server's 256 KiB limit on an object's annotations.
+    let pad = "x".repeat(250 * 1024);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &namespace);
+    futures::stream::iter(0..padded_secrets)
+        .map(|index| {
+            let (secrets, pad) = (secrets.clone(), pad.clone());
+            async move {
+                let secret: k8s_openapi::api::core::v1::Secret =
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("padded-{index}"), "annotations": {"pad": pad}},
+                        "stringData": {"password": "not the operator's"}
+                    }))?;
+                secrets.create(&PostParams::default(), &secret).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
+    futures::stream::iter(0..count)
+        .map(|index| {
+            let (identities, pad, namespace) = (identities.clone(), pad.clone(), namespace.clone());
+            async move {
+                let mut object = identity(
+                    &format!("client-{index}"),
+                    &format!("{namespace}/client-{index}"),
+                    serde_json::json!({}),
+                )?;
+                object.metadata.annotations =
+                    Some(std::collections::BTreeMap::from([("pad".to_string(), pad)]));
+                identities.create(&PostParams::default(), &object).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut command = std::process::Command::new(&binary);
+    command
+        .args(["run", "--namespace", &namespace])
+        .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (name, value) in support::environment().variables() {
+        command.env(name, value);
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let result = async {
+        let started = Instant::now();
+        wait_for("every padded identity Ready", Duration::from_secs(600), || async {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            ensure!(ready == count, "{ready} of {count} Ready");
+            Ok(())
+        })
+        .await?;
+        let synced = started.elapsed();
+        let peak = proc_status_mib(pid, "VmHWM")?;
+        tokio::time::sleep(mtls_operator::memory::TRIM_INTERVAL).await;
+        let steady = rss_mib(pid)?;
+        println!(
+            "W5: {count} identities and {padded_secrets} Secrets, each with 250 KiB of annotations, \
+             there before the start: peak {peak:.1} MiB during the start (target: under the chart's \
+             256 MiB limit, far), {steady:.1} MiB steady ({}; synced in {synced:.1?})",
+            rss_parts(pid)?
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
