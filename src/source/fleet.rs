@@ -94,14 +94,14 @@ impl Fleet {
 
     /// Records the secrets an identity reads (after the source policy allowed them).
     pub fn register(&self, identity: &IdentityKey, secrets: &[SecretRef], refresh: Duration) {
-        let grew = {
+        let sooner = {
             let mut index = lock(&self.index);
-            let before = index.len();
-            index.register(identity, secrets, refresh);
+            let sooner = index.register(identity, secrets, refresh);
             self.record_size(index.len());
-            index.len() > before
+            sooner
         };
-        if grew {
+        // A new secret, or a shorter refresh interval: the sweep may be asleep until later.
+        if sooner {
             self.wake.notify_one();
         }
     }

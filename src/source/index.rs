@@ -157,7 +157,14 @@ impl SecretKey {
 impl VersionIndex {
     /// Records that `identity` reads exactly `secrets` (checked by the source policy first), with
     /// `refresh` as its staleness bound. Entries no identity references any more are dropped.
-    pub fn register(&mut self, identity: &IdentityKey, secrets: &[SecretRef], refresh: Duration) {
+    /// Returns whether any of the secrets may now fall due sooner than before (a new identity on
+    /// it, or a shorter refresh interval), so a sleeping sweep should look again.
+    pub fn register(
+        &mut self,
+        identity: &IdentityKey,
+        secrets: &[SecretRef],
+        refresh: Duration,
+    ) -> bool {
         let mut wanted: Vec<SecretKey> = secrets.iter().map(SecretKey::from).collect();
         wanted.sort();
         wanted.dedup();
@@ -172,6 +179,7 @@ impl VersionIndex {
             self.detach(&identity, key);
         }
         let mut shared = Vec::with_capacity(wanted.len());
+        let mut sooner = false;
         for key in wanted {
             let key = match self.entries.get_key_value(&key) {
                 Some((known, _)) => known.clone(),
@@ -183,12 +191,19 @@ impl VersionIndex {
                 .iter_mut()
                 .find(|(known, _)| *known == identity)
             {
-                Some((_, known_refresh)) => *known_refresh = refresh,
-                None => entry.identities.push((identity.clone(), refresh)),
+                Some((_, known_refresh)) => {
+                    sooner |= refresh < *known_refresh;
+                    *known_refresh = refresh;
+                }
+                None => {
+                    sooner = true;
+                    entry.identities.push((identity.clone(), refresh));
+                }
             }
             shared.push(key);
         }
         self.by_identity.insert(identity, shared);
+        sooner
     }
 
     /// Every registered identity.
@@ -540,6 +555,31 @@ mod tests {
         assert!(index.observe(&secret("ns/x"), Some("v1"), now).is_empty());
         // It catches up: v2 is what was read: nothing.
         assert!(index.observe(&secret("ns/x"), Some("v2"), now).is_empty());
+    }
+
+    #[test]
+    fn registering_says_when_a_secret_may_fall_due_sooner() {
+        let mut index = VersionIndex::default();
+        assert!(
+            index.register(&who("a"), &[secret("ns/x")], HOUR),
+            "a new secret"
+        );
+        assert!(
+            !index.register(&who("a"), &[secret("ns/x")], HOUR),
+            "nothing changed"
+        );
+        assert!(
+            index.register(&who("b"), &[secret("ns/x")], HOUR),
+            "another identity on it"
+        );
+        assert!(
+            index.register(&who("a"), &[secret("ns/x")], Duration::from_secs(30)),
+            "a shorter refresh interval"
+        );
+        assert!(
+            !index.register(&who("a"), &[secret("ns/x")], HOUR),
+            "a longer one makes nothing due sooner"
+        );
     }
 
     #[test]
