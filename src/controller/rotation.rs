@@ -225,7 +225,8 @@ pub(super) async fn restart_workloads(
     let mut report = context
         .restarter
         .apply(&request, &workloads, &sibling_tokens)
-        .await;
+        .await
+        .map_err(ReconcileError::Kube)?;
     report.missing = affected.missing;
     report.not_using = affected.not_using;
     Ok(report)

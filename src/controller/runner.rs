@@ -267,6 +267,11 @@ async fn run_scope(
                 .collect::<Vec<_>>()
         }
     };
+    // The workloads restarts look for, kept while this scope's controller runs.
+    let workload_watch = {
+        let (cache, client, namespace) = (restarter.cache(), client.clone(), namespace.clone());
+        tokio::spawn(async move { cache.watch(client, namespace).await })
+    };
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
     // The sweep asks for the identities of a changed secret (those in this scope).
     let notify_trigger = trigger.clone();
@@ -323,6 +328,7 @@ async fn run_scope(
             }
         })
         .await;
+    workload_watch.abort();
 }
 
 /// One reconcile, once its namespace's turn gives it a permit. A waiting reconcile is small (the

@@ -416,6 +416,9 @@ async fn a_rotation_patches_only_the_workload_that_mounts_the_secret() {
             not_found()
         } else if request.is("POST", "/api/v1/namespaces/team/secrets") {
             echo(request)
+        } else if request.is("GET", "/apis/apps/v1/namespaces/team/deployments/uses-it") {
+            // Read afresh before it is patched.
+            (StatusCode::OK, deployment("uses-it", "client"))
         } else if request.is("GET", "/apis/apps/v1/namespaces/team/deployments") {
             (StatusCode::OK, deployments.clone())
         } else if request.is("GET", "/apis/apps/v1/namespaces/team/statefulsets") {

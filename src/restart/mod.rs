@@ -4,6 +4,7 @@
 //! replaying a patch is a no-op and each rotation gives one rolling restart. A global cap bounds the
 //! rollouts in progress: a mass rotation becomes a queue, not a storm. Decisions are in [`decide`].
 
+pub mod cache;
 pub mod decide;
 
 use crate::lock;
@@ -213,6 +214,86 @@ impl Workload {
     pub fn rollout_in_progress(&self) -> bool {
         self.rollout_in_progress
     }
+
+    /// Only what restarts read, for the cache: identity and age, the operator's own labels and
+    /// annotations (on the workload and its pod template), the Secrets the pod template uses
+    /// (volumes, env, envFrom) and the selector. The rest of a workload (images, probes, most of its
+    /// metadata) is most of its size.
+    pub fn compacted(self) -> Self {
+        use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
+        let ours = |map: Option<BTreeMap<String, String>>| {
+            map.map(|map| {
+                map.into_iter()
+                    .filter(|(key, _)| key.starts_with(decide::TOKEN_PREFIX))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .filter(|map| !map.is_empty())
+        };
+        let metadata = ObjectMeta {
+            name: self.metadata.name,
+            namespace: self.metadata.namespace,
+            uid: self.metadata.uid,
+            generation: self.metadata.generation,
+            creation_timestamp: self.metadata.creation_timestamp,
+            labels: self.metadata.labels.map(|labels| {
+                labels
+                    .into_iter()
+                    .filter(|(key, _)| key == crate::api::MANAGED_BY_LABEL)
+                    .collect()
+            }),
+            annotations: ours(self.metadata.annotations),
+            ..ObjectMeta::default()
+        };
+        let secret_use = |container: Container| Container {
+            name: container.name,
+            env: container.env.map(|env| {
+                env.into_iter()
+                    .filter(|var| {
+                        var.value_from
+                            .as_ref()
+                            .is_some_and(|from| from.secret_key_ref.is_some())
+                    })
+                    .map(|var| EnvVar { value: None, ..var })
+                    .collect()
+            }),
+            env_from: container.env_from.map(|from| {
+                from.into_iter()
+                    .filter(|from| from.secret_ref.is_some())
+                    .collect()
+            }),
+            ..Container::default()
+        };
+        let template = self.template.map(|template| PodTemplateSpec {
+            metadata: template.metadata.map(|metadata| ObjectMeta {
+                annotations: ours(metadata.annotations),
+                ..ObjectMeta::default()
+            }),
+            spec: template.spec.map(|spec| PodSpec {
+                volumes: spec.volumes.map(|volumes| {
+                    volumes
+                        .into_iter()
+                        .filter(|volume| volume.secret.is_some() || volume.projected.is_some())
+                        .map(|volume| Volume {
+                            name: volume.name,
+                            secret: volume.secret,
+                            projected: volume.projected,
+                            ..Volume::default()
+                        })
+                        .collect()
+                }),
+                containers: spec.containers.into_iter().map(secret_use).collect(),
+                init_containers: spec
+                    .init_containers
+                    .map(|containers| containers.into_iter().map(secret_use).collect()),
+                ..PodSpec::default()
+            }),
+        });
+        Self {
+            metadata,
+            template,
+            ..self
+        }
+    }
 }
 
 /// Every Deployment, StatefulSet and DaemonSet in `namespace`.
@@ -384,6 +465,8 @@ pub struct Restarter {
     /// Reconciles run concurrently: counting the rollouts in progress and starting one must be one
     /// step, or several reconciles could each see a free slot.
     start_lock: tokio::sync::Mutex<()>,
+    /// The served namespaces' workloads, kept by watches (`cache`).
+    cache: std::sync::Arc<cache::WorkloadCache>,
 }
 
 impl Restarter {
@@ -398,7 +481,13 @@ impl Restarter {
             allow_annotate,
             in_flight: Mutex::new(HashMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
+            cache: std::sync::Arc::default(),
         }
+    }
+
+    /// The workload cache, for the controller to keep with its scope's watches.
+    pub fn cache(&self) -> std::sync::Arc<cache::WorkloadCache> {
+        self.cache.clone()
     }
 
     async fn get(
@@ -448,7 +537,13 @@ impl Restarter {
             }
             return Ok(affected);
         }
-        let mut all = list_workloads(&self.client, namespace).await?;
+        // From the watches' cache when it covers the namespace: a pending rotation is reconciled
+        // every few seconds, and listing every workload each time is the namespace's to pay, not
+        // the API server's. What is patched is read afresh first (`apply`).
+        let mut all = match self.cache.workloads_in(namespace) {
+            Some(cached) => cached,
+            None => list_workloads(&self.client, namespace).await?,
+        };
         // The operator's own egress proxies reload their certificate: never restart them.
         all.retain(|workload| workload.uses_secret(secret) && !workload.managed_by_operator());
         Ok(Affected {
@@ -501,7 +596,7 @@ impl Restarter {
         request: &RestartRequest<'_>,
         workloads: &[Workload],
         sibling_tokens: &(dyn Fn(&Workload) -> BTreeMap<String, String> + Sync),
-    ) -> RestartReport {
+    ) -> Result<RestartReport, kube::Error> {
         let RestartRequest {
             namespace,
             identity_name,
@@ -535,6 +630,26 @@ impl Restarter {
                         // Paused: the token goes into the template now (no slot: nothing rolls
                         // yet), so the rollout happens when it is resumed, as Reloader does.
                         RestartDecision::Restart if workload.paused() => {
+                            let current = match self
+                                .still_to_restart(
+                                    namespace,
+                                    workload,
+                                    &key,
+                                    token,
+                                    rotated_since_created,
+                                )
+                                .await
+                            {
+                                Ok(Some(current)) => current,
+                                Ok(None) => {
+                                    report.done.push(name);
+                                    continue;
+                                }
+                                // As a failed listing would be: the restart phase
+                                // fails and says so in status (KubernetesApiError).
+                                Err(error) => return Err(error),
+                            };
+                            let workload = &current;
                             let mut tokens = sibling_tokens(workload);
                             tokens.insert(key.clone(), token.to_string());
                             match self
@@ -561,6 +676,26 @@ impl Restarter {
                                 report.pending.push(name);
                                 continue;
                             }
+                            let current = match self
+                                .still_to_restart(
+                                    namespace,
+                                    workload,
+                                    &key,
+                                    token,
+                                    rotated_since_created,
+                                )
+                                .await
+                            {
+                                Ok(Some(current)) => current,
+                                Ok(None) => {
+                                    report.done.push(name);
+                                    continue;
+                                }
+                                // As a failed listing would be: the restart phase
+                                // fails and says so in status (KubernetesApiError).
+                                Err(error) => return Err(error),
+                            };
+                            let workload = &current;
                             let mut tokens = sibling_tokens(workload);
                             tokens.insert(key.clone(), token.to_string());
                             match self.patch_template(namespace, workload, &tokens).await {
@@ -595,7 +730,33 @@ impl Restarter {
                 }
             }
         }
-        report
+        Ok(report)
+    }
+
+    /// `workload` as the API server has it now, if it still needs this restart: the cache can lag
+    /// behind the operator's own last patch, and a decision on it alone would restart (and report)
+    /// a workload twice. `None`: deleted meanwhile, or no longer to restart (already carrying the
+    /// token, or opted out). One GET per restart actually made, never per pending workload.
+    async fn still_to_restart(
+        &self,
+        namespace: &str,
+        workload: &Workload,
+        key: &str,
+        token: &str,
+        rotated_since_created: bool,
+    ) -> Result<Option<Workload>, kube::Error> {
+        let current = self
+            .get(namespace, workload.kind(), &workload.name())
+            .await?;
+        Ok(current.filter(|current| {
+            decide::decide(
+                current.metadata().annotations.as_ref(),
+                current.template_annotations(),
+                key,
+                token,
+                rotated_since_created,
+            ) == RestartDecision::Restart
+        }))
     }
 
     async fn patch_template(
@@ -730,5 +891,116 @@ mod refusal_tests {
             "the API server refused the patch (HTTP 403, no reason given)"
         );
         assert!(!said.contains("webhook"));
+    }
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    fn deployment() -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "api", "namespace": "team", "uid": "u-1", "generation": 3,
+                "labels": {"app": "api", crate::api::MANAGED_BY_LABEL: "someone"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(10_000),
+                    decide::OPT_OUT_ANNOTATION: "false"
+                }
+            },
+            "spec": {
+                "replicas": 2,
+                "paused": true,
+                "selector": {"matchLabels": {"app": "api"}},
+                "template": {
+                    "metadata": {
+                        "labels": {"app": "api"},
+                        "annotations": {"mtls-operator.io/cert.client": "t1", "other": "y".repeat(5_000)}
+                    },
+                    "spec": {
+                        "volumes": [
+                            {"name": "tls", "secret": {"secretName": "client-tls"}},
+                            {"name": "both", "projected": {"sources": [{"secret": {"name": "projected-tls"}}]}},
+                            {"name": "scratch", "emptyDir": {}}
+                        ],
+                        "initContainers": [{"name": "init", "image": "init:1",
+                            "envFrom": [{"secretRef": {"name": "init-env"}}, {"configMapRef": {"name": "cm"}}]}],
+                        "containers": [{"name": "app", "image": "app:1", "args": ["z".repeat(5_000)],
+                            "env": [
+                                {"name": "PLAIN", "value": "v"},
+                                {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "env-tls", "key": "tls.key"}}}
+                            ]}]
+                    }
+                }
+            },
+            "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "readyReplicas": 2}
+        }))
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_cache_keeps_what_restarts_read_and_drops_the_rest() {
+        let whole = Workload::from(deployment());
+        let compact = whole.clone().compacted();
+        for secret in [
+            "client-tls",
+            "projected-tls",
+            "init-env",
+            "env-tls",
+            "cm",
+            "other",
+        ] {
+            assert_eq!(
+                compact.uses_secret(secret),
+                whole.uses_secret(secret),
+                "uses {secret}"
+            );
+        }
+        assert!(
+            compact.uses_secret("env-tls"),
+            "the fixture is read as meant"
+        );
+        assert_eq!(
+            compact
+                .template_annotations()
+                .and_then(|a| a.get("mtls-operator.io/cert.client")),
+            Some(&"t1".to_string())
+        );
+        let key = decide::token_key("client");
+        assert_eq!(
+            decide::decide(
+                compact.metadata().annotations.as_ref(),
+                compact.template_annotations(),
+                &key,
+                "t2",
+                true
+            ),
+            decide::decide(
+                whole.metadata().annotations.as_ref(),
+                whole.template_annotations(),
+                &key,
+                "t2",
+                true
+            ),
+            "the opt-out annotation is kept"
+        );
+        assert_eq!(
+            (compact.paused(), compact.rollout_in_progress()),
+            (whole.paused(), whole.rollout_in_progress())
+        );
+        assert_eq!(compact.managed_by_operator(), whole.managed_by_operator());
+        assert_eq!(compact.selector, whole.selector);
+        assert_eq!(compact.metadata().uid, whole.metadata().uid);
+        let size = |workload: &Workload| {
+            serde_json::to_string(&(&workload.metadata, &workload.template))
+                .map(|text| text.len())
+                .unwrap_or_default()
+        };
+        assert!(
+            size(&compact) * 20 < size(&whole),
+            "compacted {} bytes of {}",
+            size(&compact),
+            size(&whole)
+        );
     }
 }
