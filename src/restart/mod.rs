@@ -627,80 +627,53 @@ impl Restarter {
                     match decision {
                         RestartDecision::UpToDate => report.done.push(name),
                         RestartDecision::OptedOut | RestartDecision::NotNeeded => {}
-                        // Paused: the token goes into the template now (no slot: nothing rolls
-                        // yet), so the rollout happens when it is resumed, as Reloader does.
-                        RestartDecision::Restart if workload.paused() => {
-                            let current = match self
-                                .still_to_restart(
-                                    namespace,
-                                    workload,
-                                    &key,
-                                    token,
-                                    rotated_since_created,
-                                )
-                                .await
-                            {
-                                Ok(Some(current)) => current,
-                                Ok(None) => {
-                                    report.done.push(name);
-                                    continue;
-                                }
-                                // As a failed listing would be: the restart phase
-                                // fails and says so in status (KubernetesApiError).
-                                Err(error) => return Err(error),
-                            };
-                            let workload = &current;
-                            let mut tokens = sibling_tokens(workload);
-                            tokens.insert(key.clone(), token.to_string());
-                            match self
-                                .patch_template_untracked(namespace, workload, &tokens)
-                                .await
-                            {
-                                Ok(()) => {
-                                    report.paused.push(name.clone());
-                                    report.done.push(name);
-                                }
-                                Err(error) => {
-                                    let said = refusal(&name, &error);
-                                    report.failed.push((name, said))
-                                }
-                            }
-                        }
                         RestartDecision::Restart => {
-                            let _slot = self.start_lock.lock().await;
-                            let slots = self.slots(namespace).await;
-                            report.stalled.extend(slots.stalled);
-                            if slots.total >= self.limits.max_rollouts
-                                || slots.in_namespace >= self.limits.max_per_namespace
-                            {
-                                report.pending.push(name);
-                                continue;
-                            }
-                            let current = match self
-                                .still_to_restart(
-                                    namespace,
-                                    workload,
-                                    &key,
-                                    token,
-                                    rotated_since_created,
-                                )
-                                .await
-                            {
-                                Ok(Some(current)) => current,
-                                Ok(None) => {
-                                    report.done.push(name);
+                            // Paused: the token goes into the template now (no slot: nothing
+                            // rolls yet), so the rollout happens when it is resumed, as Reloader
+                            // does. Otherwise a rollout slot is needed first.
+                            let paused = workload.paused();
+                            let _slot = if paused {
+                                None
+                            } else {
+                                let slot = self.start_lock.lock().await;
+                                let slots = self.slots(namespace).await;
+                                report.stalled.extend(slots.stalled);
+                                if slots.total >= self.limits.max_rollouts
+                                    || slots.in_namespace >= self.limits.max_per_namespace
+                                {
+                                    report.pending.push(name);
                                     continue;
                                 }
-                                // As a failed listing would be: the restart phase
-                                // fails and says so in status (KubernetesApiError).
-                                Err(error) => return Err(error),
+                                Some(slot)
                             };
-                            let workload = &current;
-                            let mut tokens = sibling_tokens(workload);
+                            // An error fails the restart phase, as a failed listing would
+                            // (status: KubernetesApiError).
+                            let fresh = self.still_to_restart(
+                                namespace,
+                                workload,
+                                &key,
+                                token,
+                                rotated_since_created,
+                            );
+                            let Some(current) = fresh.await? else {
+                                report.done.push(name);
+                                continue;
+                            };
+                            let mut tokens = sibling_tokens(&current);
                             tokens.insert(key.clone(), token.to_string());
-                            match self.patch_template(namespace, workload, &tokens).await {
+                            let patched = if paused {
+                                self.patch_template_untracked(namespace, &current, &tokens)
+                                    .await
+                            } else {
+                                self.patch_template(namespace, &current, &tokens).await
+                            };
+                            match patched {
                                 Ok(()) => {
-                                    report.triggered.push(name.clone());
+                                    if paused {
+                                        report.paused.push(name.clone());
+                                    } else {
+                                        report.triggered.push(name.clone());
+                                    }
                                     report.done.push(name);
                                 }
                                 Err(error) => {
