@@ -768,20 +768,11 @@ async fn sigkill_between_the_secret_write_and_the_restart_rolls_once() -> Result
         .await?;
 
         let version = put_source(&id, &good_secret(&ca)?).await?;
-        wait_for(
+        wait_secret_version(
             "the Secret written from the new version",
-            TIMEOUT,
-            || async {
-                let secret = get_secret(&namespace, "client")
-                    .await?
-                    .context("no Secret")?;
-                let carried = secret
-                    .metadata
-                    .annotations
-                    .and_then(|a| a.get(VERSION_ID_ANNOTATION).cloned());
-                ensure!(carried.as_deref() == Some(version.as_str()), "{carried:?}");
-                Ok(())
-            },
+            &namespace,
+            "client",
+            &version,
         )
         .await?;
         let identity = identities(&namespace).await?.get("client").await?;

@@ -986,6 +986,26 @@ pub async fn wait_rotation(namespace: &str, name: &str, version: &str) -> Result
     .await
 }
 
+/// Waits until Secret `name` in `namespace` carries source version `version` (`what` says which
+/// Secret, for the failure message).
+pub async fn wait_secret_version(
+    what: &str,
+    namespace: &str,
+    name: &str,
+    version: &str,
+) -> Result<()> {
+    wait_for(what, TIMEOUT, || async {
+        let secret = get_secret(namespace, name).await?.context("no Secret")?;
+        let carried = secret
+            .metadata
+            .annotations
+            .and_then(|a| a.get(mtls_operator::api::VERSION_ID_ANNOTATION).cloned());
+        ensure!(carried.as_deref() == Some(version), "still at {carried:?}");
+        Ok(())
+    })
+    .await
+}
+
 pub fn good_secret(ca: &TestCa) -> Result<String> {
     let leaf = ca.leaf(&LeafOptions::default())?;
     Ok(json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()))

@@ -162,19 +162,7 @@ async fn a_forged_costly_keystore_is_repaired_unopened_and_other_namespaces_rota
     }
     // A rotation in the victim's namespace is detected and synced while the attack goes on.
     let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
-    wait_for("the victim's rotation", TIMEOUT, || async {
-        let secret = get_secret(&billing, "client")
-            .await?
-            .context("no victim Secret")?;
-        let version = secret
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(VERSION_ID_ANNOTATION));
-        ensure!(version == Some(&rotated), "still at {version:?}");
-        Ok(())
-    })
-    .await?;
+    wait_secret_version("the victim's rotation", &billing, "client", &rotated).await?;
     // Every forged keystore is repaired: the operator's own again, with the synced certificate.
     for n in 0..4 {
         wait_repaired(&payments, &format!("client-{n}"), &forged).await?;
@@ -284,19 +272,7 @@ async fn a_namespace_whose_checks_outrun_the_rate_neither_reads_nor_delays_other
 
     // The victim's secret rotates while the attacker's checks are ten times what the rate grants.
     let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
-    wait_for("the victim's rotation", TIMEOUT, || async {
-        let secret = get_secret(&billing, "client")
-            .await?
-            .context("no victim Secret")?;
-        let version = secret
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(VERSION_ID_ANNOTATION));
-        ensure!(version == Some(&rotated), "still at {version:?}");
-        Ok(())
-    })
-    .await?;
+    wait_secret_version("the victim's rotation", &billing, "client", &rotated).await?;
     let backlog = metric(&operator, "mtls_sweep_backlog").unwrap_or_default();
     ensure!(backlog > 0.0, "the sweep is behind and says so: {backlog}");
     let attacker_reads = endpoint
