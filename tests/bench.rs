@@ -49,12 +49,7 @@ fn spawn_operator(
     kubeconfig: &std::path::Path,
     extra: &[String],
 ) -> Result<std::process::Child> {
-    let binary = release_binary();
-    ensure!(
-        binary.exists(),
-        "{} missing: cargo build --release",
-        binary.display()
-    );
+    let binary = release_binary()?;
     Ok(endpoint
         .operator_command(&binary, namespace, kubeconfig)
         .args(extra)
@@ -322,15 +317,23 @@ fn rss_parts(pid: u32) -> Result<String> {
 }
 
 /// The release binary `cargo xtask bench` builds.
-/// The release binary, or `MTLS_BENCH_BINARY` (e.g. a build with debug info, for a heap profile).
-fn release_binary() -> std::path::PathBuf {
-    if let Some(binary) = std::env::var_os("MTLS_BENCH_BINARY") {
-        return binary.into();
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| xtask::project_root().join("target"));
-    target.join("release").join("mtls-operator")
+/// The release binary, or `MTLS_BENCH_BINARY` (e.g. a build with debug info, for a heap profile),
+/// which must exist.
+fn release_binary() -> Result<std::path::PathBuf> {
+    let binary: std::path::PathBuf = match std::env::var_os("MTLS_BENCH_BINARY") {
+        Some(binary) => binary.into(),
+        None => std::env::var("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| xtask::project_root().join("target"))
+            .join("release")
+            .join("mtls-operator"),
+    };
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build --release",
+        binary.display()
+    );
+    Ok(binary)
 }
 
 /// W4: the operator's RSS, as its own process (the release binary), with a fleet of identities,
@@ -346,28 +349,16 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(5_000);
-    let binary = release_binary();
-    ensure!(
-        binary.exists(),
-        "{} missing: cargo build --release",
-        binary.display()
-    );
+    let binary = release_binary()?;
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench-w4", &[]).await?;
     let ca = TestCa::new("w4 CA")?;
     let value = good_secret(&ca)?;
     create_sources(&namespace, count, &value, 32).await?;
 
-    let environment = support::environment();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let health_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     // MTLS_BENCH_W4_HEAPTRACK=DIR runs the operator under heaptrack, which writes its heap profile
     // into DIR (read it with heaptrack_print; the RSS figures are then heaptrack's wrapper's).
-    let mut command = match std::env::var("MTLS_BENCH_W4_HEAPTRACK") {
+    let command = match std::env::var("MTLS_BENCH_W4_HEAPTRACK") {
         Ok(directory) => {
             let mut command = std::process::Command::new("heaptrack");
             command.current_dir(directory).arg(&binary);
@@ -375,17 +366,9 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         }
         Err(_) => std::process::Command::new(&binary),
     };
-    command
-        .args(["run", "--namespace", &namespace, "--sweep-interval", "5m"])
-        .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (name, value) in environment.variables() {
-        command.env(name, value);
-    }
-    let mut child = command.spawn()?;
+    let mut child = operator_on_free_ports(command, &namespace)?
+        .args(["--sweep-interval", "5m"])
+        .spawn()?;
     let pid = child.id();
     let result = async {
         tokio::time::sleep(Duration::from_secs(2)).await; // a baseline after start-up, not a condition
@@ -418,25 +401,13 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(client.clone(), &namespace);
         let blob = "x".repeat(48 * 1024);
-        futures::stream::iter(0..unrelated)
-            .map(|index| {
-                let secrets = secrets.clone();
-                let blob = blob.clone();
-                async move {
-                    let secret: k8s_openapi::api::core::v1::Secret =
-                        serde_json::from_value(serde_json::json!({
-                            "metadata": {"name": format!("unrelated-{index}")},
-                            "stringData": {"blob": blob}
-                        }))?;
-                    secrets.create(&PostParams::default(), &secret).await?;
-                    Ok::<_, anyhow::Error>(())
-                }
+        create_secrets(&secrets, unrelated, 16, |index| {
+            serde_json::json!({
+                "metadata": {"name": format!("unrelated-{index}")},
+                "stringData": {"blob": blob}
             })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        })
+        .await?;
         tokio::time::sleep(Duration::from_secs(10)).await; // settle before sampling
         let with_unrelated = rss_mib(pid)?;
         println!(
@@ -454,47 +425,31 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
     result
 }
 
-/// W5: the operator's RSS when a tenant pads what it may write (#23 hole 3): Secrets of its own
+/// W6: the operator's RSS when a tenant pads what it may write (#23 hole 3): Secrets of its own
 /// (not the operator's) with 250 KiB of annotations each, and identities whose annotations are
 /// padded as much, all there before the operator starts (a start or a takeover lists them all).
 #[tokio::test]
 #[ignore = "benchmark: run explicitly, see the module docs"]
 async fn memory_with_padded_tenant_metadata() -> Result<()> {
-    let padded_secrets: usize = env_or("MTLS_BENCH_W5_SECRETS", 300);
-    let count: usize = env_or("MTLS_BENCH_W5_IDENTITIES", 100);
-    let binary = release_binary();
-    ensure!(
-        binary.exists(),
-        "{} missing: cargo build --release",
-        binary.display()
-    );
+    let padded_secrets: usize = env_or("MTLS_BENCH_W6_SECRETS", 300);
+    let count: usize = env_or("MTLS_BENCH_W6_IDENTITIES", 100);
+    let binary = release_binary()?;
     install_crd_and_rbac().await?;
-    let namespace = support::create_namespace("bench-w5", &[]).await?;
-    let ca = TestCa::new("w5 CA")?;
+    let namespace = support::create_namespace("bench-w6", &[]).await?;
+    let ca = TestCa::new("w6 CA")?;
     create_sources(&namespace, count, &good_secret(&ca)?, 16).await?;
     let client = support::admin_client().await?;
     // Just under the API server's 256 KiB limit on an object's annotations.
     let pad = "x".repeat(250 * 1024);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), &namespace);
-    futures::stream::iter(0..padded_secrets)
-        .map(|index| {
-            let (secrets, pad) = (secrets.clone(), pad.clone());
-            async move {
-                let secret: k8s_openapi::api::core::v1::Secret =
-                    serde_json::from_value(serde_json::json!({
-                        "metadata": {"name": format!("padded-{index}"), "annotations": {"pad": pad}},
-                        "stringData": {"password": "not the operator's"}
-                    }))?;
-                secrets.create(&PostParams::default(), &secret).await?;
-                Ok::<_, anyhow::Error>(())
-            }
+    create_secrets(&secrets, padded_secrets, 8, |index| {
+        serde_json::json!({
+            "metadata": {"name": format!("padded-{index}"), "annotations": {"pad": pad}},
+            "stringData": {"password": "not the operator's"}
         })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+    })
+    .await?;
     let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
     futures::stream::iter(0..count)
         .map(|index| {
@@ -516,24 +471,8 @@ async fn memory_with_padded_tenant_metadata() -> Result<()> {
         .await
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let health_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut command = std::process::Command::new(&binary);
-    command
-        .args(["run", "--namespace", &namespace])
-        .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (name, value) in support::environment().variables() {
-        command.env(name, value);
-    }
-    let mut child = command.spawn()?;
+    let mut child =
+        operator_on_free_ports(std::process::Command::new(&binary), &namespace)?.spawn()?;
     let pid = child.id();
     let result = async {
         let started = Instant::now();
@@ -548,7 +487,7 @@ async fn memory_with_padded_tenant_metadata() -> Result<()> {
         tokio::time::sleep(mtls_operator::memory::TRIM_INTERVAL).await;
         let steady = rss_mib(pid)?;
         println!(
-            "W5: {count} identities and {padded_secrets} Secrets, each with 250 KiB of annotations, \
+            "W6: {count} identities and {padded_secrets} Secrets, each with 250 KiB of annotations, \
              there before the start: peak {peak:.1} MiB during the start (target: under the chart's \
              256 MiB limit, far), {steady:.1} MiB steady ({}; synced in {synced:.1?})",
             rss_parts(pid)?
@@ -559,6 +498,54 @@ async fn memory_with_padded_tenant_metadata() -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+/// `command` (the release binary, or a wrapper that runs it) as `run --namespace NAMESPACE` on the
+/// test environment, its servers on free loopback ports, logging nothing.
+fn operator_on_free_ports(
+    mut command: std::process::Command,
+    namespace: &str,
+) -> Result<std::process::Command> {
+    let free_port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    command
+        .args(["run", "--namespace", namespace])
+        .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (name, value) in support::environment().variables() {
+        command.env(name, value);
+    }
+    Ok(command)
+}
+
+/// `count` Secrets made by `secret(index)`, created `concurrency` at a time.
+async fn create_secrets(
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    count: usize,
+    concurrency: usize,
+    secret: impl Fn(usize) -> serde_json::Value,
+) -> Result<()> {
+    futures::stream::iter(0..count)
+        .map(|index| {
+            let made = serde_json::from_value(secret(index));
+            async move {
+                let secret: k8s_openapi::api::core::v1::Secret = made?;
+                secrets.create(&PostParams::default(), &secret).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(())
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
