@@ -14,7 +14,7 @@ use std::fmt;
 use futures::future::BoxFuture;
 
 pub use crate::api::VersionSelector;
-pub use aws::{DEFAULT_MAX_IN_FLIGHT, SecretsManagerSource, caller_account};
+pub use aws::{DEFAULT_MAX_IN_FLIGHT, Kept, SecretsManagerSource, caller_account};
 
 /// Which secret, where, as whom, at which version. Built only from an id that passed
 /// `id::parse_secret_id`, a region that passed the policy and a role the namespace may assume, so

@@ -131,7 +131,8 @@ impl Lanes {
         self.per_role.get(&LaneKey::of(scope))
     }
 
-    #[cfg(test)]
+    /// Lanes kept (one per region and role).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.per_role.len()
     }

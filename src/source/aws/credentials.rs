@@ -25,10 +25,10 @@ const DENIAL_REMEMBERED_FOR: Duration = Duration::from_secs(60);
 /// AssumeRole serves every identity that needs the role at that moment.
 pub(super) type RoleSlot = Arc<tokio::sync::Mutex<RoleState>>;
 
-/// Clients and role sessions kept at most; beyond it the least recently used one not in use is
-/// dropped (and made again if it is needed again). External ids are tenant text: without a bound,
-/// each distinct one would keep a client and a session for good.
-const MAX_SESSIONS: usize = 256;
+/// Clients and role sessions kept at most by default; beyond it the least recently used one not in
+/// use is dropped (and made again if it is needed again). External ids are tenant text: without a
+/// bound, each distinct one would keep a client and a session for good.
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
 
 /// A scope's client, the access key it was built for (`None`: the operator's own credentials),
 /// and when it was last handed out.
@@ -71,7 +71,7 @@ impl SecretsManagerSource {
         let client = Client::from_conf(config.build());
         if !clients.contains_key(scope) {
             // A client is shared by clones: dropping the cache's copy never breaks a call.
-            super::bounded::make_room(&mut clients, MAX_SESSIONS, |(_, _, used)| Some(*used));
+            super::bounded::make_room(&mut clients, self.max_sessions, |(_, _, used)| Some(*used));
         }
         clients.insert(scope.clone(), (client.clone(), built_for, Instant::now()));
         Ok(client)
@@ -89,7 +89,7 @@ impl SecretsManagerSource {
             let mut roles = lock(&self.roles);
             if !roles.contains_key(role) {
                 // A slot someone else holds is in use (an AssumeRole or its waiters): kept.
-                super::bounded::make_room(&mut roles, MAX_SESSIONS, |(slot, used)| {
+                super::bounded::make_room(&mut roles, self.max_sessions, |(slot, used)| {
                     (Arc::strong_count(slot) == 1).then_some(*used)
                 });
             }
@@ -99,6 +99,25 @@ impl SecretsManagerSource {
             *used = Instant::now();
             slot.clone()
         };
+        let credentials = self.credentials_in(&slot, scope, role, subject).await;
+        // A burst of roles in use at once may have grown the map past its cap: once this one is
+        // released, what is no longer in use goes, least recently used first.
+        drop(slot);
+        super::bounded::trim(&mut lock(&self.roles), self.max_sessions, |(slot, used)| {
+            (Arc::strong_count(slot) == 1).then_some(*used)
+        });
+        credentials
+    }
+
+    /// The credentials `slot` holds for `role` if they are fresh, else the remembered refusal, else
+    /// one AssumeRole (its answer kept in the slot).
+    async fn credentials_in(
+        &self,
+        slot: &RoleSlot,
+        scope: &Scope,
+        role: &AssumedRole,
+        subject: &str,
+    ) -> Result<Credentials, SourceError> {
         let mut current = slot.lock().await;
         let fresh = |credentials: &Credentials| {
             credentials

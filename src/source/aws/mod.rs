@@ -98,6 +98,16 @@ pub struct SecretsManagerSource {
     /// its tokens were shared between reads and version checks.
     lanes: Mutex<admission::Lanes>,
     max_calls_per_second: f64,
+    /// Clients and role sessions kept at most (each bounded separately).
+    max_sessions: usize,
+}
+
+/// What [`SecretsManagerSource::kept`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub clients: usize,
+    pub role_sessions: usize,
+    pub lanes: usize,
 }
 
 /// The default cap on Secrets Manager calls in flight at once.
@@ -126,6 +136,7 @@ impl SecretsManagerSource {
             in_flight_peak: Arc::new(AtomicU64::new(0)),
             lanes: Mutex::new(admission::Lanes::default()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
+            max_sessions: credentials::DEFAULT_MAX_SESSIONS,
             metrics: None,
         }
     }
@@ -144,6 +155,24 @@ impl SecretsManagerSource {
         Self {
             max_calls_per_second: calls_per_second,
             ..self
+        }
+    }
+
+    /// At most `max` clients and at most `max` role sessions kept (at least 1 each; default 256).
+    pub fn with_max_sessions(self, max: usize) -> Self {
+        Self {
+            max_sessions: max.max(1),
+            ..self
+        }
+    }
+
+    /// Clients, role sessions and rate lanes (per region and role) kept right now: what tenant
+    /// text (external ids, role names a pattern allows) could grow, and the caps bound.
+    pub fn kept(&self) -> Kept {
+        Kept {
+            clients: lock(&self.clients).len(),
+            role_sessions: lock(&self.roles).len(),
+            lanes: lock(&self.lanes).len(),
         }
     }
 
