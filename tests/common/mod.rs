@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use mtls_operator::api::{MtlsIdentity, RotationStatus};
@@ -243,9 +243,60 @@ pub async fn start_operator_linked(
         Some(link) => link.service_account_client(home, "mtls-operator").await?,
         None => support::service_account_client(home, "mtls-operator").await?,
     };
-    let source = Arc::new(source);
     let settings = Settings {
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+        ..settings
+    };
+    run_in_process(client, settings, aws, source).await
+}
+
+/// One operator for the whole cluster (one controller, as the chart's default runs it), as
+/// ServiceAccount `home/mtls-operator` bound cluster-wide to the documented ClusterRole, on the
+/// identities labelled `selector` only (so other tests' namespaces are left alone).
+pub async fn start_cluster_operator_on(
+    home: &str,
+    selector: &str,
+    settings: Settings,
+    aws: aws_config::SdkConfig,
+    source: SecretsManagerSource,
+) -> Result<Operator> {
+    install_crd_and_rbac().await?;
+    let admin = support::admin_client().await?;
+    let name = format!("mtls-operator-{home}");
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "mtls-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "mtls-operator", "namespace": home}]
+    }))?;
+    Api::<ClusterRoleBinding>::all(admin)
+        .patch(
+            &name,
+            &PatchParams::apply("mtls-operator-tests").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    let client = support::service_account_client(home, "mtls-operator").await?;
+    let settings = Settings {
+        namespaces: Vec::new(),
+        identity_selector: Some(selector.to_string()),
+        ..settings
+    };
+    run_in_process(client, settings, aws, source).await
+}
+
+/// Runs the controller in this process with `client`, `settings` (the test integrity key added)
+/// and `source` behind the fault-injecting wrapper. Stops when the [`Operator`] is dropped.
+async fn run_in_process(
+    client: kube::Client,
+    settings: Settings,
+    aws: aws_config::SdkConfig,
+    source: SecretsManagerSource,
+) -> Result<Operator> {
+    let source = Arc::new(source);
+    let settings = Settings {
         integrity_key: test_integrity_key().await?,
         ..settings
     }
@@ -1009,4 +1060,55 @@ pub async fn wait_secret_version(
 pub fn good_secret(ca: &TestCa) -> Result<String> {
     let leaf = ca.leaf(&LeafOptions::default())?;
     Ok(json_secret(&leaf.cert_pem, &leaf.key_pem, &ca.pem()))
+}
+
+/// LIST requests for Deployments, StatefulSets, DaemonSets or Pods in `namespace` made by a
+/// ServiceAccount named `mtls-operator` (any namespace's), as the API server's audit log records
+/// them (the test environment audits exactly these, `xtask/src/testenv.rs`): the load a namespace's
+/// pending rotations put on the API server, counted where the API server counts it.
+pub fn operator_workload_lists(namespace: &str) -> Result<usize> {
+    let path = support::environment().dir.join("audit.log");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API server's audit log {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| {
+            event["verb"] == "list"
+                && event["objectRef"]["namespace"] == namespace
+                && event["user"]["username"]
+                    .as_str()
+                    .is_some_and(|user| user.ends_with(":mtls-operator"))
+        })
+        .count())
+}
+
+/// `openssl pkcs12 -export` of `leaf` under `password` with `iterations` for both the encryption
+/// and the MAC (OpenSSL is native: making a costly file is cheap for the attacker too).
+pub fn openssl_pkcs12(
+    dir: &std::path::Path,
+    leaf: &Leaf,
+    password: &str,
+    iterations: u32,
+) -> Result<Vec<u8>> {
+    std::fs::write(dir.join("cert.pem"), &leaf.cert_pem)?;
+    std::fs::write(dir.join("key.pem"), &leaf.key_pem)?;
+    let out = dir.join("forged.p12");
+    let iterations = iterations.to_string();
+    let output = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(["pkcs12", "-export", "-inkey", "key.pem", "-in", "cert.pem"])
+        .args(["-iter", &iterations, "-maciter", "-passout"])
+        .arg(format!("pass:{password}"))
+        .arg("-out")
+        .arg(&out)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running openssl (it must be installed on the test machine)")?;
+    ensure!(
+        output.status.success(),
+        "openssl pkcs12 -export: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(std::fs::read(out)?)
 }

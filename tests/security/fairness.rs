@@ -2,11 +2,11 @@
 //! what a tenant of `payments` can write must not cost the operator work the other namespaces pay
 //! for, and what it breaks of its own is repaired or refused with a reason.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mtls_operator::api::{FINGERPRINT_ANNOTATION, VERSION_ID_ANNOTATION};
@@ -22,36 +22,6 @@ const PASSWORD: &str = "keystore-pass-1";
 fn keystore_spec() -> serde_json::Value {
     serde_json::json!({"refreshInterval": "1s", "target": {"keystores": {"pkcs12": {
         "passwordSecretRef": {"name": "keystore-pass", "key": "password"}}}}})
-}
-
-/// `openssl pkcs12 -export` of `leaf` under `password` with `iterations` for both the encryption
-/// and the MAC (OpenSSL is native: making a costly file is cheap for the attacker too).
-fn openssl_pkcs12(
-    dir: &std::path::Path,
-    leaf: &Leaf,
-    password: &str,
-    iterations: u32,
-) -> Result<Vec<u8>> {
-    std::fs::write(dir.join("cert.pem"), &leaf.cert_pem)?;
-    std::fs::write(dir.join("key.pem"), &leaf.key_pem)?;
-    let out = dir.join("forged.p12");
-    let iterations = iterations.to_string();
-    let output = Command::new("openssl")
-        .current_dir(dir)
-        .args(["pkcs12", "-export", "-inkey", "key.pem", "-in", "cert.pem"])
-        .args(["-iter", &iterations, "-maciter", "-passout"])
-        .arg(format!("pass:{password}"))
-        .arg("-out")
-        .arg(&out)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl (it must be installed on the test machine)")?;
-    ensure!(
-        output.status.success(),
-        "openssl pkcs12 -export: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(std::fs::read(out)?)
 }
 
 fn keystore_bytes(secret: &Secret) -> Option<Vec<u8>> {
@@ -426,6 +396,271 @@ async fn persistent_denials_cost_no_more_calls_than_a_healthy_fleet() -> Result<
     println!(
         "calls in {window:?}: healthy {healthy}, KMS refusing reads {kms} ({kms_checks} checks, \
          {kms_reads} reads), all denied {denied}"
+    );
+    Ok(())
+}
+
+/// Hole 5: rotations in `payments` kept pending (its Deployments paused) reconcile every 2 s; before,
+/// each such reconcile listed every Deployment, StatefulSet and DaemonSet of the namespace, full
+/// objects, unpaginated (10 identities: 15 LISTs a second on the API server for as long as the
+/// tenant liked). Now restarts read the watched, compacted workloads: the API server's audit log
+/// records no LIST from the operator in `payments` while they are pending (at most one per kind
+/// should a watch have to list again), and `billing`'s rotation and deleted Secret are handled
+/// meanwhile.
+#[tokio::test]
+async fn pending_rotations_cost_the_api_server_no_lists() -> Result<()> {
+    let payments = support::create_namespace("lists-attacker", &[]).await?;
+    let billing = support::create_namespace("lists-victim", &[]).await?;
+    let operator = start_operator_for(&[&payments, &billing], Settings::default()).await?;
+    let ca = TestCa::new("lists CA")?;
+    let admin = support::admin_client().await?;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let (name, id) = (format!("client-{n}"), format!("{payments}/client-{n}"));
+        put_source(&id, &good_secret(&ca)?).await?;
+        create_identity(&payments, &identity(&name, &id, serde_json::json!({}))?).await?;
+        create_deployment(&payments, &format!("api-{n}"), Some(("volume", &name))).await?;
+        ids.push(id);
+    }
+    let victim_source = format!("{billing}/client");
+    put_source(&victim_source, &good_secret(&ca)?).await?;
+    create_identity(
+        &billing,
+        &identity("client", &victim_source, serde_json::json!({}))?,
+    )
+    .await?;
+    for n in 0..10 {
+        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    wait_ready(&billing, "client", "True", "Synced").await?;
+    wait_all_rolled_out(&payments).await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &payments);
+    let pause = serde_json::json!({"spec": {"paused": true}});
+    for n in 0..10 {
+        deployments
+            .patch(
+                &format!("api-{n}"),
+                &PatchParams::default(),
+                &Patch::Merge(&pause),
+            )
+            .await?;
+    }
+
+    // The attack: every rotation of `payments` stays pending, each identity reconciling every 2 s.
+    for id in &ids {
+        put_source(id, &good_secret(&ca)?).await?;
+    }
+    for n in 0..10 {
+        wait_event(&payments, &format!("client-{n}"), "RolloutPaused").await?;
+    }
+    let lists_before = operator_workload_lists(&payments)?;
+    // The count sees the operator: its watches' own first LISTs are in the audit log.
+    ensure!(
+        lists_before >= 3,
+        "{lists_before} LISTs recorded for the operator's workload watches in {payments}"
+    );
+    let reconciles_before = syncs(&operator);
+    // The victim: its Secret deleted and its source rotated while the attack goes on.
+    let victim_secrets: Api<Secret> = Api::namespaced(admin.clone(), &billing);
+    victim_secrets.delete("client", &Default::default()).await?;
+    let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
+    wait_secret_version("the victim's rotation", &billing, "client", &rotated).await?;
+    // Fifty reconciles of pending rotations (five per attacker identity, about 10 s).
+    wait_reconciles(&operator, reconciles_before, 50).await?;
+    // A watch that has to list again (its resourceVersion expired) lists each kind once.
+    let lists = operator_workload_lists(&payments)? - lists_before;
+    ensure!(
+        lists <= 3,
+        "{lists} LISTs of workloads in {payments} during 50 reconciles of pending rotations"
+    );
+    println!("{lists} LISTs of workloads during 50 pending reconciles ({lists_before} before)");
+    let token = deployments
+        .get("api-0")
+        .await?
+        .spec
+        .and_then(|spec| spec.template.metadata)
+        .and_then(|metadata| metadata.annotations)
+        .and_then(|annotations| annotations.get("mtls-operator.io/cert.client-0").cloned());
+    ensure!(
+        token.is_some(),
+        "the paused template got its token from the cache"
+    );
+    Ok(())
+}
+
+/// Hole 4: `spec.source.externalId` is tenant text. Before, each distinct value made a client, a
+/// role session, a batch queue and a rate lane with its own ceiling, kept for good: `payments`
+/// could grow the operator's memory at will and multiply the region's call rate. Now clients and
+/// sessions are capped (8 here, 256 by default) with the least recently used evicted, the rate
+/// lane is per role, and every role of a region shares its ceiling. The attack: 24 identities on
+/// one granted role, each with its own external id. All 24 sync (eviction breaks nobody), what is
+/// kept stays at the cap, the calls stay at the region's rate, and `billing` is served meanwhile.
+#[tokio::test]
+async fn distinct_external_ids_keep_bounded_state_and_share_the_rate() -> Result<()> {
+    const CENTRAL: &str = "111111111111";
+    const CAP: usize = 8;
+    const RATE: f64 = 4.0;
+    let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
+    let payments = support::create_namespace("extid-attacker", &[]).await?;
+    let billing = support::create_namespace("extid-victim", &[]).await?;
+    let ca = TestCa::new("extid CA")?;
+    let central_id = format!("{payments}/client");
+    create_source_in_account(CENTRAL, "security-admin", &central_id, &good_secret(&ca)?).await?;
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    let source = SecretsManagerSource::new(aws.clone())
+        .with_max_sessions(CAP)
+        .with_max_calls_per_second(RATE);
+    let settings = Settings {
+        policy: mtls_operator::source::policy::SourcePolicy::new(Vec::new(), None, Vec::new())
+            .with_allowed_roles(vec![format!(
+                "arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}"
+            )]),
+        ..Settings::default()
+    };
+    let operator = start_operator_on(&[&payments, &billing], settings, aws, source).await?;
+    let victim_source = format!("{billing}/client");
+    put_source(&victim_source, &good_secret(&ca)?).await?;
+    create_identity(
+        &billing,
+        &identity("client", &victim_source, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&billing, "client", "True", "Synced").await?;
+
+    let attack_started = std::time::Instant::now();
+    let role = format!("arn:aws:iam::{CENTRAL}:role/mtls/{payments}");
+    for n in 0..24 {
+        let spec = serde_json::json!({"source": {
+            "secretId": central_id, "roleArn": role, "externalId": format!("external-{n}"),
+        }});
+        create_identity(
+            &payments,
+            &identity(&format!("client-{n}"), &central_id, spec)?,
+        )
+        .await?;
+    }
+    // The victim's Secret deleted and its source rotated while the attack goes on.
+    let admin = support::admin_client().await?;
+    Api::<Secret>::namespaced(admin, &billing)
+        .delete("client", &Default::default())
+        .await?;
+    let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
+    for n in 0..24 {
+        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    wait_secret_version("the victim's rotation", &billing, "client", &rotated).await?;
+    let assumed = endpoint.sts_count("AssumeRole");
+    ensure!(
+        assumed >= 24,
+        "one session per external id: {assumed} AssumeRole calls"
+    );
+    let kept = operator.source.kept();
+    ensure!(
+        kept.clients <= CAP && kept.role_sessions <= CAP,
+        "kept at most {CAP} of each: {kept:?}"
+    );
+    // One lane for the role (external ids are not part of it), one for the operator's own
+    // credentials.
+    ensure!(kept.lanes <= 2, "one rate lane per role: {kept:?}");
+    // The region's ceiling holds across the role and every external id (before: a ceiling each).
+    let peak = endpoint.peak_rate(attack_started, Duration::from_secs(5));
+    ensure!(
+        peak <= 1.5 * RATE,
+        "peak {peak:.1} Secrets Manager calls/s against a region ceiling of {RATE}/s"
+    );
+    println!("{assumed} AssumeRole; kept {kept:?}; peak {peak:.1} calls/s over 5 s windows");
+    Ok(())
+}
+
+/// The reconcile queue across namespaces (hole 2, reconciles): one operator for the whole cluster,
+/// as the chart runs it by default, with one reconcile at a time. `payments` creates 100
+/// identities whose reads take 300 ms each (30 s of work queued); kube-runtime's own queue is
+/// first come, first served, so a `billing` identity created behind them waited for all of it.
+/// Fair admission serves the namespaces in turn: between `billing`'s identity appearing and its
+/// Secret being written, at most a few of `payments`' reconciles finish, while most of its
+/// backlog is still waiting.
+#[tokio::test]
+async fn one_namespaces_reconcile_backlog_does_not_delay_anothers() -> Result<()> {
+    const ATTACKERS: usize = 100;
+    let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
+    let home = support::create_namespace("fair-home", &[]).await?;
+    let payments = support::create_namespace("fair-attacker", &[]).await?;
+    let billing = support::create_namespace("fair-victim", &[]).await?;
+    let shard = format!("fair-{}", std::process::id());
+    let label = ("mtls-operator.io/test-shard", shard.as_str());
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    let settings = Settings {
+        max_concurrent_reconciles: 1,
+        ..Settings::default()
+    };
+    let source = SecretsManagerSource::new(aws.clone());
+    let _operator = start_cluster_operator_on(
+        &home,
+        &format!("{}={}", label.0, label.1),
+        settings,
+        aws,
+        source,
+    )
+    .await?;
+    let ca = TestCa::new("fair CA")?;
+    let labelled = |name: &str, id: &str| -> Result<mtls_operator::api::MtlsIdentity> {
+        let mut identity = identity(name, id, serde_json::json!({}))?;
+        identity.metadata.labels = Some([(label.0.to_string(), label.1.to_string())].into());
+        Ok(identity)
+    };
+    let victim_source = format!("{billing}/client");
+    put_source(&victim_source, &good_secret(&ca)?).await?;
+    // Every read of the attacker's secrets is slow: each of its reconciles holds the one permit.
+    endpoint.slow_reads_of(&format!("{payments}/"), Duration::from_millis(300));
+    let mut attacker_ids = Vec::new();
+    for n in 0..ATTACKERS {
+        let (name, id) = (format!("client-{n}"), format!("{payments}/client-{n}"));
+        put_source(&id, &good_secret(&ca)?).await?;
+        create_identity(&payments, &labelled(&name, &id)?).await?;
+        attacker_ids.push(id);
+    }
+    let identities: Api<mtls_operator::api::MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &payments);
+    let attacker_synced = || async {
+        let list = identities.list(&Default::default()).await?;
+        anyhow::Ok(
+            list.items
+                .iter()
+                .filter(|identity| {
+                    identity
+                        .ready_condition()
+                        .is_some_and(|ready| ready.status == "True")
+                })
+                .count(),
+        )
+    };
+    // The backlog is queued and being worked through.
+    wait_for("the attacker's reconciles under way", TIMEOUT, || async {
+        ensure!(attacker_synced().await? >= 1, "none synced yet");
+        Ok(())
+    })
+    .await?;
+    let before = attacker_synced().await?;
+    create_identity(&billing, &labelled("client", &victim_source)?).await?;
+    wait_ready(&billing, "client", "True", "Synced").await?;
+    let after = attacker_synced().await?;
+    println!(
+        "{} of the attacker's reconciles finished while the victim's waited; {after} of \
+         {ATTACKERS} by then",
+        after - before
+    );
+    ensure!(
+        after - before <= 3,
+        "{} of the attacker's reconciles ran before the victim's one",
+        after - before
+    );
+    ensure!(
+        after < ATTACKERS / 2,
+        "the attacker's backlog was still there: {after} of {ATTACKERS} synced"
+    );
+    ensure!(
+        !endpoint.requests_for(&attacker_ids).is_empty(),
+        "the attacker's reads went through the slow endpoint"
     );
     Ok(())
 }

@@ -22,6 +22,23 @@ use crate::certs;
 use crate::install::Toolset;
 use crate::processes::Processes;
 
+/// What the API server's audit log (`audit.log` in the environment's folder) records: LISTs of
+/// workloads and Pods, metadata only, once each when answered. Tests count there the load a
+/// namespace puts on the API server (#23 hole 5); nothing else is written, so the log stays small.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    verbs: ["list"]
+    resources:
+      - group: "apps"
+        resources: ["deployments", "statefulsets", "daemonsets"]
+      - group: ""
+        resources: ["pods"]
+  - level: None
+"#;
+
 /// How long any one component may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 pub const FAKE_NODES: usize = 2;
@@ -338,6 +355,8 @@ pub async fn start(
 
     progress("starting kube-apiserver");
     let sa_key = pki.service_account_key.display().to_string();
+    let audit_policy = dir.join("audit-policy.yaml");
+    fs::write(&audit_policy, AUDIT_POLICY)?;
     let mut apiserver = Command::new(&tools.kube_apiserver);
     apiserver
         .arg(format!("--etcd-servers={etcd_client}"))
@@ -360,6 +379,12 @@ pub async fn start(
         ))
         .arg(format!("--service-account-signing-key-file={sa_key}"))
         .arg("--allow-privileged=true")
+        .arg(format!("--audit-policy-file={}", audit_policy.display()))
+        .arg(format!(
+            "--audit-log-path={}",
+            dir.join("audit.log").display()
+        ))
+        .arg("--audit-log-format=json")
         .arg("--v=0");
     processes.spawn("kube-apiserver", apiserver)?;
 
