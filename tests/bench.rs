@@ -503,18 +503,29 @@ async fn memory_with_padded_tenant_metadata() -> Result<()> {
 /// `command` (the release binary, or a wrapper that runs it) as `run --namespace NAMESPACE` on the
 /// test environment, its servers on free loopback ports, logging nothing.
 fn operator_on_free_ports(
-    mut command: std::process::Command,
+    command: std::process::Command,
     namespace: &str,
 ) -> Result<std::process::Command> {
-    let free_port = || -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
+    operator_with_health_on(command, namespace, free_port()?)
+}
+
+/// A free loopback port (free when asked: the operator binds it a moment later).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Like [`operator_on_free_ports`], its health server on `health_port`.
+fn operator_with_health_on(
+    mut command: std::process::Command,
+    namespace: &str,
+    health_port: u16,
+) -> Result<std::process::Command> {
     command
         .args(["run", "--namespace", namespace])
         .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)])
-        .args(["--health-address", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -672,4 +683,310 @@ async fn bounded_load_under_a_quota() -> Result<()> {
          (bound: --shutdown-drain 10 s, terminationGracePeriodSeconds 30 s)"
     );
     Ok(())
+}
+
+/// Milliseconds one `GET /healthz` on `port` took to be answered (an error if it was not).
+fn healthz_ms(port: u16) -> Result<f64> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+        "{answer}"
+    );
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// CPU time (user and system) process `pid` has used so far, in seconds (`/proc/PID/stat`,
+/// clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        Ok(fields
+            .get(index)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state field.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// What one W7 phase measured.
+struct Phase {
+    attack: &'static str,
+    /// Median and worst time from a rotation to the victim's Secret holding it.
+    detection: (Duration, Duration),
+    rotations: usize,
+    repair: Duration,
+    cpu_percent: f64,
+    rss_max: f64,
+    healthz_worst_ms: f64,
+    calls_per_second: f64,
+}
+
+/// One W7 phase: while `attack` goes on (already started), the victim's Secret is deleted, then
+/// its source rotated again and again for at least `least` (three times at least), each timed
+/// until the operator has acted; meanwhile `/healthz` and RSS are sampled every 200 ms; CPU and
+/// Secrets Manager calls are taken over the whole phase.
+async fn measure_phase(
+    attack: &'static str,
+    pid: u32,
+    health_port: u16,
+    endpoint: &CountingEndpoint,
+    victim: &str,
+    ca: &TestCa,
+    least: Duration,
+) -> Result<Phase> {
+    let started = Instant::now();
+    let (cpu_before, calls_before) = (cpu_seconds(pid)?, endpoint.count(None));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut worst, mut rss, mut failures) = (0.0_f64, 0.0_f64, 0);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                match healthz_ms(health_port) {
+                    Ok(ms) => worst = worst.max(ms),
+                    Err(_) => failures += 1,
+                }
+                rss = rss.max(rss_mib(pid).unwrap_or_default());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (worst, rss, failures)
+        })
+    };
+    let client = support::admin_client().await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, victim);
+    let deleted_at = Instant::now();
+    secrets.delete("client", &Default::default()).await?;
+    wait_for("the victim's Secret recreated", TIMEOUT, || async {
+        ensure!(get_secret(victim, "client").await?.is_some(), "absent");
+        Ok(())
+    })
+    .await?;
+    let repair = deleted_at.elapsed();
+    // Rotations one after another until the phase has lasted `least` (three at least): where a
+    // rotation falls in the victim's 10 s cadence decides most of its detection time.
+    let id = format!("{victim}/client");
+    let mut detections = Vec::new();
+    while detections.len() < 3 || started.elapsed() < least {
+        let rotated_at = Instant::now();
+        let version = put_source(&id, &good_secret(ca)?).await?;
+        wait_secret_version("the victim's rotation", victim, "client", &version).await?;
+        detections.push(rotated_at.elapsed());
+    }
+    detections.sort();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (healthz_worst_ms, rss_max, failures) = sampler.await?;
+    ensure!(
+        failures == 0,
+        "{failures} health checks went unanswered during {attack}"
+    );
+    let wall = started.elapsed().as_secs_f64();
+    let phase = Phase {
+        attack,
+        detection: (
+            percentile(&detections, 0.5),
+            detections.last().copied().unwrap_or_default(),
+        ),
+        rotations: detections.len(),
+        repair,
+        cpu_percent: 100.0 * (cpu_seconds(pid)? - cpu_before) / wall,
+        rss_max,
+        healthz_worst_ms,
+        calls_per_second: (endpoint.count(None) - calls_before) as f64 / wall,
+    };
+    println!(
+        "W7 | {:<46} | detected median {:>6.1?} worst {:>6.1?} of {} | recreated {:>6.1?} | CPU {:>5.1} % | RSS ≤ {:>5.1} MiB | /healthz worst {:>6.1} ms | {:>5.1} calls/s",
+        phase.attack,
+        phase.detection.0,
+        phase.detection.1,
+        phase.rotations,
+        phase.repair,
+        phase.cpu_percent,
+        phase.rss_max,
+        phase.healthz_worst_ms,
+        phase.calls_per_second
+    );
+    Ok(phase)
+}
+
+/// Deletes every MtlsIdentity in `namespace`: the attack from there stops.
+async fn stop_attack(namespace: &str) -> Result<()> {
+    let client = support::admin_client().await?;
+    Api::<MtlsIdentity>::namespaced(client, namespace)
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await?;
+    Ok(())
+}
+
+/// W7 (#23): the attacks of one namespace on the others, side by side in one run. One operator
+/// (the release binary, its own process) serves a victim namespace and one namespace per attack,
+/// at 10 Secrets Manager calls a second; the victim's identity refreshes every 10 s. Each phase
+/// times the victim's rotation being synced and its deleted Secret recreated, and takes the
+/// operator's CPU, peak RSS, worst `/healthz` answer and calls per second, first with no attack,
+/// then with each attack alone: forged keystores with a million KDF rounds re-forged every second
+/// (hole 1), 60 secrets checked every second (hole 2), 10 rotations held pending by paused
+/// Deployments (hole 5), and 10 secrets whose reads are all refused (holes 6 and 7).
+/// `cargo xtask test --test bench -- --ignored attacks_side_by_side --nocapture`
+/// (`MTLS_BENCH_W7_SECONDS`, each phase's least length, default 60).
+#[tokio::test]
+#[ignore = "benchmark: run explicitly, see the module docs"]
+async fn attacks_side_by_side() -> Result<()> {
+    let least = Duration::from_secs(env_or("MTLS_BENCH_W7_SECONDS", 60));
+    let binary = release_binary()?;
+    install_crd_and_rbac().await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let victim = support::create_namespace("w7-victim", &[]).await?;
+    let kdf = support::create_namespace("w7-kdf", &[]).await?;
+    let sweep = support::create_namespace("w7-sweep", &[]).await?;
+    let pending = support::create_namespace("w7-pending", &[]).await?;
+    let denied = support::create_namespace("w7-denied", &[]).await?;
+    let ca = TestCa::new("w7 CA")?;
+    let client = support::admin_client().await?;
+    put_source(&format!("{victim}/client"), &good_secret(&ca)?).await?;
+    create_identity(
+        &victim,
+        &identity(
+            "client",
+            &format!("{victim}/client"),
+            serde_json::json!({"refreshInterval": "10s"}),
+        )?,
+    )
+    .await?;
+    let namespaces = [&victim, &kdf, &sweep, &pending, &denied]
+        .map(|namespace| namespace.as_str())
+        .join(",");
+    let health_port = free_port()?;
+    let mut command = operator_with_health_on(
+        std::process::Command::new(&binary),
+        &namespaces,
+        health_port,
+    )?;
+    command
+        .env("AWS_ENDPOINT_URL", &endpoint.url)
+        .env("MAX_AWS_CALLS_PER_SECOND", "10")
+        .env("SWEEP_INTERVAL", "10s");
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let result = async {
+        wait_ready(&victim, "client", "True", "Synced").await?;
+        let mut phases = vec![
+            measure_phase("none", pid, health_port, &endpoint, &victim, &ca, least).await?,
+        ];
+
+        // Hole 1: keystores the tenant re-forges every second with a million KDF rounds.
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &kdf);
+        let password: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "keystore-pass"}, "stringData": {"password": "pass-w7"}
+        }))?;
+        secrets.create(&PostParams::default(), &password).await?;
+        let keystores = serde_json::json!({"refreshInterval": "1s", "target": {"keystores": {
+            "pkcs12": {"passwordSecretRef": {"name": "keystore-pass", "key": "password"}}}}});
+        put_source(&format!("{kdf}/client"), &good_secret(&ca)?).await?;
+        for n in 0..4 {
+            create_identity(&kdf, &identity(&format!("client-{n}"), &format!("{kdf}/client"), keystores.clone())?).await?;
+        }
+        for n in 0..4 {
+            wait_ready(&kdf, &format!("client-{n}"), "True", "Synced").await?;
+        }
+        let dir = tempdir("w7-kdf")?;
+        let forged = openssl_pkcs12(&dir, &TestCa::new("attacker")?.leaf(&LeafOptions::default())?, "pass-w7", 1_000_000)?;
+        let forging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let forger = {
+            let (forging, secrets) = (forging.clone(), secrets.clone());
+            tokio::spawn(async move {
+                while forging.load(std::sync::atomic::Ordering::Relaxed) {
+                    for n in 0..4 {
+                        let patch = serde_json::json!({"data": {"keystore.p12": k8s_openapi::ByteString(forged.clone())}});
+                        let _ = secrets
+                            .patch(&format!("client-{n}"), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                            .await;
+                    }
+                    // The attacker's pace, not a wait for a condition.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        phases.push(measure_phase("hole 1: 4 keystores re-forged every second", pid, health_port, &endpoint, &victim, &ca, least).await?);
+        forging.store(false, std::sync::atomic::Ordering::Relaxed);
+        forger.await?;
+        stop_attack(&kdf).await?;
+
+        // Hole 2: more version checks than the rate grants (60 secrets every second, 10 calls/s).
+        create_sources(&sweep, 60, &good_secret(&ca)?, 16).await?;
+        let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &sweep);
+        create_identities(&identities, &sweep, 60, "1s").await?;
+        wait_for("the sweep attacker's identities Ready", Duration::from_secs(300), || async {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            ensure!(ready == 60, "{ready} of 60");
+            Ok(())
+        })
+        .await?;
+        phases.push(measure_phase("hole 2: 60 secrets checked every second", pid, health_port, &endpoint, &victim, &ca, least).await?);
+        stop_attack(&sweep).await?;
+
+        // Hole 5: rotations held pending by paused Deployments (each reconciling every 2 s).
+        create_sources(&pending, 10, &good_secret(&ca)?, 16).await?;
+        let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &pending);
+        create_identities(&identities, &pending, 10, "1h").await?;
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &pending);
+        for n in 0..10 {
+            wait_ready(&pending, &format!("client-{n}"), "True", "Synced").await?;
+            create_deployment(&pending, &format!("api-{n}"), Some(("volume", &format!("client-{n}")))).await?;
+        }
+        wait_all_rolled_out(&pending).await?;
+        for n in 0..10 {
+            let pause = serde_json::json!({"spec": {"paused": true}});
+            deployments.patch(&format!("api-{n}"), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&pause)).await?;
+        }
+        for n in 0..10 {
+            put_source(&format!("{pending}/client-{n}"), &good_secret(&ca)?).await?;
+        }
+        for n in 0..10 {
+            wait_event(&pending, &format!("client-{n}"), "RolloutPaused").await?;
+        }
+        phases.push(measure_phase("hole 5: 10 rotations held pending", pid, health_port, &endpoint, &victim, &ca, least).await?);
+        stop_attack(&pending).await?;
+
+        // Holes 6 and 7: every read of 10 secrets refused (a KMS key or resource policy), rotated.
+        create_sources(&denied, 10, &good_secret(&ca)?, 16).await?;
+        let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &denied);
+        create_identities(&identities, &denied, 10, "10s").await?;
+        for n in 0..10 {
+            wait_ready(&denied, &format!("client-{n}"), "True", "Synced").await?;
+        }
+        for n in 0..10 {
+            let id = format!("{denied}/client-{n}");
+            endpoint.refuse_reads_of(&id);
+            put_source(&id, &good_secret(&ca)?).await?;
+        }
+        phases.push(measure_phase("holes 6, 7: 10 secrets whose reads are refused", pid, health_port, &endpoint, &victim, &ca, least).await?);
+        stop_attack(&denied).await?;
+        let baseline = &phases[0];
+        for phase in &phases[1..] {
+            println!(
+                "W7 | {:<46} | median detection ×{:.2}, CPU {:+.1} points, calls/s ×{:.2} against no attack",
+                phase.attack,
+                phase.detection.0.as_secs_f64() / baseline.detection.0.as_secs_f64().max(0.001),
+                phase.cpu_percent - baseline.cpu_percent,
+                phase.calls_per_second / baseline.calls_per_second.max(0.001),
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
