@@ -222,7 +222,7 @@ async fn check(args: &CheckArgs) -> Report {
             version,
         };
         let fetched = SecretsManagerSource::new(aws)
-            .fetch(&request)
+            .fetch(&request, "")
             .await
             .map_err(|error| {
                 Report::refused(

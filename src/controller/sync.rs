@@ -470,7 +470,7 @@ async fn fetch_checked(
     namespace: &str,
     context: &Context,
 ) -> Result<FetchedSecret, SyncFailure> {
-    let fetched = context.source.fetch(&checked.request).await?;
+    let fetched = context.source.fetch(&checked.request, namespace).await?;
     decide::check_resolved(
         checked,
         namespace,

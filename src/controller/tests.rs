@@ -157,6 +157,7 @@ impl SecretSource for FixedSource {
     fn fetch<'a>(
         &'a self,
         secret: &'a SecretRef,
+        _flow: &'a str,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {

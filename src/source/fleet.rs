@@ -492,6 +492,7 @@ mod tests {
         fn fetch<'a>(
             &'a self,
             secret: &'a SecretRef,
+            _flow: &'a str,
         ) -> BoxFuture<'a, Result<super::super::FetchedSecret, SourceError>> {
             Box::pin(async move {
                 Err(SourceError::Unavailable {

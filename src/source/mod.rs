@@ -178,9 +178,12 @@ impl DescribedSecret {
 /// Fetches certificate material, and tells versions without reading values (for the sweep).
 /// Implementations share clients, batch and coalesce concurrent reads.
 pub trait SecretSource: Send + Sync + 'static {
+    /// A value read for namespace `flow` (the tenant it is read for): where reads wait in line
+    /// (batches), each namespace waits in its own queue and the queues are served in turn.
     fn fetch<'a>(
         &'a self,
         secret: &'a SecretRef,
+        flow: &'a str,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>>;
 
     /// DescribeSecret: the secret's versions and stages, no value, no KMS decrypt.

@@ -615,6 +615,7 @@ impl SecretSource for FaultInjectingSource {
     fn fetch<'a>(
         &'a self,
         secret: &'a SecretRef,
+        flow: &'a str,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
         let secret_id = secret.secret_id.clone();
         if secret_id.contains(SLOW) {
@@ -623,7 +624,7 @@ impl SecretSource for FaultInjectingSource {
             let inner = self.inner.clone();
             return Box::pin(async move {
                 tokio::time::sleep(SLOW_DELAY).await;
-                inner.fetch(secret).await
+                inner.fetch(secret, flow).await
             });
         }
         if let Some((_, elsewhere)) = secret_id.split_once(RESOLVES_TO) {
@@ -632,7 +633,7 @@ impl SecretSource for FaultInjectingSource {
                 ..secret.clone()
             };
             let inner = self.inner.clone();
-            return Box::pin(async move { inner.fetch(&redirected).await });
+            return Box::pin(async move { inner.fetch(&redirected, flow).await });
         }
         if secret_id.ends_with("/fault-access-denied") {
             return Box::pin(async move {
@@ -648,7 +649,7 @@ impl SecretSource for FaultInjectingSource {
         if secret_id.ends_with("/fault-throttled") {
             return Box::pin(async move { Err(SourceError::Throttled { secret_id }) });
         }
-        self.inner.fetch(secret)
+        self.inner.fetch(secret, flow)
     }
 
     fn describe<'a>(

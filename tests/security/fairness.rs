@@ -664,3 +664,85 @@ async fn one_namespaces_reconcile_backlog_does_not_delay_anothers() -> Result<()
     );
     Ok(())
 }
+
+/// Reads queued per namespace: `payments` starts 200 reads at once (200 new identities, reconciled
+/// together), each BatchGetSecretValue holding its ids taking a second. One scope's chunks go one
+/// after another, 20 ids each: first come, first served, a `billing` read queued behind them
+/// waited for all ten chunks. Each chunk now takes the waiting namespaces in turn, so `billing`'s
+/// read goes in the next chunk to be sent.
+#[tokio::test]
+async fn one_namespaces_read_burst_does_not_delay_anothers_read() -> Result<()> {
+    const ATTACKERS: usize = 200;
+    let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
+    let payments = support::create_namespace("reads-attacker", &[]).await?;
+    let billing = support::create_namespace("reads-victim", &[]).await?;
+    let settings = Settings {
+        // Every attacker reconcile reads at once: the queue is in the batches, not the permits.
+        max_concurrent_reconciles: 250,
+        ..Settings::default()
+    };
+    let _operator = start_operator_through(&endpoint, &[&payments, &billing], settings).await?;
+    let ca = TestCa::new("reads CA")?;
+    let victim_source = format!("{billing}/client");
+    put_source(&victim_source, &good_secret(&ca)?).await?;
+    let mut attacker_ids = Vec::new();
+    for n in 0..ATTACKERS {
+        let id = format!("{payments}/client-{n}");
+        put_source(&id, &good_secret(&ca)?).await?;
+        attacker_ids.push(id);
+    }
+    endpoint.slow_reads_of(&format!("{payments}/"), Duration::from_secs(1));
+    let identities: Api<mtls_operator::api::MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &payments);
+    futures::future::try_join_all(attacker_ids.iter().enumerate().map(|(n, id)| {
+        let identities = identities.clone();
+        async move {
+            let object = identity(&format!("client-{n}"), id, serde_json::json!({}))?;
+            identities.create(&Default::default(), &object).await?;
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    let attacker_batches = |seen: &[endpoint::Seen]| {
+        seen.iter()
+            .filter(|seen| seen.operation == "BatchGetSecretValue" && seen.body.contains(&payments))
+            .count()
+    };
+    // The burst is queued: its first chunk has gone out.
+    wait_for("the attacker's first chunk", TIMEOUT, || async {
+        ensure!(attacker_batches(&endpoint.seen()) >= 1, "none yet");
+        Ok(())
+    })
+    .await?;
+    let victim_created = std::time::Instant::now();
+    create_identity(
+        &billing,
+        &identity("client", &victim_source, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&billing, "client", "True", "Synced").await?;
+    let since: Vec<endpoint::Seen> = endpoint
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.at > victim_created)
+        .collect();
+    let victims_read = since
+        .iter()
+        .position(|seen| is_read(seen) && seen.body.contains(&victim_source))
+        .context("the victim's read reached the endpoint")?;
+    let ahead = attacker_batches(&since[..victims_read]);
+    println!(
+        "{ahead} of the attacker's chunks were sent between the victim's identity and its read"
+    );
+    // The chunk in flight when the victim's read joined, and at most one being filled.
+    ensure!(
+        ahead <= 2,
+        "{ahead} of the attacker's chunks went before the victim's read"
+    );
+    let later = attacker_batches(&endpoint.seen()[..]);
+    ensure!(
+        later < ATTACKERS / 20,
+        "the attacker's burst was still being read: {later} chunks so far"
+    );
+    Ok(())
+}

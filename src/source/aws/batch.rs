@@ -1,4 +1,7 @@
 //! Batching: AWSCURRENT reads of one scope gathered into BatchGetSecretValue calls of up to 20 ids.
+//! A scope's chunks are sent one after another, and each chunk is filled from the namespaces
+//! waiting in turn (a [`FairQueue`] per scope). A namespace with a thousand reads queued delays
+//! another namespace's read by at most one chunk, not by fifty.
 //!
 //! The gathering ([`Batcher`]: who joins which batch, when a batch is sent, who gets which
 //! answer) knows nothing of AWS, so it is tested on its own with an in-memory fake;
@@ -12,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::fair::FairQueue;
 use crate::lock;
 
 use super::classify::{classify_code, with_secret_id};
@@ -26,16 +30,17 @@ pub(super) const BATCH_MAX: usize = 20;
 pub(super) const BATCH_STEP: Duration = Duration::from_millis(20);
 const BATCH_WINDOW: Duration = Duration::from_millis(200);
 
-/// One scope's waiting items, and whether a caller is flushing them.
+/// One scope's waiting items, per flow (the namespace each is read for), and whether a caller is
+/// flushing them.
 struct Queue<K, V> {
-    waiting: Vec<(K, oneshot::Sender<V>)>,
+    waiting: FairQueue<String, (K, oneshot::Sender<V>)>,
     flushing: bool,
 }
 
 impl<K, V> Default for Queue<K, V> {
     fn default() -> Self {
         Self {
-            waiting: Vec::new(),
+            waiting: FairQueue::default(),
             flushing: false,
         }
     }
@@ -55,13 +60,15 @@ impl<S: Eq + Hash + Clone, K, V> Batcher<S, K, V> {
         }
     }
 
-    /// Joins `scope`'s batch and waits for `key`'s answer. The caller that opens a batch waits a
-    /// moment for others, then sends every queued item with `answer` in chunks of at most `max`;
-    /// `answer` gives one value per key, in order. If that caller is dropped, the items still
-    /// queued get `cancelled()` and the scope's next caller opens a new batch.
+    /// Joins `scope`'s batch in `flow`'s queue and waits for `key`'s answer. The caller that opens
+    /// a batch waits a moment for others, then sends every queued item with `answer` in chunks of
+    /// at most `max`, each chunk taking one item per flow in turn; `answer` gives one value per
+    /// key, in order. If that caller is dropped, the items still queued get `cancelled()` and the
+    /// scope's next caller opens a new batch.
     pub(super) async fn join<F, Fut>(
         &self,
         scope: &S,
+        flow: &str,
         key: K,
         answer: F,
         cancelled: impl FnOnce() -> V,
@@ -74,7 +81,7 @@ impl<S: Eq + Hash + Clone, K, V> Batcher<S, K, V> {
         let flush = {
             let mut queues = lock(&self.queues);
             let queue = queues.entry(scope.clone()).or_default();
-            queue.waiting.push((key, reply));
+            queue.waiting.push(flow.to_string(), (key, reply));
             !std::mem::replace(&mut queue.flushing, true)
         };
         if flush {
@@ -95,8 +102,9 @@ impl<S: Eq + Hash + Clone, K, V> Batcher<S, K, V> {
                         queues.remove(scope);
                         break;
                     }
-                    let take = queue.waiting.len().min(self.max);
-                    queue.waiting.drain(..take).collect()
+                    std::iter::from_fn(|| queue.waiting.pop().map(|(_, item)| item))
+                        .take(self.max)
+                        .collect()
                 };
                 let (keys, replies): (Vec<K>, Vec<_>) = chunk.into_iter().unzip();
                 let mut answers = answer(keys).await.into_iter();
@@ -159,13 +167,18 @@ impl SecretsManagerSource {
         lock(&self.batch_refused).contains(scope)
     }
 
-    /// An AWSCURRENT read, gathered with the scope's other AWSCURRENT reads into
-    /// BatchGetSecretValue calls.
-    pub(super) async fn batched(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+    /// An AWSCURRENT read for namespace `flow`, gathered with the scope's other AWSCURRENT reads
+    /// into BatchGetSecretValue calls.
+    pub(super) async fn batched(
+        &self,
+        secret: &SecretRef,
+        flow: &str,
+    ) -> Result<FetchedSecret, SourceError> {
         let scope = secret.scope();
         self.batches
             .join(
                 &scope,
+                flow,
                 secret.clone(),
                 |chunk| self.send_batch(&scope, chunk),
                 || {
@@ -353,6 +366,7 @@ mod tests {
         let answers = futures::future::join_all(keys.iter().map(|key| {
             batcher.join(
                 &"eu-west-1",
+                "ns",
                 key.clone(),
                 |chunk| answer_all(&chunks, chunk),
                 cancelled,
@@ -375,6 +389,7 @@ mod tests {
         let answers = futures::future::join_all(reads.iter().map(|(scope, key)| {
             batcher.join(
                 scope,
+                "ns",
                 key.to_string(),
                 |chunk| answer_all(&chunks, chunk),
                 cancelled,
@@ -403,6 +418,7 @@ mod tests {
         let answers = futures::future::join_all(["a", "b"].iter().map(|key| {
             batcher.join(
                 &"eu-west-1",
+                "ns",
                 key.to_string(),
                 |chunk: Vec<String>| async move { vec![format!("value of {}", chunk[0])] },
                 cancelled,
@@ -417,6 +433,7 @@ mod tests {
         let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
         let mut flusher = Box::pin(batcher.join(
             &"eu-west-1",
+            "ns",
             "a".to_string(),
             |_chunk: Vec<String>| futures::future::pending::<Vec<String>>(),
             cancelled,
@@ -424,6 +441,7 @@ mod tests {
         assert!(futures::poll!(flusher.as_mut()).is_pending());
         let mut queued = Box::pin(batcher.join(
             &"eu-west-1",
+            "ns",
             "b".to_string(),
             |chunk: Vec<String>| async move { chunk },
             cancelled,
@@ -442,6 +460,7 @@ mod tests {
         let next = batcher
             .join(
                 &"eu-west-1",
+                "ns",
                 "c".to_string(),
                 |chunk| answer_all(&chunks, chunk),
                 cancelled,
@@ -449,5 +468,34 @@ mod tests {
             .await;
         assert_eq!(next, "value of c", "the next read opens a new batch");
         assert_eq!(*lock(&chunks), vec![vec!["c".to_string()]]);
+    }
+
+    #[tokio::test]
+    async fn each_chunk_takes_the_waiting_namespaces_in_turn() {
+        let batcher = Batcher::<&str, String, String>::new(BATCH_MAX);
+        let chunks = Mutex::new(Vec::new());
+        // 60 reads of one namespace queued before one of another.
+        let mut reads: Vec<(&str, String)> = (0..60)
+            .map(|n| ("payments", format!("payments/secret-{n}")))
+            .collect();
+        reads.push(("billing", "billing/client".to_string()));
+        let answers = futures::future::join_all(reads.iter().map(|(flow, key)| {
+            batcher.join(
+                &"eu-west-1",
+                flow,
+                key.clone(),
+                |chunk| answer_all(&chunks, chunk),
+                cancelled,
+            )
+        }))
+        .await;
+        assert!(answers.iter().all(|answer| answer.starts_with("value of")));
+        let chunks = lock(&chunks).clone();
+        assert_eq!(chunks.len(), 4, "61 reads, 20 per chunk");
+        assert!(
+            chunks[0].contains(&"billing/client".to_string()),
+            "the other namespace's read is in the first chunk, not behind 60: {:?}",
+            chunks[0]
+        );
     }
 }

@@ -239,8 +239,9 @@ impl SecretSource for SecretsManagerSource {
     fn fetch<'a>(
         &'a self,
         secret: &'a SecretRef,
+        flow: &'a str,
     ) -> BoxFuture<'a, Result<FetchedSecret, SourceError>> {
-        self.read(secret).boxed()
+        self.read(secret, flow).boxed()
     }
 
     fn describe<'a>(

@@ -92,9 +92,13 @@ impl<K: Eq + Hash, V> Drop for Leading<'_, K, V> {
 }
 
 impl SecretsManagerSource {
-    /// A read, coalesced with identical reads in progress (single flight), batched when it asks
-    /// for AWSCURRENT.
-    pub(super) async fn read(&self, secret: &SecretRef) -> Result<FetchedSecret, SourceError> {
+    /// A read for namespace `flow`, coalesced with identical reads in progress (single flight:
+    /// the first caller's flow queues it), batched when it asks for AWSCURRENT.
+    pub(super) async fn read(
+        &self,
+        secret: &SecretRef,
+        flow: &str,
+    ) -> Result<FetchedSecret, SourceError> {
         self.single_flight
             .run(
                 secret,
@@ -102,7 +106,7 @@ impl SecretsManagerSource {
                     let batchable = secret.version == VersionSelector::Stage("AWSCURRENT".into())
                         && !self.batch_refused(&secret.scope());
                     if batchable {
-                        self.batched(secret).await
+                        self.batched(secret, flow).await
                     } else {
                         self.get(secret).await
                     }
