@@ -93,7 +93,7 @@ struct RunArgs {
     /// How secret versions are checked between reads: `describe` (DescribeSecret per distinct
     /// secret), `list` (ListSecrets pages: fewest calls, needs ListSecrets on *), `get` (no sweep:
     /// values are read again at each identity's refreshInterval).
-    #[arg(long, env = "SWEEP_MODE", value_enum, default_value_t = SweepMode::Describe)]
+    #[arg(long, env = "SWEEP_MODE", value_enum, default_value_t = SweepMode::Auto)]
     sweep_mode: SweepMode,
     /// How often the sweep checks each secret's version at most (an identity's shorter
     /// refreshInterval wins for its secret).

@@ -58,7 +58,11 @@ async fn identities_deleted_while_the_watch_is_disconnected_are_forgotten_on_the
     let aws = endpoint.aws_config(&support::aws_config().await);
     let operator = start_operator_linked(
         &[&namespace],
-        Default::default(),
+        // Counted per DescribeSecret below: the describe sweep names each secret it checks.
+        mtls_operator::controller::Settings {
+            sweep_mode: mtls_operator::source::fleet::SweepMode::Describe,
+            ..Default::default()
+        },
         aws.clone(),
         mtls_operator::source::SecretsManagerSource::new(aws),
         Some(&link),

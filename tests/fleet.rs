@@ -61,7 +61,7 @@ async fn wait_sweeps(
 ) -> Result<()> {
     let (operation, per_sweep) = match mode {
         SweepMode::Describe => ("DescribeSecret", secrets),
-        SweepMode::List => ("ListSecrets", 1),
+        SweepMode::List | SweepMode::Auto => ("ListSecrets", 1),
         SweepMode::Get => return Ok(()),
     };
     let start = operator.source.calls_of(operation);
@@ -124,6 +124,83 @@ async fn describe_mode_detects_a_rotation_without_reading_values_meanwhile() -> 
 #[tokio::test]
 async fn list_mode_detects_a_rotation_without_reading_values_meanwhile() -> Result<()> {
     sweep_mode_detects_a_rotation_without_reading_values_meanwhile(SweepMode::List).await
+}
+
+#[tokio::test]
+async fn auto_mode_detects_a_rotation_without_reading_values_meanwhile() -> Result<()> {
+    sweep_mode_detects_a_rotation_without_reading_values_meanwhile(SweepMode::Auto).await
+}
+
+/// `auto`, the default: the due secrets of a namespace are checked with one ListSecrets filtered by
+/// the namespace's prefix, whatever else the account holds (moto holds every other test's
+/// secrets); where ListSecrets is refused, the sweep describes from then on, after one refused
+/// call, and still detects rotations.
+#[tokio::test]
+async fn auto_mode_lists_by_prefix_and_describes_for_good_once_listing_is_refused() -> Result<()> {
+    const COUNT: usize = 20;
+    let namespace = support::create_namespace("sweep-auto", &[]).await?;
+    let (operator, endpoint) =
+        operator_behind(&namespace, Mode::Pass, settings(SweepMode::Auto)).await?;
+    let ca = TestCa::new("auto CA")?;
+    create_fleet(&namespace, &ca, COUNT).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    let counts = || {
+        (
+            endpoint.count(Some("ListSecrets")),
+            endpoint.count(Some("DescribeSecret")),
+        )
+    };
+    // Three sweeps once the fleet is aligned (a listing confirms every secret at once).
+    wait_sweeps(&operator, SweepMode::Auto, COUNT as u64, 2).await?;
+    let (listed, described) = counts();
+    wait_sweeps(&operator, SweepMode::Auto, COUNT as u64, 3).await?;
+    let (listed_after, described_after) = counts();
+    let calls = (listed_after - listed) + (described_after - described);
+    let per_identity_per_sweep = calls as f64 / (3 * COUNT) as f64;
+    println!(
+        "auto: {} ListSecrets, {} DescribeSecret in 3 sweeps of {COUNT}: {per_identity_per_sweep:.3} \
+         calls per identity per sweep",
+        listed_after - listed,
+        described_after - described
+    );
+    ensure!(
+        per_identity_per_sweep <= 0.1,
+        "{calls} calls in 3 sweeps of {COUNT} secrets (describe: {})",
+        3 * COUNT
+    );
+    let prefix = format!("{namespace}/");
+    ensure!(
+        endpoint
+            .seen()
+            .iter()
+            .filter(|seen| seen.operation == "ListSecrets")
+            .all(|seen| seen.body.contains(&prefix)),
+        "every listing is filtered by the namespace's prefix"
+    );
+
+    // The role may not list: one refused ListSecrets, then DescribeSecret per secret for good.
+    endpoint.deny("ListSecrets");
+    let (listed, described) = counts();
+    wait_for("two describe sweeps", TIMEOUT, || async {
+        let more = endpoint.count(Some("DescribeSecret")) - described;
+        ensure!(more >= 2 * COUNT, "{more} DescribeSecret so far");
+        Ok(())
+    })
+    .await?;
+    let refused = endpoint.count(Some("ListSecrets")) - listed;
+    ensure!(
+        refused == 1,
+        "{refused} ListSecrets after the first refusal: it must be remembered"
+    );
+    let version = put_source(&format!("{namespace}/client-3"), &good_secret(&ca)?).await?;
+    wait_secret_version(
+        "the rotation found by describing",
+        &namespace,
+        "client-3",
+        &version,
+    )
+    .await?;
+    Ok(())
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 //! cannot tell (then at the identity's refresh interval, as a plain poller would).
 
 use crate::lock;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,15 @@ use super::{DescribedSecret, Scope, SecretRef, SecretSource, SourceError, Versio
 /// How versions are checked between reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SweepMode {
+    /// Per region and role, whichever costs fewer calls: a ListSecrets filtered by the due
+    /// secrets' name prefixes (`payments/`), or one DescribeSecret per due secret; describe for
+    /// good where ListSecrets is refused.
+    #[default]
+    Auto,
     /// ListSecrets pages of 100 (`SecretVersionsToStages`): the fewest calls; needs
     /// `secretsmanager:ListSecrets` on `*`.
     List,
     /// One DescribeSecret per distinct secret: resource-scoped IAM, no KMS decrypt.
-    #[default]
     Describe,
     /// No sweep: each secret's value is read again at its identities' refresh interval.
     Get,
@@ -31,10 +35,61 @@ pub enum SweepMode {
 impl SweepMode {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::List => "list",
             Self::Describe => "describe",
             Self::Get => "get",
         }
+    }
+}
+
+/// Whether `auto` mode lists a scope's due secrets, and with which name prefixes: a secret's prefix
+/// is its name up to and including the first `/` (the namespace's, under the default source
+/// policy), else its whole name. It lists when every due secret's name is known, at most
+/// [`LIST_FILTER_MAX`] prefixes cover them, ListSecrets was not refused, and the listing is
+/// expected to cost fewer calls than describing each (the scope's last listing's pages; one page
+/// before the first).
+fn listing_plan(due: &[super::index::Due], remembered: Option<Listing>) -> Option<Vec<String>> {
+    let expected_pages = match remembered {
+        Some(Listing::Refused) => return None,
+        Some(Listing::Pages(pages)) => pages,
+        None => 1,
+    };
+    if due.len() <= expected_pages {
+        return None;
+    }
+    let mut prefixes: Vec<String> = Vec::new();
+    for due in due {
+        let prefix = listing_prefix(due.name.as_deref()?);
+        if !prefixes.contains(&prefix) {
+            prefixes.push(prefix);
+        }
+        if prefixes.len() > LIST_FILTER_MAX {
+            return None;
+        }
+    }
+    Some(prefixes)
+}
+
+/// Whether `listed` is `due`'s secret. An ARN id is matched by ARN only (with or without its
+/// 6-character suffix): a secret of the same name in the listed account is another secret.
+fn is_listed_as(listed: &DescribedSecret, due: &super::index::Due) -> bool {
+    let id = due.secret.secret_id.as_str();
+    if id.starts_with("arn:") {
+        return listed.arn == id
+            || listed
+                .arn
+                .strip_prefix(id)
+                .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'));
+    }
+    listed.name == id || due.name.as_deref() == Some(listed.name.as_str())
+}
+
+/// A secret name's listing prefix: up to and including the first `/`, else the whole name.
+fn listing_prefix(name: &str) -> String {
+    match name.split_once('/') {
+        Some((namespace, _)) => format!("{namespace}/"),
+        None => name.to_string(),
     }
 }
 
@@ -50,7 +105,23 @@ pub struct Fleet {
     /// Wakes the sweep when a new secret enters the index.
     wake: tokio::sync::Notify,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// `auto` mode, per scope: ListSecrets was refused (describe from then on), or how many
+    /// pages the scope's last filtered listing took (what the next one is expected to cost).
+    listing: Mutex<HashMap<Scope, Listing>>,
 }
+
+/// What `auto` mode remembers of a scope's listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Refused,
+    Pages(usize),
+}
+
+/// Scopes whose listing costs are remembered at most (regions and roles the policy allows; the
+/// memory is only a cost estimate, so it is simply forgotten past this).
+const LISTING_MEMORY_MAX: usize = 256;
+/// ListSecrets answers at most this many secrets per page.
+const LIST_PAGE: usize = 100;
 
 /// ListSecrets accepts at most this many name filter values.
 const LIST_FILTER_MAX: usize = 10;
@@ -80,6 +151,7 @@ impl Fleet {
             notify: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
             metrics,
+            listing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -264,15 +336,24 @@ impl Fleet {
         debug!(due = due.len(), "sweeping");
         match self.mode {
             SweepMode::Get => {}
-            SweepMode::Describe => {
-                let mut due = fair_order(due);
-                due.truncate(SWEEP_CHUNK);
-                futures::stream::iter(due)
-                    .for_each_concurrent(DESCRIBE_CONCURRENCY, |due| async move {
-                        let described = self.source.describe(&due.secret).await;
-                        self.apply(&due.secret, described.map(Some));
-                    })
-                    .await;
+            SweepMode::Describe => self.describe_due(due).await,
+            SweepMode::Auto => {
+                let mut by_scope: BTreeMap<Scope, Vec<super::index::Due>> = BTreeMap::new();
+                for due in due {
+                    by_scope.entry(due.secret.scope()).or_default().push(due);
+                }
+                let mut to_describe = Vec::new();
+                for (scope, due) in by_scope {
+                    let remembered = lock(&self.listing).get(&scope).copied();
+                    match listing_plan(&due, remembered) {
+                        Some(prefixes) => {
+                            let listed = self.sweep_prefixes(&scope, due, &prefixes).await;
+                            to_describe.extend(listed);
+                        }
+                        None => to_describe.extend(due),
+                    }
+                }
+                self.describe_due(to_describe).await;
             }
             SweepMode::List => {
                 let mut by_scope: BTreeMap<Scope, Vec<super::index::Due>> = BTreeMap::new();
@@ -289,6 +370,74 @@ impl Fleet {
                 .sweep_duration
                 .observe(started.elapsed().as_secs_f64());
         }
+    }
+
+    /// DescribeSecret for the first [`SWEEP_CHUNK`] of `due` in fair order across namespaces.
+    async fn describe_due(&self, due: Vec<super::index::Due>) {
+        let mut due = fair_order(due);
+        due.truncate(SWEEP_CHUNK);
+        futures::stream::iter(due)
+            .for_each_concurrent(DESCRIBE_CONCURRENCY, |due| async move {
+                let described = self.source.describe(&due.secret).await;
+                self.apply(&due.secret, described.map(Some));
+            })
+            .await;
+    }
+
+    /// `auto` mode's listing for one scope: ListSecrets filtered by `prefixes`, each due secret
+    /// confirmed from it (or described, if the listing does not show it yet). Returns what is left
+    /// to describe: everything, if ListSecrets was refused (remembered: describe for good, said
+    /// once) or failed.
+    async fn sweep_prefixes(
+        &self,
+        scope: &Scope,
+        due: Vec<super::index::Due>,
+        prefixes: &[String],
+    ) -> Vec<super::index::Due> {
+        let listed = match self.source.list(scope, prefixes).await {
+            Ok(listed) => listed,
+            Err(error) => {
+                if matches!(error, SourceError::AccessDenied { .. }) {
+                    warn!(
+                        region = scope.region,
+                        role = scope.role.as_ref().map(|role| role.arn.as_str()),
+                        detail = error.detail(),
+                        "ListSecrets refused; versions are checked with DescribeSecret from now \
+                         on (grant secretsmanager:ListSecrets to check them with fewer calls)"
+                    );
+                    self.remember_listing(scope, Listing::Refused);
+                } else {
+                    debug!(
+                        region = scope.region,
+                        reason = error.reason().as_str(),
+                        "ListSecrets failed; describing the due secrets instead"
+                    );
+                }
+                return due;
+            }
+        };
+        self.remember_listing(
+            scope,
+            Listing::Pages(listed.len().div_ceil(LIST_PAGE).max(1)),
+        );
+        let mut unlisted = Vec::new();
+        for due in due {
+            let found = listed.iter().find(|listed| is_listed_as(listed, &due));
+            match found {
+                Some(found) => self.apply(&due.secret, Ok(Some(found.clone()))),
+                // Not listed: gone, or not visible yet (eventual consistency); DescribeSecret tells.
+                None => unlisted.push(due),
+            }
+        }
+        unlisted
+    }
+
+    fn remember_listing(&self, scope: &Scope, listing: Listing) {
+        let mut remembered = lock(&self.listing);
+        if remembered.len() >= LISTING_MEMORY_MAX && !remembered.contains_key(scope) {
+            remembered.clear();
+        }
+        remembered.insert(scope.clone(), listing);
     }
 
     /// One ListSecrets walk for a scope (a region, as the operator or a role): filtered by name when
@@ -309,10 +458,7 @@ impl Fleet {
         match self.source.list(scope, &filters).await {
             Ok(listed) => {
                 for due in &due {
-                    let id = due.secret.secret_id.as_str();
-                    let found = listed.iter().find(|d| {
-                        d.name == id || d.arn == id || due.name.as_deref() == Some(d.name.as_str())
-                    });
+                    let found = listed.iter().find(|listed| is_listed_as(listed, due));
                     // Absent from the list: gone, or not yet visible (eventual consistency);
                     // DescribeSecret tells which.
                     let described = match found {
@@ -457,12 +603,12 @@ pub fn needs_read(freshness: &Freshness<'_>) -> bool {
     } = *freshness;
     let limit = match mode {
         SweepMode::Get => Some(refresh),
-        SweepMode::List | SweepMode::Describe if checks_failing => Some(
+        SweepMode::Auto | SweepMode::List | SweepMode::Describe if checks_failing => Some(
             refresh
                 .saturating_mul(STALE_AFTER_INTERVALS)
                 .max(FAILED_CHECK_MAX_WAIT),
         ),
-        SweepMode::List | SweepMode::Describe => None,
+        SweepMode::Auto | SweepMode::List | SweepMode::Describe => None,
     };
     match age {
         None => return true,
@@ -620,5 +766,87 @@ mod tests {
             ..fresh(Some("v1"), Some("v1"))
         };
         assert!(needs_read(&unknown));
+    }
+
+    fn due(id: &str, name: Option<&str>) -> crate::source::index::Due {
+        crate::source::index::Due {
+            secret: SecretRef {
+                secret_id: id.to_string(),
+                region: "eu-west-1".into(),
+                role: None,
+                version: VersionSelector::Stage("AWSCURRENT".into()),
+            },
+            name: name.map(str::to_string),
+            namespace: Arc::new(("ns".to_string(), "identity".to_string())),
+        }
+    }
+
+    #[test]
+    fn auto_lists_by_prefix_only_when_a_listing_costs_less_than_describing() {
+        let fleet: Vec<_> = (0..30)
+            .map(|n| {
+                let name = format!("payments/client-{n}");
+                due(&name, Some(&name))
+            })
+            .collect();
+        assert_eq!(
+            listing_plan(&fleet, None),
+            Some(vec!["payments/".to_string()]),
+            "one prefix covers a namespace's secrets"
+        );
+        assert_eq!(
+            listing_plan(&fleet[..1], None),
+            None,
+            "one due secret: one DescribeSecret is no dearer than a listing"
+        );
+        assert_eq!(
+            listing_plan(&fleet, Some(Listing::Pages(40))),
+            None,
+            "the last listing took 40 pages: 30 describes are cheaper"
+        );
+        assert_eq!(listing_plan(&fleet, Some(Listing::Refused)), None);
+        let mut unnamed = fleet.clone();
+        unnamed.push(due(
+            "arn:aws:secretsmanager:eu-west-1:111111111111:secret:x",
+            None,
+        ));
+        assert_eq!(
+            listing_plan(&unnamed, None),
+            None,
+            "a secret whose name is not known yet cannot be found in a listing"
+        );
+        let many: Vec<_> = (0..11)
+            .flat_map(|n| {
+                let name = format!("team-{n}/client");
+                [due(&name, Some(&name)), due(&name, Some(&name))]
+            })
+            .collect();
+        assert_eq!(
+            listing_plan(&many, None),
+            None,
+            "more prefixes than one call may filter by"
+        );
+        assert_eq!(listing_prefix("flat-name"), "flat-name");
+    }
+
+    #[test]
+    fn an_arn_id_is_found_in_a_listing_by_its_arn_only() {
+        let arn = "arn:aws:secretsmanager:eu-west-1:111111111111:secret:payments/client";
+        let other_account = DescribedSecret {
+            arn: "arn:aws:secretsmanager:eu-west-1:222222222222:secret:payments/client-AbCdEf"
+                .into(),
+            name: "payments/client".into(),
+            ..Default::default()
+        };
+        let wanted = due(arn, Some("payments/client"));
+        assert!(
+            !is_listed_as(&other_account, &wanted),
+            "same name, another account"
+        );
+        let same = DescribedSecret {
+            arn: format!("{arn}-AbCdEf"),
+            ..other_account
+        };
+        assert!(is_listed_as(&same, &wanted));
     }
 }

@@ -216,8 +216,11 @@ async fn a_namespace_whose_checks_outrun_the_rate_neither_reads_nor_delays_other
     let billing = support::create_namespace("sweep-victim", &[]).await?;
     let aws = endpoint.aws_config(&support::aws_config().await);
     let source = SecretsManagerSource::new(aws.clone()).with_max_calls_per_second(4.0);
+    // The describe sweep: one call per secret, the costly mode `auto` falls back to where
+    // ListSecrets is refused.
     let settings = Settings {
         sweep_interval: Duration::from_secs(10),
+        sweep_mode: mtls_operator::source::fleet::SweepMode::Describe,
         ..Settings::default()
     };
     let operator = start_operator_on(&[&payments, &billing], settings, aws, source).await?;
@@ -287,7 +290,12 @@ async fn calls_during(endpoint: &endpoint::CountingEndpoint, window: Duration) -
 async fn persistent_denials_cost_no_more_calls_than_a_healthy_fleet() -> Result<()> {
     let endpoint = counting_endpoint(endpoint::Mode::Pass).await?;
     let namespace = support::create_namespace("denied-loop", &[]).await?;
-    let _operator = start_operator_through(&endpoint, &[&namespace], Settings::default()).await?;
+    // The describe sweep: one check per secret, each of which can fail.
+    let settings = Settings {
+        sweep_mode: mtls_operator::source::fleet::SweepMode::Describe,
+        ..Settings::default()
+    };
+    let _operator = start_operator_through(&endpoint, &[&namespace], settings).await?;
     let ca = TestCa::new("denied-loop CA")?;
     let every_ten_seconds = serde_json::json!({"refreshInterval": "10s"});
     let mut ids = Vec::new();
