@@ -26,6 +26,8 @@ struct IdentitySeries {
     /// The Ready condition's fixed reason while not Ready.
     not_ready_reason: Option<Box<str>>,
     source_reachable: bool,
+    /// The identity's refresh interval (seconds); 0 before its first reconcile.
+    refresh_seconds: u32,
 }
 
 /// Namespace and name.
@@ -38,12 +40,17 @@ type IdentityName = (Box<str>, Box<str>);
 struct IdentityGauges {
     /// By namespace and name; ordered, so a scrape lists them in a stable order.
     series: Mutex<BTreeMap<IdentityName, IdentitySeries>>,
+    /// The sweep interval in effect (seconds); 0 while none is (healthy events, `get` mode).
+    sweep_interval_seconds: std::sync::atomic::AtomicU64,
 }
 
 impl Collector for IdentityGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::metrics::MetricType;
         let series = crate::lock(&self.series);
+        let sweep = self
+            .sweep_interval_seconds
+            .load(std::sync::atomic::Ordering::Relaxed);
         // One gauge, a series per identity that has a value for it.
         let gauge = |encoder: &mut DescriptorEncoder,
                      name: &str,
@@ -104,7 +111,34 @@ impl Collector for IdentityGauges {
             "0 while the identity's last Secrets Manager check failed transiently (throttled, \
              unreachable), 1 otherwise",
             |values| Some(i64::from(values.source_reachable)),
-        )
+        )?;
+        let check_interval = |values: &IdentitySeries| {
+            let refresh = u64::from(values.refresh_seconds);
+            let longest = if sweep == 0 {
+                refresh
+            } else {
+                refresh.min(sweep)
+            };
+            (refresh > 0).then(|| i64::try_from(longest).unwrap_or(i64::MAX))
+        };
+        let mut checked = encoder.encode_descriptor(
+            "identity_version_check_interval_seconds",
+            "Longest a new version of the identity's secret goes unseen when no change event \
+             announces it: its refreshInterval, or the sweep interval when shorter while change \
+             events are not healthy",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((namespace, identity), values) in series.iter() {
+            if let Some(seconds) = check_interval(values) {
+                let labels = [
+                    ("namespace", namespace.as_ref()),
+                    ("name", identity.as_ref()),
+                ];
+                checked.encode_family(&labels)?.encode_gauge(&seconds)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,6 +196,8 @@ pub struct Metrics {
     pub reads_deferred: Counter,
     /// Identities the controller keeps per-identity memory for (backoff, read budget, ...).
     pub identities_remembered: Gauge<i64, AtomicI64>,
+    /// 1 while the events queue is healthy (the sweep is then a safety net).
+    pub events_healthy: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -191,6 +227,7 @@ impl Metrics {
             detection_lag: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
             reads_deferred: Counter::default(),
             identities_remembered: Gauge::default(),
+            events_healthy: Gauge::default(),
         };
         registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
@@ -268,6 +305,13 @@ impl Metrics {
             metrics.identities_remembered.clone(),
         );
         registry.register(
+            "source_events_healthy",
+            "1 while the change events queue answers (messages or empty long polls): versions are \
+             then swept at each identity's refreshInterval only, as a safety net; 0 while it fails \
+             or is not configured (swept every --sweep-interval)",
+            metrics.events_healthy.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease",
             metrics.leader.clone(),
@@ -308,6 +352,7 @@ impl Metrics {
         previous: Option<&MtlsIdentityStatus>,
         now: &MtlsIdentityStatus,
         outcome: Result<(), Reason>,
+        refresh: std::time::Duration,
     ) {
         let (sync_outcome, reason) = match outcome {
             Ok(()) => (Outcome::Success, Reason::Synced),
@@ -337,6 +382,7 @@ impl Metrics {
                 .conditions
                 .iter()
                 .any(|c| c.type_ == ConditionType::SourceReachable && c.status == "False"),
+            refresh_seconds: u32::try_from(refresh.as_secs()).unwrap_or(u32::MAX),
             ..IdentitySeries::default()
         };
         // The gauges describe the certificate in the Secret, which a failed sync leaves in place.
@@ -373,6 +419,16 @@ impl Metrics {
 
     fn set_identity(&self, namespace: &str, name: &str, values: IdentitySeries) {
         crate::lock(&self.identities.series).insert((namespace.into(), name.into()), values);
+    }
+
+    /// The sweep interval in effect (`None`: each identity is checked at its refresh interval) and
+    /// whether change events are healthy.
+    pub fn set_sweep_interval(&self, interval: Option<std::time::Duration>, events_healthy: bool) {
+        self.identities.sweep_interval_seconds.store(
+            interval.map_or(0, |interval| interval.as_secs().max(1)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.events_healthy.set(i64::from(events_healthy));
     }
 
     /// Counts `count` workload restarts with `outcome` (triggered or failed).

@@ -290,6 +290,139 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     Ok(())
 }
 
+/// Every Secrets Manager call over `window` (`intervals` refresh intervals), by operation, and the
+/// calls per identity per refresh interval: a measurement window, not a wait for a condition.
+async fn calls_per_identity_per_interval(
+    endpoint: &CountingEndpoint,
+    window: Duration,
+    intervals: u32,
+    identities: usize,
+) -> (f64, std::collections::BTreeMap<String, usize>) {
+    let before = endpoint.seen().len();
+    tokio::time::sleep(window).await;
+    let seen = endpoint.seen();
+    let mut by_operation = std::collections::BTreeMap::<String, usize>::new();
+    for call in &seen[before.min(seen.len())..] {
+        *by_operation.entry(call.operation.clone()).or_default() += 1;
+    }
+    let calls: usize = by_operation.values().sum();
+    let per = calls as f64 / identities as f64 / f64::from(intervals);
+    (per, by_operation)
+}
+
+/// W2 at the shipped defaults (`auto` sweep every 5 min, refreshInterval 1h: 12 sweeps per refresh
+/// interval), their ratio scaled to `MTLS_BENCH_W2_SWEEP_SECONDS` (default 10 s) and 12 times that:
+/// every Secrets Manager call over two refresh intervals (simulated hours) of an unchanged fleet in
+/// an account that also holds `MTLS_BENCH_W2_UNRELATED` (default 500) other secrets, without events
+/// and with a healthy events queue. Calls per identity per refresh interval are calls per identity
+/// per hour at the defaults.
+#[tokio::test]
+#[ignore = "benchmark: run explicitly, see the module docs"]
+async fn w2_calls_per_identity_per_hour_at_the_defaults() -> Result<()> {
+    let count = fleet_size();
+    let sweep = Duration::from_secs(env_or("MTLS_BENCH_W2_SWEEP_SECONDS", 10));
+    let refresh = sweep * 12;
+    let unrelated: usize = env_or("MTLS_BENCH_W2_UNRELATED", 500);
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("bench-w2", &[]).await?;
+    let kubeconfig = operator_kubeconfig(&namespace).await?;
+    let ca = TestCa::new("bench W2 CA")?;
+    let value = good_secret(&ca)?;
+    create_sources(&namespace, count, &value, 16).await?;
+    // Other teams' secrets in the same account: a listing filtered by prefix never pages them.
+    let others = format!("{namespace}-other");
+    create_sources(&others, unrelated, "{}", 16).await?;
+    let endpoint = CountingEndpoint::start(
+        support::aws_config()
+            .await
+            .endpoint_url()
+            .unwrap_or_default(),
+        Mode::Pass,
+    )
+    .await?;
+    let interval = format!("{}s", sweep.as_secs());
+    let operator = spawn_operator(
+        &namespace,
+        &endpoint,
+        &kubeconfig,
+        &["--sweep-interval".to_string(), interval.clone()],
+    )?;
+    let client = support::admin_client().await?;
+    let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
+    create_identities(
+        &identities,
+        &namespace,
+        count,
+        &format!("{}s", refresh.as_secs()),
+    )
+    .await?;
+    wait_for(
+        "every identity Ready",
+        Duration::from_secs(1800),
+        || async {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            ensure!(ready == count, "{ready} of {count} Ready");
+            Ok(())
+        },
+    )
+    .await?;
+    let window = refresh * 2;
+    // From one sweep interval after Ready: the cold start's reads are over.
+    tokio::time::sleep(sweep).await;
+    let (without_events, by_operation) =
+        calls_per_identity_per_interval(&endpoint, window, 2, count).await;
+    println!(
+        "W2 defaults, auto, no events: {without_events:.3} calls per identity per hour (target <= \
+         0.15; ESO 1.0 hourly, 12 at 5-minute freshness): {by_operation:?} over {window:?}"
+    );
+    stop_operator(operator)?;
+
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("{namespace}-changes"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    let restarted = spawn_operator(
+        &namespace,
+        &endpoint,
+        &kubeconfig,
+        &[
+            "--sweep-interval".to_string(),
+            interval,
+            "--events-queue-url".to_string(),
+            url.clone(),
+        ],
+    )?;
+    // The restart confirms the fleet with one sweep (nothing read); then the queue is healthy
+    // (its first empty long poll answers within 20 s) and the sweep is a safety net.
+    tokio::time::sleep(sweep + Duration::from_secs(20)).await;
+    let (with_events, by_operation) =
+        calls_per_identity_per_interval(&endpoint, window, 2, count).await;
+    println!(
+        "W2 defaults, auto, healthy events: {with_events:.3} calls per identity per hour (target \
+         <= 0.02): {by_operation:?} over {window:?}"
+    );
+    let monthly = |per_identity_hour: f64, identities: f64| {
+        per_identity_hour * identities * 730.0 * 0.05 / 10_000.0
+    };
+    println!(
+        "W2 monthly API cost: no events ${:.2} (1,000) ${:.2} (10,000); events ${:.2} ${:.2}; \
+         ESO hourly ${:.2} ${:.2}",
+        monthly(without_events, 1000.0),
+        monthly(without_events, 10_000.0),
+        monthly(with_events, 1000.0),
+        monthly(with_events, 10_000.0),
+        monthly(1.0, 1000.0),
+        monthly(1.0, 10_000.0),
+    );
+    stop_operator(restarted)?;
+    sqs.delete_queue().queue_url(&url).send().await?;
+    Ok(())
+}
+
 /// Resident memory of process `pid`, in MiB (Linux /proc).
 fn rss_mib(pid: u32) -> Result<f64> {
     proc_status_mib(pid, "VmRSS")

@@ -30,11 +30,21 @@ fn settings(mode: SweepMode) -> Settings {
 
 /// Identities `client-0..count` on secrets `{namespace}/client-N`, refreshInterval 1h.
 async fn create_fleet(namespace: &str, ca: &TestCa, count: usize) -> Result<()> {
+    create_fleet_refreshing(namespace, ca, count, "1h").await
+}
+
+/// Like [`create_fleet`], with refreshInterval `refresh`.
+async fn create_fleet_refreshing(
+    namespace: &str,
+    ca: &TestCa,
+    count: usize,
+    refresh: &str,
+) -> Result<()> {
     futures::stream::iter(0..count)
         .map(|index| async move {
             let id = format!("{namespace}/client-{index}");
             put_source(&id, &good_secret(ca)?).await?;
-            let spec = serde_json::json!({"refreshInterval": "1h"});
+            let spec = serde_json::json!({"refreshInterval": refresh});
             create_identity(namespace, &identity(&format!("client-{index}"), &id, spec)?).await
         })
         .buffer_unordered(8)
@@ -514,6 +524,214 @@ async fn events_deliver_rotations_and_the_sweep_carries_on_without_the_queue() -
     let again = put_source(&id, &good_secret(&ca)?).await?;
     send(label_updated(&id, &again)).await?;
     wait_rotation(&namespace, "client", &again).await?;
+    Ok(())
+}
+
+/// Every Secrets Manager call per identity per refresh interval, over `intervals` refresh intervals
+/// from the next listing on: a measurement window, not a wait for a condition (what is counted is
+/// what happens in it).
+async fn calls_per_identity_per_refresh(
+    endpoint: &common::endpoint::CountingEndpoint,
+    identities: usize,
+    refresh: Duration,
+    intervals: u32,
+) -> Result<f64> {
+    let from = endpoint.count(Some("ListSecrets"));
+    wait_for("a listing", TIMEOUT, || async {
+        ensure!(endpoint.count(Some("ListSecrets")) > from, "none yet");
+        Ok(())
+    })
+    .await?;
+    let before = endpoint.count(None);
+    tokio::time::sleep(refresh * intervals).await;
+    let calls = endpoint.count(None) - before;
+    Ok(calls as f64 / identities as f64 / f64::from(intervals))
+}
+
+/// The shipped defaults' ratio (refreshInterval 1h, sweep 5 min: 12 sweeps per refresh interval),
+/// scaled down to 12 s and 1 s: what 100 identities in one namespace cost in `auto` mode per refresh
+/// interval, every Secrets Manager call counted at the endpoint, without events (the 5-minute
+/// freshness) and with a healthy events queue (the sweep a safety net at the refresh interval).
+#[tokio::test]
+async fn auto_mode_at_the_default_ratio_costs_a_listing_per_sweep_and_one_per_refresh_with_events()
+-> Result<()> {
+    const COUNT: usize = 100;
+    /// The simulated hour: the identities' refresh interval.
+    const REFRESH: Duration = Duration::from_secs(12);
+    const HOURS: u32 = 2;
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("auto-cost", &[]).await?;
+    let ca = TestCa::new("auto cost CA")?;
+    create_fleet_refreshing(&namespace, &ca, COUNT, "12s").await?;
+    let scaled = |events| Settings {
+        sweep_mode: SweepMode::Auto,
+        sweep_interval: Duration::from_secs(1),
+        events,
+        ..Settings::default()
+    };
+    let (operator, endpoint) = operator_behind(&namespace, Mode::Pass, scaled(None)).await?;
+    wait_all_ready(&namespace, COUNT).await?;
+    let without_events = calls_per_identity_per_refresh(&endpoint, COUNT, REFRESH, HOURS).await?;
+    drop(operator);
+
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("{namespace}-changes"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    // A message about a secret nobody uses: the queue answers at once, and is healthy.
+    sqs.send_message()
+        .queue_url(&url)
+        .message_body(label_updated(&format!("{namespace}/nobody"), "v1"))
+        .send()
+        .await?;
+    let events = mtls_operator::source::events::EventQueue {
+        url: url.clone(),
+        client: sqs.clone(),
+    };
+    let (operator, endpoint) =
+        operator_behind(&namespace, Mode::Pass, scaled(Some(events))).await?;
+    wait_for("the events queue healthy", TIMEOUT, || async {
+        ensure!(
+            metric(&operator, "mtls_source_events_healthy") == 1,
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    let with_events = calls_per_identity_per_refresh(&endpoint, COUNT, REFRESH, HOURS).await?;
+    sqs.delete_queue().queue_url(&url).send().await?;
+    println!(
+        "auto, {COUNT} identities at the default ratio: {without_events:.3} calls per identity per \
+         refresh interval without events, {with_events:.3} with a healthy queue (External Secrets \
+         Operator: 1 at its hourly default, 12 at 5-minute freshness)"
+    );
+    // One listing page per sweep: 12 per refresh interval for 100 identities.
+    ensure!(
+        without_events <= 0.15,
+        "{without_events:.3} calls per identity per refresh interval without events"
+    );
+    // One listing per refresh interval.
+    ensure!(
+        with_events <= 0.02,
+        "{with_events:.3} calls per identity per refresh interval with events"
+    );
+    Ok(())
+}
+
+/// While the events queue answers, a secret is swept at its identity's refreshInterval (a safety
+/// net for lost events), not every sweep interval; once the queue fails, every sweep interval
+/// again, at once. Counted at the endpoint: DescribeSecret calls per secret.
+#[tokio::test]
+async fn healthy_events_stretch_the_sweep_and_a_failed_queue_tightens_it() -> Result<()> {
+    let namespace = support::create_namespace("events-stretch", &[]).await?;
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("{namespace}-changes"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    let settings = Settings {
+        events: Some(mtls_operator::source::events::EventQueue {
+            url: url.clone(),
+            client: sqs.clone(),
+        }),
+        ..settings(SweepMode::Describe)
+    };
+    let (operator, endpoint) = operator_behind(&namespace, Mode::Pass, settings).await?;
+    let ca = TestCa::new("stretch CA")?;
+    // `quiet` (refreshInterval 1h) is checked every sweep interval (2 s) unless events stretch
+    // it; `pulse` (refreshInterval 2s) every 2 s whatever the events do: the test's clock.
+    let quiet = format!("{namespace}/quiet");
+    let pulse = format!("{namespace}/pulse");
+    for (name, id, refresh) in [("quiet", &quiet, "1h"), ("pulse", &pulse, "2s")] {
+        put_source(id, &good_secret(&ca)?).await?;
+        let spec = serde_json::json!({"refreshInterval": refresh});
+        create_identity(&namespace, &identity(name, id, spec)?).await?;
+        wait_ready(&namespace, name, "True", "Synced").await?;
+    }
+    let describes = |id: &String| {
+        endpoint
+            .requests_for(std::slice::from_ref(id))
+            .iter()
+            .filter(|seen| seen.operation == "DescribeSecret")
+            .count()
+    };
+    let check_interval = |name: &str| {
+        metric(
+            &operator,
+            &format!(
+                "mtls_identity_version_check_interval_seconds{{namespace=\"{namespace}\",name=\"{name}\"}}"
+            ),
+        )
+    };
+    let wait_checks = |id: &String, more: usize| {
+        let from = describes(id);
+        let id = id.clone();
+        async move {
+            wait_for(&format!("{more} more checks of {id}"), TIMEOUT, || async {
+                let done = describes(&id) - from;
+                ensure!(done >= more, "{done} so far");
+                Ok(())
+            })
+            .await
+        }
+    };
+    wait_checks(&quiet, 1).await?;
+
+    // An answer from the queue (a message about a secret nobody uses) makes it healthy.
+    sqs.send_message()
+        .queue_url(&url)
+        .message_body(label_updated(&format!("{namespace}/nobody"), "v1"))
+        .send()
+        .await?;
+    wait_for("the events queue healthy", TIMEOUT, || async {
+        ensure!(
+            metric(&operator, "mtls_source_events_healthy") == 1,
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    // Two of pulse's sweeps: the second began after every sweep that began before the queue was
+    // healthy had ended, so no check of quiet is still on its way.
+    wait_checks(&pulse, 2).await?;
+    let quiet_before = describes(&quiet);
+    wait_checks(&pulse, 3).await?;
+    let quiet_checks = describes(&quiet) - quiet_before;
+    println!("healthy events: {quiet_checks} checks of quiet in 3 sweeps of pulse");
+    ensure!(
+        quiet_checks == 0,
+        "quiet was checked {quiet_checks} times in 3 sweep intervals while events were healthy"
+    );
+    ensure!(
+        check_interval("quiet") == 3600 && check_interval("pulse") == 2,
+        "check intervals: quiet {}, pulse {}",
+        check_interval("quiet"),
+        check_interval("pulse")
+    );
+
+    // The queue fails: quiet is checked every sweep interval again.
+    sqs.delete_queue().queue_url(&url).send().await?;
+    wait_for("the events queue failing", TIMEOUT, || async {
+        ensure!(
+            metric(&operator, "mtls_source_events_healthy") == 0,
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    wait_checks(&quiet, 2).await?;
+    ensure!(
+        check_interval("quiet") == 2,
+        "quiet's check interval is the sweep's again: {}",
+        check_interval("quiet")
+    );
     Ok(())
 }
 

@@ -242,6 +242,7 @@ async fn apply(
             previous,
             &plan.status,
             plan.attempt(),
+            parsed.refresh_or_default(),
         )
     });
     if previous != Some(&plan.status) {

@@ -2,7 +2,10 @@
 //! events. Each message names a secret; the fleet checks that secret's version now (DescribeSecret)
 //! and reconciles exactly its identities when it changed. Messages are hints, never trusted for the
 //! version: duplicates and reordering are harmless. Malformed or unknown messages are counted and
-//! deleted; an unreachable queue is logged and retried while the sweep carries on.
+//! deleted; an unreachable queue is logged and retried while the sweep carries on. Every answer of
+//! the queue (messages or an empty long poll) keeps it healthy for a minute, and while it is healthy
+//! the sweep checks each secret at its identities' refresh interval only ([`Fleet::events_answered`]);
+//! a failed receive tightens the sweep back at once ([`Fleet::events_failed`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,8 +107,12 @@ pub async fn run(
                 .send() => received,
         };
         let output = match received {
-            Ok(output) => output,
+            Ok(output) => {
+                fleet.events_answered(std::time::Instant::now());
+                output
+            }
             Err(error) => {
+                fleet.events_failed();
                 count(Outcome::QueueError);
                 if !failing {
                     warn!(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::index::{FAILED_CHECK_MAX_WAIT, IdentityKey, VersionIndex, fair_order};
 use super::{DescribedSecret, Scope, SecretRef, SecretSource, SourceError, VersionSelector};
@@ -43,46 +43,96 @@ impl SweepMode {
     }
 }
 
-/// Whether `auto` mode lists a scope's due secrets, and with which name prefixes: a secret's prefix
-/// is its name up to and including the first `/` (the namespace's, under the default source
-/// policy), else its whole name. It lists when every due secret's name is known, at most
-/// [`LIST_FILTER_MAX`] prefixes cover them, ListSecrets was not refused, and the listing is
-/// expected to cost fewer calls than describing each (the scope's last listing's pages; one page
-/// before the first).
-fn listing_plan(due: &[super::index::Due], remembered: Option<Listing>) -> Option<Vec<String>> {
-    let expected_pages = match remembered {
-        Some(Listing::Refused) => return None,
-        Some(Listing::Pages(pages)) => pages,
-        None => 1,
-    };
-    if due.len() <= expected_pages {
-        return None;
-    }
-    let mut prefixes: Vec<String> = Vec::new();
-    for due in due {
-        let prefix = listing_prefix(due.name.as_deref()?);
-        if !prefixes.contains(&prefix) {
-            prefixes.push(prefix);
-        }
-        if prefixes.len() > LIST_FILTER_MAX {
-            return None;
-        }
-    }
-    Some(prefixes)
+/// One ListSecrets of `auto` mode: at most [`LIST_FILTER_MAX`] name prefixes, and the due secrets
+/// under them.
+#[derive(Debug, PartialEq, Eq)]
+struct ListingGroup {
+    prefixes: Vec<String>,
+    due: Vec<super::index::Due>,
 }
 
-/// Whether `listed` is `due`'s secret. An ARN id is matched by ARN only (with or without its
-/// 6-character suffix): a secret of the same name in the listed account is another secret.
-fn is_listed_as(listed: &DescribedSecret, due: &super::index::Due) -> bool {
-    let id = due.secret.secret_id.as_str();
-    if id.starts_with("arn:") {
-        return listed.arn == id
-            || listed
-                .arn
-                .strip_prefix(id)
-                .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'));
+/// Whether `auto` mode lists a scope's due secrets (`Ok`: the listings, each filtered by up to
+/// [`LIST_FILTER_MAX`] name prefixes) or describes them (`Err`: all of them, given back). A secret's
+/// prefix is its name up to and including the first `/` (the namespace's, under the default source
+/// policy), else its whole name. It lists when every due secret's name is known, ListSecrets was
+/// not refused, and the listings are expected to cost fewer calls than describing each: the pages
+/// the scope's last listings took per prefix, at least one per listing.
+fn listing_plan(
+    due: Vec<super::index::Due>,
+    remembered: Option<Listing>,
+) -> Result<Vec<ListingGroup>, Vec<super::index::Due>> {
+    if remembered == Some(Listing::Refused) || due.iter().any(|due| due.name.is_none()) {
+        return Err(due);
     }
-    listed.name == id || due.name.as_deref() == Some(listed.name.as_str())
+    let count = due.len();
+    let mut by_prefix: BTreeMap<String, Vec<super::index::Due>> = BTreeMap::new();
+    for due in due {
+        let prefix = listing_prefix(due.name.as_deref().unwrap_or_default());
+        by_prefix.entry(prefix).or_default().push(due);
+    }
+    let prefixes = by_prefix.len();
+    let mut groups: Vec<ListingGroup> = Vec::new();
+    for (prefix, due) in by_prefix {
+        match groups.last_mut() {
+            Some(group) if group.prefixes.len() < LIST_FILTER_MAX => {
+                group.prefixes.push(prefix);
+                group.due.extend(due);
+            }
+            _ => groups.push(ListingGroup {
+                prefixes: vec![prefix],
+                due,
+            }),
+        }
+    }
+    let expected_pages = match remembered {
+        Some(Listing::Pages {
+            pages,
+            prefixes: listed,
+        }) => (pages * prefixes).div_ceil(listed.max(1)).max(groups.len()),
+        _ => groups.len(),
+    };
+    if count <= expected_pages {
+        return Err(groups.into_iter().flat_map(|group| group.due).collect());
+    }
+    Ok(groups)
+}
+
+/// A listing, looked up as a due secret's id says: an ARN id by ARN only (with or without its
+/// `-XXXXXX` suffix), since a secret of the same name in the listed account is another secret; a
+/// name by name. Maps, not a scan per secret: a listing of 10,000 checked against 10,000 due.
+struct ListedSecrets<'a> {
+    by_name: HashMap<&'a str, &'a DescribedSecret>,
+    by_arn: HashMap<&'a str, &'a DescribedSecret>,
+}
+
+impl<'a> ListedSecrets<'a> {
+    fn new(listed: &'a [DescribedSecret]) -> Self {
+        let mut by_name = HashMap::with_capacity(listed.len());
+        let mut by_arn = HashMap::with_capacity(listed.len() * 2);
+        for secret in listed {
+            by_name.insert(secret.name.as_str(), secret);
+            by_arn.insert(secret.arn.as_str(), secret);
+            // Secrets Manager ends every ARN with `-` and six random characters.
+            if let Some(cut) = secret.arn.len().checked_sub(7)
+                && secret.arn.get(cut..cut + 1) == Some("-")
+                && let Some(partial) = secret.arn.get(..cut)
+            {
+                by_arn.insert(partial, secret);
+            }
+        }
+        Self { by_name, by_arn }
+    }
+
+    fn find(&self, due: &super::index::Due) -> Option<&'a DescribedSecret> {
+        let id = due.secret.secret_id.as_str();
+        if id.starts_with("arn:") {
+            return self.by_arn.get(id).copied();
+        }
+        self.by_name
+            .get(id)
+            .or_else(|| due.name.as_deref().and_then(|name| self.by_name.get(name)))
+            .copied()
+    }
 }
 
 /// A secret name's listing prefix: up to and including the first `/`, else the whole name.
@@ -108,13 +158,25 @@ pub struct Fleet {
     /// `auto` mode, per scope: ListSecrets was refused (describe from then on), or how many
     /// pages the scope's last filtered listing took (what the next one is expected to cost).
     listing: Mutex<HashMap<Scope, Listing>>,
+    /// Until when the events queue counts as healthy (it answered, with messages or an empty
+    /// long poll, less than [`EVENTS_HEALTHY_FOR`] before); `None` while it fails or before its
+    /// first answer. While healthy, the sweep is a safety net at the identities' refresh intervals.
+    events_healthy_until: Mutex<Option<Instant>>,
 }
+
+/// How long one answer of the events queue keeps it healthy: a long poll answers within 20 s, so
+/// this is three missed answers (a receive that hangs without failing also ends it).
+pub const EVENTS_HEALTHY_FOR: Duration = Duration::from_secs(60);
 
 /// What `auto` mode remembers of a scope's listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Listing {
     Refused,
-    Pages(usize),
+    /// The last sweep's listings took `pages` pages for `prefixes` prefixes.
+    Pages {
+        pages: usize,
+        prefixes: usize,
+    },
 }
 
 /// Scopes whose listing costs are remembered at most (regions and roles the policy allows; the
@@ -152,6 +214,58 @@ impl Fleet {
             wake: tokio::sync::Notify::new(),
             metrics,
             listing: Mutex::new(HashMap::new()),
+            events_healthy_until: Mutex::new(None),
+        }
+        .with_cadence_reported()
+    }
+
+    /// Sets the metrics' sweep cadence to what it is at construction (no events yet).
+    fn with_cadence_reported(self) -> Self {
+        self.report_cadence(Instant::now());
+        self
+    }
+
+    /// The events queue answered at `now` (messages, or an empty long poll): until
+    /// [`EVENTS_HEALTHY_FOR`] passes without another answer, each secret is swept at its
+    /// identities' refresh interval only, a safety net for events lost on the way.
+    pub fn events_answered(&self, now: Instant) {
+        let was_healthy = self.events_healthy(now);
+        *lock(&self.events_healthy_until) = Some(now + EVENTS_HEALTHY_FOR);
+        if !was_healthy && self.mode != SweepMode::Get {
+            info!(
+                "change events arrive: versions are swept at each identity's refresh interval \
+                 (a safety net), not every sweep interval, while the queue stays healthy"
+            );
+        }
+        self.report_cadence(now);
+    }
+
+    /// Receiving from the events queue failed: the sweep tightens back to its interval at once.
+    pub fn events_failed(&self) {
+        let now = Instant::now();
+        let was_healthy = self.events_healthy(now);
+        *lock(&self.events_healthy_until) = None;
+        if was_healthy && self.mode != SweepMode::Get {
+            info!("change events fail: versions are swept every sweep interval again");
+            self.wake.notify_one();
+        }
+        self.report_cadence(now);
+    }
+
+    fn events_healthy(&self, now: Instant) -> bool {
+        lock(&self.events_healthy_until).is_some_and(|until| now < until)
+    }
+
+    /// The sweep interval in effect at `now`: none while the events queue is healthy (each secret
+    /// is then checked at its identities' refresh interval), else `--sweep-interval`; `None` in
+    /// `get` mode, which has no sweep.
+    pub fn sweep_interval(&self, now: Instant) -> Option<Duration> {
+        (self.mode != SweepMode::Get && !self.events_healthy(now)).then_some(self.interval)
+    }
+
+    fn report_cadence(&self, now: Instant) {
+        if let Some(metrics) = &self.metrics {
+            metrics.set_sweep_interval(self.sweep_interval(now), self.events_healthy(now));
         }
     }
 
@@ -301,9 +415,14 @@ impl Fleet {
         tokio::pin!(shutdown);
         loop {
             let now = Instant::now();
+            self.report_cadence(now);
+            let interval = self.sweep_interval(now).unwrap_or(Duration::MAX);
             let next = lock(&self.index)
-                .next_due(now, self.interval)
-                .unwrap_or(now + self.interval);
+                .next_due(now, interval)
+                .unwrap_or_else(|| now.checked_add(self.interval).unwrap_or(now));
+            // Healthy events end unannounced when a receive hangs: look again when they lapse.
+            let lapse = (*lock(&self.events_healthy_until)).filter(|until| *until > now);
+            let next = lapse.map_or(next, |lapse| next.min(lapse));
             let wait = next
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(200));
@@ -324,7 +443,8 @@ impl Fleet {
     /// back at once for the rest, after looking again at what fell due meanwhile).
     pub async fn sweep_once(&self) {
         let started = Instant::now();
-        let due = lock(&self.index).due(started, self.interval);
+        let interval = self.sweep_interval(started).unwrap_or(Duration::MAX);
+        let due = lock(&self.index).due(started, interval);
         if let Some(metrics) = &self.metrics {
             metrics
                 .sweep_backlog
@@ -345,12 +465,9 @@ impl Fleet {
                 let mut to_describe = Vec::new();
                 for (scope, due) in by_scope {
                     let remembered = lock(&self.listing).get(&scope).copied();
-                    match listing_plan(&due, remembered) {
-                        Some(prefixes) => {
-                            let listed = self.sweep_prefixes(&scope, due, &prefixes).await;
-                            to_describe.extend(listed);
-                        }
-                        None => to_describe.extend(due),
+                    match listing_plan(due, remembered) {
+                        Ok(groups) => to_describe.extend(self.sweep_listings(&scope, groups).await),
+                        Err(due) => to_describe.extend(due),
                     }
                 }
                 self.describe_due(to_describe).await;
@@ -384,17 +501,47 @@ impl Fleet {
             .await;
     }
 
-    /// `auto` mode's listing for one scope: ListSecrets filtered by `prefixes`, each due secret
-    /// confirmed from it (or described, if the listing does not show it yet). Returns what is left
-    /// to describe: everything, if ListSecrets was refused (remembered: describe for good, said
-    /// once) or failed.
+    /// `auto` mode's listings for one scope, one after another; remembers the pages they took.
+    /// Returns what is left to describe: what the listings did not show, and every group from the
+    /// first failed listing on (a refused one is remembered: describe for good, said once).
+    async fn sweep_listings(
+        &self,
+        scope: &Scope,
+        groups: Vec<ListingGroup>,
+    ) -> Vec<super::index::Due> {
+        let mut left = Vec::new();
+        let (mut pages, mut prefixes) = (0, 0);
+        let mut groups = groups.into_iter();
+        for group in groups.by_ref() {
+            prefixes += group.prefixes.len();
+            match self.sweep_prefixes(scope, group).await {
+                Ok((unlisted, listed_pages)) => {
+                    left.extend(unlisted);
+                    pages += listed_pages;
+                }
+                Err(due) => {
+                    left.extend(due);
+                    break;
+                }
+            }
+        }
+        left.extend(groups.flat_map(|group| group.due));
+        if pages > 0 && lock(&self.listing).get(scope) != Some(&Listing::Refused) {
+            self.remember_listing(scope, Listing::Pages { pages, prefixes });
+        }
+        left
+    }
+
+    /// One listing: ListSecrets filtered by the group's prefixes, each due secret confirmed from it
+    /// (or left to describe, if the listing does not show it yet), and the pages it took; `Err`
+    /// gives every due secret back when ListSecrets was refused or failed.
     async fn sweep_prefixes(
         &self,
         scope: &Scope,
-        due: Vec<super::index::Due>,
-        prefixes: &[String],
-    ) -> Vec<super::index::Due> {
-        let listed = match self.source.list(scope, prefixes).await {
+        group: ListingGroup,
+    ) -> Result<(Vec<super::index::Due>, usize), Vec<super::index::Due>> {
+        let ListingGroup { prefixes, due } = group;
+        let listed = match self.source.list(scope, &prefixes).await {
             Ok(listed) => listed,
             Err(error) => {
                 if matches!(error, SourceError::AccessDenied { .. }) {
@@ -413,23 +560,36 @@ impl Fleet {
                         "ListSecrets failed; describing the due secrets instead"
                     );
                 }
-                return due;
+                return Err(due);
             }
         };
-        self.remember_listing(
-            scope,
-            Listing::Pages(listed.len().div_ceil(LIST_PAGE).max(1)),
-        );
+        let pages = listed.len().div_ceil(LIST_PAGE).max(1);
+        let lookup = ListedSecrets::new(&listed);
         let mut unlisted = Vec::new();
+        let mut confirmed = std::collections::HashSet::with_capacity(due.len());
         for due in due {
-            let found = listed.iter().find(|listed| is_listed_as(listed, &due));
-            match found {
-                Some(found) => self.apply(&due.secret, Ok(Some(found.clone()))),
+            match lookup.find(&due) {
+                Some(found) => {
+                    self.apply(&due.secret, Ok(Some(found.clone())));
+                    confirmed.insert(due.secret);
+                }
                 // Not listed: gone, or not visible yet (eventual consistency); DescribeSecret tells.
                 None => unlisted.push(due),
             }
         }
-        unlisted
+        // The listing shows the scope's other secrets under these prefixes too, not yet due:
+        // confirming them now keeps the scope's checks aligned, one listing per interval rather
+        // than one each time a few more fall due.
+        let others = lock(&self.index).in_scope(scope);
+        for other in others {
+            if confirmed.contains(&other.secret) {
+                continue;
+            }
+            if let Some(found) = lookup.find(&other) {
+                self.apply(&other.secret, Ok(Some(found.clone())));
+            }
+        }
+        Ok((unlisted, pages))
     }
 
     fn remember_listing(&self, scope: &Scope, listing: Listing) {
@@ -457,8 +617,9 @@ impl Fleet {
         };
         match self.source.list(scope, &filters).await {
             Ok(listed) => {
+                let lookup = ListedSecrets::new(&listed);
                 for due in &due {
-                    let found = listed.iter().find(|listed| is_listed_as(listed, due));
+                    let found = lookup.find(due);
                     // Absent from the list: gone, or not yet visible (eventual consistency);
                     // DescribeSecret tells which.
                     let described = match found {
@@ -498,6 +659,10 @@ impl Fleet {
             .and_then(|d| d.as_ref())
             .and_then(|d| d.last_changed_unix);
         let gone = matches!(described, Err(SourceError::NotFound { .. }));
+        if let Ok(Some(described)) = &described {
+            // After a restart nothing was read yet: the check tells the names listings match by.
+            lock(&self.index).identify(secret, &described.arn, &described.name);
+        }
         let observed = match (&secret.version, described) {
             (VersionSelector::Stage(stage), Ok(Some(described))) => {
                 Some(described.version_with_stage(stage).map(str::to_string))
@@ -789,44 +954,123 @@ mod tests {
                 due(&name, Some(&name))
             })
             .collect();
+        let prefixes = |plan: Result<Vec<ListingGroup>, Vec<crate::source::index::Due>>| {
+            plan.map(|groups| groups.into_iter().map(|g| g.prefixes).collect::<Vec<_>>())
+                .map_err(|due| due.len())
+        };
         assert_eq!(
-            listing_plan(&fleet, None),
-            Some(vec!["payments/".to_string()]),
+            prefixes(listing_plan(fleet.clone(), None)),
+            Ok(vec![vec!["payments/".to_string()]]),
             "one prefix covers a namespace's secrets"
         );
         assert_eq!(
-            listing_plan(&fleet[..1], None),
-            None,
+            prefixes(listing_plan(fleet[..1].to_vec(), None)),
+            Err(1),
             "one due secret: one DescribeSecret is no dearer than a listing"
         );
+        let forty_pages = Listing::Pages {
+            pages: 40,
+            prefixes: 1,
+        };
         assert_eq!(
-            listing_plan(&fleet, Some(Listing::Pages(40))),
-            None,
+            prefixes(listing_plan(fleet.clone(), Some(forty_pages))),
+            Err(30),
             "the last listing took 40 pages: 30 describes are cheaper"
         );
-        assert_eq!(listing_plan(&fleet, Some(Listing::Refused)), None);
+        assert_eq!(
+            prefixes(listing_plan(fleet.clone(), Some(Listing::Refused))),
+            Err(30)
+        );
         let mut unnamed = fleet.clone();
         unnamed.push(due(
             "arn:aws:secretsmanager:eu-west-1:111111111111:secret:x",
             None,
         ));
         assert_eq!(
-            listing_plan(&unnamed, None),
-            None,
+            prefixes(listing_plan(unnamed, None)),
+            Err(31),
             "a secret whose name is not known yet cannot be found in a listing"
         );
-        let many: Vec<_> = (0..11)
+        // 25 namespaces of 4 due secrets each: 3 listings (10, 10 and 5 prefixes), not 100
+        // describes.
+        let many: Vec<_> = (0..25)
             .flat_map(|n| {
-                let name = format!("team-{n}/client");
-                [due(&name, Some(&name)), due(&name, Some(&name))]
+                (0..4).map(move |m| {
+                    let name = format!("team-{n:02}/client-{m}");
+                    due(&name, Some(&name))
+                })
             })
             .collect();
+        let groups = listing_plan(many.clone(), None).expect("lists");
         assert_eq!(
-            listing_plan(&many, None),
-            None,
-            "more prefixes than one call may filter by"
+            groups.iter().map(|g| g.prefixes.len()).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        assert!(
+            groups.iter().all(|g| g.due.iter().all(|d| g
+                .prefixes
+                .contains(&listing_prefix(d.name.as_deref().unwrap_or_default())))),
+            "each listing carries exactly the secrets under its prefixes"
+        );
+        assert_eq!(groups.iter().map(|g| g.due.len()).sum::<usize>(), 100);
+        // Remembered: 50 pages for those 25 prefixes; 5 of them due now: 10 pages expected
+        // against 20 describes.
+        let two_per_prefix = Listing::Pages {
+            pages: 50,
+            prefixes: 25,
+        };
+        assert!(listing_plan(many[..20].to_vec(), Some(two_per_prefix)).is_ok());
+        let four_per_prefix = Listing::Pages {
+            pages: 100,
+            prefixes: 25,
+        };
+        assert_eq!(
+            prefixes(listing_plan(many[..8].to_vec(), Some(four_per_prefix))),
+            Err(8),
+            "2 prefixes at 4 pages each: 8 describes cost no more"
         );
         assert_eq!(listing_prefix("flat-name"), "flat-name");
+    }
+
+    #[test]
+    fn healthy_events_lift_the_sweep_interval_until_they_lapse_or_fail() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let fleet = Fleet::new(
+            Arc::new(CountingDescribes::default()),
+            SweepMode::Auto,
+            Duration::from_secs(300),
+            Some(metrics.clone()),
+        );
+        let now = Instant::now();
+        let five_minutes = Some(Duration::from_secs(300));
+        assert_eq!(fleet.sweep_interval(now), five_minutes, "no answer yet");
+        fleet.events_answered(now);
+        assert_eq!(
+            fleet.sweep_interval(now),
+            None,
+            "each secret at its refresh"
+        );
+        assert!(metrics.encode().contains("mtls_source_events_healthy 1"));
+        assert_eq!(
+            fleet.sweep_interval(now + EVENTS_HEALTHY_FOR),
+            five_minutes,
+            "no answer for a minute: a receive that hangs ends it too"
+        );
+        fleet.events_failed();
+        assert_eq!(
+            fleet.sweep_interval(now),
+            five_minutes,
+            "a failure ends it at once"
+        );
+        assert!(metrics.encode().contains("mtls_source_events_healthy 0"));
+        let polling = Fleet::new(
+            Arc::new(CountingDescribes::default()),
+            SweepMode::Get,
+            Duration::from_secs(300),
+            None,
+        );
+        polling.events_answered(now);
+        assert_eq!(polling.sweep_interval(now), None, "get mode never sweeps");
     }
 
     #[test]
@@ -839,14 +1083,31 @@ mod tests {
             ..Default::default()
         };
         let wanted = due(arn, Some("payments/client"));
+        let listed = [other_account.clone()];
         assert!(
-            !is_listed_as(&other_account, &wanted),
+            ListedSecrets::new(&listed).find(&wanted).is_none(),
             "same name, another account"
         );
         let same = DescribedSecret {
             arn: format!("{arn}-AbCdEf"),
             ..other_account
         };
-        assert!(is_listed_as(&same, &wanted));
+        let listed = [same.clone()];
+        let lookup = ListedSecrets::new(&listed);
+        assert_eq!(
+            lookup.find(&wanted),
+            Some(&same),
+            "the ARN without its suffix"
+        );
+        assert_eq!(
+            lookup.find(&due(&same.arn, None)),
+            Some(&same),
+            "the full ARN"
+        );
+        assert_eq!(
+            lookup.find(&due("payments/client", None)),
+            Some(&same),
+            "a name id by name"
+        );
     }
 }

@@ -67,6 +67,14 @@ impl Entry {
         backoff.min(FAILED_CHECK_MAX_WAIT.max(cadence))
     }
 
+    /// The secret's canonical name: told by a read or a check, else the id itself when it is a
+    /// name (an ARN id's name is known only once Secrets Manager tells it).
+    fn known_name(&self, key: &SecretKey) -> Option<String> {
+        self.name
+            .clone()
+            .or_else(|| (!key.secret_id.starts_with("arn:")).then(|| key.secret_id.clone()))
+    }
+
     /// The identity whose namespace the secret's checks are queued under (its first).
     fn flow(&self) -> Arc<IdentityKey> {
         self.identities
@@ -309,6 +317,18 @@ impl VersionIndex {
             .as_deref()
     }
 
+    /// A version check told `secret`'s canonical ARN and name (kept for listings and events).
+    pub fn identify(&mut self, secret: &SecretRef, arn: &str, name: &str) {
+        if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
+            if !arn.is_empty() {
+                entry.arn = Some(arn.to_string());
+            }
+            if !name.is_empty() {
+                entry.name = Some(name.to_string());
+            }
+        }
+    }
+
     /// Makes `secret` due for the sweep now (if the sweep checks it at all).
     pub fn sweep_soon(&mut self, secret: &SecretRef) {
         if let Some(entry) = self.entries.get_mut(&SecretKey::from(secret)) {
@@ -368,25 +388,21 @@ impl VersionIndex {
             })
             .map(|(key, entry)| Due {
                 secret: key.secret_ref(),
-                name: entry.name.clone(),
+                name: entry.known_name(key),
                 namespace: entry.flow(),
             })
             .collect()
     }
 
-    /// Every stage-selected secret in `scope` (a full listing confirms them all at once, which
-    /// keeps their checks aligned: one listing per sweep interval, not one per secret falling due).
+    /// Every sweepable secret in `scope` (a listing confirms all it shows at once, which keeps their
+    /// checks aligned: one listing per sweep interval, not one per secret falling due). Not those
+    /// being read for the first time: their read tells.
     pub fn in_scope(&self, scope: &Scope) -> Vec<Due> {
-        self.entries
-            .iter()
-            .filter(|(key, _)| {
-                key.region == scope.region
-                    && key.role == scope.role
-                    && key.selector.starts_with("S:")
-            })
+        self.sweepable()
+            .filter(|(key, _)| key.region == scope.region && key.role == scope.role)
             .map(|(key, entry)| Due {
                 secret: key.secret_ref(),
-                name: entry.name.clone(),
+                name: entry.known_name(key),
                 namespace: entry.flow(),
             })
             .collect()
@@ -403,9 +419,11 @@ impl VersionIndex {
     /// When the next secret falls due (None: nothing to sweep).
     pub fn next_due(&self, now: Instant, sweep_interval: Duration) -> Option<Instant> {
         self.sweepable()
-            .map(|(_, entry)| match entry.swept {
-                Some(swept) => swept + entry.check_every(sweep_interval),
-                None => now,
+            // Checked (not `+`): an unbounded interval (healthy events) with a refresh interval far
+            // beyond the clock's range is simply never due.
+            .filter_map(|(_, entry)| match entry.swept {
+                Some(swept) => swept.checked_add(entry.check_every(sweep_interval)),
+                None => Some(now),
             })
             .min()
     }
@@ -639,6 +657,44 @@ mod tests {
             index.next_due(now, sweep),
             Some(now + ten),
             "back to its cadence"
+        );
+    }
+
+    /// After a restart nothing was read: a listing must still find the secrets, by the name id
+    /// itself, or by the name a check told (an ARN id's).
+    #[test]
+    fn a_seeded_secret_is_listable_by_its_name_id_or_once_a_check_named_it() {
+        let mut index = VersionIndex::default();
+        let by_name = secret("payments/client");
+        let arn = "arn:aws:secretsmanager:eu-west-1:111111111111:secret:payments/other-AbCdEf";
+        let by_arn = secret(arn);
+        index.register(&who("a"), std::slice::from_ref(&by_name), HOUR);
+        index.register(&who("b"), std::slice::from_ref(&by_arn), HOUR);
+        let now = Instant::now();
+        index.seed(&by_name, "v1", now);
+        index.seed(&by_arn, "v1", now);
+        let names = |index: &VersionIndex| {
+            let mut names: Vec<Option<String>> = index
+                .due(now, HOUR)
+                .into_iter()
+                .map(|due| due.name)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&index), vec![None, Some("payments/client".into())]);
+        index.identify(&by_arn, arn, "payments/other");
+        assert_eq!(
+            names(&index),
+            vec![
+                Some("payments/client".into()),
+                Some("payments/other".into())
+            ]
+        );
+        assert_eq!(
+            index.matching(arn),
+            vec![by_arn],
+            "events name it by ARN too"
         );
     }
 
