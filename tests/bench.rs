@@ -1030,9 +1030,7 @@ async fn attacks_side_by_side() -> Result<()> {
         for n in 0..4 {
             create_identity(&kdf, &identity(&format!("client-{n}"), &format!("{kdf}/client"), keystores.clone())?).await?;
         }
-        for n in 0..4 {
-            wait_ready(&kdf, &format!("client-{n}"), "True", "Synced").await?;
-        }
+        wait_all_ready(&kdf, 4).await?;
         let dir = tempdir("w7-kdf")?;
         let forged = openssl_pkcs12(&dir, &TestCa::new("attacker")?.leaf(&LeafOptions::default())?, "pass-w7", 1_000_000)?;
         let forging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1096,9 +1094,7 @@ async fn attacks_side_by_side() -> Result<()> {
         create_sources(&denied, 10, &good_secret(&ca)?, 16).await?;
         let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &denied);
         create_identities(&identities, &denied, 10, "10s").await?;
-        for n in 0..10 {
-            wait_ready(&denied, &format!("client-{n}"), "True", "Synced").await?;
-        }
+        wait_all_ready(&denied, 10).await?;
         for n in 0..10 {
             let id = format!("{denied}/client-{n}");
             endpoint.refuse_reads_of(&id);

@@ -80,9 +80,7 @@ async fn identities_deleted_while_the_watch_is_disconnected_are_forgotten_on_the
         .await?;
         ids.push(id);
     }
-    for index in 0..KEPT + DELETED {
-        wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&namespace, KEPT + DELETED).await?;
     let series_of = |operator: &Operator| -> BTreeSet<String> {
         operator
             .metrics

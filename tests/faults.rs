@@ -870,9 +870,7 @@ async fn seeded_sigkills_during_rotations_lose_and_double_nothing() -> Result<()
         ))
     };
     let mut operator = spawn()?;
-    for index in 0..COUNT {
-        wait_ready(&namespace, &format!("client-{index}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&namespace, COUNT).await?;
     wait_all_rolled_out(&namespace).await?;
     for rotation in 1..=ROTATIONS {
         let before = generations(&namespace).await?;

@@ -54,13 +54,6 @@ async fn create_fleet_refreshing(
         .collect()
 }
 
-async fn wait_all_ready(namespace: &str, count: usize) -> Result<()> {
-    for index in 0..count {
-        wait_ready(namespace, &format!("client-{index}"), "True", "Synced").await?;
-    }
-    Ok(())
-}
-
 /// Waits for `sweeps` more version checks of every secret in the index (DescribeSecret or
 /// ListSecrets calls, as `mode` makes them).
 async fn wait_sweeps(

@@ -827,6 +827,14 @@ pub async fn create_identity(namespace: &str, identity: &MtlsIdentity) -> Result
     Ok(())
 }
 
+/// Waits until identities `client-0..count` in `namespace` are Ready (Synced).
+pub async fn wait_all_ready(namespace: &str, count: usize) -> Result<()> {
+    for index in 0..count {
+        wait_ready(namespace, &format!("client-{index}"), "True", "Synced").await?;
+    }
+    Ok(())
+}
+
 /// Waits until the identity's Ready condition has `status` and `reason`; returns the identity.
 pub async fn wait_ready(
     namespace: &str,

@@ -105,9 +105,7 @@ async fn a_forged_costly_keystore_is_repaired_unopened_and_other_namespaces_rota
         &identity("client", &victim_source, serde_json::json!({}))?,
     )
     .await?;
-    for n in 0..4 {
-        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&payments, 4).await?;
     wait_ready(&billing, "client", "True", "Synced").await?;
 
     // The attack: each keystore replaced by one that opens with the real password but holds the
@@ -237,9 +235,7 @@ async fn a_namespace_whose_checks_outrun_the_rate_neither_reads_nor_delays_other
     put_source(&victim_source, &good_secret(&ca)?).await?;
     let hourly = serde_json::json!({"refreshInterval": "1h"});
     create_identity(&billing, &identity("client", &victim_source, hourly)?).await?;
-    for n in 0..40 {
-        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&payments, 40).await?;
     wait_ready(&billing, "client", "True", "Synced").await?;
     let synced = std::time::Instant::now();
 
@@ -309,9 +305,7 @@ async fn persistent_denials_cost_no_more_calls_than_a_healthy_fleet() -> Result<
         .await?;
         ids.push(id);
     }
-    for n in 0..10 {
-        wait_ready(&namespace, &format!("client-{n}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&namespace, 10).await?;
     let window = Duration::from_secs(30);
     let healthy = calls_during(&endpoint, window).await;
     // What a healthy fleet costs by construction: one check per secret per 10 s (the measured
@@ -437,9 +431,7 @@ async fn pending_rotations_cost_the_api_server_no_lists() -> Result<()> {
         &identity("client", &victim_source, serde_json::json!({}))?,
     )
     .await?;
-    for n in 0..10 {
-        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&payments, 10).await?;
     wait_ready(&billing, "client", "True", "Synced").await?;
     wait_all_rolled_out(&payments).await?;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &payments);
@@ -553,9 +545,7 @@ async fn distinct_external_ids_keep_bounded_state_and_share_the_rate() -> Result
         .delete("client", &Default::default())
         .await?;
     let rotated = put_source(&victim_source, &good_secret(&ca)?).await?;
-    for n in 0..24 {
-        wait_ready(&payments, &format!("client-{n}"), "True", "Synced").await?;
-    }
+    wait_all_ready(&payments, 24).await?;
     wait_secret_version("the victim's rotation", &billing, "client", &rotated).await?;
     let assumed = endpoint.sts_count("AssumeRole");
     ensure!(
