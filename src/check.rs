@@ -166,10 +166,17 @@ async fn check(args: &CheckArgs) -> Report {
             None => None,
         };
         if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
-            // As a bundle: the same rules as format Pem (leaf first, exactly one key).
-            let bundle = format!("{}\n{}", text(read(cert)?, cert)?, text(read(key)?, key)?);
-            let format = StoredFormat::Pem { ca: ca.as_deref() };
-            return material(Stored::Text(&bundle), format).map(|m| (m, None));
+            // As the JSON value the README builds from these files (`jq --rawfile`), each file in
+            // its own field: a key given as --cert is refused as the operator would refuse that
+            // JSON (read as one PEM bundle, swapped files looked fine).
+            let mut value = serde_json::Map::new();
+            value.insert(fields.certificate.clone(), text(read(cert)?, cert)?.into());
+            value.insert(fields.private_key.clone(), text(read(key)?, key)?.into());
+            if let Some(ca) = &ca {
+                value.insert(fields.ca.clone(), ca.clone().into());
+            }
+            let json = serde_json::Value::Object(value).to_string();
+            return material(Stored::Text(&json), StoredFormat::Json(&fields)).map(|m| (m, None));
         }
         if let Some(path) = &args.bundle {
             let bundle = text(read(path)?, path)?;

@@ -629,6 +629,63 @@ async fn check_reports_the_facts_of_good_material_from_files_and_secrets_manager
     Ok(())
 }
 
+/// `check --cert K --key C` with the two files swapped is refused with the reason the operator
+/// gives an identity whose source is the JSON built from those same two files (as the README's
+/// quickstart builds it); before, the files were read as one PEM bundle and the pair passed.
+#[tokio::test]
+async fn check_holds_each_file_to_its_role_as_the_operator_does() -> Result<()> {
+    let scenario = Scenario::start("check-roles").await?;
+    let leaf = scenario.ca.leaf(&LeafOptions::default())?;
+    let dir = tempdir("check-roles")?;
+    let file = |name: &str, content: &str| -> Result<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, content)?;
+        Ok(path.display().to_string())
+    };
+    let cert = file("client.crt", &leaf.cert_pem)?;
+    let key = file("client.key", &leaf.key_pem)?;
+    let ca = file("ca.crt", &scenario.ca.pem())?;
+    let (ok, _) = check(&["--cert", &cert, "--key", &key, "--ca", &ca])?;
+    ensure!(ok, "the files in their roles pass");
+    // What the quickstart's jq stores from the swapped files, synced by the operator.
+    put_source(
+        &scenario.id("swapped"),
+        &json_secret(&leaf.key_pem, &leaf.cert_pem, &scenario.ca.pem()),
+    )
+    .await?;
+    scenario
+        .create("swapped", "swapped", serde_json::json!({}))
+        .await?;
+    let identities: Api<MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &scenario.namespace);
+    let refused = wait_for(
+        "the operator to refuse the swapped JSON",
+        TIMEOUT,
+        || async {
+            let identity = identities.get("swapped").await?;
+            let ready = identity
+                .ready_condition()
+                .filter(|ready| ready.status == "False")
+                .context("not refused yet")?;
+            anyhow::Ok(ready.reason.as_str().to_string())
+        },
+    )
+    .await?;
+    for swapped in [
+        vec!["--cert", &key, "--key", &cert, "--ca", &ca],
+        vec!["--cert", &key, "--key", &cert],
+    ] {
+        let (ok, report) = check(&swapped)?;
+        ensure!(!ok && report["ok"] == false, "{swapped:?}: {report}");
+        ensure!(
+            report["reason"] == refused.as_str(),
+            "{swapped:?}: check says {}, the operator {refused}",
+            report["reason"]
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> Result<()> {
     let scenario = Scenario::start("keep").await?;
