@@ -59,9 +59,10 @@ struct RunArgs {
     )]
     allowed_sources: Vec<String>,
     /// IAM roles a namespace may have the operator assume (`spec.source.roleArn`) to read secrets
-    /// of another account: ARN globs with a `{namespace}` placeholder, comma-separated or repeated,
-    /// e.g. `arn:aws:iam::111122223333:role/mtls/{namespace}`. Default: none.
-    #[arg(long = "allowed-role", env = "ALLOWED_ROLES", value_delimiter = ',')]
+    /// of another account: ARN globs with a `{namespace}` placeholder, repeated or comma-separated
+    /// (split only before `arn:`, since role names may contain commas), e.g.
+    /// `arn:aws:iam::111122223333:role/mtls/{namespace}`. Default: none.
+    #[arg(long = "allowed-role", env = "ALLOWED_ROLES")]
     allowed_roles: Vec<String>,
     /// Regions identities may read from, comma-separated (default: the operator's own region).
     #[arg(
@@ -284,8 +285,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         )
         .with_allowed_roles(
             args.allowed_roles
-                .into_iter()
-                .filter(|pattern| !pattern.is_empty())
+                .iter()
+                .flat_map(|value| mtls_operator::source::policy::split_role_patterns(value))
                 .collect(),
         ),
         default_region: None,

@@ -160,7 +160,7 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         "--set",
         "egress.enabled=true",
         "--set-json",
-        r#"allowedRoles=["arn:aws:iam::111122223333:role/mtls/{namespace}"]"#,
+        r#"allowedRoles=["arn:aws:iam::111122223333:role/mtls/{namespace}","arn:aws:iam::111122223333:role/a,b"]"#,
     ])?;
     wait_ready_pods(&namespace, &deployment, 3).await?;
     let args = operator_args(&namespace, &deployment).await?;
@@ -169,6 +169,11 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         args.contains(
             &"--allowed-role=arn:aws:iam::111122223333:role/mtls/{namespace}".to_string()
         ),
+        "{args:?}"
+    );
+    // One flag per role: a comma in a role name is never a separator.
+    assert!(
+        args.contains(&"--allowed-role=arn:aws:iam::111122223333:role/a,b".to_string()),
         "{args:?}"
     );
     assert!(args.contains(&"--enable-annotate".to_string()), "{args:?}");

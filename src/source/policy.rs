@@ -56,6 +56,27 @@ struct Location<'a> {
     arn: Option<String>,
 }
 
+/// `--allowed-role` patterns from one value: comma-separated, but split only where the next
+/// pattern starts with `arn:`, because IAM role names may contain commas
+/// (`arn:aws:iam::1:role/a,b` is one pattern). Empty patterns are dropped.
+pub fn split_role_patterns(value: &str) -> Vec<String> {
+    let mut patterns: Vec<String> = Vec::new();
+    for piece in value.split(',') {
+        match patterns.last_mut() {
+            Some(last) if !piece.trim_start().starts_with("arn:") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => patterns.push(piece.to_string()),
+        }
+    }
+    patterns
+        .into_iter()
+        .map(|pattern| pattern.trim().to_string())
+        .filter(|pattern| !pattern.is_empty())
+        .collect()
+}
+
 impl SourcePolicy {
     /// `patterns` empty: the default `{namespace}/*`.
     pub fn new(
@@ -252,6 +273,26 @@ mod tests {
     use super::*;
 
     const OWN: &str = "123456789012";
+
+    #[test]
+    fn role_patterns_split_before_each_arn_only() {
+        assert_eq!(
+            split_role_patterns("arn:aws:iam::1:role/a,b,arn:aws:iam::2:role/{namespace}"),
+            vec![
+                "arn:aws:iam::1:role/a,b".to_string(),
+                "arn:aws:iam::2:role/{namespace}".to_string()
+            ],
+            "a comma inside a role name stays in it"
+        );
+        assert_eq!(
+            split_role_patterns("arn:aws:iam::1:role/x, arn:aws:iam::1:role/y,"),
+            vec![
+                "arn:aws:iam::1:role/x".to_string(),
+                "arn:aws:iam::1:role/y,".to_string()
+            ]
+        );
+        assert!(split_role_patterns("").is_empty());
+    }
 
     fn policy(patterns: &[&str]) -> SourcePolicy {
         SourcePolicy::new(
