@@ -713,6 +713,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let quota: u32 = env_or("MTLS_BENCH_LOAD_QUOTA", 20);
     let refresh: u64 = env_or("MTLS_BENCH_LOAD_REFRESH_SECONDS", 60);
     let observe: u64 = env_or("MTLS_BENCH_LOAD_OBSERVE_SECONDS", 300);
+    let mode: String = env_or("MTLS_BENCH_LOAD_SWEEP_MODE", "describe".to_string());
     install_crd_and_rbac().await?;
     let namespace = support::create_namespace("bench-load", &[]).await?;
     let kubeconfig = operator_kubeconfig(&namespace).await?;
@@ -725,7 +726,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
 
     let spawn = || {
         let interval = format!("{refresh}s");
-        let flags = ["--sweep-mode", "describe", "--sweep-interval", &interval];
+        let flags = ["--sweep-mode", &mode, "--sweep-interval", &interval];
         spawn_operator(
             &namespace,
             &endpoint,
@@ -740,6 +741,10 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let result = async {
         let started = Instant::now();
         create_identities(&identities, &namespace, count, &format!("{refresh}s")).await?;
+        println!(
+            "LOAD: {count} identities created in {:.1?}",
+            started.elapsed()
+        );
         loop {
             let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
             if ready == count {
@@ -753,6 +758,11 @@ async fn bounded_load_under_a_quota() -> Result<()> {
         }
         let synced = started.elapsed();
         let calls_to_ready = endpoint.count(None);
+        let mut to_ready = std::collections::BTreeMap::<String, usize>::new();
+        for call in endpoint.seen() {
+            *to_ready.entry(call.operation).or_default() += 1;
+        }
+        println!("LOAD: calls to Ready by operation: {to_ready:?}");
         let observed_from = Instant::now();
         let mut most_not_ready = 0;
         while observed_from.elapsed() < Duration::from_secs(observe) {
@@ -766,7 +776,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
         let peak = endpoint.peak_rate(started, Duration::from_secs(10));
         let rss = rss_mib(pid)?;
         println!(
-            "LOAD: {count} identities, quota {quota} calls/s, describe sweep every {refresh} s \
+            "LOAD: {count} identities, quota {quota} calls/s, {mode} sweep every {refresh} s \
              (naive need {:.1} calls/s): all Ready after {synced:.1?} ({calls_to_ready} calls); \
              then {observe} s observed: at most {most_not_ready} not Ready (target 0); peak \
              {peak:.1} calls/s over 10 s windows (target <= {:.0}), {:.1} calls/s on average; \
