@@ -143,14 +143,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     let value = good_secret(&ca)?;
     // Sources and the event queue first (not timed).
     create_sources(&namespace, count, &value, 16).await?;
-    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
-    let url = sqs
-        .create_queue()
-        .queue_name(format!("{namespace}-changes"))
-        .send()
-        .await?
-        .queue_url
-        .unwrap_or_default();
+    let (sqs, url) = create_events_queue(&namespace).await?;
     let base = support::aws_config().await;
     let endpoint =
         CountingEndpoint::start(base.endpoint_url().unwrap_or_default(), Mode::Pass).await?;
@@ -377,14 +370,7 @@ async fn w2_calls_per_identity_per_hour_at_the_defaults() -> Result<()> {
     );
     stop_operator(operator)?;
 
-    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
-    let url = sqs
-        .create_queue()
-        .queue_name(format!("{namespace}-changes"))
-        .send()
-        .await?
-        .queue_url
-        .unwrap_or_default();
+    let (sqs, url) = create_events_queue(&namespace).await?;
     let restarted = spawn_operator(
         &namespace,
         &endpoint,

@@ -520,6 +520,16 @@ async fn events_deliver_rotations_and_the_sweep_carries_on_without_the_queue() -
     Ok(())
 }
 
+/// Waits until the operator's `mtls_source_events_healthy` says `healthy`.
+async fn wait_events_healthy(operator: &Operator, healthy: bool) -> Result<()> {
+    wait_for(&format!("events healthy = {healthy}"), TIMEOUT, || async {
+        let now = metric(operator, "mtls_source_events_healthy") == 1;
+        ensure!(now == healthy, "not yet");
+        Ok(())
+    })
+    .await
+}
+
 /// Every Secrets Manager call per identity per refresh interval, over `intervals` refresh intervals
 /// from the next listing on: a measurement window, not a wait for a condition (what is counted is
 /// what happens in it).
@@ -567,14 +577,7 @@ async fn auto_mode_at_the_default_ratio_costs_a_listing_per_sweep_and_one_per_re
     let without_events = calls_per_identity_per_refresh(&endpoint, COUNT, REFRESH, HOURS).await?;
     drop(operator);
 
-    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
-    let url = sqs
-        .create_queue()
-        .queue_name(format!("{namespace}-changes"))
-        .send()
-        .await?
-        .queue_url
-        .unwrap_or_default();
+    let (sqs, url) = create_events_queue(&namespace).await?;
     // A message about a secret nobody uses: the queue answers at once, and is healthy.
     sqs.send_message()
         .queue_url(&url)
@@ -587,14 +590,7 @@ async fn auto_mode_at_the_default_ratio_costs_a_listing_per_sweep_and_one_per_re
     };
     let (operator, endpoint) =
         operator_behind(&namespace, Mode::Pass, scaled(Some(events))).await?;
-    wait_for("the events queue healthy", TIMEOUT, || async {
-        ensure!(
-            metric(&operator, "mtls_source_events_healthy") == 1,
-            "not yet"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_events_healthy(&operator, true).await?;
     let with_events = calls_per_identity_per_refresh(&endpoint, COUNT, REFRESH, HOURS).await?;
     sqs.delete_queue().queue_url(&url).send().await?;
     println!(
@@ -621,14 +617,7 @@ async fn auto_mode_at_the_default_ratio_costs_a_listing_per_sweep_and_one_per_re
 #[tokio::test]
 async fn healthy_events_stretch_the_sweep_and_a_failed_queue_tightens_it() -> Result<()> {
     let namespace = support::create_namespace("events-stretch", &[]).await?;
-    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
-    let url = sqs
-        .create_queue()
-        .queue_name(format!("{namespace}-changes"))
-        .send()
-        .await?
-        .queue_url
-        .unwrap_or_default();
+    let (sqs, url) = create_events_queue(&namespace).await?;
     let settings = Settings {
         events: Some(mtls_operator::source::events::EventQueue {
             url: url.clone(),
@@ -683,14 +672,7 @@ async fn healthy_events_stretch_the_sweep_and_a_failed_queue_tightens_it() -> Re
         .message_body(label_updated(&format!("{namespace}/nobody"), "v1"))
         .send()
         .await?;
-    wait_for("the events queue healthy", TIMEOUT, || async {
-        ensure!(
-            metric(&operator, "mtls_source_events_healthy") == 1,
-            "not yet"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_events_healthy(&operator, true).await?;
     // Two of pulse's sweeps: the second began after every sweep that began before the queue was
     // healthy had ended, so no check of quiet is still on its way.
     wait_checks(&pulse, 2).await?;
@@ -711,14 +693,7 @@ async fn healthy_events_stretch_the_sweep_and_a_failed_queue_tightens_it() -> Re
 
     // The queue fails: quiet is checked every sweep interval again.
     sqs.delete_queue().queue_url(&url).send().await?;
-    wait_for("the events queue failing", TIMEOUT, || async {
-        ensure!(
-            metric(&operator, "mtls_source_events_healthy") == 0,
-            "not yet"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_events_healthy(&operator, false).await?;
     wait_checks(&quiet, 2).await?;
     ensure!(
         check_interval("quiet") == 2,

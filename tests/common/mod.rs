@@ -827,6 +827,19 @@ pub async fn create_identity(namespace: &str, identity: &MtlsIdentity) -> Result
     Ok(())
 }
 
+/// An SQS queue for change events, `{namespace}-changes` on moto: its client and URL.
+pub async fn create_events_queue(namespace: &str) -> Result<(aws_sdk_sqs::Client, String)> {
+    let sqs = aws_sdk_sqs::Client::new(&support::aws_config().await);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("{namespace}-changes"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    Ok((sqs, url))
+}
+
 /// Waits until identities `client-0..count` in `namespace` are Ready (Synced).
 pub async fn wait_all_ready(namespace: &str, count: usize) -> Result<()> {
     for index in 0..count {
