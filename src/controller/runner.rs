@@ -217,14 +217,15 @@ async fn run_scope(
     .default_backoff()
     .touched_objects();
     // Keystore password Secrets are the tenants' own, so not label-selected: every Secret that is
-    // not ours, metadata only. An edit reconciles the identities whose keystore names it, and they
+    // not ours (another manager's label included), metadata only. An edit reconciles the identities whose keystore names it, and they
     // render the keystore again under the new password (see `sync`).
     let password_secrets = watcher(
         secrets,
         // Small pages: a tenant can pad its Secrets' annotations (256 KiB each), and a page is
         // held whole while it is read. Nothing is kept of them after the event.
         watcher::Config::default()
-            .labels(&format!("!{MANAGED_BY_LABEL}"))
+            // Not ours: without the label, or with another manager's (Helm's, Argo's).
+            .labels(&format!("{MANAGED_BY_LABEL}!={MANAGED_BY_VALUE}"))
             .page_size(SECRET_LIST_PAGE),
     )
     .default_backoff()

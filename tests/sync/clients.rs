@@ -23,10 +23,13 @@ fn formats_spec() -> serde_json::Value {
     }})
 }
 
+/// The keystore password Secret, labelled as Helm labels what it makes (password Secrets often
+/// come from a chart): another manager's label must not hide its edits from the operator.
 async fn create_password_secret(namespace: &str, password: &str) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(support::admin_client().await?, namespace);
     let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "keystore-pass"}, "stringData": {"password": password}
+        "metadata": {"name": "keystore-pass", "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+        "stringData": {"password": password}
     }))?;
     secrets.create(&Default::default(), &secret).await?;
     Ok(())
@@ -431,7 +434,10 @@ async fn pkcs12_keystores_serve_java_and_openssl_in_both_profiles() -> Result<()
     let admin = support::admin_client().await?;
     let secrets: Api<Secret> = Api::namespaced(admin, &namespace);
     let password: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "keystore-pass"}, "stringData": {"password": PASSWORD}
+        // Made by Helm, as password Secrets often are: another manager's label must not hide its
+        // edits (below) from the operator.
+        "metadata": {"name": "keystore-pass", "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+        "stringData": {"password": PASSWORD}
     }))?;
     secrets.create(&Default::default(), &password).await?;
     for (name, profile) in [("modern", "Modern"), ("legacy", "Legacy")] {
