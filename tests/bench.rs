@@ -124,6 +124,20 @@ async fn create_identities(
     Ok(())
 }
 
+/// Waits (up to 30 minutes) until all `count` identities are Ready.
+async fn wait_fleet_ready(identities: &Api<MtlsIdentity>, count: usize) -> Result<()> {
+    wait_for(
+        "every identity Ready",
+        Duration::from_secs(1800),
+        || async {
+            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
+            ensure!(ready == count, "{ready} of {count} Ready");
+            Ok(())
+        },
+    )
+    .await
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(index).copied().unwrap_or_default()
@@ -173,16 +187,7 @@ async fn fleet_cold_start_steady_cost_rotation_latency_and_restart() -> Result<(
     )
     .await?;
     let created = started.elapsed();
-    wait_for(
-        "every identity Ready",
-        Duration::from_secs(1800),
-        || async {
-            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
-            ensure!(ready == count, "{ready} of {count} Ready");
-            Ok(())
-        },
-    )
-    .await?;
+    wait_fleet_ready(&identities, count).await?;
     let all_ready = started.elapsed();
     println!(
         "W1: {count} identities created in {created:.1?}, all Ready after {all_ready:.1?} \
@@ -349,16 +354,7 @@ async fn w2_calls_per_identity_per_hour_at_the_defaults() -> Result<()> {
         &format!("{}s", refresh.as_secs()),
     )
     .await?;
-    wait_for(
-        "every identity Ready",
-        Duration::from_secs(1800),
-        || async {
-            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
-            ensure!(ready == count, "{ready} of {count} Ready");
-            Ok(())
-        },
-    )
-    .await?;
+    wait_fleet_ready(&identities, count).await?;
     let window = refresh * 2;
     // From one sweep interval after Ready: the cold start's reads are over.
     tokio::time::sleep(sweep).await;
