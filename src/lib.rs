@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
+pub mod refresh;
 pub mod restart;
 pub mod source;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! `mtls-operator run | crd | check | proxy`, and `--version`.
+//! `mtls-operator run | crd | check | refresh | proxy`, and `--version`.
 
 // Nothing a user or a server controls may panic the process: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -38,6 +38,9 @@ enum Command {
     /// Check certificate material with the operator's own rules before storing or rotating it:
     /// from files or from Secrets Manager (read only). Exit 0: it would sync; 1: it would not.
     Check(Box<mtls_operator::check::CheckArgs>),
+    /// Ask the operator to check an identity's source now and read it where needed (after fixing
+    /// an IAM policy, a KMS grant or a bad version): sets its refresh-requested-at annotation.
+    Refresh(Box<mtls_operator::refresh::RefreshArgs>),
     /// Egress mTLS proxy: plain HTTP in, mutual TLS to one upstream with the mounted certificate,
     /// reloaded on rotation without a restart (as a sidecar, or operator-managed via spec.egress).
     Proxy(Box<mtls_operator::proxy::ProxyArgs>),
@@ -174,23 +177,15 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Check(args) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("cannot start the async runtime: {error}");
-                    return std::process::ExitCode::FAILURE;
-                }
-            };
-            if runtime.block_on(mtls_operator::check::run(*args)) {
-                std::process::ExitCode::SUCCESS
-            } else {
-                std::process::ExitCode::FAILURE
+        Command::Check(args) => exit_code(run_once(mtls_operator::check::run(*args))),
+        Command::Refresh(args) => exit_code(match run_once(mtls_operator::refresh::run(*args)) {
+            Some(Ok(succeeded)) => Some(succeeded),
+            Some(Err(error)) => {
+                eprintln!("{error:#}");
+                Some(false)
             }
-        }
+            None => None,
+        }),
         Command::Proxy(args) => {
             mtls_operator::telemetry::init();
             block_on("proxy", async move {
@@ -204,6 +199,28 @@ fn main() -> std::process::ExitCode {
             mtls_operator::telemetry::init();
             block_on("operator", run(*args))
         }
+    }
+}
+
+/// Runs a one-shot command on a single-threaded runtime; `None` if none could be started.
+fn run_once<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            None
+        }
+    }
+}
+
+/// A one-shot command's exit: 0 when it succeeded.
+fn exit_code(succeeded: Option<bool>) -> std::process::ExitCode {
+    match succeeded {
+        Some(true) => std::process::ExitCode::SUCCESS,
+        _ => std::process::ExitCode::FAILURE,
     }
 }
 

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
+use mtls_operator::api::MtlsIdentity;
 use mtls_operator::controller::Settings;
 use mtls_operator::source::fleet::SweepMode;
 use xtask::support::{self, wait_for};
@@ -759,5 +760,133 @@ async fn secrets_manager_calls_in_flight_stay_under_the_cap() -> Result<()> {
         "{peak} calls in flight at once; the cap is {CAP}"
     );
     ensure!(operator.source.calls_of("GetSecretValue") >= COUNT as u64);
+    Ok(())
+}
+
+/// The refresh requests made so far of `name`'s identity: the value status says was honoured.
+async fn honoured_refresh(namespace: &str, name: &str) -> Result<Option<String>> {
+    let identities: Api<MtlsIdentity> = Api::namespaced(support::admin_client().await?, namespace);
+    Ok(identities
+        .get(name)
+        .await?
+        .status
+        .and_then(|status| status.last_refresh)
+        .map(|refresh| refresh.requested))
+}
+
+/// #26: after the cause of an `AccessDenied` is fixed, `mtls-operator refresh --wait` has the
+/// identity synced at once with one read, not at its next retry (5 minutes away at
+/// `refreshInterval: 1h`), and says how it ended; status and an Event record the request.
+#[tokio::test]
+async fn a_refresh_after_fixing_access_denied_syncs_at_once_with_one_read() -> Result<()> {
+    install_crd_and_rbac().await?;
+    let namespace = support::create_namespace("refresh-denied", &[]).await?;
+    let ca = TestCa::new("refresh CA")?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    endpoint.refuse_reads_of(&id);
+    let _operator =
+        start_operator_through(&endpoint, &[&namespace], settings(SweepMode::Describe)).await?;
+    let spec = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(&namespace, &identity("client", &id, spec)?).await?;
+    wait_ready(&namespace, "client", "False", "AccessDenied").await?;
+
+    // The resource policy is fixed; the identity's next retry is minutes away.
+    endpoint.allow_reads();
+    let reads =
+        || endpoint.count(Some("GetSecretValue")) + endpoint.count(Some("BatchGetSecretValue"));
+    let before = reads();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
+        .args(["refresh", "-n", &namespace, "client", "--wait"])
+        .env("KUBECONFIG", &support::environment().kubeconfig)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "refresh --wait failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(stdout.contains("honoured; Ready=True Synced"), "{stdout}");
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    ensure!(
+        reads() == before + 1,
+        "{} reads for one refresh",
+        reads() - before
+    );
+    let requested = honoured_refresh(&namespace, "client").await?;
+    ensure!(
+        requested.is_some_and(|requested| stdout.contains(&requested)),
+        "status does not echo the request the CLI made: {stdout}"
+    );
+    wait_event(&namespace, "client", "RefreshHonoured").await?;
+    Ok(())
+}
+
+/// #26: refresh requests cannot amplify. A hundred, each a new value, made as fast as the API
+/// server takes them, are honoured once at once and once more (for the latest) when the first's
+/// 10 s are over: one version check each, and one read, of the version rotated behind the
+/// operator's back (no events, the sweep an hour away: only the refresh can find it).
+#[tokio::test]
+async fn a_hundred_refresh_requests_in_a_second_cost_one_read() -> Result<()> {
+    let settings = Settings {
+        sweep_mode: SweepMode::Describe,
+        sweep_interval: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let scenario = Scenario::start_with("refresh-storm", settings).await?;
+    scenario.put_good("client").await?;
+    let spec = serde_json::json!({"refreshInterval": "1h"});
+    create_identity(
+        &scenario.namespace,
+        &identity("client", &scenario.id("client"), spec)?,
+    )
+    .await?;
+    wait_ready(&scenario.namespace, "client", "True", "Synced").await?;
+    let (_, rotated) = scenario.put_good("client").await?;
+
+    let source = &scenario.operator.source;
+    let reads = || source.calls_of("GetSecretValue") + source.calls_of("BatchGetSecretValue");
+    let (reads_before, checks_before) = (reads(), source.calls_of("DescribeSecret"));
+    let identities: Api<MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &scenario.namespace);
+    let started = std::time::Instant::now();
+    for request in 0..100 {
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            mtls_operator::api::REFRESH_ANNOTATION: format!("request-{request}")
+        }}});
+        identities
+            .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    let requesting = started.elapsed();
+    wait_for("the last request honoured", TIMEOUT, || async {
+        let honoured = honoured_refresh(&scenario.namespace, "client").await?;
+        ensure!(
+            honoured.as_deref() == Some("request-99"),
+            "honoured: {honoured:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    let synced = wait_ready(&scenario.namespace, "client", "True", "Synced").await?;
+    let version = synced.status.and_then(|status| status.source);
+    ensure!(
+        version.is_some_and(|source| source.version_id == rotated),
+        "the rotated version was not synced"
+    );
+    ensure!(
+        reads() - reads_before == 1,
+        "{} reads for 100 requests",
+        reads() - reads_before
+    );
+    // One honoured request per 10 s of requesting, and the one that ends it.
+    let honoured_at_most = requesting.as_secs() / 10 + 2;
+    let checks = source.calls_of("DescribeSecret") - checks_before;
+    ensure!(
+        checks <= honoured_at_most,
+        "{checks} version checks for 100 requests made in {requesting:?}"
+    );
     Ok(())
 }

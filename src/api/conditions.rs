@@ -121,6 +121,8 @@ words! {
         WorkloadNotUsingSecret = "WorkloadNotUsingSecret",
         AnnotateDisabled = "AnnotateDisabled",
         RestartStalled = "RestartStalled",
+        /// A refresh request (`mtls-operator.io/refresh-requested-at`) was honoured.
+        RefreshHonoured = "RefreshHonoured",
         // The leader Lease (logs).
         LeaseError = "LeaseError",
         LeaseLost = "LeaseLost",

@@ -20,6 +20,14 @@ pub const MANAGED_BY_VALUE: &str = "mtls-operator";
 pub const IDENTITY_LABEL: &str = "mtls-operator.io/identity";
 pub const VERSION_ID_ANNOTATION: &str = "mtls-operator.io/source-version-id";
 pub const FINGERPRINT_ANNOTATION: &str = "mtls-operator.io/certificate-sha256";
+/// On an MtlsIdentity: set (to any new value, by convention the time) to ask for one version
+/// check and, where needed, one read now (`mtls-operator refresh`); at most one request per
+/// identity per [`REFRESH_MIN_INTERVAL`] is honoured, later ones wait for it.
+pub const REFRESH_ANNOTATION: &str = "mtls-operator.io/refresh-requested-at";
+/// The shortest time between two honoured refresh requests of one identity.
+pub const REFRESH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest refresh request value status echoes (a tenant writes it): longer ones are cut.
+pub const REFRESH_VALUE_MAX: usize = 64;
 /// The version of `spec.source.caSecretId` the Secret was written from.
 pub const CA_VERSION_ID_ANNOTATION: &str = "mtls-operator.io/ca-source-version-id";
 /// The operator's keyed tag (HMAC-SHA256, `pki::integrity`) over the Secret's name, data and the
@@ -499,6 +507,18 @@ pub struct MtlsIdentityStatus {
     /// The last rotation: a new certificate replacing one that was already in the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation: Option<RotationStatus>,
+    /// The last refresh request honoured (the `mtls-operator.io/refresh-requested-at` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh: Option<RefreshStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshStatus {
+    /// The annotation's value that was honoured (its first 64 characters).
+    pub requested: String,
+    /// When the operator honoured it (RFC 3339).
+    pub time: String,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -562,6 +582,28 @@ impl MtlsIdentity {
             .as_ref()
             .and_then(|status| status.conditions.iter().find(|c| c.type_ == "Ready"))
     }
+
+    /// The refresh request the identity carries that status has not honoured yet, as status will
+    /// echo it (cut to [`REFRESH_VALUE_MAX`] characters).
+    pub fn pending_refresh(&self) -> Option<String> {
+        let requested = refresh_value(
+            self.metadata
+                .annotations
+                .as_ref()?
+                .get(REFRESH_ANNOTATION)?,
+        );
+        let honoured = self
+            .status
+            .as_ref()
+            .and_then(|status| status.last_refresh.as_ref())
+            .map(|refresh| refresh.requested.as_str());
+        (!requested.is_empty() && honoured != Some(requested.as_str())).then_some(requested)
+    }
+}
+
+/// A refresh request's value as status echoes it: its first [`REFRESH_VALUE_MAX`] characters.
+pub fn refresh_value(annotation: &str) -> String {
+    annotation.chars().take(REFRESH_VALUE_MAX).collect()
 }
 
 /// The CRD as YAML, exactly as committed in `crds/`.

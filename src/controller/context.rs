@@ -15,7 +15,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 
-use crate::api::{MtlsIdentity, StoredIdentity};
+use crate::api::{MtlsIdentity, REFRESH_ANNOTATION, REFRESH_MIN_INTERVAL, StoredIdentity};
 use crate::metrics::Metrics;
 use crate::restart::{RestartLimits, Restarter};
 use crate::source::SecretSource;
@@ -196,8 +196,12 @@ pub struct IdentityMemory {
     /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
     /// against a status we already replaced, and write it and its Events twice.
     pub written: Option<u64>,
-    /// The uid and generation last let through to a reconcile (see `generation_changed`).
+    /// The uid and generation last let through to a reconcile (see `spec_or_refresh_changed`).
     pub seen: Option<(Box<str>, i64)>,
+    /// A digest of the refresh request annotation last let through (0: none).
+    pub refresh_seen: u64,
+    /// When a refresh request was last honoured: the next waits [`REFRESH_MIN_INTERVAL`].
+    pub refresh_honoured: Option<Instant>,
     /// The egress proxy's objects as last written (`spec.egress`; rare, so boxed).
     pub egress: Option<Box<EgressApplied>>,
     /// A digest of the restart warnings last published (0: none), so a rotation whose restarts
@@ -345,18 +349,29 @@ impl Memory {
         }
     }
 
-    /// Whether `identity` comes with a generation (a spec) not seen before: our own status writes
-    /// must not trigger a sync, or every status write would cost another Secrets Manager call. Like
-    /// kube's `predicates::generation` filter, which keeps three strings per identity for it; this
-    /// keeps the uid. A new uid (the identity deleted and created again) is a change; an object
-    /// without generation always passes.
-    pub fn generation_changed(&self, identity: &StoredIdentity) -> bool {
+    /// Whether `identity` comes with a generation (a spec) or a refresh request not seen before:
+    /// our own status writes must not trigger a sync, or every status write would cost another
+    /// Secrets Manager call. Like kube's `predicates::generation` filter, which keeps three strings
+    /// per identity for it; this keeps the uid and a digest of the refresh request. A new uid (the
+    /// identity deleted and created again) is a change; an object without generation always passes.
+    pub fn spec_or_refresh_changed(&self, identity: &StoredIdentity) -> bool {
         let (Some(uid), Some(generation)) = (
             identity.metadata.uid.as_deref(),
             identity.metadata.generation,
         ) else {
             return true;
         };
+        let refresh = identity
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(REFRESH_ANNOTATION))
+            .map_or(0, |value| {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                value.hash(&mut hasher);
+                hasher.finish().max(1)
+            });
         self.update(&identity_key(identity), |memory| {
             let changed = memory
                 .seen
@@ -365,8 +380,23 @@ impl Memory {
             if changed {
                 memory.seen = Some((uid.into(), generation));
             }
-            changed
+            let refresh_changed = refresh != 0 && refresh != memory.refresh_seen;
+            memory.refresh_seen = refresh;
+            changed || refresh_changed
         })
+    }
+
+    /// A pending refresh request may be honoured now (`None`), or must wait this long: one per
+    /// identity per [`REFRESH_MIN_INTERVAL`], so setting the annotation in a loop costs nothing more.
+    pub fn refresh_wait(&self, key: &ObjectRef<MtlsIdentity>, now: Instant) -> Option<Duration> {
+        self.read(key, |memory| memory.refresh_honoured)
+            .map(|honoured| (honoured + REFRESH_MIN_INTERVAL).saturating_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+    }
+
+    /// A refresh request was honoured at `now`.
+    pub fn refresh_honoured(&self, key: &ObjectRef<MtlsIdentity>, now: Instant) {
+        self.update(key, |memory| memory.refresh_honoured = Some(now));
     }
 
     /// Takes one Secrets Manager read from the identity's budget; `Some(wait)` when it has none.

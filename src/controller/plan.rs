@@ -114,6 +114,22 @@ pub fn plan(
     }
 }
 
+/// Records in the plan that the refresh request `requested` was honoured by this reconcile: in
+/// status (so it is not honoured again) and in an Event saying how it ended.
+pub fn honour_refresh(plan: &mut Plan, requested: String, now: &Now) {
+    // What this attempt ended with, a transient failure included (Ready may stay True on it).
+    let ended = plan.attempt().err().unwrap_or(Reason::Synced);
+    plan.events.push(EventToEmit {
+        warning: false,
+        reason: Reason::RefreshHonoured,
+        note: format!("refresh requested at {requested} honoured: {ended}"),
+    });
+    plan.status.last_refresh = Some(crate::api::RefreshStatus {
+        requested,
+        time: now.text.clone(),
+    });
+}
+
 /// How the restart phase went.
 #[derive(Debug)]
 pub enum Restarts {
@@ -256,6 +272,34 @@ mod tests {
     /// A status synced from `version` with certificate `fingerprint`, valid for a year.
     fn synced_previous(version: &str, fingerprint: &str) -> MtlsIdentityStatus {
         plan(None, &facts(), Ok(synced(version, fingerprint)), &now()).status
+    }
+
+    /// A honoured refresh is echoed in status (so it is not honoured twice) and in one Normal Event
+    /// that says how the attempt ended, a transient failure included; nothing else changes.
+    #[test]
+    fn a_honoured_refresh_is_recorded_in_status_and_one_event() {
+        let previous = synced_previous("v1", "f1");
+        let mut honoured = plan(Some(&previous), &facts(), Ok(synced("v1", "f1")), &now());
+        let unchanged = honoured.status.clone();
+        honour_refresh(&mut honoured, "2026-12-03T18:00:00.123Z".into(), &now());
+        let recorded = honoured.status.last_refresh.clone().unwrap();
+        assert_eq!(recorded.requested, "2026-12-03T18:00:00.123Z");
+        assert_eq!(recorded.time, now().text);
+        assert_eq!(
+            MtlsIdentityStatus {
+                last_refresh: None,
+                ..honoured.status.clone()
+            },
+            unchanged
+        );
+        assert_eq!(reasons(&honoured), vec![Reason::RefreshHonoured]);
+        assert!(!honoured.events[0].warning);
+        assert!(honoured.events[0].note.ends_with("honoured: Synced"));
+
+        let mut transient = plan(Some(&previous), &facts(), Err(throttled()), &now());
+        honour_refresh(&mut transient, "t".into(), &now());
+        let note = &transient.events.last().unwrap().note;
+        assert!(note.ends_with("honoured: Throttled"), "{note}");
     }
 
     fn throttled() -> SyncFailure {

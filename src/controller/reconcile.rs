@@ -63,12 +63,27 @@ async fn reconcile_inner(
         return Ok(Action::requeue(STALE_RETRY));
     }
     let now = Now::read();
-    let outcome = match gather(&identity, &parsed, &now, context).await? {
+    // A refresh request (the annotation) is honoured now, or waits for the one honoured last.
+    let refresh = identity.pending_refresh();
+    let refresh_wait = refresh
+        .as_ref()
+        .and_then(|_| context.memory.refresh_wait(&parsed.key, now.instant));
+    let honour = refresh.filter(|_| refresh_wait.is_none());
+    let outcome = match gather(&identity, &parsed, &now, honour.is_some(), context).await? {
         Gathered::Outcome(outcome) => *outcome,
-        Gathered::ComeBack(after) => return Ok(Action::requeue(after)),
+        Gathered::ComeBack(after) => {
+            return Ok(Action::requeue(
+                refresh_wait.map_or(after, |wait| wait.min(after)),
+            ));
+        }
     };
     let previous = identity.status.as_ref();
     let mut plan = plan::plan(previous, &plan::Facts::of(&parsed), outcome, &now);
+    if let Some(requested) = honour {
+        context.memory.refresh_honoured(&parsed.key, now.instant);
+        info!(identity = %parsed.key, requested = %requested, "refresh request honoured");
+        plan::honour_refresh(&mut plan, requested, &now);
+    }
     // Kubernetes errors after the Secret was written: returned once the status says so.
     let mut late = LateError::default();
     let restarts = restart_phase(&identity, &parsed, &mut plan, &now, &mut late, context).await;
@@ -85,12 +100,16 @@ async fn reconcile_inner(
     late.keep(renamed.await);
     late.into_result()?;
     log_outcome(&parsed, &plan);
-    Ok(Action::requeue(if restarts.pending {
+    let next = if restarts.pending {
         // Waiting for siblings to settle, for a rollout slot, or to retry a refused patch.
         rotation::COALESCE_POLL
     } else {
         schedule(&parsed, plan, &now, context)
-    }))
+    };
+    // A refresh request that came too soon after the last is honoured once that one's interval ends.
+    Ok(Action::requeue(
+        refresh_wait.map_or(next, |wait| wait.min(next)),
+    ))
 }
 
 /// What the gathering phase gives the plan: an outcome to plan on, or when to come back.
@@ -106,20 +125,23 @@ async fn gather(
     identity: &MtlsIdentity,
     parsed: &Parsed,
     now: &Now,
+    refresh: bool,
     context: &Context,
 ) -> Result<Gathered, ReconcileError> {
-    Ok(match sync::sync(identity, parsed, now, context).await? {
-        SyncStep::Done(outcome) => Gathered::Outcome(outcome),
-        SyncStep::Unchanged(Some(synced)) => Gathered::Outcome(Box::new(Ok(*synced))),
-        SyncStep::Wait(wait) => {
-            context.metrics.reads_deferred.inc();
-            Gathered::ComeBack(wait)
-        }
-        SyncStep::Unchanged(None) => {
-            let refresh = parsed.refresh_or_default();
-            Gathered::ComeBack(refresh + refresh.mul_f64(rand::random::<f64>() * 0.1))
-        }
-    })
+    Ok(
+        match sync::sync(identity, parsed, now, refresh, context).await? {
+            SyncStep::Done(outcome) => Gathered::Outcome(outcome),
+            SyncStep::Unchanged(Some(synced)) => Gathered::Outcome(Box::new(Ok(*synced))),
+            SyncStep::Wait(wait) => {
+                context.metrics.reads_deferred.inc();
+                Gathered::ComeBack(wait)
+            }
+            SyncStep::Unchanged(None) => {
+                let refresh = parsed.refresh_or_default();
+                Gathered::ComeBack(refresh + refresh.mul_f64(rand::random::<f64>() * 0.1))
+            }
+        },
+    )
 }
 
 /// The first Kubernetes error met after the Secret was written: the status write must not be

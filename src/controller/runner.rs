@@ -205,7 +205,7 @@ async fn run_scope(
         .applied_objects()
         .try_filter({
             let memory = memory.clone();
-            move |identity| std::future::ready(memory.generation_changed(identity))
+            move |identity| std::future::ready(memory.spec_or_refresh_changed(identity))
         });
     // Our Secrets, metadata only and label-filtered: never every Secret in the cluster with its data.
     let owned_secrets = watcher(

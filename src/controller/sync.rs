@@ -39,11 +39,13 @@ impl SyncStep {
 }
 
 /// Everything up to and including the Secret write. `Err(..)`: the Kubernetes API failed and the
-/// reconcile is retried.
+/// reconcile is retried. `refresh`: a refresh request is honoured: the versions are checked now,
+/// whatever the index says, and a failing identity is read again even on a version it refused.
 pub async fn sync(
     identity: &MtlsIdentity,
     parsed: &Parsed,
     now: &Now,
+    refresh: bool,
     context: &Context,
 ) -> Result<SyncStep, ReconcileError> {
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &parsed.namespace);
@@ -64,6 +66,7 @@ pub async fn sync(
         existing.as_ref(),
         &main,
         ca.as_ref(),
+        refresh,
     )
     .await?;
     let Looked {
@@ -244,6 +247,7 @@ async fn gather(
     existing: Option<&Secret>,
     main: &CheckedSecret,
     ca: Option<&CheckedSecret>,
+    refresh_now: bool,
 ) -> Result<Looked, ReconcileError> {
     let (namespace, target, key) = (
         parsed.namespace.as_str(),
@@ -272,13 +276,28 @@ async fn gather(
         .as_ref()
         .is_some_and(|status| status.observed_generation == identity.metadata.generation);
     let known_bad = context.memory.read(key, |memory| memory.known_bad.clone());
-    let known_bad = known_bad.filter(|_| failed_spec_current);
+    // A refresh asks again even about a version refused before (a fixed CA, a fixed clock).
+    let known_bad = known_bad.filter(|_| failed_spec_current && !refresh_now);
     // After an operator restart the index is empty: the versions an intact Secret carries are taken
     // as current until the first sweep (an explicit write; the view below only reads).
     if let Some((main_version, ca_version)) = &carried {
         context.fleet.seed(&main.request, main_version, now.instant);
         if let (Some(ca), Some(ca_version)) = (&ca, ca_version) {
             context.fleet.seed(&ca.request, ca_version, now.instant);
+        }
+    }
+    // A refresh checks the versions the Secret carries now (a failing identity is read anyway);
+    // in `get` mode, with no version checks, it reads.
+    let mut refresh_reads = false;
+    if refresh_now && carried.is_some() {
+        match context.fleet.mode() {
+            crate::source::fleet::SweepMode::Get => refresh_reads = true,
+            _ => {
+                context.fleet.check(&main.request).await;
+                if let Some(ca) = ca {
+                    context.fleet.check(&ca.request).await;
+                }
+            }
         }
     }
     // The index's view of each source, taken once: whether it changed, whether it is gone.
@@ -306,7 +325,8 @@ async fn gather(
         .map(|(checked, _)| checked.request.secret_id.clone());
     let gathered = decide::Gathered {
         gone,
-        version_changed: stale(&main_view, carried.as_ref().map(|(main, _)| main.as_str()))
+        version_changed: refresh_reads
+            || stale(&main_view, carried.as_ref().map(|(main, _)| main.as_str()))
             || ca_view.as_ref().is_some_and(|(_, view)| {
                 stale(view, carried.as_ref().and_then(|(_, ca)| ca.as_deref()))
             }),

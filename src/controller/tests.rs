@@ -549,26 +549,76 @@ fn stored(name: &str, uid: &str, generation: i64) -> crate::api::StoredIdentity 
 fn only_spec_changes_pass_the_generation_filter() {
     let memory = Memory::new(None, None);
     assert!(
-        memory.generation_changed(&stored("client", "u1", 1)),
+        memory.spec_or_refresh_changed(&stored("client", "u1", 1)),
         "first sight"
     );
     assert!(
-        !memory.generation_changed(&stored("client", "u1", 1)),
+        !memory.spec_or_refresh_changed(&stored("client", "u1", 1)),
         "a status write"
     );
     assert!(
-        memory.generation_changed(&stored("client", "u1", 2)),
+        memory.spec_or_refresh_changed(&stored("client", "u1", 2)),
         "a spec change"
     );
-    assert!(!memory.generation_changed(&stored("client", "u1", 2)));
+    assert!(!memory.spec_or_refresh_changed(&stored("client", "u1", 2)));
     assert!(
-        memory.generation_changed(&stored("client", "u2", 2)),
+        memory.spec_or_refresh_changed(&stored("client", "u2", 2)),
         "deleted and created again"
     );
     memory.forget(&ObjectRef::new("client").within("team"), || {});
     assert!(
-        memory.generation_changed(&stored("client", "u2", 2)),
+        memory.spec_or_refresh_changed(&stored("client", "u2", 2)),
         "forgotten on deletion"
+    );
+}
+
+/// A new refresh request passes the filter once; the same request seen again (our status write
+/// honouring it) does not, and removing the annotation is no request. The limit then holds one
+/// honoured request per identity per 10 s.
+#[test]
+fn a_refresh_request_passes_the_filter_once_and_is_honoured_once_per_interval() {
+    let memory = Memory::new(None, None);
+    let requested = |value: Option<&str>| {
+        let mut identity = stored("client", "u1", 1);
+        if let Some(value) = value {
+            identity.metadata.annotations = Some(
+                [(
+                    crate::api::REFRESH_ANNOTATION.to_string(),
+                    value.to_string(),
+                )]
+                .into_iter()
+                .collect(),
+            );
+        }
+        identity
+    };
+    assert!(
+        memory.spec_or_refresh_changed(&requested(None)),
+        "first sight"
+    );
+    assert!(
+        memory.spec_or_refresh_changed(&requested(Some("t1"))),
+        "a request"
+    );
+    assert!(
+        !memory.spec_or_refresh_changed(&requested(Some("t1"))),
+        "seen"
+    );
+    assert!(
+        memory.spec_or_refresh_changed(&requested(Some("t2"))),
+        "a new one"
+    );
+    assert!(!memory.spec_or_refresh_changed(&requested(None)), "removed");
+
+    let key = ObjectRef::new("client").within("team");
+    let now = std::time::Instant::now();
+    assert_eq!(memory.refresh_wait(&key, now), None, "never honoured");
+    memory.refresh_honoured(&key, now);
+    let wait = memory.refresh_wait(&key, now + std::time::Duration::from_secs(3));
+    assert_eq!(wait, Some(std::time::Duration::from_secs(7)));
+    assert_eq!(
+        memory.refresh_wait(&key, now + std::time::Duration::from_secs(10)),
+        None
     );
 }
 

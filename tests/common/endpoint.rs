@@ -190,6 +190,11 @@ impl CountingEndpoint {
         lock(&self.state).refused_secrets.push(name.to_string());
     }
 
+    /// Refuses no value reads from now on (the resource policy fixed).
+    pub fn allow_reads(&self) {
+        lock(&self.state).refused_secrets.clear();
+    }
+
     /// How many `Errors[]` entries this endpoint has put into BatchGetSecretValue answers.
     pub fn refused_in_batches(&self) -> usize {
         lock(&self.state).refused_in_batches
