@@ -401,7 +401,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                     .await
             }
             None => {
-                controller::run(client, source, settings, metrics, readiness, signal).await;
+                // The one replica reconciles: it leads (the chart's no-leader alert reads this).
+                metrics.leader.set(1);
+                controller::run(client, source, settings, metrics.clone(), readiness, signal).await;
+                metrics.leader.set(0);
                 Ok(())
             }
         }

@@ -313,7 +313,7 @@ impl Metrics {
         );
         registry.register(
             "leader",
-            "1 while this replica holds the leader lease",
+            "1 while this replica reconciles: it holds the leader Lease, or runs without leader election",
             metrics.leader.clone(),
         );
         // Counters with fixed outcomes start at 0, so /metrics lists them (and rate() works) before
@@ -454,6 +454,14 @@ impl Metrics {
                 region: region.to_string(),
             })
             .set(rate);
+    }
+
+    /// Lists `operation` with `outcome` at 0 until a call is counted in it.
+    pub fn start_aws_call_at_zero(&self, operation: &str, outcome: &str) {
+        let _ = self.aws_calls.get_or_create(&CallLabels {
+            operation: operation.to_string(),
+            outcome: outcome.to_string(),
+        });
     }
 
     pub fn record_aws_call(&self, operation: &str, outcome: &str) {

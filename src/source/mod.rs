@@ -142,6 +142,18 @@ impl SourceError {
         }
     }
 
+    /// Every reason [`Self::reason`] gives.
+    pub const REASONS: [crate::api::conditions::Reason; 5] = {
+        use crate::api::conditions::Reason;
+        [
+            Reason::SourceNotFound,
+            Reason::AccessDenied,
+            Reason::Throttled,
+            Reason::EmptySource,
+            Reason::SourceUnavailable,
+        ]
+    };
+
     pub fn reason(&self) -> crate::api::conditions::Reason {
         use crate::api::conditions::Reason;
         match self {

@@ -51,6 +51,14 @@ pub enum Operation {
 }
 
 impl Operation {
+    pub const ALL: [Operation; 5] = [
+        Self::Get,
+        Self::BatchGet,
+        Self::Describe,
+        Self::List,
+        Self::AssumeRole,
+    ];
+
     /// The name AWS gives it (and the metric label).
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -186,6 +194,16 @@ impl SecretsManagerSource {
 
     /// Counts every call in `mtls_secretsmanager_calls_total`.
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        // Every operation and outcome from 0: a counter series born at its first failure hides
+        // that failure from rate() and from alerts on it.
+        let outcomes: Vec<&str> = std::iter::once("success")
+            .chain(SourceError::REASONS.iter().map(|reason| reason.as_str()))
+            .collect();
+        for operation in Operation::ALL {
+            for outcome in &outcomes {
+                metrics.start_aws_call_at_zero(operation.as_str(), outcome);
+            }
+        }
         Self {
             metrics: Some(metrics),
             ..self
