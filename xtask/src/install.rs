@@ -3,7 +3,9 @@
 //! Everything is built from the registries this project may reach: the Kubernetes components, etcd,
 //! kwok and helm from the Go module proxy (the tool modules under `xtask/k8s-tools/`, whose `go.sum`
 //! pins every checksum), moto from PyPI into a project-local virtualenv (`xtask/moto-requirements.txt`
-//! pins every package). A folder is keyed by the tool's version and a hash of its build inputs, and is
+//! pins every package), Prometheus and promtool from Debian's `prometheus` package (downloaded with
+//! `apt-get download`, checked against its pinned SHA-256 and unpacked into the cache: nothing is
+//! installed on the system). A folder is keyed by the tool's version and a hash of its build inputs, and is
 //! only trusted once its `.complete` marker exists, so an interrupted build is redone, and a second run
 //! does nothing.
 
@@ -21,6 +23,11 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const KWOK_VERSION: &str = "v0.8.0";
 pub const HELM_VERSION: &str = "v3.22.0";
 pub const MOTO_VERSION: &str = "5.2.5";
+/// Debian 12's `prometheus` package: the Prometheus server and promtool the alert and dashboard
+/// tests run (`tests/alerts.rs`).
+pub const PROMETHEUS_DEB_VERSION: &str = "2.42.0+ds-5+deb12u1";
+const PROMETHEUS_DEB_SHA256: &str =
+    "81d59a24fce84f7fbe97a45a4f2914b6a5881b5cd1db2a6a0e129e515e1a5f55";
 
 /// What the cold steps took on a fresh 2-core machine (BENCHMARKS.md, "Cold start"), told up front.
 pub const COLD_GO_BUILDS: &str = "7½ minutes";
@@ -41,6 +48,8 @@ pub struct Toolset {
     pub kwok_stages: PathBuf,
     pub helm: PathBuf,
     pub moto_server: PathBuf,
+    pub prometheus: PathBuf,
+    pub promtool: PathBuf,
 }
 
 /// The cache folder: `MTLS_TESTENV_CACHE`, or `.cache/testenv` in the checkout (git-ignored).
@@ -273,6 +282,58 @@ fn install_moto(dir: &Path, progress: &dyn Fn(&str)) -> Result<()> {
     mark_complete(dir)
 }
 
+fn prometheus_dir() -> PathBuf {
+    let hash = input_hash(&[PROMETHEUS_DEB_SHA256.as_bytes()]);
+    cache_dir().join(format!("prometheus-{PROMETHEUS_DEB_VERSION}-{hash}"))
+}
+
+/// Downloads Debian's `prometheus` package at the pinned version (refreshing the package lists
+/// once if apt does not know it yet), checks its SHA-256, and unpacks its two binaries into `dir`.
+fn install_prometheus(dir: &Path, progress: &dyn Fn(&str)) -> Result<()> {
+    progress(&format!(
+        "downloading Prometheus and promtool (Debian package prometheus {PROMETHEUS_DEB_VERSION})"
+    ));
+    fresh_dir(dir)?;
+    let download = || {
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["download", &format!("prometheus={PROMETHEUS_DEB_VERSION}")])
+            .status()
+    };
+    if !download().is_ok_and(|status| status.success()) {
+        progress("apt-get does not have it yet: apt-get update, then again");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        if !download()?.success() {
+            bail!(
+                "apt-get download prometheus={PROMETHEUS_DEB_VERSION} failed: is Debian's \
+                 archive reachable, and does it still carry that version?"
+            );
+        }
+    }
+    let deb = fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| path.extension().is_some_and(|extension| extension == "deb"))
+        .context("apt-get download left no .deb")?;
+    let digest = hex::encode(Sha256::digest(fs::read(&deb)?));
+    if digest != PROMETHEUS_DEB_SHA256 {
+        bail!(
+            "{} has SHA-256 {digest}, not the pinned {PROMETHEUS_DEB_SHA256}",
+            deb.display()
+        );
+    }
+    let unpacked = dir.join("unpacked");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin)?;
+    for name in ["prometheus", "promtool"] {
+        fs::rename(unpacked.join("usr/bin").join(name), bin.join(name))
+            .with_context(|| format!("{name} is not in the package"))?;
+    }
+    fs::remove_dir_all(&unpacked)?;
+    fs::remove_file(&deb)?;
+    mark_complete(dir)
+}
+
 /// Concatenates kwok's own stage files at the pinned version (read from the Go module cache, where
 /// building kwok put them) into one `--config` file.
 fn write_kwok_stages(kwok_dir: &Path) -> Result<PathBuf> {
@@ -372,6 +433,10 @@ pub fn ensure_installed(progress: &dyn Fn(&str)) -> Result<Toolset> {
     if !is_complete(&moto) {
         install_moto(&moto, progress)?;
     }
+    let prometheus = prometheus_dir();
+    if !is_complete(&prometheus) {
+        install_prometheus(&prometheus, progress)?;
+    }
     let toolset = installed_toolset()?;
     Ok(toolset)
 }
@@ -402,6 +467,8 @@ fn installed_toolset() -> Result<Toolset> {
         kwok,
         helm: bin_of("helm")?,
         moto_server: moto_dir()?.join("venv").join("bin").join("moto_server"),
+        prometheus: prometheus_dir().join("bin").join("prometheus"),
+        promtool: prometheus_dir().join("bin").join("promtool"),
     };
     for binary in [
         &toolset.etcd,
@@ -410,6 +477,8 @@ fn installed_toolset() -> Result<Toolset> {
         &toolset.kwok,
         &toolset.helm,
         &toolset.moto_server,
+        &toolset.prometheus,
+        &toolset.promtool,
     ] {
         if !binary.exists() {
             bail!(

@@ -56,6 +56,9 @@ pub struct Environment {
     pub aws_secret_access_key: String,
     pub kubectl: PathBuf,
     pub helm: PathBuf,
+    /// Prometheus and promtool, for the alert and dashboard tests.
+    pub prometheus: PathBuf,
+    pub promtool: PathBuf,
     /// Processes of the environment, for `down` and for the "nothing outlives it" check.
     pub pids: Vec<u32>,
 }
@@ -403,6 +406,8 @@ pub async fn start(
         aws_secret_access_key: "testing".to_string(),
         kubectl: tools.kubectl.clone(),
         helm: tools.helm.clone(),
+        prometheus: tools.prometheus.clone(),
+        promtool: tools.promtool.clone(),
         pids: Vec::new(),
     };
     let admin = environment.admin_client().await?;
