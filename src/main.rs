@@ -94,6 +94,25 @@ struct RunArgs {
     /// of NetworkPolicy peers. Default: nowhere.
     #[arg(long, env = "EGRESS_ADMIN_FROM")]
     egress_admin_from: Option<String>,
+    /// Let `spec.egress.allowFrom` name peers in other namespaces (a `namespaceSelector` other than
+    /// the identity's own namespace). Default: refused (`EgressNotAllowed`).
+    #[arg(long, env = "EGRESS_ALLOW_PEERS_OUTSIDE_NAMESPACE")]
+    egress_allow_peers_outside_namespace: bool,
+    /// Let `spec.egress.allowFrom` name `ipBlock` peers. Default: refused.
+    #[arg(long, env = "EGRESS_ALLOW_IP_BLOCKS")]
+    egress_allow_ip_blocks: bool,
+    /// Let `spec.egress.upstream` be on loopback, link-local (cloud metadata), or an in-cluster name
+    /// (`*.svc`, `*.cluster.local`, a name without a dot, `localhost`). Default: refused.
+    #[arg(long, env = "EGRESS_ALLOW_INTERNAL_UPSTREAMS")]
+    egress_allow_internal_upstreams: bool,
+    /// Address ranges no `spec.egress.upstream` may be in, e.g. the cluster's service, pod and node
+    /// CIDRs; comma-separated or repeated.
+    #[arg(
+        long = "egress-denied-upstream-cidr",
+        env = "EGRESS_DENIED_UPSTREAM_CIDRS",
+        value_delimiter = ','
+    )]
+    egress_denied_upstream_cidrs: Vec<String>,
     /// How secret versions are checked between reads: `describe` (DescribeSecret per distinct
     /// secret), `list` (ListSecrets pages: fewest calls, needs ListSecrets on *), `get` (no sweep:
     /// values are read again at each identity's refreshInterval).
@@ -314,6 +333,21 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         },
         allow_annotate: args.enable_annotate,
         egress_admin_from,
+        egress_reach: mtls_operator::controller::egress::reach::EgressReach {
+            peers_outside_namespace: args.egress_allow_peers_outside_namespace,
+            ip_block_peers: args.egress_allow_ip_blocks,
+            internal_upstreams: args.egress_allow_internal_upstreams,
+            denied_upstream_ranges: args
+                .egress_denied_upstream_cidrs
+                .iter()
+                .filter(|cidr| !cidr.is_empty())
+                .map(|cidr| {
+                    cidr.parse().map_err(|_| {
+                        anyhow::anyhow!("--egress-denied-upstream-cidr {cidr:?} is not a CIDR")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        },
         identity_selector: args.identity_selector,
         egress_image: args.enable_egress.then_some(args.proxy_image),
         // Fatal when it cannot be had: without it every restart would re-read every identity,

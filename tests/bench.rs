@@ -406,6 +406,41 @@ async fn w2_calls_per_identity_per_hour_at_the_defaults() -> Result<()> {
 }
 
 /// Resident memory of process `pid`, in MiB (Linux /proc).
+/// CPU seconds used so far by the operator (`pid`) and by each process of the test environment,
+/// named by its program (etcd, kube-apiserver, moto, ...).
+fn cpu_by_process(pid: u32) -> Vec<(String, f64)> {
+    let mut pids = vec![pid];
+    pids.extend(support::environment().pids.iter().copied());
+    pids.into_iter()
+        .filter_map(|pid| {
+            let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            let name = command
+                .split('\0')
+                .take(2)
+                .map(|part| part.rsplit('/').next().unwrap_or(part))
+                .find(|part| !part.starts_with("python"))
+                .unwrap_or("?")
+                .to_string();
+            Some((format!("{name}[{pid}]"), cpu_seconds(pid).ok()?))
+        })
+        .collect()
+}
+
+/// CPU seconds each process used between two readings.
+fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> String {
+    after
+        .iter()
+        .map(|(name, seconds)| {
+            let start = before
+                .iter()
+                .find(|(other, _)| other == name)
+                .map_or(0.0, |(_, seconds)| *seconds);
+            format!("{name}: {:.1} s", seconds - start)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn rss_mib(pid: u32) -> Result<f64> {
     proc_status_mib(pid, "VmRSS")
 }
@@ -732,6 +767,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
     let api_before = apiserver_requests(&client).await?;
     let mut child = spawn()?;
     let pid = child.id();
+    let cpu_before = cpu_by_process(pid);
     let result = async {
         let started = Instant::now();
         if !precreate {
@@ -769,6 +805,13 @@ async fn bounded_load_under_a_quota() -> Result<()> {
         waited?;
         let synced = started.elapsed();
         let api_after = apiserver_requests(&client).await?;
+        println!(
+            "LOAD: CPU used to Ready in {:.0} s on {} cores: {} (this bench's own process is \
+             not counted)",
+            started.elapsed().as_secs_f64(),
+            std::thread::available_parallelism().map_or(0, |cores| cores.get()),
+            cpu_delta(&cpu_before, &cpu_by_process(pid))
+        );
         println!(
             "LOAD: API server requests to Ready by verb and resource (the bench's own included): {}",
             request_delta(&api_before, &api_after)

@@ -159,6 +159,10 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         "restart.annotate.enabled=true",
         "--set",
         "egress.enabled=true",
+        "--set",
+        "egress.allowIpBlocks=true",
+        "--set-json",
+        r#"egress.deniedUpstreamCidrs=["10.96.0.0/12","fd00:10:96::/108"]"#,
         "--set-json",
         r#"allowedRoles=["arn:aws:iam::111122223333:role/mtls/{namespace}","arn:aws:iam::111122223333:role/a,b"]"#,
     ])?;
@@ -181,6 +185,30 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
     assert!(
         args.contains(&"--egress-admin-from=[]".to_string()),
         "{args:?}"
+    );
+    for flag in [
+        "--egress-allow-ip-blocks",
+        "--egress-denied-upstream-cidr=10.96.0.0/12",
+        "--egress-denied-upstream-cidr=fd00:10:96::/108",
+    ] {
+        assert!(args.contains(&flag.to_string()), "{flag}: {args:?}");
+    }
+    assert!(
+        !args
+            .iter()
+            .any(|arg| arg == "--egress-allow-internal-upstreams"),
+        "{args:?}"
+    );
+    // Every argument the chart passes is one the binary accepts (clap refuses an unknown flag or
+    // a bad value before it reaches the trailing --help).
+    let accepted = Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
+        .args(&args)
+        .arg("--help")
+        .output()?;
+    assert!(
+        accepted.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&accepted.stderr)
     );
     let upgraded_rules = Api::<ClusterRole>::all(admin.clone())
         .get(&deployment)

@@ -110,6 +110,7 @@ words! {
         EgressDisabled = "EgressDisabled",
         EgressInvalid = "EgressInvalid",
         EgressConflict = "EgressConflict",
+        EgressNotAllowed = "EgressNotAllowed",
         // Events only.
         Rotated = "Rotated",
         SourceUnreachable = "SourceUnreachable",

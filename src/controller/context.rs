@@ -42,6 +42,8 @@ pub struct Settings {
     pub allow_annotate: bool,
     /// Where operator-managed egress proxies' admin port may be reached from (NetworkPolicy peers).
     pub egress_admin_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// How far tenants' egress proxies may reach beyond the safe default.
+    pub egress_reach: super::egress::reach::EgressReach,
     /// How versions are checked between reads, and how often at most.
     pub sweep_mode: SweepMode,
     pub sweep_interval: Duration,
@@ -70,6 +72,7 @@ impl Default for Settings {
             restart_limits: RestartLimits::default(),
             allow_annotate: false,
             egress_admin_from: Vec::new(),
+            egress_reach: Default::default(),
             sweep_mode: SweepMode::default(),
             sweep_interval: Duration::from_secs(300),
             events: None,

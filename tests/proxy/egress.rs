@@ -352,3 +352,94 @@ async fn egress_never_takes_over_a_foreign_network_policy() -> Result<()> {
     )
     .await
 }
+
+/// #25: a tenant cannot widen its proxy's reach. Opening it to every namespace or to an address
+/// range, or pointing it at the cloud metadata endpoint or at the API server's in-cluster name, is
+/// refused (`EgressNotAllowed`, the field named) and nothing is written; an allowed proxy edited
+/// into one of these keeps the NetworkPolicy and Deployment it had.
+#[tokio::test]
+async fn a_tenant_cannot_open_its_proxy_to_other_namespaces_or_aim_it_inside_the_cluster()
+-> Result<()> {
+    let namespace = support::create_namespace("egress-reach", &[]).await?;
+    grant_egress_rules(&namespace).await?;
+    let settings = Settings {
+        egress_image: Some("example.invalid/mtls-operator:test".into()),
+        ..Settings::default()
+    };
+    let _operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("egress reach CA")?;
+    let source = format!("{namespace}/partner");
+    put_source(&source, &good_secret(&ca)?).await?;
+    let admin = support::admin_client().await?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.clone(), &namespace);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &namespace);
+    let attacks = [
+        (
+            "everyone",
+            serde_json::json!({"upstream": "https://api.partner.example",
+                "allowFrom": [{"namespaceSelector": {}}]}),
+            "allowFrom[0]",
+        ),
+        (
+            "internet",
+            serde_json::json!({"upstream": "https://api.partner.example",
+                "allowFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+            "allowFrom[0]",
+        ),
+        (
+            "metadata",
+            serde_json::json!({"upstream": "https://169.254.169.254"}),
+            "upstream",
+        ),
+        (
+            "apiserver",
+            serde_json::json!({"upstream": "https://kubernetes.default.svc"}),
+            "upstream",
+        ),
+    ];
+    for (name, egress, _) in &attacks {
+        let spec = serde_json::json!({"egress": egress});
+        create_identity(&namespace, &identity(name, &source, spec)?).await?;
+    }
+    for (name, _, field) in &attacks {
+        let message = egress_condition(&namespace, name, "False", "EgressNotAllowed").await?;
+        ensure!(
+            message.contains(&format!("spec.egress.{field}")),
+            "{name}: {message}"
+        );
+        ensure!(
+            policies.get_opt(name).await?.is_none() && deployments.get_opt(name).await?.is_none(),
+            "{name}: objects were written"
+        );
+    }
+
+    // Allowed first, then edited into an attack: the proxy keeps what it had.
+    create_identity(&namespace, &egress_identity(&namespace)?).await?;
+    egress_condition(&namespace, "partner", "True", "EgressReady").await?;
+    let before = policies.get("partner").await?;
+    let widen = serde_json::json!({"spec": {"egress": {"upstream": "https://169.254.169.254",
+        "allowFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}}});
+    Api::<MtlsIdentity>::namespaced(admin.clone(), &namespace)
+        .patch("partner", &PatchParams::default(), &Patch::Merge(&widen))
+        .await?;
+    egress_condition(&namespace, "partner", "False", "EgressNotAllowed").await?;
+    let after = policies.get("partner").await?;
+    ensure!(
+        after.spec == before.spec,
+        "the NetworkPolicy changed: {:?}",
+        after.spec
+    );
+    let args = deployments
+        .get("partner")
+        .await?
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .and_then(|pod| pod.containers.into_iter().next())
+        .and_then(|container| container.args)
+        .unwrap_or_default();
+    ensure!(
+        args.contains(&"--upstream=https://api.partner.example".to_string()),
+        "the proxy's upstream changed: {args:?}"
+    );
+    Ok(())
+}

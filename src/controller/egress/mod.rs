@@ -3,6 +3,7 @@
 //! `spec.egress`, and reported in the `Egress` condition.
 
 pub mod objects;
+pub mod reach;
 
 use kube::api::Api;
 use kube::{Resource, ResourceExt};
@@ -76,6 +77,13 @@ pub(super) async fn reconcile_egress(
             "False",
             Reason::EgressWaiting,
             "waiting for the first good certificate before starting the proxy".to_string(),
+        ),
+        // Reaching further than the admin allows: nothing is written (what an allowed spec made
+        // before stays as it was).
+        (Some(_), Some(_)) if let Some(why) = reach::refusal(spec, namespace, &context.settings.egress_reach) => (
+            "False",
+            Reason::EgressNotAllowed,
+            format!("{why}; the proxy's objects are left as they were"),
         ),
         (Some(image), Some(secret)) => {
             let Some(owner) = identity.controller_owner_ref(&()) else {
