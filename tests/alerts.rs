@@ -224,13 +224,7 @@ fn encode(text: &str) -> String {
 
 /// `GET path` on the loopback port; the body, parsed as JSON.
 async fn get_json(port: u16, path: &str) -> Result<Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
+    let response = http_get(port, path).await?;
     let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
     Ok(serde_json::from_str(body)?)
 }

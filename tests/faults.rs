@@ -727,6 +727,75 @@ async fn a_conflicting_writer_loses_without_a_hot_loop() -> Result<()> {
     Ok(())
 }
 
+/// A new identity's Secret is created without being looked for first (#24: one API request fewer
+/// per identity on a cold start). When the create finds a Secret after all, because an earlier sync
+/// wrote it and could not write the status (here the role lost `mtlsidentities/status`; in life the
+/// operator stopped between the two writes), the same reconcile adopts its own Secret: the identity,
+/// which still has no status, is not stuck on a create that keeps finding it.
+#[tokio::test]
+async fn a_new_identity_creates_its_secret_at_once_and_adopts_one_written_without_status()
+-> Result<()> {
+    let (namespace, _operator, ca) = Scenario::start("no-status").await?.parts();
+    let without_status = |rule: &k8s_openapi::api::rbac::v1::PolicyRule| {
+        !rule
+            .resources
+            .iter()
+            .flatten()
+            .any(|r| r == "mtlsidentities/status")
+    };
+    narrow_operator_role(
+        &namespace,
+        "mtls-operator",
+        "mtls-operator-no-status",
+        without_status,
+    )
+    .await?;
+    let id = format!("{namespace}/client");
+    put_source(&id, &good_secret(&ca)?).await?;
+    create_identity(&namespace, &identity("client", &id, serde_json::json!({}))?).await?;
+    // Written, then the status write refused; the retry (after the error backoff) creates again,
+    // is told the name is taken, and looks: its own Secret.
+    wait_for(
+        "a create that finds the Secret, then a look at it",
+        TIMEOUT,
+        || async {
+            let requests = operator_secret_requests(&namespace, "client")?;
+            let refused = requests
+                .iter()
+                .position(|request| *request == ("create".to_string(), 409))
+                .context(format!("no refused create yet: {requests:?}"))?;
+            ensure!(
+                requests[refused + 1..]
+                    .iter()
+                    .any(|(verb, _)| verb == "get"),
+                "no look after the refused create: {requests:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let requests = operator_secret_requests(&namespace, "client")?;
+    ensure!(
+        requests.first() == Some(&("create".to_string(), 201)),
+        "the first request on the new identity's Secret was not its create: {requests:?}"
+    );
+    let stored = identities(&namespace).await?.get("client").await?;
+    ensure!(
+        stored.status.is_none(),
+        "a status was written without the permission"
+    );
+
+    narrow_operator_role(
+        &namespace,
+        "mtls-operator-no-status",
+        "mtls-operator",
+        |_| true,
+    )
+    .await?;
+    wait_ready(&namespace, "client", "True", "Synced").await?;
+    Ok(())
+}
+
 /// The operator SIGKILLed after writing a Secret but before restarting its workloads and before
 /// its status says so (here its role may write Secrets but neither list workloads nor write
 /// status, so it stops exactly there): the successor finds the Secret ahead of the status, and

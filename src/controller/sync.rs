@@ -53,9 +53,18 @@ pub async fn sync(
         Ok(checked) => checked,
         Err(failure) => return Ok(SyncStep::done(Err(failure))),
     };
-    let existing = match target_secret(&secrets, parsed).await? {
-        Ok(existing) => existing,
-        Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
+    // An identity never reconciled (no status) has, all but always, no Secret yet: the create
+    // finds out, one API request fewer per new identity. The rare exception (a Secret written by
+    // a sync whose status the operator could not write before it stopped, or a foreign one) makes
+    // the create fail, and the write looks then (see `write_secret`).
+    let looked_at_target = identity.status.is_some();
+    let existing = if looked_at_target {
+        match target_secret(&secrets, parsed).await? {
+            Ok(existing) => existing,
+            Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
+        }
+    } else {
+        None
     };
     let looked = gather(
         identity,
@@ -149,6 +158,7 @@ pub async fn sync(
         parsed,
         &secrets,
         existing.as_ref(),
+        looked_at_target,
         fetched,
         ca_version,
         &validated,
@@ -226,13 +236,16 @@ async fn target_secret(
     Ok(Ok(existing))
 }
 
+/// A keystore or PKCS#12 source password: overwritten when dropped.
+type Password = zeroize::Zeroizing<String>;
+
 /// What the read chain decides on, and what the rest of the sync reuses.
 struct Looked {
     gathered: decide::Gathered,
     /// The facts of the last successful sync, when the Secret still holds them.
     carried_facts: Option<Synced>,
     /// The keystore password, read once (`None`: no keystore asked for).
-    keystore_password: Option<Result<String, SyncFailure>>,
+    keystore_password: Option<Result<Password, SyncFailure>>,
 }
 
 /// Gathers what decides whether a value is read: the versions the Secret carries against the
@@ -367,10 +380,11 @@ async fn write_secret(
     parsed: &Parsed,
     secrets: &Api<Secret>,
     existing: Option<&Secret>,
+    looked_at_target: bool,
     fetched: FetchedSecret,
     ca_version: Option<String>,
     validated: &pki::ValidatedIdentity,
-    keystore_password: Option<Result<String, SyncFailure>>,
+    keystore_password: Option<Result<Password, SyncFailure>>,
     context: &Context,
 ) -> Result<SyncStep, ReconcileError> {
     let (namespace, target, owner_uid) = (
@@ -451,8 +465,24 @@ async fn write_secret(
     if !up_to_date {
         match &existing {
             // Absent when we looked: create, so one created meanwhile is never overwritten.
-            None => {
-                if write::create_if_absent(secrets, &desired).await? == Written::Conflict {
+            None => match write::create_if_absent(secrets, &desired).await? {
+                Written::Done => {}
+                // Not looked at before the read (a new identity), and there after all: ours (written
+                // by a sync whose status was never written) is brought up to date now, in this
+                // reconcile, so a status that stays empty cannot make this loop; a foreign one is a
+                // conflict, its content never read.
+                Written::Conflict if !looked_at_target => {
+                    match target_secret(secrets, parsed).await? {
+                        Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
+                        Ok(None) => return Ok(SyncStep::Wait(Duration::from_secs(1))),
+                        Ok(Some(ours)) => {
+                            if !secret::secret_up_to_date(&ours, &desired) {
+                                write::replace_owned_secret(secrets, &ours, desired).await?;
+                            }
+                        }
+                    }
+                }
+                Written::Conflict => {
                     // Created meanwhile. By us (another replica during a leader change, or a
                     // reconcile that raced): look again shortly. By someone else: a conflict.
                     let now_there = write::metadata(secrets, target).await?;
@@ -464,7 +494,7 @@ async fn write_secret(
                         secret: format!("{namespace}/{target}"),
                     })));
                 }
-            }
+            },
             // Ours (checked above): replaced with its resourceVersion as the precondition.
             Some(existing) => write::replace_owned_secret(secrets, existing, desired).await?,
         }
@@ -559,7 +589,7 @@ fn parse_and_validate(
     identity: &MtlsIdentity,
     fetched: &FetchedSecret,
     ca_text: Option<String>,
-    source_password: Option<String>,
+    source_password: Option<Password>,
     now_unix: i64,
 ) -> impl FnOnce() -> Result<Result<pki::ValidatedIdentity, pki::PkiError>, pki::PkiError> + Send + 'static
 {
@@ -579,7 +609,7 @@ fn parse_and_validate(
                 ca: ca_text.as_deref(),
             },
             SourceFormat::Pkcs12 => pki::StoredFormat::Pkcs12 {
-                password: source_password.as_deref(),
+                password: source_password.as_deref().map(String::as_str),
             },
         };
         let material = pki::read_material(content.stored(), format)?;
@@ -609,14 +639,15 @@ async fn read_password(
     secrets: &Api<Secret>,
     namespace: &str,
     reference: &crate::api::SecretKeyRef,
-) -> Result<Result<String, SyncFailure>, ReconcileError> {
+) -> Result<Result<Password, SyncFailure>, ReconcileError> {
     let password = secrets
         .get_opt(&reference.name)
         .await?
         .and_then(|secret| secret.data)
         .and_then(|mut data| data.remove(&reference.key))
         .and_then(|value| String::from_utf8(value.0).ok())
-        .filter(|password| !password.is_empty());
+        .filter(|password| !password.is_empty())
+        .map(zeroize::Zeroizing::new);
     Ok(
         password.ok_or_else(|| SyncFailure::KeystorePasswordMissing {
             secret: format!("{namespace}/{}", reference.name),

@@ -37,6 +37,8 @@ struct Seen {
     /// Path and query.
     path: String,
     body: Value,
+    /// The Accept header: a metadata-only GET asks for `PartialObjectMetadata`.
+    accept: String,
 }
 
 impl Seen {
@@ -94,6 +96,12 @@ fn mock_api(route: Route) -> (kube::Client, Arc<Mutex<Vec<Seen>>>) {
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
                 body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                accept: parts
+                    .headers
+                    .get("accept")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
             };
             let (status, answer) = route(&request);
             lock(&recorded).push(request);
@@ -348,54 +356,76 @@ const VERSION_ID: &str = crate::api::VERSION_ID_ANNOTATION;
 /// call; the status says `TargetConflict`.
 #[tokio::test]
 async fn a_foreign_target_secret_is_refused_without_a_read_or_a_write() {
-    let (client, seen) = mock_api(Box::new(|request| {
-        if request.is("GET", SECRET) {
-            (
-                StatusCode::OK,
-                json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                       "metadata": {"name": "client", "namespace": NAMESPACE}}),
-            )
-        } else if request.is("PATCH", STATUS) {
-            patched_identity(request)
-        } else if request.is("POST", "/apis/events.k8s.io/") {
-            echo(request)
-        } else {
-            not_found()
-        }
-    }));
-    let source = source();
-    let result = reconcile(
-        identity(spec(), None),
-        context(client, source.clone(), false),
-    )
-    .await;
-    assert!(result.is_ok(), "{result:?}");
-    let seen = lock(&seen).clone();
-    assert!(
-        !seen
+    // Reconciled before (a status): the metadata look refuses it before any read. New (no
+    // status): the create comes first and is refused (409), and only then the metadata look;
+    // one read of the source at most, never a write over it, and its content never read.
+    for status in [Some(synced_status()), None] {
+        let new = status.is_none();
+        let (client, seen) = mock_api(Box::new(|request| {
+            if request.is("GET", SECRET) {
+                (
+                    StatusCode::OK,
+                    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                           "metadata": {"name": "client", "namespace": NAMESPACE}}),
+                )
+            } else if request.method == "POST"
+                && request.path.starts_with("/api/v1/namespaces/team/secrets")
+            {
+                (
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "AlreadyExists", "code": 409}),
+                )
+            } else if request.is("PATCH", STATUS) {
+                patched_identity(request)
+            } else if request.is("POST", "/apis/events.k8s.io/") {
+                echo(request)
+            } else {
+                not_found()
+            }
+        }));
+        let source = source();
+        let result = reconcile(
+            identity(spec(), status),
+            context(client, source.clone(), false),
+        )
+        .await;
+        assert!(result.is_ok(), "{result:?}");
+        let seen = lock(&seen).clone();
+        let secret_writes: Vec<_> = seen
             .iter()
-            .any(|r| r.path.starts_with("/api/v1/namespaces/team/secrets") && r.method != "GET"),
-        "wrote a Secret it does not own: {seen:?}"
-    );
-    assert!(
-        seen.iter()
-            .filter(|r| r.path.starts_with(SECRET))
-            .all(|r| r.method == "GET"),
-    );
-    assert_eq!(
-        source.fetches.load(Ordering::SeqCst),
-        0,
-        "read AWS for a conflict"
-    );
-    let status = seen
-        .iter()
-        .find(|r| r.is("PATCH", STATUS))
-        .expect("status was written");
-    let ready = condition(&status.body, "Ready").expect("Ready");
-    assert_eq!(
-        (&ready["status"], &ready["reason"]),
-        (&json!("False"), &json!("TargetConflict"))
-    );
+            .filter(|r| r.path.starts_with("/api/v1/namespaces/team/secrets") && r.method != "GET")
+            .collect();
+        let refused_create = |r: &&Seen| r.method == "POST";
+        assert!(
+            if new {
+                secret_writes.len() == 1 && secret_writes.iter().all(refused_create)
+            } else {
+                secret_writes.is_empty()
+            },
+            "new: {new}; wrote a Secret it does not own: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .filter(|r| r.is("GET", SECRET))
+                .all(|r| r.accept.contains("PartialObjectMetadata")),
+            "read a foreign Secret's content: {seen:?}"
+        );
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst),
+            u32::from(new),
+            "new: {new}; reads of AWS for a conflict"
+        );
+        let status = seen
+            .iter()
+            .find(|r| r.is("PATCH", STATUS))
+            .expect("status was written");
+        let ready = condition(&status.body, "Ready").expect("Ready");
+        assert_eq!(
+            (&ready["status"], &ready["reason"]),
+            (&json!("False"), &json!("TargetConflict"))
+        );
+    }
 }
 
 /// Restart planning: of two Deployments, only the one that mounts the Secret is patched, once,

@@ -46,6 +46,12 @@ impl SecretPem {
     }
 }
 
+impl Drop for SecretPem {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for SecretPem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
@@ -59,6 +65,12 @@ pub struct PrivateKey {
     der: Vec<u8>,
     /// Where the key came from (`field "private_key"`, `PEM bundle`), for error messages.
     origin: String,
+}
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.der);
+    }
 }
 
 impl fmt::Debug for PrivateKey {

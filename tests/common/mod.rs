@@ -1134,3 +1134,41 @@ pub fn openssl_pkcs12(
     );
     Ok(std::fs::read(out)?)
 }
+
+/// `GET path` from a server on a loopback port, HTTP/1.0: the whole response, headers included.
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+/// The requests the operators (ServiceAccounts) made on Secret `namespace/name`, in the order the
+/// API server answered them, from its audit log: `(verb, status code)`.
+pub fn operator_secret_requests(namespace: &str, name: &str) -> Result<Vec<(String, u64)>> {
+    let path = support::environment().dir.join("audit.log");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API server's audit log {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| {
+            event["objectRef"]["resource"] == "secrets"
+                && event["objectRef"]["namespace"] == namespace
+                && event["objectRef"]["name"] == name
+                && event["user"]["username"]
+                    .as_str()
+                    .is_some_and(|user| user.ends_with(":mtls-operator"))
+        })
+        .map(|event| {
+            (
+                event["verb"].as_str().unwrap_or_default().to_string(),
+                event["responseStatus"]["code"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect())
+}

@@ -23,8 +23,10 @@ use crate::install::Toolset;
 use crate::processes::Processes;
 
 /// What the API server's audit log (`audit.log` in the environment's folder) records: LISTs of
-/// workloads and Pods, metadata only, once each when answered. Tests count there the load a
-/// namespace puts on the API server (#23 hole 5); nothing else is written, so the log stays small.
+/// workloads and Pods, and ServiceAccounts' (the operators') GETs, creates and updates of Secrets,
+/// metadata only, once each when answered. Tests count there the load a namespace puts on the API
+/// server (#23 hole 5) and the requests a sync makes (#24); nothing else is written, so the log
+/// stays small.
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
@@ -36,6 +38,12 @@ rules:
         resources: ["deployments", "statefulsets", "daemonsets"]
       - group: ""
         resources: ["pods"]
+  - level: Metadata
+    verbs: ["get", "create", "update"]
+    userGroups: ["system:serviceaccounts"]
+    resources:
+      - group: ""
+        resources: ["secrets"]
   - level: None
 "#;
 
