@@ -225,6 +225,7 @@ async fn check(args: &CheckArgs) -> Report {
             role: args.role_arn.as_ref().map(|arn| AssumedRole {
                 arn: arn.clone(),
                 external_id: args.external_id.clone(),
+                namespace: None,
             }),
             version,
         };

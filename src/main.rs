@@ -77,6 +77,20 @@ struct RunArgs {
     /// The operator's own AWS account (default: STS GetCallerIdentity).
     #[arg(long, env = "AWS_ACCOUNT_ID")]
     aws_account_id: Option<String>,
+    /// Per-namespace sessions: every read for namespace N goes through a session of this role (of
+    /// the operator's account) assumed with the session tag `kubernetes-namespace=N`, and a
+    /// `spec.source.roleArn` is assumed with the same tags, so that IAM policies using
+    /// `${aws:PrincipalTag/kubernetes-namespace}` hold each namespace to its own secrets
+    /// (examples/tenant-role.*.json). Default: the operator's own credentials.
+    #[arg(long, env = "TENANT_ROLE_ARN")]
+    tenant_role_arn: Option<String>,
+    /// This cluster's name, sent as the session tag `kubernetes-cluster` of per-namespace sessions.
+    #[arg(long, env = "CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// Role sessions and clients kept at most (least recently used dropped beyond it). With
+    /// --tenant-role-arn there is one per namespace with identities: keep it at least that many.
+    #[arg(long, env = "MAX_ROLE_SESSIONS", default_value_t = mtls_operator::source::DEFAULT_MAX_SESSIONS)]
+    max_role_sessions: usize,
     /// Most rolling restarts in progress at once, across all identities: a mass rotation queues.
     #[arg(long, env = "MAX_ROLLOUTS", default_value_t = 10)]
     max_rollouts: usize,
@@ -275,6 +289,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    // Refused before anything else: a pattern that lets one namespace match another's names.
+    let role_patterns: Vec<String> = args
+        .allowed_roles
+        .iter()
+        .flat_map(|value| mtls_operator::source::policy::split_role_patterns(value))
+        .collect();
+    let unchecked = SourcePolicy::new(args.allowed_sources.clone(), None, Vec::new())
+        .with_allowed_roles(role_patterns.clone());
+    let ambiguous = unchecked.ambiguous_patterns();
+    if !ambiguous.is_empty() {
+        anyhow::bail!(
+            "--allowed-source/--allowed-role patterns {ambiguous:?}: {{namespace}} must stand next to \
+             a character no namespace name holds (such as `/`), or at an end: with `{{namespace}}-*`, \
+             namespace team-a also matches team-a-b's names. Use e.g. `{{namespace}}/*`"
+        );
+    }
+    let tenant_role = args.tenant_role_arn.clone().filter(|arn| !arn.is_empty());
+    if let Some(arn) = &tenant_role {
+        mtls_operator::source::id::parse_role_arn(arn)
+            .map_err(|error| anyhow::anyhow!("--tenant-role-arn {arn:?}: {error}"))?;
+    }
+    let cluster_name = args.cluster_name.clone().filter(|name| !name.is_empty());
+    if let Some(name) = &cluster_name
+        && !is_session_tag_value(name)
+    {
+        anyhow::bail!(
+            "--cluster-name {name:?} is not an STS session tag value (at most 256 letters, digits, \
+             spaces and _.:/=+-@)"
+        );
+    }
     let client = kube::Client::try_default().await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let metrics = Arc::new(Metrics::new());
@@ -282,7 +326,9 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         SecretsManagerSource::new(aws.clone())
             .with_metrics(metrics.clone())
             .with_max_in_flight(args.max_aws_in_flight)
-            .with_max_calls_per_second(args.max_aws_calls_per_second),
+            .with_max_calls_per_second(args.max_aws_calls_per_second)
+            .with_max_sessions(args.max_role_sessions)
+            .with_cluster_name(cluster_name.clone()),
     );
     let rollout_deadline = args.rollout_deadline;
     let egress_admin_from = match args.egress_admin_from.as_deref() {
@@ -319,12 +365,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             args.aws_account_id,
             args.allowed_regions,
         )
-        .with_allowed_roles(
-            args.allowed_roles
-                .iter()
-                .flat_map(|value| mtls_operator::source::policy::split_role_patterns(value))
-                .collect(),
-        ),
+        .with_allowed_roles(role_patterns)
+        .with_tenant_role(tenant_role.clone()),
         default_region: None,
         restart_limits: RestartLimits {
             max_rollouts: args.max_rollouts,
@@ -368,6 +410,17 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .find(|region| !mtls_operator::source::id::is_valid_region(region))
     {
         anyhow::bail!("--allowed-region {bad:?} is not a region name");
+    }
+    // Names resolve in the account of the credentials used: a tenant role of another account
+    // would make the policy's "own account" checks about the wrong account.
+    if let (Some(arn), Some(own)) = (&tenant_role, settings.policy.own_account())
+        && let Ok(role) = mtls_operator::source::id::parse_role_arn(arn)
+        && role.account != own
+    {
+        anyhow::bail!(
+            "--tenant-role-arn {arn} is a role of account {}, not of the operator's account {own}",
+            role.account
+        );
     }
     let readiness = Readiness::default();
     // Bound before anything else runs, and fatal when they cannot be: an operator without its
@@ -450,6 +503,15 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     health.abort();
     metrics_server.abort();
     result.map_err(Into::into)
+}
+
+/// Whether `value` is a valid STS session tag value (at most 256 of letters, digits, spaces and
+/// `_.:/=+-@`).
+fn is_session_tag_value(value: &str) -> bool {
+    value.chars().count() <= 256
+        && value
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c))
 }
 
 async fn shutdown_signal() {

@@ -165,6 +165,12 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         r#"egress.deniedUpstreamCidrs=["10.96.0.0/12","fd00:10:96::/108"]"#,
         "--set-json",
         r#"allowedRoles=["arn:aws:iam::111122223333:role/mtls/{namespace}","arn:aws:iam::111122223333:role/a,b"]"#,
+        "--set",
+        "aws.tenantRoleArn=arn:aws:iam::123456789012:role/mtls-tenant-reader",
+        "--set",
+        "aws.clusterName=prod-eu",
+        "--set",
+        "aws.maxRoleSessions=1000",
     ])?;
     wait_ready_pods(&namespace, &deployment, 3).await?;
     let args = operator_args(&namespace, &deployment).await?;
@@ -180,6 +186,13 @@ async fn chart_installs_under_restricted_pod_security_upgrades_and_uninstalls() 
         args.contains(&"--allowed-role=arn:aws:iam::111122223333:role/a,b".to_string()),
         "{args:?}"
     );
+    for flag in [
+        "--tenant-role-arn=arn:aws:iam::123456789012:role/mtls-tenant-reader",
+        "--cluster-name=prod-eu",
+        "--max-role-sessions=1000",
+    ] {
+        assert!(args.contains(&flag.to_string()), "{flag}: {args:?}");
+    }
     assert!(args.contains(&"--enable-annotate".to_string()), "{args:?}");
     assert!(args.contains(&"--enable-egress".to_string()), "{args:?}");
     assert!(

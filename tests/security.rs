@@ -118,6 +118,12 @@ async fn forged_ids_cannot_read_another_namespaces_secret() -> Result<()> {
             arn("999999999999", &region, &format!("{namespace}/x-AbCdEf")),
             "SourceNotAllowed",
         ),
+        // The operator's account and region, but another partition (#25): another account.
+        (
+            "partition",
+            format!("arn:aws-us-gov:secretsmanager:{region}:{account}:secret:{namespace}/x-AbCdEf"),
+            "SourceNotAllowed",
+        ),
         // Hole 2: another region.
         (
             "arn-region",
@@ -877,7 +883,8 @@ async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> 
         policy: mtls_operator::source::policy::SourcePolicy::new(Vec::new(), None, Vec::new())
             .with_allowed_roles(vec![
                 format!("arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}"),
-                format!("arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}-*"),
+                // Fenced by `/` (`{namespace}-*` is refused: it would match other namespaces').
+                format!("arn:aws:iam::{CENTRAL}:role/mtls/{{namespace}}/*"),
             ]),
         ..Settings::default()
     };
@@ -950,7 +957,7 @@ async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> 
 
     // Denied by the role's trust policy: AccessDenied, naming the role, nothing written.
     endpoint.deny("AssumeRole");
-    let untrusted = format!("arn:aws:iam::{CENTRAL}:role/mtls/{tenant}-untrusted");
+    let untrusted = format!("arn:aws:iam::{CENTRAL}:role/mtls/{tenant}/untrusted");
     create_identity(
         &tenant,
         &identity("untrusted", &secret_id, through(&untrusted))?,
@@ -970,5 +977,189 @@ async fn roles_are_assumed_only_for_the_namespaces_granted_them() -> Result<()> 
     assert_no_secret(&tenant, "untrusted").await?;
     // The granted identities keep their role's cached credentials: still Ready.
     wait_ready(&tenant, "granted", "True", "Synced").await?;
+    Ok(())
+}
+
+/// The second wall (#25): with `--tenant-role-arn`, every call for namespace N goes through a
+/// session of the tenant role tagged `kubernetes-namespace=N`, and the endpoint holds each call to
+/// the shipped IAM policies as AWS would (`examples/tenant-role.permissions.json` for the sessions,
+/// `examples/tenant-sessions.operator-policy.json` for the operator's own credentials, which read
+/// nothing). The attack: the operator's own policy is made to let any namespace name any secret
+/// (the bug the second wall is for), and one namespace asks for another's secret. IAM refuses it:
+/// `AccessDenied`, no Secret, and the victim's value never answered to the attacker's session.
+#[tokio::test]
+async fn each_namespace_reads_through_its_own_tagged_session_and_iam_holds_it_there() -> Result<()>
+{
+    const TENANT_ROLE: &str = "arn:aws:iam::123456789012:role/mtls-tenant-reader";
+    let victim = support::create_namespace("tagged", &[]).await?;
+    let attacker = support::create_namespace("tagged-attacker", &[]).await?;
+    let ca = TestCa::new("tagged CA")?;
+    for source in [
+        format!("{victim}/one"),
+        format!("{victim}/two"),
+        format!("{attacker}/own"),
+    ] {
+        put_source(&source, &good_secret(&ca)?).await?;
+    }
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let policy = |path: &str| -> Result<common::iam::Policy> {
+        common::iam::Policy::parse(&std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path),
+        )?)
+    };
+    endpoint.enforce(common::endpoint::Iam {
+        sessions: policy("examples/tenant-role.permissions.json")?,
+        own: policy("examples/tenant-sessions.operator-policy.json")?,
+    });
+    let settings = Settings {
+        // The first wall broken on purpose: any namespace may name any secret of the account.
+        policy: mtls_operator::source::policy::SourcePolicy::new(
+            vec!["*".into()],
+            None,
+            Vec::new(),
+        )
+        .with_tenant_role(Some(TENANT_ROLE.into())),
+        ..Settings::default()
+    };
+    let aws = endpoint.aws_config(&support::aws_config().await);
+    let source = mtls_operator::source::SecretsManagerSource::new(aws.clone())
+        .with_cluster_name(Some("test-cluster".into()));
+    let _operator = start_operator_on(&[&victim, &attacker], settings, aws, source).await?;
+
+    for name in ["one", "two"] {
+        create_identity(
+            &victim,
+            &identity(name, &format!("{victim}/{name}"), serde_json::json!({}))?,
+        )
+        .await?;
+    }
+    create_identity(
+        &attacker,
+        &identity("own", &format!("{attacker}/own"), serde_json::json!({}))?,
+    )
+    .await?;
+    for (namespace, name) in [(&victim, "one"), (&victim, "two"), (&attacker, "own")] {
+        wait_ready(namespace, name, "True", "Synced").await?;
+    }
+    // The attack: the attacker's identity names the victim's secret, by name and by ARN.
+    let victim_arn = arn_of(&format!("{victim}/one")).await?;
+    for (name, id) in [
+        ("steal", format!("{victim}/one")),
+        ("steal-arn", victim_arn.clone()),
+    ] {
+        create_identity(&attacker, &identity(name, &id, serde_json::json!({}))?).await?;
+    }
+    for name in ["steal", "steal-arn"] {
+        let refused = wait_ready(&attacker, name, "False", "AccessDenied").await?;
+        let message = &refused.ready_condition().context("Ready")?.message;
+        ensure!(!message.contains("BEGIN"), "{message}");
+        assert_no_secret(&attacker, name).await?;
+    }
+
+    // One session per namespace, tagged with it and the cluster, named after it.
+    let sessions = endpoint.sessions();
+    let session_of = |namespace: &str| {
+        sessions
+            .iter()
+            .filter(|s| s.tags.get("kubernetes-namespace").map(String::as_str) == Some(namespace))
+            .collect::<Vec<_>>()
+    };
+    for namespace in [&victim, &attacker] {
+        let own = session_of(namespace);
+        ensure!(
+            own.len() == 1,
+            "{} sessions for {namespace}: {sessions:?}",
+            own.len()
+        );
+        let session = own[0];
+        ensure!(session.role_arn == TENANT_ROLE, "{session:?}");
+        ensure!(
+            session.session_name == format!("mtls-{namespace}"),
+            "{session:?}"
+        );
+        ensure!(
+            session.tags.get("kubernetes-cluster").map(String::as_str) == Some("test-cluster"),
+            "{session:?}"
+        );
+    }
+    ensure!(
+        sessions.len() == 2,
+        "sessions beyond one per namespace: {sessions:?}"
+    );
+    // Every Secrets Manager call was made in a namespace's session, and every secret a call that
+    // was answered asked for belongs to that session's namespace.
+    let namespace_of_key = |key: &str| {
+        sessions
+            .iter()
+            .find(|s| s.access_key == key)
+            .and_then(|s| s.tags.get("kubernetes-namespace").cloned())
+    };
+    let victim_ids = [
+        format!("{victim}/one"),
+        format!("{victim}/two"),
+        victim_arn.clone(),
+    ];
+    let mut attacker_asked = 0;
+    for seen in endpoint.seen() {
+        let namespace = namespace_of_key(&seen.access_key)
+            .with_context(|| format!("a call outside any namespace's session: {seen:?}"))?;
+        let asks_victim = victim_ids.iter().any(|id| seen.body.contains(id.as_str()));
+        if namespace == attacker && asks_victim {
+            attacker_asked += 1;
+            let read = matches!(seen.operation.as_str(), "GetSecretValue" | "DescribeSecret");
+            ensure!(
+                !(read && seen.forwarded),
+                "the attacker's session was answered about the victim's secret: {seen:?}"
+            );
+        }
+        if namespace == victim {
+            ensure!(!seen.body.contains(&format!("{attacker}/")), "{seen:?}");
+        }
+    }
+    ensure!(
+        attacker_asked >= 1,
+        "the attack never reached IAM: the test proves nothing"
+    );
+    // The victim is unharmed.
+    for name in ["one", "two"] {
+        wait_ready(&victim, name, "True", "Synced").await?;
+    }
+    Ok(())
+}
+
+/// An admin's pattern that would let one namespace match another's names (`{namespace}-*`: the
+/// pattern of `team-a` matches `team-a-b-client`, which is `team-a-b`'s) is refused at start, with
+/// the reason (#25); a fenced pattern gets past the check (and here fails later, on the missing
+/// kubeconfig).
+#[test]
+fn patterns_that_let_a_namespace_match_anothers_names_are_refused_at_start() -> Result<()> {
+    let start = |flag: &str| -> Result<(bool, String)> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-operator"))
+            .args(["run", flag])
+            .args([
+                "--health-address=127.0.0.1:0",
+                "--metrics-address=127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+    for flag in [
+        "--allowed-source={namespace}-*",
+        "--allowed-role=arn:aws:iam::111111111111:role/mtls/{namespace}-*",
+    ] {
+        let (started, stderr) = start(flag)?;
+        ensure!(!started, "{flag}: started");
+        ensure!(
+            stderr.contains("{namespace}-*") && stderr.contains("team-a-b"),
+            "{flag}: {stderr}"
+        );
+    }
+    let (started, stderr) = start("--allowed-source={namespace}/*")?;
+    ensure!(!started && !stderr.contains("team-a-b"), "{stderr}");
     Ok(())
 }

@@ -113,6 +113,8 @@ pub fn check_source(
         ),
         None => None,
     };
+    // With per-namespace sessions on, every session is this namespace's (tagged with it).
+    let tenant_session = policy.tenant_role().map(|_| namespace.to_string());
     let role = match &source.role_arn {
         Some(text) => {
             let arn = parse_role_arn(text)
@@ -129,12 +131,26 @@ pub fn check_source(
                 AssumedRole {
                     arn: text.clone(),
                     external_id: source.external_id.clone(),
+                    namespace: tenant_session.clone(),
                 },
             ))
         }
         None => None,
     };
     let role_arn = role.as_ref().map(|(arn, _)| arn);
+    // As whom the calls go: the identity's own role, else the namespace's session of the tenant
+    // role (names still resolve in the operator's account: the tenant role must be one of it),
+    // else the operator's credentials.
+    let assumed = role
+        .as_ref()
+        .map(|(_, assumed)| assumed.clone())
+        .or_else(|| {
+            policy.tenant_role().map(|tenant_role| AssumedRole {
+                arn: tenant_role.to_string(),
+                external_id: None,
+                namespace: tenant_session.clone(),
+            })
+        });
     let check = |text: &str, version: VersionSelector| {
         let id =
             parse_secret_id(text).map_err(|error| SyncFailure::InvalidSpec(error.to_string()))?;
@@ -166,7 +182,7 @@ pub fn check_source(
             request: SecretRef {
                 secret_id: text.to_string(),
                 region,
-                role: role.as_ref().map(|(_, assumed)| assumed.clone()),
+                role: assumed.clone(),
                 version,
             },
             role: role_arn.cloned(),
@@ -398,6 +414,52 @@ mod tests {
             external_id: None,
             password_secret_ref: None,
         }
+    }
+
+    #[test]
+    fn with_a_tenant_role_every_call_is_in_the_namespaces_own_session() {
+        const TENANT: &str = "arn:aws:iam::123456789012:role/mtls-tenant-reader";
+        const CENTRAL: &str = "arn:aws:iam::111122223333:role/mtls/payments";
+        let policy = SourcePolicy::new(
+            vec![],
+            Some("123456789012".into()),
+            vec!["eu-west-1".into()],
+        )
+        .with_allowed_roles(vec![
+            "arn:aws:iam::111122223333:role/mtls/{namespace}".into(),
+        ]);
+        let session = |policy: &SourcePolicy, spec: &SourceSpec| {
+            let (main, ca) = check_source(spec, "payments", policy, Some("eu-west-1"))
+                .map_err(|failure| failure.to_string())?;
+            Ok::<_, String>((main.request.role, ca.and_then(|ca| ca.request.role)))
+        };
+        let own = source("payments/x", None, Some("payments/ca"));
+        let mut central = source("payments/x", None, None);
+        central.role_arn = Some(CENTRAL.into());
+        // Off: the operator's own credentials, or the identity's role untagged.
+        assert_eq!(session(&policy, &own), Ok((None, None)));
+        let (role, _) = session(&policy, &central).expect("allowed role");
+        assert_eq!(role.map(|role| role.namespace), Some(None));
+        // On: the tenant role's session of this namespace, for the CA as for the certificate, and
+        // the identity's own role tagged the same way.
+        let tagged = policy.clone().with_tenant_role(Some(TENANT.into()));
+        let expected = AssumedRole {
+            arn: TENANT.into(),
+            external_id: None,
+            namespace: Some("payments".into()),
+        };
+        assert_eq!(
+            session(&tagged, &own),
+            Ok((Some(expected.clone()), Some(expected)))
+        );
+        let (role, _) = session(&tagged, &central).expect("allowed role");
+        let role = role.expect("a role");
+        assert_eq!(
+            (role.arn.as_str(), role.namespace.as_deref()),
+            (CENTRAL, Some("payments"))
+        );
+        // The first wall still decides first: another namespace's name is refused before any call.
+        assert!(session(&tagged, &source("billing/x", None, None)).is_err());
     }
 
     #[test]

@@ -183,6 +183,24 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 /// An AWS region name: `xx-word-N` or `xx-word-word-N` (e.g. `eu-west-1`, `us-gov-west-1`).
+/// The partition whose endpoints serve `region` (`cn-north-1`: `aws-cn`, `us-gov-west-1`:
+/// `aws-us-gov`, ...; `aws` for the commercial regions).
+pub fn partition_of(region: &str) -> &'static str {
+    const BY_PREFIX: &[(&str, &str)] = &[
+        ("cn-", "aws-cn"),
+        ("us-gov-", "aws-us-gov"),
+        ("us-isob-", "aws-iso-b"),
+        ("us-isof-", "aws-iso-f"),
+        ("us-iso-", "aws-iso"),
+        ("eu-isoe-", "aws-iso-e"),
+        ("eusc-", "aws-eusc"),
+    ];
+    BY_PREFIX
+        .iter()
+        .find(|(prefix, _)| region.starts_with(prefix))
+        .map_or("aws", |(_, partition)| partition)
+}
+
 pub fn is_valid_region(region: &str) -> bool {
     let parts: Vec<&str> = region.split('-').collect();
     let Some((number, words)) = parts.split_last() else {

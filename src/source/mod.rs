@@ -14,7 +14,10 @@ use std::fmt;
 use futures::future::BoxFuture;
 
 pub use crate::api::VersionSelector;
-pub use aws::{DEFAULT_MAX_IN_FLIGHT, Kept, SecretsManagerSource, caller_account};
+pub use aws::{
+    CLUSTER_TAG, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_SESSIONS, Kept, NAMESPACE_TAG,
+    SecretsManagerSource, caller_account,
+};
 
 /// Which secret, where, as whom, at which version. Built only from an id that passed
 /// `id::parse_secret_id`, a region that passed the policy and a role the namespace may assume, so
@@ -37,12 +40,16 @@ impl SecretRef {
     }
 }
 
-/// An IAM role the operator assumes (STS AssumeRole, chained from its own credentials) to read
-/// secrets of another account.
+/// An IAM role the operator assumes (STS AssumeRole, chained from its own credentials): a role of
+/// another account (`spec.source.roleArn`), or the tenant role (`--tenant-role-arn`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AssumedRole {
     pub arn: String,
     pub external_id: Option<String>,
+    /// With per-namespace sessions on: the namespace whose session this is, passed as the session
+    /// tag `kubernetes-namespace` (and named in the session name), so that IAM itself can hold the
+    /// session to that namespace's secrets. One session per role and namespace.
+    pub namespace: Option<String>,
 }
 
 /// Where calls go and with which credentials: one client, one rate and one batch queue per scope.
@@ -67,6 +74,16 @@ impl Scope {
 pub enum SecretContent {
     Text(String),
     Binary(Vec<u8>),
+}
+
+/// The value (a private key among it) is overwritten when dropped.
+impl Drop for SecretContent {
+    fn drop(&mut self) {
+        match self {
+            Self::Text(text) => zeroize::Zeroize::zeroize(text),
+            Self::Binary(bytes) => zeroize::Zeroize::zeroize(bytes),
+        }
+    }
 }
 
 impl SecretContent {

@@ -13,7 +13,7 @@
 //!   patterns (default: none). Read through a role, the role's account takes the place of the
 //!   operator's own: names resolve there, and name patterns apply to its secrets.
 
-use super::id::{RoleArn, SecretArn, SecretId, strip_suffix};
+use super::id::{RoleArn, SecretArn, SecretId, partition_of, strip_suffix};
 
 pub const DEFAULT_PATTERN: &str = "{namespace}/*";
 
@@ -27,6 +27,10 @@ pub struct SourcePolicy {
     /// Role ARN patterns (with `{namespace}`) a namespace may have the operator assume; empty
     /// allows none.
     allowed_roles: Vec<String>,
+    /// `--tenant-role-arn`: every read goes through a session of this role (or of the identity's
+    /// own `spec.source.roleArn`) tagged with the identity's namespace, so that IAM holds each
+    /// namespace to its own secrets too. `None`: the operator's own credentials.
+    tenant_role: Option<String>,
 }
 
 /// Why the policy refused a secret; kept for the operator's log, never shown to the tenant.
@@ -42,6 +46,8 @@ pub enum Denied {
     Resolved(String),
     #[error("role {0} matches no --allowed-role pattern for this namespace")]
     Role(String),
+    #[error("partition {0} is not the partition of the region asked")]
+    Partition(String),
 }
 
 /// A secret as the policy sees it: where it is and what it may be called.
@@ -94,6 +100,7 @@ impl SourcePolicy {
             own_account,
             allowed_regions,
             allowed_roles: Vec::new(),
+            tenant_role: None,
         }
     }
 
@@ -103,6 +110,19 @@ impl SourcePolicy {
             allowed_roles,
             ..self
         }
+    }
+
+    /// Per-namespace sessions of `tenant_role` (see the field).
+    pub fn with_tenant_role(self, tenant_role: Option<String>) -> Self {
+        Self {
+            tenant_role,
+            ..self
+        }
+    }
+
+    /// The tenant role, when per-namespace sessions are on.
+    pub fn tenant_role(&self) -> Option<&str> {
+        self.tenant_role.as_deref()
     }
 
     /// The same patterns and roles, with the account and regions the AWS configuration gave.
@@ -153,6 +173,17 @@ impl SourcePolicy {
         &self.patterns
     }
 
+    /// The source and role patterns in which `{namespace}` is not fenced off (see
+    /// [`is_ambiguous`]): what the operator refuses to start with.
+    pub fn ambiguous_patterns(&self) -> Vec<&str> {
+        self.patterns
+            .iter()
+            .chain(&self.allowed_roles)
+            .map(String::as_str)
+            .filter(|pattern| is_ambiguous(pattern))
+            .collect()
+    }
+
     pub fn allowed_regions(&self) -> &[String] {
         &self.allowed_regions
     }
@@ -184,6 +215,11 @@ impl SourcePolicy {
                 if arn.region != region {
                     return Err(Denied::Region(arn.region.clone()));
                 }
+                // Accounts are numbered per partition: the same twelve digits in another
+                // partition are another account.
+                if arn.partition != partition_of(region) {
+                    return Err(Denied::Partition(arn.partition.clone()));
+                }
                 Location {
                     region,
                     own_account: home == Some(arn.account.as_str()),
@@ -213,6 +249,9 @@ impl SourcePolicy {
         }
         if arn.region != region {
             return Err(Denied::Region(arn.region.clone()));
+        }
+        if arn.partition != partition_of(region) {
+            return Err(Denied::Partition(arn.partition.clone()));
         }
         let own_account = match self.home_account(role) {
             Some(own) => own == arn.account,
@@ -257,6 +296,20 @@ impl SourcePolicy {
     }
 }
 
+/// Whether `{namespace}` in `pattern` could match part of another namespace's name: a namespace
+/// is a DNS label (`a-z`, `0-9`, `-`), so unless `{namespace}` stands at an end of the pattern or
+/// next to a character no label holds (`/`, `_`, `.`, ...; not `*` or `?`), `team-a`'s
+/// `{namespace}-*` also matches `team-a-b-x`, which `team-a-b`'s `{namespace}-*` matches too.
+pub fn is_ambiguous(pattern: &str) -> bool {
+    const PLACEHOLDER: &str = "{namespace}";
+    let could_continue_a_label =
+        |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || "-*?".contains(c));
+    pattern.match_indices(PLACEHOLDER).any(|(at, _)| {
+        could_continue_a_label(pattern[..at].chars().next_back())
+            || could_continue_a_label(pattern[at + PLACEHOLDER.len()..].chars().next())
+    })
+}
+
 /// `*` in `pattern` matches any run of characters and `?` one character (wildmatch);
 /// `{namespace}` stands for `namespace`. A namespace is a DNS label and never holds `*` or `?`;
 /// one that did would be glob syntax once substituted, so it matches nothing.
@@ -273,6 +326,41 @@ mod tests {
     use super::*;
 
     const OWN: &str = "123456789012";
+
+    #[test]
+    fn a_namespace_placeholder_must_be_fenced_off_from_other_names() {
+        for fenced in [
+            "{namespace}/*",
+            "shared/{namespace}/*",
+            "{namespace}_*",
+            "{namespace}",
+            "arn:aws:secretsmanager:*:111111111111:secret:{namespace}/*",
+            "arn:aws:iam::111111111111:role/mtls/{namespace}",
+            "arn:aws:iam::111111111111:role/mtls/{namespace}/*",
+        ] {
+            assert!(!is_ambiguous(fenced), "{fenced}");
+        }
+        for ambiguous in [
+            "{namespace}-*",
+            "{namespace}*",
+            "{namespace}?/*",
+            "team-{namespace}/*",
+            "*{namespace}/*",
+            "arn:aws:iam::111111111111:role/mtls/{namespace}-*",
+        ] {
+            assert!(is_ambiguous(ambiguous), "{ambiguous}");
+        }
+        // Why: team-a's pattern matches a name team-a-b's pattern matches too.
+        assert!(glob_matches("{namespace}-*", "team-a", "team-a-b-client"));
+        assert!(glob_matches("{namespace}-*", "team-a-b", "team-a-b-client"));
+        let policy = SourcePolicy::new(
+            vec!["{namespace}/*".into(), "{namespace}-*".into()],
+            None,
+            vec![],
+        )
+        .with_allowed_roles(vec!["arn:aws:iam::1:role/{namespace}".into()]);
+        assert_eq!(policy.ambiguous_patterns(), vec!["{namespace}-*"]);
+    }
 
     #[test]
     fn role_patterns_split_before_each_arn_only() {
@@ -438,6 +526,31 @@ mod tests {
                 )
                 .is_err()
         );
+        // The same account's digits in another partition are another account.
+        let other_partition =
+            parse_arn("arn:aws-cn:secretsmanager:eu-west-1:123456789012:secret:payments/x-AbCdEf")?;
+        assert_eq!(
+            policy.check_resolved(
+                "payments",
+                &requested,
+                "eu-west-1",
+                None,
+                &other_partition,
+                "payments/x"
+            ),
+            Err(Denied::Partition("aws-cn".into()))
+        );
+        let asked = SecretId::Arn(other_partition);
+        assert_eq!(
+            policy.check_request("payments", &asked, "eu-west-1", None),
+            Err(Denied::Partition("aws-cn".into()))
+        );
+        assert_eq!(super::super::id::partition_of("cn-north-1"), "aws-cn");
+        assert_eq!(
+            super::super::id::partition_of("us-gov-west-1"),
+            "aws-us-gov"
+        );
+        assert_eq!(super::super::id::partition_of("eu-west-1"), "aws");
         Ok(())
     }
 

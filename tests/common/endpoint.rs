@@ -34,6 +34,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub at: Instant,
+    /// The access key the request was signed with (`Credential=` of its Authorization header).
+    pub access_key: String,
     /// `X-Amz-Target`'s service and operation, e.g. `secretsmanager` and `GetSecretValue`.
     pub service: String,
     pub operation: String,
@@ -69,6 +71,28 @@ struct State {
     held_now: usize,
     /// Set to true to let every held read go.
     released: tokio::sync::watch::Sender<bool>,
+    /// The role sessions STS handed out through this endpoint.
+    sessions: Vec<Session>,
+    /// IAM as AWS would evaluate it: Secrets Manager calls allowed only as these policies say.
+    iam: Option<Iam>,
+}
+
+/// A role session STS handed out: for whom, with which tags, under which access key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub access_key: String,
+    pub role_arn: String,
+    pub session_name: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// The policies the endpoint holds Secrets Manager calls to: `sessions` for calls signed by a
+/// role session STS handed out here (its tags fill `${aws:PrincipalTag/...}`), `own` for the
+/// operator's own credentials.
+#[derive(Debug, Clone)]
+pub struct Iam {
+    pub sessions: super::iam::Policy,
+    pub own: super::iam::Policy,
 }
 
 pub struct CountingEndpoint {
@@ -101,6 +125,8 @@ impl CountingEndpoint {
             held_ids: Vec::new(),
             held_now: 0,
             released: tokio::sync::watch::Sender::new(false),
+            sessions: Vec::new(),
+            iam: None,
         }));
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
@@ -129,6 +155,17 @@ impl CountingEndpoint {
             state,
             _stop: stop,
         })
+    }
+
+    /// Holds every Secrets Manager call to `iam`, as AWS would: a call it does not allow is
+    /// answered `AccessDeniedException` (in a batch, the secret moves to `Errors`).
+    pub fn enforce(&self, iam: Iam) {
+        lock(&self.state).iam = Some(iam);
+    }
+
+    /// The role sessions STS handed out so far.
+    pub fn sessions(&self) -> Vec<Session> {
+        lock(&self.state).sessions.clone()
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -319,6 +356,7 @@ async fn answer(
         .and_then(|target| target.split_once('.'))
         .map(|(service, operation)| (service.to_ascii_lowercase(), operation.to_string()))
         .unwrap_or_default();
+    let (access_key, signed_region) = signer(&request);
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     // STS speaks the query protocol: the operation is the form's `Action`.
@@ -333,7 +371,11 @@ async fn answer(
         if denied {
             return Ok(sts_access_denied(&action));
         }
-        return forward_bytes(parts, body, client, upstream).await;
+        let response = forward_bytes(parts, body.clone(), client, upstream).await?;
+        if action != "AssumeRole" || !response.status().is_success() {
+            return Ok(response);
+        }
+        return Ok(record_session(&state, &body, response).await);
     }
     // Secrets Manager calls only: SQS passes through, uncounted and unlimited.
     if service != "secretsmanager" {
@@ -368,6 +410,35 @@ async fn answer(
         };
         let is_read = matches!(operation.as_str(), "GetSecretValue" | "BatchGetSecretValue");
         let text = String::from_utf8_lossy(&body).into_owned();
+        // IAM: the whole call, then (in a batch) each secret as a GetSecretValue of its own.
+        let (iam_allows, iam_refused) = match &state.iam {
+            None => (true, Vec::new()),
+            Some(iam) => {
+                let session = state.sessions.iter().find(|s| s.access_key == access_key);
+                let (policy, tags) = match session {
+                    Some(session) => (&iam.sessions, session.tags.clone()),
+                    None => (&iam.own, Default::default()),
+                };
+                let allows = |action: &str, resource: &str| {
+                    policy.allows(&tags, &format!("secretsmanager:{action}"), resource)
+                };
+                let ids = requested_ids(&text);
+                match operation.as_str() {
+                    "GetSecretValue" | "DescribeSecret" => (
+                        ids.iter()
+                            .all(|id| allows(&operation, &secret_arn(&signed_region, id))),
+                        Vec::new(),
+                    ),
+                    "BatchGetSecretValue" => (
+                        allows(&operation, "*"),
+                        ids.into_iter()
+                            .filter(|id| !allows("GetSecretValue", &secret_arn(&signed_region, id)))
+                            .collect(),
+                    ),
+                    _ => (allows(&operation, "*"), Vec::new()),
+                }
+            }
+        };
         let refused_single = operation == "GetSecretValue"
             && state
                 .refused_secrets
@@ -381,7 +452,7 @@ async fn answer(
             })
             .map(|(_, delay)| *delay);
         let forward = match forward {
-            Ok(()) if refused_single => Err(access_denied()),
+            Ok(()) if refused_single || !iam_allows => Err(access_denied()),
             other => other,
         };
         let batch = operation == "BatchGetSecretValue";
@@ -393,16 +464,19 @@ async fn answer(
         state.held_now += usize::from(held.is_some());
         state.seen.push(Seen {
             at: now,
+            access_key: access_key.clone(),
             service,
             operation,
             forwarded: forward.is_ok(),
             body: text,
         });
-        forward.map(|()| (delay, batch, held))
+        let mut refused = state.refused_secrets.clone();
+        refused.extend(iam_refused);
+        forward.map(|()| (delay, batch, held, refused))
     };
     match forward {
         Err(refused) => Ok(refused),
-        Ok((delay, batch, held)) => {
+        Ok((delay, batch, held, refused)) => {
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
@@ -413,7 +487,7 @@ async fn answer(
             }
             let response = forward_bytes(parts, body, client, upstream).await?;
             Ok(if batch {
-                refuse_in_batch(response, &state).await
+                refuse_in_batch(response, &state, refused).await
             } else {
                 response
             })
@@ -435,8 +509,8 @@ impl Drop for HeldRead {
 async fn refuse_in_batch(
     response: Response<Full<Bytes>>,
     state: &Mutex<State>,
+    refused: Vec<String>,
 ) -> Response<Full<Bytes>> {
-    let refused = lock(state).refused_secrets.clone();
     if refused.is_empty() || !response.status().is_success() {
         return response;
     }
@@ -452,10 +526,13 @@ async fn refuse_in_batch(
         .as_array()
         .cloned()
         .unwrap_or_default();
+    // Asked for by name or by ARN.
     let (out, kept): (Vec<_>, Vec<_>) = values.into_iter().partition(|value| {
-        value["Name"]
-            .as_str()
-            .is_some_and(|name| refused.iter().any(|secret| secret == name))
+        ["Name", "ARN"].iter().any(|field| {
+            value[*field]
+                .as_str()
+                .is_some_and(|id| refused.iter().any(|secret| secret == id))
+        })
     });
     if out.is_empty() {
         return Response::from_parts(parts, Full::new(bytes));
@@ -494,6 +571,99 @@ fn requested_ids(body: &str) -> Vec<String> {
         }
     }
     ids
+}
+
+/// The access key and region of a SigV4-signed request (`Credential=KEY/DATE/REGION/...`).
+fn signer<B>(request: &Request<B>) -> (String, String) {
+    let credential = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split("Credential=").nth(1))
+        .unwrap_or_default();
+    let mut scope = credential.split('/');
+    let key = scope.next().unwrap_or_default().to_string();
+    let region = scope.nth(1).unwrap_or_default().to_string();
+    (key, region)
+}
+
+/// The ARN IAM evaluates for secret `id` (a name, or an ARN kept as it is) in moto's account.
+fn secret_arn(region: &str, id: &str) -> String {
+    if id.starts_with("arn:") {
+        id.to_string()
+    } else {
+        // Secrets Manager appends six random characters to a secret's name in its ARN.
+        format!("arn:aws:secretsmanager:{region}:123456789012:secret:{id}-AbCdEf")
+    }
+}
+
+/// Records the session an AssumeRole answer hands out (its access key, the role, the session
+/// name and the tags asked for) and passes the answer on.
+async fn record_session(
+    state: &Mutex<State>,
+    request: &[u8],
+    response: Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = response.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let answer = String::from_utf8_lossy(&bytes);
+    let access_key = answer
+        .split("<AccessKeyId>")
+        .nth(1)
+        .and_then(|rest| rest.split("</AccessKeyId>").next())
+        .unwrap_or_default()
+        .to_string();
+    let form = form_fields(request);
+    let field = |name: &str| form.get(name).cloned().unwrap_or_default();
+    let tags = (1..)
+        .map_while(|n| {
+            let key = form.get(&format!("Tags.member.{n}.Key"))?;
+            let value = form.get(&format!("Tags.member.{n}.Value"))?;
+            Some((key.clone(), value.clone()))
+        })
+        .collect();
+    lock(state).sessions.push(Session {
+        access_key,
+        role_arn: field("RoleArn"),
+        session_name: field("RoleSessionName"),
+        tags,
+    });
+    Response::from_parts(parts, Full::new(bytes))
+}
+
+/// The fields of a form-encoded (query protocol) body, percent-decoded.
+fn form_fields(body: &[u8]) -> std::collections::HashMap<String, String> {
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(byte) => {
+                            out.push(byte);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                byte => out.push(byte),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (decode(key), decode(value)))
+        .collect()
 }
 
 /// `Action=...` of a form-encoded (query protocol) request body.

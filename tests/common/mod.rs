@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod endpoint;
+pub mod iam;
 pub mod link;
 pub mod scenario;
 #[allow(unused_imports)]

@@ -449,6 +449,7 @@ mod tests {
             role: Some(super::super::AssumedRole {
                 arn: arn.into(),
                 external_id: external_id.map(str::to_string),
+                namespace: None,
             }),
         }
     }

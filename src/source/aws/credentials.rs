@@ -15,6 +15,25 @@ use super::{AssumedRole, Operation, Scope, SecretsManagerSource, SourceError};
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// The session name CloudTrail shows in the role's account for the operator's reads.
 const ROLE_SESSION_NAME: &str = "mtls-operator";
+/// The session tag that names the namespace a per-namespace session reads for; IAM policies match
+/// it as `${aws:PrincipalTag/kubernetes-namespace}` (examples/tenant-role.permissions.json).
+pub const NAMESPACE_TAG: &str = "kubernetes-namespace";
+/// The session tag that names the cluster (`--cluster-name`), when one is set.
+pub const CLUSTER_TAG: &str = "kubernetes-cluster";
+/// STS takes session names of at most this many characters.
+const SESSION_NAME_MAX: usize = 64;
+
+/// The session name for `role`: `mtls-operator`, or `mtls-<namespace>` for a namespace's session
+/// (cut to STS's 64 characters; the tag, not the name, is what IAM matches).
+pub(super) fn session_name(role: &AssumedRole) -> String {
+    match &role.namespace {
+        None => ROLE_SESSION_NAME.to_string(),
+        Some(namespace) => format!("mtls-{namespace}")
+            .chars()
+            .take(SESSION_NAME_MAX)
+            .collect(),
+    }
+}
 
 /// A refused AssumeRole is answered from memory for this long: every identity on the role gets the
 /// refusal without a call, so one misconfigured role costs one STS call per minute, not one per
@@ -141,8 +160,9 @@ impl SecretsManagerSource {
             .sts
             .assume_role()
             .role_arn(&role.arn)
-            .role_session_name(ROLE_SESSION_NAME)
-            .set_external_id(role.external_id.clone());
+            .role_session_name(session_name(role))
+            .set_external_id(role.external_id.clone())
+            .set_tags(self.session_tags(role));
         let own = Scope::own(&scope.region);
         let output = self
             .call(&own, Operation::AssumeRole, subject, || {
@@ -183,6 +203,32 @@ impl SecretsManagerSource {
         current.credentials = Some(credentials.clone());
         current.denied = None;
         Ok(credentials)
+    }
+}
+
+impl SecretsManagerSource {
+    /// The session tags of `role`'s session: the namespace and the cluster for a namespace's
+    /// session; none otherwise (a role whose trust policy does not allow `sts:TagSession` keeps
+    /// working without per-namespace sessions).
+    fn session_tags(&self, role: &AssumedRole) -> Option<Vec<aws_sdk_sts::types::Tag>> {
+        let namespace = role.namespace.as_ref()?;
+        let tag = |key: &str, value: &str| {
+            aws_sdk_sts::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .ok()
+        };
+        Some(
+            std::iter::once(tag(NAMESPACE_TAG, namespace))
+                .chain(
+                    self.cluster_name
+                        .as_deref()
+                        .map(|cluster| tag(CLUSTER_TAG, cluster)),
+                )
+                .flatten()
+                .collect(),
+        )
     }
 }
 

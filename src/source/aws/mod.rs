@@ -17,7 +17,7 @@ mod classify;
 mod credentials;
 mod single_flight;
 
-pub use credentials::caller_account;
+pub use credentials::{CLUSTER_TAG, DEFAULT_MAX_SESSIONS, NAMESPACE_TAG, caller_account};
 
 use crate::lock;
 use std::collections::{HashMap, HashSet};
@@ -108,6 +108,8 @@ pub struct SecretsManagerSource {
     max_calls_per_second: f64,
     /// Clients and role sessions kept at most (each bounded separately).
     max_sessions: usize,
+    /// The `kubernetes-cluster` session tag of per-namespace sessions (`--cluster-name`).
+    cluster_name: Option<String>,
 }
 
 /// What [`SecretsManagerSource::kept`] counts.
@@ -145,6 +147,7 @@ impl SecretsManagerSource {
             lanes: Mutex::new(admission::Lanes::default()),
             max_calls_per_second: rate::DEFAULT_CALLS_PER_SECOND,
             max_sessions: credentials::DEFAULT_MAX_SESSIONS,
+            cluster_name: None,
             metrics: None,
         }
     }
@@ -170,6 +173,14 @@ impl SecretsManagerSource {
     pub fn with_max_sessions(self, max: usize) -> Self {
         Self {
             max_sessions: max.max(1),
+            ..self
+        }
+    }
+
+    /// Per-namespace sessions carry `cluster` as their `kubernetes-cluster` session tag.
+    pub fn with_cluster_name(self, cluster: Option<String>) -> Self {
+        Self {
+            cluster_name: cluster,
             ..self
         }
     }
