@@ -1090,12 +1090,8 @@ pub fn good_secret(ca: &TestCa) -> Result<String> {
 /// them (the test environment audits exactly these, `xtask/src/testenv.rs`): the load a namespace's
 /// pending rotations put on the API server, counted where the API server counts it.
 pub fn operator_workload_lists(namespace: &str) -> Result<usize> {
-    let path = support::environment().dir.join("audit.log");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the API server's audit log {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    Ok(audit_events()?
+        .into_iter()
         .filter(|event| {
             event["verb"] == "list"
                 && event["objectRef"]["namespace"] == namespace
@@ -1151,12 +1147,8 @@ pub async fn http_get(port: u16, path: &str) -> Result<String> {
 /// The requests the operators (ServiceAccounts) made on Secret `namespace/name`, in the order the
 /// API server answered them, from its audit log: `(verb, status code)`.
 pub fn operator_secret_requests(namespace: &str, name: &str) -> Result<Vec<(String, u64)>> {
-    let path = support::environment().dir.join("audit.log");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the API server's audit log {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    Ok(audit_events()?
+        .into_iter()
         .filter(|event| {
             event["objectRef"]["resource"] == "secrets"
                 && event["objectRef"]["namespace"] == namespace
@@ -1171,5 +1163,16 @@ pub fn operator_secret_requests(namespace: &str, name: &str) -> Result<Vec<(Stri
                 event["responseStatus"]["code"].as_u64().unwrap_or_default(),
             )
         })
+        .collect())
+}
+
+/// Every event in the API server's audit log so far, in the order they were written.
+fn audit_events() -> Result<Vec<serde_json::Value>> {
+    let path = support::environment().dir.join("audit.log");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API server's audit log {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .collect())
 }
