@@ -37,6 +37,42 @@ fn ready_count(identities: &[MtlsIdentity]) -> usize {
         .count()
 }
 
+/// Waits until all `count` identities are Ready (at most an hour from `started`), counted from a
+/// watch: listing 10,000 or 50,000 identities every few seconds would cost the shared API server
+/// more than the operator's own writes.
+async fn wait_all_ready_by_watch(
+    identities: &Api<MtlsIdentity>,
+    count: usize,
+    started: Instant,
+) -> Result<()> {
+    use kube::runtime::WatchStreamExt;
+    let (store, writer) = kube::runtime::reflector::store::<MtlsIdentity>();
+    let watch = kube::runtime::watcher(identities.clone(), Default::default())
+        .reflect(writer)
+        .for_each(|_| std::future::ready(()));
+    let watching = tokio::spawn(watch);
+    let waited = async {
+        loop {
+            let ready = store
+                .state()
+                .iter()
+                .filter(|i| i.ready_condition().is_some_and(|c| c.status == "True"))
+                .count();
+            if ready == count {
+                return anyhow::Ok(());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(3600),
+                "{ready} of {count} Ready"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await; // a poll of local memory
+        }
+    }
+    .await;
+    watching.abort();
+    waited
+}
+
 /// Value reads counted at the endpoint.
 fn reads(endpoint: &CountingEndpoint) -> usize {
     endpoint.count(Some("GetSecretValue")) + endpoint.count(Some("BatchGetSecretValue"))
@@ -528,15 +564,7 @@ async fn memory_with_a_large_fleet_and_unrelated_secrets() -> Result<()> {
         let identities: Api<MtlsIdentity> = Api::namespaced(client.clone(), &namespace);
         let started = Instant::now();
         create_identities(&identities, &namespace, count, "1h").await?;
-        // Listing 10,000 identities is itself heavy: look every 5 s, not every 200 ms.
-        loop {
-            let ready = ready_count(&identities.list(&ListParams::default()).await?.items);
-            if ready == count {
-                break;
-            }
-            ensure!(started.elapsed() < Duration::from_secs(3600), "{ready} of {count} Ready");
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
+        wait_all_ready_by_watch(&identities, count, started).await?;
         let synced = started.elapsed();
         tokio::time::sleep(Duration::from_secs(5)).await; // right after the cold sync
         let after_sync = rss_mib(pid)?;
@@ -777,32 +805,7 @@ async fn bounded_load_under_a_quota() -> Result<()> {
                 started.elapsed()
             );
         }
-        // Counted from a watch, not by listing 10,000 identities every few seconds: the lists
-        // would cost the shared API server more than the operator's own writes.
-        let (store, writer) = kube::runtime::reflector::store::<MtlsIdentity>();
-        use kube::runtime::WatchStreamExt;
-        let watch = kube::runtime::watcher(identities.clone(), Default::default())
-            .reflect(writer)
-            .for_each(|_| std::future::ready(()));
-        let watching = tokio::spawn(watch);
-        let waited = async {
-            loop {
-                let listed: Vec<MtlsIdentity> =
-                    store.state().iter().map(|identity| (**identity).clone()).collect();
-                let ready = ready_count(&listed);
-                if ready == count {
-                    return anyhow::Ok(());
-                }
-                ensure!(
-                    started.elapsed() < Duration::from_secs(3600),
-                    "{ready} of {count} Ready"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await; // a poll of local memory
-            }
-        }
-        .await;
-        watching.abort();
-        waited?;
+        wait_all_ready_by_watch(&identities, count, started).await?;
         let synced = started.elapsed();
         let api_after = apiserver_requests(&client).await?;
         println!(

@@ -365,6 +365,37 @@ async fn chart_lints_clean_and_examples_are_accepted_by_the_api_server() -> Resu
         assumes,
         "iam-policy.json lets the operator assume the roles"
     );
+    // Per-namespace sessions: the reader role trusts the operator to tag sessions, with a
+    // namespace tag and no other keys; the operator's own policy then reads no secret itself.
+    let tenant_trust: serde_json::Value =
+        serde_json::from_str(include_str!("../examples/tenant-role.trust-policy.json"))?;
+    let statement = &tenant_trust["Statement"][0];
+    assert_eq!(
+        statement["Action"],
+        serde_json::json!(["sts:AssumeRole", "sts:TagSession"])
+    );
+    assert!(
+        statement["Condition"]["StringLike"]["aws:RequestTag/kubernetes-namespace"].is_string()
+    );
+    let keys = &statement["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"];
+    assert_eq!(
+        keys,
+        &serde_json::json!(["kubernetes-namespace", "kubernetes-cluster"])
+    );
+    let operator: serde_json::Value = serde_json::from_str(include_str!(
+        "../examples/tenant-sessions.operator-policy.json"
+    ))?;
+    let reads_itself = operator["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|statement| statement["Action"].as_array().cloned().unwrap_or_default())
+        .any(|action| {
+            action
+                .as_str()
+                .is_some_and(|a| a.starts_with("secretsmanager:"))
+        });
+    assert!(!reads_itself, "the operator's own role reads no secret");
     Ok(())
 }
 

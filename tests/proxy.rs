@@ -177,6 +177,8 @@ impl Drop for CertDir {
 
 struct TestUpstream {
     addr: SocketAddr,
+    /// TCP connections accepted so far.
+    accepted: Arc<AtomicUsize>,
     handshake_failures: Arc<AtomicUsize>,
     release: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -213,13 +215,16 @@ impl TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let handshake_failures = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let (release, released) = watch::channel(false);
         let failures = handshake_failures.clone();
+        let accepts = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let failures = failures.clone();
@@ -250,6 +255,7 @@ impl TestUpstream {
         });
         Ok(TestUpstream {
             addr,
+            accepted,
             handshake_failures,
             release,
             task,
@@ -426,6 +432,7 @@ fn args(upstream: &str, ca: &Path, cert_dir: &Path) -> ProxyArgs {
         reload_interval: Duration::from_millis(100),
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(20),
+        refuse_addresses: Vec::new(),
     }
 }
 
@@ -1178,4 +1185,38 @@ async fn bench_proxy_against_direct_mtls() -> Result<()> {
         }
     }
     proxy.shutdown().await
+}
+
+/// DNS rebinding (#25): the operator refuses a literal internal address in `spec.egress.upstream`,
+/// but a name is the tenant's to point anywhere. The proxy resolves at each connect and never
+/// connects to a refused range: here the upstream's name is `localhost` (as a tenant's own name
+/// pointed at the node, or at 169.254.169.254, would be), and with loopback refused the request is
+/// a 502 that names the class, counted as `refused`, and the upstream accepts no connection. The
+/// same proxy without the ranges reaches it.
+#[tokio::test]
+async fn a_name_that_resolves_to_a_refused_address_is_never_connected_to() -> Result<()> {
+    let setup = Setup::new(Alpn::Http1).await?;
+    let mut refusing = setup.args();
+    refusing.refuse_addresses = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
+    let proxy = RunningProxy::ready(refusing).await?;
+    for _ in 0..3 {
+        let (status, body) = get_text(proxy.addr, "/metadata").await?;
+        ensure!(status == StatusCode::BAD_GATEWAY, "{status}: {body}");
+        ensure!(body.contains("may not reach"), "{body}");
+    }
+    ensure!(
+        setup.upstream.accepted.load(Ordering::SeqCst) == 0,
+        "the upstream was connected to"
+    );
+    let refused = proxy
+        .metric("mtls_proxy_upstream_errors_total{kind=\"refused\"}")
+        .await?;
+    ensure!(refused == 3.0, "{refused} refused connects counted");
+    proxy.shutdown().await?;
+    // The control: the same name and upstream without the ranges.
+    let proxy = RunningProxy::ready(setup.args()).await?;
+    let (status, body) = get_text(proxy.addr, "/metadata").await?;
+    ensure!(status == StatusCode::OK, "{status}: {body}");
+    ensure!(setup.upstream.accepted.load(Ordering::SeqCst) >= 1);
+    Ok(())
 }

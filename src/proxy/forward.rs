@@ -72,6 +72,7 @@ pub(crate) fn clients_for(
             inner: Arc::new(ConnectorInner {
                 tls: TlsConnector::from(Arc::new(config)),
                 upstream: shared.upstream.clone(),
+                refused: shared.refused.clone(),
                 connect_timeout: shared.connect_timeout,
                 metrics: shared.metrics.clone(),
             }),
@@ -115,6 +116,8 @@ pub(crate) struct Connector {
 struct ConnectorInner {
     tls: TlsConnector,
     upstream: super::config::Upstream,
+    /// Address ranges never connected to, whatever the name resolves to now.
+    refused: Arc<[ipnet::IpNet]>,
     connect_timeout: Duration,
     metrics: ProxyMetrics,
 }
@@ -139,13 +142,26 @@ impl ConnectorInner {
     async fn connect(&self) -> Result<UpstreamIo, ConnectError> {
         let deadline = Instant::now() + self.connect_timeout;
         let upstream = &self.upstream;
-        let tcp = tokio::time::timeout_at(
+        // Resolved here, at each connect, and held to the refused ranges: a name the operator
+        // allowed can still be made (by whoever serves its DNS) to point at the node, the cloud's
+        // metadata endpoint or the cluster.
+        let resolved = tokio::time::timeout_at(
             deadline,
-            TcpStream::connect((upstream.host.as_str(), upstream.port)),
+            tokio::net::lookup_host((upstream.host.as_str(), upstream.port)),
         )
         .await
         .map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Connect)?;
+        let allowed: Vec<std::net::SocketAddr> = resolved
+            .filter(|address| !is_refused(&self.refused, address.ip()))
+            .collect();
+        if allowed.is_empty() {
+            return Err(ConnectError::Refused);
+        }
+        let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(allowed.as_slice()))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Connect)?;
         // Requests are small writes that should leave at once.
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
@@ -167,12 +183,23 @@ impl ConnectorInner {
     }
 }
 
+/// Whether `address` (an IPv4-mapped IPv6 address read as the IPv4 one) is in a refused range.
+pub(crate) fn is_refused(refused: &[ipnet::IpNet], address: std::net::IpAddr) -> bool {
+    let address = match address {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    refused.iter().any(|range| range.contains(&address))
+}
+
 /// Why a new upstream connection failed.
 #[derive(Debug)]
 pub(crate) enum ConnectError {
     Connect(io::Error),
     Tls(io::Error),
     Timeout,
+    /// Every address the name resolved to is refused.
+    Refused,
 }
 
 impl fmt::Display for ConnectError {
@@ -181,6 +208,9 @@ impl fmt::Display for ConnectError {
             ConnectError::Connect(e) => write!(f, "connect failed: {e}"),
             ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             ConnectError::Timeout => f.write_str("connect timed out"),
+            ConnectError::Refused => {
+                f.write_str("the upstream resolved only to addresses this proxy may not reach")
+            }
         }
     }
 }
@@ -189,7 +219,7 @@ impl StdError for ConnectError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             ConnectError::Connect(e) | ConnectError::Tls(e) => Some(e),
-            ConnectError::Timeout => None,
+            ConnectError::Timeout | ConnectError::Refused => None,
         }
     }
 }
@@ -510,6 +540,10 @@ async fn forward(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<P
                 ErrorKind::Connect => (StatusCode::BAD_GATEWAY, "upstream unreachable"),
                 ErrorKind::Tls => (StatusCode::BAD_GATEWAY, "TLS with the upstream failed"),
                 ErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
+                ErrorKind::Refused => (
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream's address is one this proxy may not reach",
+                ),
                 ErrorKind::Other => (StatusCode::BAD_GATEWAY, "upstream request failed"),
             };
             // The class only: the detail (certificate names, TLS alerts, addresses) is in the log.
@@ -545,6 +579,7 @@ pub(crate) fn classify(error: &(dyn StdError + 'static)) -> (ErrorKind, String) 
                 ConnectError::Connect(_) => ErrorKind::Connect,
                 ConnectError::Tls(_) => ErrorKind::Tls,
                 ConnectError::Timeout => ErrorKind::Timeout,
+                ConnectError::Refused => ErrorKind::Refused,
             };
             return (kind, connect.to_string());
         }

@@ -19,15 +19,18 @@ pub enum ErrorKind {
     Tls,
     /// Connect or request timeout.
     Timeout,
+    /// The upstream's name resolved only to addresses the proxy may not reach (`--refuse-address`).
+    Refused,
     /// Anything else (the connection broke mid-exchange, a malformed response, ...).
     Other,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 4] = [
+    pub const ALL: [ErrorKind; 5] = [
         ErrorKind::Connect,
         ErrorKind::Tls,
         ErrorKind::Timeout,
+        ErrorKind::Refused,
         ErrorKind::Other,
     ];
 
@@ -36,6 +39,7 @@ impl ErrorKind {
             ErrorKind::Connect => "connect",
             ErrorKind::Tls => "tls",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Refused => "refused",
             ErrorKind::Other => "other",
         }
     }
@@ -63,7 +67,7 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct ProxyMetrics {
     registry: std::sync::Arc<Registry>,
     requests: [Counter; 5],
-    upstream_errors: [Counter; 4],
+    upstream_errors: [Counter; 5],
     reload_success: Counter,
     reload_failure: Counter,
     pub(crate) last_reload_success: Gauge<i64, AtomicI64>,
@@ -173,7 +177,8 @@ impl ProxyMetrics {
             ErrorKind::Connect => 0,
             ErrorKind::Tls => 1,
             ErrorKind::Timeout => 2,
-            ErrorKind::Other => 3,
+            ErrorKind::Refused => 3,
+            ErrorKind::Other => 4,
         };
         self.upstream_errors[index].inc();
     }

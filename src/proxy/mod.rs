@@ -73,6 +73,15 @@ pub struct ProxyArgs {
     /// Limit for a whole exchange, response body included; 0s for none (long streams).
     #[arg(long, env = "PROXY_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::api::duration_flag)]
     pub request_timeout: Duration,
+    /// Address ranges never connected to, whatever the upstream's name resolves to at the time
+    /// (repeated or comma-separated CIDRs). The operator passes loopback, link-local (cloud
+    /// metadata) and its denied ranges, as it refuses them for a literal address in the spec.
+    #[arg(
+        long = "refuse-address",
+        env = "PROXY_REFUSE_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub refuse_addresses: Vec<ipnet::IpNet>,
 }
 
 /// Why the proxy could not start (or a certificate generation could not be built).
@@ -130,6 +139,8 @@ pub(crate) struct Generation {
 /// What every request and the reloader share.
 pub(crate) struct Shared {
     pub upstream: Upstream,
+    /// `--refuse-address`: ranges never connected to.
+    pub refused: Arc<[ipnet::IpNet]>,
     pub connect_timeout: Duration,
     /// `None`: no limit.
     pub request_timeout: Option<Duration>,
@@ -212,6 +223,7 @@ pub async fn serve(
     };
     let shared = Arc::new(Shared {
         upstream,
+        refused: args.refuse_addresses.clone().into(),
         connect_timeout: args.connect_timeout,
         request_timeout: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
         metrics: ProxyMetrics::new(),

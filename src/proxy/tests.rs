@@ -251,6 +251,7 @@ fn kubelet_write(dir: &Path, version: &str, pair: &Pair) {
 fn shared() -> Arc<Shared> {
     Arc::new(Shared {
         upstream: Upstream::parse("https://localhost:1").expect("upstream"),
+        refused: Vec::new().into(),
         connect_timeout: Duration::from_secs(1),
         request_timeout: None,
         metrics: ProxyMetrics::new(),

@@ -89,7 +89,8 @@ pub(super) async fn reconcile_egress(
             let Some(owner) = identity.controller_owner_ref(&()) else {
                 return Ok(Egress::None);
             };
-            let built = objects::deployment(&name, namespace, spec, secret, image, &owner).and_then(
+            let refused = context.settings.egress_reach.refused_ranges();
+            let built = objects::deployment(&name, namespace, spec, secret, image, &owner, &refused).and_then(
                 |deployment| {
                     let service = objects::service(&name, namespace, spec, &owner)?;
                     let policy = objects::network_policy(

@@ -42,6 +42,7 @@ pub fn deployment(
     secret: &str,
     image: &str,
     owner: &OwnerReference,
+    refused: &[ipnet::IpNet],
 ) -> Result<Deployment, serde_json::Error> {
     let mut args = vec![
         "proxy".to_string(),
@@ -53,6 +54,13 @@ pub fn deployment(
     if egress.verify_upstream_with_secret_ca {
         args.push(format!("--upstream-ca={CERT_DIR}/ca.crt"));
     }
+    // What the upstream's name resolves to at connect time is held to the same ranges as a
+    // literal address in the spec (`reach`).
+    args.extend(
+        refused
+            .iter()
+            .map(|range| format!("--refuse-address={range}")),
+    );
     serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -233,6 +241,7 @@ mod tests {
             "client-tls",
             "img:1",
             &owner(),
+            &[],
         )?;
         assert_eq!(built.metadata.owner_references, Some(vec![owner()]));
         let pod = built.spec.and_then(|s| s.template.spec).unwrap_or_default();
@@ -240,6 +249,7 @@ mod tests {
         let args = container.args.clone().unwrap_or_default();
         assert!(args.contains(&"--upstream=https://api.partner.example".to_string()));
         assert!(args.contains(&"--upstream-ca=/etc/mtls/ca.crt".to_string()));
+        assert!(!args.iter().any(|a| a.starts_with("--refuse-address")));
         let security = container.security_context.clone().unwrap_or_default();
         assert_eq!(security.allow_privilege_escalation, Some(false));
         assert_eq!(security.read_only_root_filesystem, Some(true));
@@ -259,6 +269,7 @@ mod tests {
             "client-tls",
             "img:1",
             &owner(),
+            &[],
         )?;
         let args = plain
             .spec
@@ -266,6 +277,26 @@ mod tests {
             .map(|s| s.containers[0].args.clone().unwrap_or_default())
             .unwrap_or_default();
         assert!(!args.iter().any(|a| a.starts_with("--upstream-ca")));
+        let refusing = deployment(
+            "client",
+            "ns",
+            &egress(false),
+            "client-tls",
+            "img:1",
+            &owner(),
+            &super::super::reach::EgressReach::default().refused_ranges(),
+        )?;
+        let args = refusing
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|s| s.containers[0].args.clone().unwrap_or_default())
+            .unwrap_or_default();
+        for range in ["127.0.0.0/8", "169.254.0.0/16", "fd00:ec2::254/128"] {
+            assert!(
+                args.contains(&format!("--refuse-address={range}")),
+                "{args:?}"
+            );
+        }
         Ok(())
     }
 

@@ -40,6 +40,20 @@ const INTERNAL_RANGES: [&str; 7] = [
     "fd00:ec2::254/128",
 ];
 
+impl EgressReach {
+    /// The ranges a proxy must never connect to, whatever its upstream's name resolves to:
+    /// the internal ones unless allowed, and the denied ones.
+    pub fn refused_ranges(&self) -> Vec<ipnet::IpNet> {
+        let internal = INTERNAL_RANGES
+            .iter()
+            .filter(|_| !self.internal_upstreams)
+            .filter_map(|range| range.parse::<ipnet::IpNet>().ok());
+        internal
+            .chain(self.denied_upstream_ranges.iter().cloned())
+            .collect()
+    }
+}
+
 /// Names that reach the node or the cluster, not a partner.
 fn is_internal_name(host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
