@@ -248,3 +248,57 @@ pub async fn caller_account(config: &aws_config::SdkConfig) -> Option<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(namespace: Option<&str>) -> AssumedRole {
+        AssumedRole {
+            arn: "arn:aws:iam::123456789012:role/mtls-tenant-reader".into(),
+            external_id: None,
+            namespace: namespace.map(str::to_string),
+        }
+    }
+
+    fn tags(source: &SecretsManagerSource, role: &AssumedRole) -> Option<Vec<(String, String)>> {
+        source.session_tags(role).map(|tags| {
+            tags.iter()
+                .map(|tag| (tag.key().to_string(), tag.value().to_string()))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_namespaces_session_is_tagged_and_named_after_it_and_no_other_is() {
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let plain = SecretsManagerSource::new(config.clone());
+        let named = SecretsManagerSource::new(config).with_cluster_name(Some("prod-eu".into()));
+        // A cross-account role without per-namespace sessions: no tags (its trust policy need
+        // not allow sts:TagSession), the operator's session name.
+        assert_eq!(tags(&named, &role(None)), None);
+        assert_eq!(session_name(&role(None)), "mtls-operator");
+        let payments = role(Some("payments"));
+        assert_eq!(
+            tags(&plain, &payments),
+            Some(vec![(NAMESPACE_TAG.into(), "payments".into())])
+        );
+        assert_eq!(
+            tags(&named, &payments),
+            Some(vec![
+                (NAMESPACE_TAG.into(), "payments".into()),
+                (CLUSTER_TAG.into(), "prod-eu".into()),
+            ])
+        );
+        assert_eq!(session_name(&payments), "mtls-payments");
+        // STS takes at most 64 characters; a 63-character namespace is cut, its tag is not.
+        let long = "n".repeat(63);
+        assert_eq!(session_name(&role(Some(&long))).len(), 64);
+        assert_eq!(
+            tags(&plain, &role(Some(&long))),
+            Some(vec![(NAMESPACE_TAG.into(), long.clone())])
+        );
+    }
+}
