@@ -232,6 +232,15 @@ mod tests {
         }
     }
 
+    /// The proxy container's arguments.
+    fn args_of(deployment: Deployment) -> Vec<String> {
+        deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|s| s.containers[0].args.clone().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn deployment_is_restricted_owned_and_mounts_the_secret() -> Result<(), serde_json::Error> {
         let built = deployment(
@@ -271,11 +280,7 @@ mod tests {
             &owner(),
             &[],
         )?;
-        let args = plain
-            .spec
-            .and_then(|s| s.template.spec)
-            .map(|s| s.containers[0].args.clone().unwrap_or_default())
-            .unwrap_or_default();
+        let args = args_of(plain);
         assert!(!args.iter().any(|a| a.starts_with("--upstream-ca")));
         let refusing = deployment(
             "client",
@@ -286,11 +291,7 @@ mod tests {
             &owner(),
             &super::super::reach::EgressReach::default().refused_ranges(),
         )?;
-        let args = refusing
-            .spec
-            .and_then(|s| s.template.spec)
-            .map(|s| s.containers[0].args.clone().unwrap_or_default())
-            .unwrap_or_default();
+        let args = args_of(refusing);
         for range in ["127.0.0.0/8", "169.254.0.0/16", "fd00:ec2::254/128"] {
             assert!(
                 args.contains(&format!("--refuse-address={range}")),
