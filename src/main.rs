@@ -289,26 +289,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
-    // Refused before anything else: a pattern that lets one namespace match another's names.
-    let role_patterns: Vec<String> = args
-        .allowed_roles
-        .iter()
-        .flat_map(|value| mtls_operator::source::policy::split_role_patterns(value))
-        .collect();
-    let unchecked = SourcePolicy::new(args.allowed_sources.clone(), None, Vec::new())
-        .with_allowed_roles(role_patterns.clone());
-    let ambiguous = unchecked.ambiguous_patterns();
+    // The source policy, checked before anything else. The account and regions the flags leave
+    // open come from the AWS configuration (`with_aws_defaults` below).
+    let tenant_role = args.tenant_role_arn.clone().filter(|arn| !arn.is_empty());
+    let tenant_role_arn = tenant_role
+        .as_deref()
+        .map(|arn| {
+            mtls_operator::source::id::parse_role_arn(arn)
+                .map_err(|error| anyhow::anyhow!("--tenant-role-arn {arn:?}: {error}"))
+        })
+        .transpose()?;
+    let policy = SourcePolicy::new(
+        args.allowed_sources.clone(),
+        args.aws_account_id.clone(),
+        args.allowed_regions.clone(),
+    )
+    .with_allowed_roles(
+        args.allowed_roles
+            .iter()
+            .flat_map(|value| mtls_operator::source::policy::split_role_patterns(value))
+            .collect(),
+    )
+    .with_tenant_role(tenant_role);
+    // A pattern that lets one namespace match another's names.
+    let ambiguous = policy.ambiguous_patterns();
     if !ambiguous.is_empty() {
         anyhow::bail!(
             "--allowed-source/--allowed-role patterns {ambiguous:?}: {{namespace}} must stand next to \
              a character no namespace name holds (such as `/`), or at an end: with `{{namespace}}-*`, \
              namespace team-a also matches team-a-b's names. Use e.g. `{{namespace}}/*`"
         );
-    }
-    let tenant_role = args.tenant_role_arn.clone().filter(|arn| !arn.is_empty());
-    if let Some(arn) = &tenant_role {
-        mtls_operator::source::id::parse_role_arn(arn)
-            .map_err(|error| anyhow::anyhow!("--tenant-role-arn {arn:?}: {error}"))?;
     }
     let cluster_name = args.cluster_name.clone().filter(|name| !name.is_empty());
     if let Some(name) = &cluster_name
@@ -359,14 +369,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             .into_iter()
             .filter(|n| !n.is_empty())
             .collect(),
-        // The account and regions the flags leave open come from the AWS configuration below.
-        policy: SourcePolicy::new(
-            args.allowed_sources,
-            args.aws_account_id,
-            args.allowed_regions,
-        )
-        .with_allowed_roles(role_patterns)
-        .with_tenant_role(tenant_role.clone()),
+        policy,
         default_region: None,
         restart_limits: RestartLimits {
             max_rollouts: args.max_rollouts,
@@ -413,12 +416,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     }
     // Names resolve in the account of the credentials used: a tenant role of another account
     // would make the policy's "own account" checks about the wrong account.
-    if let (Some(arn), Some(own)) = (&tenant_role, settings.policy.own_account())
-        && let Ok(role) = mtls_operator::source::id::parse_role_arn(arn)
+    if let (Some(role), Some(own)) = (&tenant_role_arn, settings.policy.own_account())
         && role.account != own
     {
         anyhow::bail!(
-            "--tenant-role-arn {arn} is a role of account {}, not of the operator's account {own}",
+            "--tenant-role-arn {role} is a role of account {}, not of the operator's account {own}",
             role.account
         );
     }

@@ -1,5 +1,6 @@
 //! Checked configuration: the upstream URL and the trust roots for verifying it.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -65,6 +66,14 @@ impl Upstream {
             host,
             server_name,
         })
+    }
+}
+
+/// `address`, an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) read as the IPv4 address it is.
+pub fn unmapped(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        v4 => v4,
     }
 }
 

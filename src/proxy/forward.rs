@@ -185,10 +185,7 @@ impl ConnectorInner {
 
 /// Whether `address` (an IPv4-mapped IPv6 address read as the IPv4 one) is in a refused range.
 pub(crate) fn is_refused(refused: &[ipnet::IpNet], address: std::net::IpAddr) -> bool {
-    let address = match address {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, std::net::IpAddr::V4),
-        v4 => v4,
-    };
+    let address = super::config::unmapped(address);
     refused.iter().any(|range| range.contains(&address))
 }
 

@@ -668,11 +668,7 @@ fn form_fields(body: &[u8]) -> std::collections::HashMap<String, String> {
 
 /// `Action=...` of a form-encoded (query protocol) request body.
 fn form_action(body: &[u8]) -> Option<String> {
-    std::str::from_utf8(body)
-        .ok()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("Action="))
-        .map(str::to_string)
+    form_fields(body).remove("Action")
 }
 
 /// STS's answer to an AssumeRole the role's trust policy does not allow (query protocol, XML).

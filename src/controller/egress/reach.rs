@@ -44,14 +44,18 @@ impl EgressReach {
     /// The ranges a proxy must never connect to, whatever its upstream's name resolves to:
     /// the internal ones unless allowed, and the denied ones.
     pub fn refused_ranges(&self) -> Vec<ipnet::IpNet> {
-        let internal = INTERNAL_RANGES
-            .iter()
+        internal_ranges()
             .filter(|_| !self.internal_upstreams)
-            .filter_map(|range| range.parse::<ipnet::IpNet>().ok());
-        internal
             .chain(self.denied_upstream_ranges.iter().cloned())
             .collect()
     }
+}
+
+/// [`INTERNAL_RANGES`], parsed.
+fn internal_ranges() -> impl Iterator<Item = ipnet::IpNet> {
+    INTERNAL_RANGES
+        .iter()
+        .filter_map(|range| range.parse::<ipnet::IpNet>().ok())
 }
 
 /// Names that reach the node or the cluster, not a partner.
@@ -113,21 +117,15 @@ fn upstream_problem(upstream: &str, reach: &EgressReach) -> Option<String> {
         Ok(parsed) => parsed,
         Err(error) => return Some(error.to_string()),
     };
+    // ::ffff:127.0.0.1 is 127.0.0.1.
     let address = parsed
         .host
         .parse::<IpAddr>()
         .ok()
-        .map(|address| match address {
-            // ::ffff:127.0.0.1 is 127.0.0.1.
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-            v4 => v4,
-        });
+        .map(crate::proxy::config::unmapped);
     let internal = !reach.internal_upstreams
         && match address {
-            Some(address) => INTERNAL_RANGES
-                .iter()
-                .filter_map(|range| range.parse::<ipnet::IpNet>().ok())
-                .any(|range| range.contains(&address)),
+            Some(address) => internal_ranges().any(|range| range.contains(&address)),
             None => is_internal_name(&parsed.host),
         };
     if internal {
