@@ -3,12 +3,14 @@
 //! namespace with ten thousand waiting reconciles delays another namespace's next one by at most one
 //! turn, whatever the order they arrived in. Fair by construction, not by timing.
 //!
-//! [`FairQueue`] is the sans-IO order; [`FairSemaphore`] hands out a fixed number of permits in that
-//! order (the reconciles that may run at once).
+//! [`FairQueue`] is the sans-IO order; [`FairAdmission`] hands out a fixed number of permits in that
+//! order (the reconciles that may run at once), parking the work that waits by key.
 
 use crate::lock;
-use std::collections::{HashMap, VecDeque};
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 
 /// Items waiting per flow, served one per flow in turn (round-robin over the flows that have any).
@@ -68,84 +70,128 @@ impl<K: Clone + Eq + Hash, T> FairQueue<K, T> {
     }
 }
 
-/// A counting semaphore whose waiters are admitted fairly between flows (see [`FairQueue`]): when a
-/// permit comes back, it goes to the next flow in turn, not to the oldest waiter.
-#[derive(Debug, Clone)]
-pub struct FairSemaphore<K: Clone + Eq + Hash> {
-    state: Arc<Mutex<SemaphoreState<K>>>,
+/// Admits at most a fixed number of units of work at once, fairly between flows, without holding
+/// the work that waits. Work that finds no free permit is parked (its key only, once, in its
+/// flow's queue) and the caller goes on; when a permit comes back it is reserved for the next
+/// parked work in turn and `wake` hands that work's key back to the caller, whose next `admit`
+/// of it claims the permit. So the caller's own queue (kube-runtime's, whose slots never shrink)
+/// holds the running work only, and a backlog costs a key per identity, given back once drained.
+#[derive(Clone)]
+pub struct FairAdmission<F, W> {
+    state: Arc<Mutex<AdmissionState<F, W>>>,
+    wake: Arc<dyn Fn(W) + Send + Sync>,
+    /// Work parked or woken and not admitted yet (a metric).
+    waiting: Gauge<i64, AtomicI64>,
 }
 
-#[derive(Debug)]
-struct SemaphoreState<K: Clone + Eq + Hash> {
+struct AdmissionState<F, W> {
     free: usize,
-    waiting: FairQueue<K, tokio::sync::oneshot::Sender<FairPermit<K>>>,
+    parked: FairQueue<F, W>,
+    /// The parked work, so that work asked for again while parked is parked once.
+    parked_keys: HashSet<W>,
+    /// Work woken with a permit reserved for it, not claimed yet.
+    reserved: HashSet<W>,
 }
 
-/// One admitted unit of work; the permit goes back (to the next flow in turn) when it drops.
-#[derive(Debug)]
-pub struct FairPermit<K: Clone + Eq + Hash> {
-    /// `None` once disarmed: a permit that could not be delivered is counted back by hand.
-    state: Option<Arc<Mutex<SemaphoreState<K>>>>,
+/// One admitted unit of work; the permit goes back (to the next parked work in turn) on drop.
+pub struct AdmissionPermit<F: Clone + Eq + Hash, W: Clone + Eq + Hash> {
+    admission: FairAdmission<F, W>,
 }
 
-impl<K: Clone + Eq + Hash> FairSemaphore<K> {
-    /// `permits` units of work at once (at least one).
-    pub fn new(permits: usize) -> Self {
+impl<F, W> FairAdmission<F, W>
+where
+    F: Clone + Eq + Hash,
+    W: Clone + Eq + Hash,
+{
+    /// `permits` units of work at once (at least one); `wake` is called, outside any lock, with
+    /// each parked work whose turn has come.
+    pub fn new(permits: usize, wake: impl Fn(W) + Send + Sync + 'static) -> Self {
         Self {
-            state: Arc::new(Mutex::new(SemaphoreState {
+            state: Arc::new(Mutex::new(AdmissionState {
                 free: permits.max(1),
-                waiting: FairQueue::default(),
+                parked: FairQueue::default(),
+                parked_keys: HashSet::new(),
+                reserved: HashSet::new(),
             })),
+            wake: Arc::new(wake),
+            waiting: Gauge::default(),
         }
     }
 
-    /// Waits for a permit in `flow`'s queue. Dropping the future gives up its place.
-    pub async fn acquire(&self, flow: K) -> FairPermit<K> {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        lock(&self.state).waiting.push(flow, sender);
-        // Also when permits are free: the queue may hold only waiters that gave up.
-        hand_out(&self.state);
-        match receiver.await {
-            Ok(permit) => permit,
-            // Unreachable while the semaphore lives (a sender is dropped unsent only with the whole
-            // state); should it happen, the work goes on without a permit rather than be lost.
-            Err(_) => FairPermit { state: None },
+    /// Counts the work parked or woken and not admitted yet in `gauge` too.
+    pub fn counted_in(mut self, gauge: Gauge<i64, AtomicI64>) -> Self {
+        self.waiting = gauge;
+        self
+    }
+
+    /// A permit for `work` if one is reserved for it or free; `None` parks it in `flow`'s queue
+    /// (once: asking again while parked keeps its place) until `wake` hands it back.
+    pub fn admit(&self, flow: F, work: W) -> Option<AdmissionPermit<F, W>> {
+        let mut state = lock(&self.state);
+        if state.reserved.remove(&work) {
+            shrink_when_empty(&mut state.reserved);
+            self.waiting.dec();
+        } else if state.parked_keys.contains(&work) {
+            return None;
+        } else if state.free > 0 {
+            state.free -= 1;
+        } else {
+            state.parked_keys.insert(work.clone());
+            state.parked.push(flow, work);
+            self.waiting.inc();
+            return None;
+        }
+        Some(AdmissionPermit {
+            admission: self.clone(),
+        })
+    }
+
+    /// `work` was woken but will never be admitted (it is gone): its reserved permit goes on.
+    pub fn abandon(&self, work: &W) {
+        let mut state = lock(&self.state);
+        if state.reserved.remove(work) {
+            shrink_when_empty(&mut state.reserved);
+            self.waiting.dec();
+            self.hand_on(state);
         }
     }
 
-    /// Waiters, and the flows they are in.
-    pub fn waiting(&self) -> (usize, usize) {
+    /// Parked work, the flows it is in, and work woken but not admitted yet.
+    pub fn waiting(&self) -> (usize, usize, usize) {
         let state = lock(&self.state);
-        (state.waiting.len(), state.waiting.flows())
+        (
+            state.parked.len(),
+            state.parked.flows(),
+            state.reserved.len(),
+        )
     }
-}
 
-/// Gives `state`'s free permits to the waiters in fair order; a waiter that gave up is skipped.
-fn hand_out<K: Clone + Eq + Hash>(state: &Arc<Mutex<SemaphoreState<K>>>) {
-    let mut guard = lock(state);
-    while guard.free > 0 {
-        let Some((_, sender)) = guard.waiting.pop() else {
+    /// A permit came back: reserved for the next parked work in turn (woken once the lock is
+    /// released), or free.
+    fn hand_on(&self, mut state: std::sync::MutexGuard<'_, AdmissionState<F, W>>) {
+        let Some((_, next)) = state.parked.pop() else {
+            state.free += 1;
             return;
         };
-        guard.free -= 1;
-        let permit = FairPermit {
-            state: Some(state.clone()),
-        };
-        if let Err(mut undelivered) = sender.send(permit) {
-            // The waiter gave up: its permit is free again (disarmed, so its drop does not lock
-            // the state this function holds).
-            undelivered.state = None;
-            guard.free += 1;
-        }
+        state.parked_keys.remove(&next);
+        shrink_when_empty(&mut state.parked_keys);
+        state.reserved.insert(next.clone());
+        drop(state);
+        (self.wake)(next);
     }
 }
 
-impl<K: Clone + Eq + Hash> Drop for FairPermit<K> {
+impl<F: Clone + Eq + Hash, W: Clone + Eq + Hash> Drop for AdmissionPermit<F, W> {
     fn drop(&mut self) {
-        if let Some(state) = self.state.take() {
-            lock(&state).free += 1;
-            hand_out(&state);
-        }
+        let state = lock(&self.admission.state);
+        self.admission.hand_on(state);
+    }
+}
+
+/// Gives a drained set's memory back: after a cold start it may have held every identity.
+fn shrink_when_empty<W: Eq + Hash>(set: &mut HashSet<W>) {
+    if set.is_empty() {
+        set.shrink_to_fit();
     }
 }
 
@@ -180,45 +226,90 @@ mod tests {
         assert_eq!(queue.flows.len(), 0, "idle flows are forgotten");
     }
 
-    /// Polls `future` once: `Some` if it is ready.
-    fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
-        futures::FutureExt::now_or_never(future)
+    fn admission(permits: usize) -> (FairAdmission<&'static str, String>, Arc<Mutex<Vec<String>>>) {
+        let woken = Arc::new(Mutex::new(Vec::new()));
+        let admission = FairAdmission::new(permits, {
+            let woken = woken.clone();
+            move |work| lock(&woken).push(work)
+        });
+        (admission, woken)
     }
 
-    #[tokio::test]
-    async fn a_returned_permit_goes_to_the_next_flow_in_turn() {
-        let semaphore = FairSemaphore::new(1);
-        let held = semaphore.acquire("payments").await;
-        let mut payments: Vec<_> = (0..3)
-            .map(|_| Box::pin(semaphore.acquire("payments")))
-            .collect();
-        let mut billing = Box::pin(semaphore.acquire("billing"));
-        for waiter in &mut payments {
-            assert!(poll_once(waiter).is_none(), "no permit is free");
+    #[test]
+    fn a_returned_permit_wakes_the_next_flow_in_turn_and_is_kept_for_it() {
+        let (admission, woken) = admission(1);
+        let held = admission
+            .admit("payments", "p0".into())
+            .expect("a free permit");
+        for n in 1..4 {
+            assert!(
+                admission.admit("payments", format!("p{n}")).is_none(),
+                "no permit is free"
+            );
         }
-        assert!(poll_once(&mut billing).is_none());
-        assert_eq!(semaphore.waiting(), (4, 2));
+        assert!(admission.admit("billing", "b0".into()).is_none());
+        assert!(
+            admission.admit("payments", "p1".into()).is_none(),
+            "parked once"
+        );
+        assert_eq!(admission.waiting(), (4, 2, 0));
         drop(held);
-        let first = poll_once(&mut payments[0]).expect("payments' turn came first");
-        assert!(poll_once(&mut billing).is_none(), "one permit, one holder");
+        assert_eq!(*lock(&woken), ["p1"], "payments' turn came first");
+        // The permit is p1's: nothing else gets it meanwhile.
+        assert!(admission.admit("orders", "o0".into()).is_none());
+        let first = admission
+            .admit("payments", "p1".into())
+            .expect("p1's reserved permit");
         drop(first);
-        let second = poll_once(&mut billing).expect("billing is served before payments' backlog");
-        assert!(poll_once(&mut payments[1]).is_none());
+        assert_eq!(
+            *lock(&woken),
+            ["p1", "b0"],
+            "billing before payments' backlog"
+        );
+        let second = admission
+            .admit("billing", "b0".into())
+            .expect("b0's reserved permit");
         drop(second);
-        assert!(poll_once(&mut payments[1]).is_some());
+        drop(
+            admission
+                .admit("payments", "p2".into())
+                .expect("payments' next turn"),
+        );
+        assert_eq!(
+            *lock(&woken),
+            ["p1", "b0", "p2", "o0"],
+            "orders, parked after payments' turn, is served after payments' next one"
+        );
+        assert_eq!(admission.waiting(), (1, 1, 1));
+        assert_eq!(admission.waiting.get(), 2, "parked p3 and woken o0");
     }
 
-    #[tokio::test]
-    async fn a_waiter_that_gives_up_loses_no_permit() {
-        let semaphore = FairSemaphore::new(1);
-        let held = semaphore.acquire("payments").await;
-        let mut gave_up = Box::pin(semaphore.acquire("payments"));
-        assert!(poll_once(&mut gave_up).is_none());
-        drop(gave_up);
+    #[test]
+    fn work_that_is_gone_passes_its_reserved_permit_on() {
+        let (admission, woken) = admission(1);
+        let held = admission
+            .admit("payments", "p0".into())
+            .expect("a free permit");
+        assert!(admission.admit("payments", "p1".into()).is_none());
+        assert!(admission.admit("billing", "b0".into()).is_none());
         drop(held);
-        // The permit was offered to the waiter that gave up and came back: the next one gets it.
-        let mut next = Box::pin(semaphore.acquire("billing"));
-        assert!(poll_once(&mut next).is_some());
-        assert_eq!(semaphore.waiting(), (0, 0));
+        admission.abandon(&"p1".to_string());
+        assert_eq!(*lock(&woken), ["p1", "b0"]);
+        drop(
+            admission
+                .admit("billing", "b0".into())
+                .expect("b0's permit"),
+        );
+        // Nothing waits now: the permit is free, and abandoning unknown work frees no other.
+        admission.abandon(&"p1".to_string());
+        let again = admission
+            .admit("orders", "o0".into())
+            .expect("the free permit");
+        assert!(
+            admission.admit("orders", "o1".into()).is_none(),
+            "one permit, not two"
+        );
+        drop(again);
+        assert_eq!(admission.waiting(), (0, 0, 1));
     }
 }

@@ -198,6 +198,8 @@ pub struct Metrics {
     pub identities_remembered: Gauge<i64, AtomicI64>,
     /// 1 while the events queue is healthy (the sweep is then a safety net).
     pub events_healthy: Gauge<i64, AtomicI64>,
+    /// Reconciles waiting for a permit (`--max-concurrent-reconciles`), or woken and not started.
+    pub reconciles_waiting: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -228,6 +230,7 @@ impl Metrics {
             reads_deferred: Counter::default(),
             identities_remembered: Gauge::default(),
             events_healthy: Gauge::default(),
+            reconciles_waiting: Gauge::default(),
         };
         registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
@@ -310,6 +313,12 @@ impl Metrics {
              then swept at each identity's refreshInterval only, as a safety net; 0 while it fails \
              or is not configured (swept every --sweep-interval)",
             metrics.events_healthy.clone(),
+        );
+        registry.register(
+            "reconciles_waiting",
+            "Reconciles waiting for one of --max-concurrent-reconciles permits (parked in their \
+             namespace's queue, served in turn), or woken and not started yet",
+            metrics.reconciles_waiting.clone(),
         );
         registry.register(
             "leader",

@@ -10,7 +10,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -26,7 +26,7 @@ use super::context::{Context, EgressStores, Memory, Settings, identity_key};
 use super::error::ReconcileError;
 use super::reconcile::reconcile_stored;
 use super::requeue;
-use crate::fair::FairSemaphore;
+use crate::fair::FairAdmission;
 
 /// Runs the controller until `shutdown` completes: one controller for the whole cluster, or one per
 /// watched namespace (so the operator needs RBAC only in those), sharing the restart caps.
@@ -281,6 +281,20 @@ async fn run_scope(
             let _ = notify_trigger.unbounded_send(ObjectRef::new(name).within(identity_namespace));
         }
     }));
+    // Fair admission: kube-runtime's queue is first come, first served (one namespace's backlog
+    // would delay every other's), so at most `--max-concurrent-reconciles` reconciles run, taken
+    // from the namespaces' queues in turn. A reconcile that finds no permit is parked by key and
+    // returns at once; its turn comes back through `reconcile_on`. kube-runtime thus holds the
+    // running reconciles and the parked ones passing through (its slot map never shrinks, and
+    // held every due identity when it ran them all at once).
+    let permits = settings.max_concurrent_reconciles;
+    let admission = FairAdmission::new(usize::from(permits), {
+        let trigger = trigger.clone();
+        move |identity| {
+            let _ = trigger.unbounded_send(identity);
+        }
+    })
+    .counted_in(metrics.reconciles_waiting.clone());
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -298,11 +312,10 @@ async fn run_scope(
         memory,
         egress_objects,
     });
-    // kube-runtime runs every due reconcile at once (no limit of its own: its queue is first come,
-    // first served, so one namespace's backlog would delay every other's); each then waits for one
-    // of `--max-concurrent-reconciles` permits in its namespace's queue, served in turn.
-    let admission = FairSemaphore::new(usize::from(context.settings.max_concurrent_reconciles));
-    let config = kube::runtime::controller::Config::default().concurrency(0);
+    // Room for the running reconciles and as many parked ones passing through, so a woken
+    // identity is never held behind a running one.
+    let config =
+        kube::runtime::controller::Config::default().concurrency(permits.max(1).saturating_mul(2));
     let mut controller = Controller::for_stream(identity_changes, reader)
         .with_config(config)
         .owns_stream(owned_secrets)
@@ -313,40 +326,53 @@ async fn run_scope(
             .watches_stream(services, |_| nothing())
             .watches_stream(policies, |_| nothing());
     }
+    let abandoned = admission.clone();
     controller
         .reconcile_on(triggered)
-        .graceful_shutdown_on(shutdown.clone())
+        .graceful_shutdown_on(shutdown)
         .run(
-            move |identity, context| {
-                admitted(identity, context, admission.clone(), shutdown.clone())
-            },
+            move |identity, context| admitted(identity, context, admission.clone()),
             error_policy,
             context,
         )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(error = %error, "reconcile failed");
+        .for_each(move |result| {
+            match result {
+                // Woken after it was deleted (or left the selector): its permit goes on.
+                Err(controller::Error::ObjectNotFound(gone)) => {
+                    abandoned.abandon(&admission_key(&gone.name, gone.namespace.as_deref()));
+                }
+                Err(error) => warn!(error = %error, "reconcile failed"),
+                Ok(_) => {}
             }
+            std::future::ready(())
         })
         .await;
     workload_watch.abort();
 }
 
-/// One reconcile, once its namespace's turn gives it a permit. A waiting reconcile is small (the
-/// reconcile itself is allocated only once admitted), and one still waiting at shutdown is left to
-/// the successor, as kube-runtime's own queue was.
+/// One reconcile, if its namespace's turn gives it a permit; otherwise it is parked and woken
+/// (through `reconcile_on`) when its turn comes, reading the identity afresh then.
 async fn admitted(
     identity: Arc<StoredIdentity>,
     context: Arc<Context>,
-    admission: FairSemaphore<String>,
-    shutdown: impl std::future::Future<Output = ()>,
+    admission: FairAdmission<String, ObjectRef<StoredIdentity>>,
 ) -> Result<Action, ReconcileError> {
-    let flow = identity.namespace().unwrap_or_default();
-    let _permit = tokio::select! {
-        permit = admission.acquire(flow) => permit,
-        () = shutdown => return Ok(Action::await_change()),
+    let namespace = identity.namespace();
+    let key = admission_key(&identity.name_any(), namespace.as_deref());
+    let Some(_permit) = admission.admit(namespace.unwrap_or_default(), key) else {
+        return Ok(Action::await_change());
     };
     Box::pin(reconcile_stored(identity, context)).await
+}
+
+/// The key an identity is parked and woken by: name and namespace only (no resourceVersion or
+/// uid kept while it waits).
+fn admission_key(name: &str, namespace: Option<&str>) -> ObjectRef<StoredIdentity> {
+    let key = ObjectRef::new(name);
+    match namespace {
+        Some(namespace) => key.within(namespace),
+        None => key,
+    }
 }
 
 /// The operator's own objects of kind `K` in the scope (label-selected), metadata only, kept in

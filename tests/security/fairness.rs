@@ -744,3 +744,83 @@ async fn one_namespaces_read_burst_does_not_delay_anothers_read() -> Result<()> 
     );
     Ok(())
 }
+
+/// Reconciles waiting for a permit are parked by key and woken when their turn comes; one that is
+/// deleted while parked is woken for nothing (kube-runtime finds no such identity): its permit
+/// must pass on, or every deleted parked identity would take a permit away for good and, with one
+/// permit, the rest of the fleet would never sync. Here the one permit is held by a slow read
+/// while five identities park behind it; three of them are deleted before their turn.
+#[tokio::test]
+async fn identities_deleted_while_waiting_for_their_turn_pass_it_on() -> Result<()> {
+    const PARKED: usize = 5;
+    const DELETED: usize = 3;
+    let namespace = support::create_namespace("parked", &[]).await?;
+    let settings = Settings {
+        max_concurrent_reconciles: 1,
+        ..Settings::default()
+    };
+    let operator = start_operator_with(&namespace, settings).await?;
+    let ca = TestCa::new("parked CA")?;
+    let holder_id = format!("{namespace}{SLOW}");
+    put_source(&holder_id, &good_secret(&ca)?).await?;
+    create_identity(
+        &namespace,
+        &identity("holder", &holder_id, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_for("the holder's slow read to start", TIMEOUT, || async {
+        ensure!(
+            operator
+                .slow_fetches
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0,
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    for n in 0..PARKED {
+        let id = format!("{namespace}/client-{n}");
+        put_source(&id, &good_secret(&ca)?).await?;
+        create_identity(
+            &namespace,
+            &identity(&format!("client-{n}"), &id, serde_json::json!({}))?,
+        )
+        .await?;
+    }
+    wait_for(
+        "every new identity parked behind the holder",
+        TIMEOUT,
+        || async {
+            let waiting = metric(&operator, "mtls_reconciles_waiting").unwrap_or_default();
+            ensure!(waiting == PARKED as f64, "{waiting} waiting");
+            Ok(())
+        },
+    )
+    .await?;
+    let identities: Api<mtls_operator::api::MtlsIdentity> =
+        Api::namespaced(support::admin_client().await?, &namespace);
+    for n in 0..DELETED {
+        identities
+            .delete(&format!("client-{n}"), &Default::default())
+            .await?;
+    }
+    let holder = identities.get("holder").await?;
+    ensure!(
+        holder
+            .ready_condition()
+            .is_none_or(|ready| ready.status != "True"),
+        "the holder finished before the deletions: they were not made while parked"
+    );
+    wait_ready(&namespace, "holder", "True", "Synced").await?;
+    for n in DELETED..PARKED {
+        wait_ready(&namespace, &format!("client-{n}"), "True", "Synced").await?;
+    }
+    wait_for("nothing left waiting", TIMEOUT, || async {
+        let waiting = metric(&operator, "mtls_reconciles_waiting").unwrap_or_default();
+        ensure!(waiting == 0.0, "{waiting} waiting");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
