@@ -1127,6 +1127,104 @@ async fn each_namespace_reads_through_its_own_tagged_session_and_iam_holds_it_th
     Ok(())
 }
 
+/// Cross-account roles get the namespace's session tags too (#25 item 1): with `--tenant-role-arn`,
+/// a role that two namespaces are both granted is assumed once per namespace, each session tagged
+/// `kubernetes-namespace=N` and named after N (so the role's account can scope it with
+/// `${aws:PrincipalTag/kubernetes-namespace}`), and each namespace's calls to the role's account go
+/// through its own session, never the other's.
+#[tokio::test]
+async fn cross_account_roles_are_assumed_in_one_tagged_session_per_namespace() -> Result<()> {
+    const CENTRAL: &str = "111111111111";
+    const TENANT_ROLE: &str = "arn:aws:iam::123456789012:role/mtls-tenant-reader";
+    let first = support::create_namespace("xtag", &[]).await?;
+    let second = support::create_namespace("xtag-other", &[]).await?;
+    let ca = TestCa::new("central tagged CA")?;
+    for namespace in [&first, &second] {
+        create_source_in_account(
+            CENTRAL,
+            "security-admin",
+            &format!("{namespace}/api-client"),
+            &good_secret(&ca)?,
+        )
+        .await?;
+    }
+    let shared = format!("arn:aws:iam::{CENTRAL}:role/mtls/shared-reader");
+    let endpoint = counting_endpoint(Mode::Pass).await?;
+    let settings = Settings {
+        policy: mtls_operator::source::policy::SourcePolicy::new(Vec::new(), None, Vec::new())
+            .with_allowed_roles(vec![shared.clone()])
+            .with_tenant_role(Some(TENANT_ROLE.into())),
+        ..Settings::default()
+    };
+    let _operator = start_operator_through(&endpoint, &[&first, &second], settings).await?;
+    for namespace in [&first, &second] {
+        for name in ["central", "central-too"] {
+            let spec = serde_json::json!({"source": {
+                "secretId": format!("{namespace}/api-client"),
+                "roleArn": shared,
+                "externalId": "tenant-external-id",
+            }});
+            create_identity(
+                namespace,
+                &identity(name, &format!("{namespace}/api-client"), spec)?,
+            )
+            .await?;
+        }
+    }
+    for namespace in [&first, &second] {
+        for name in ["central", "central-too"] {
+            let synced = wait_ready(namespace, name, "True", "Synced").await?;
+            let arn = synced.status.and_then(|s| s.source).map(|s| s.arn);
+            ensure!(
+                arn.as_deref()
+                    .is_some_and(|arn| arn.contains(&format!(":{CENTRAL}:"))),
+                "read from the role's account: {arn:?}"
+            );
+        }
+    }
+    let sessions = endpoint.sessions();
+    let of_shared: Vec<_> = sessions.iter().filter(|s| s.role_arn == shared).collect();
+    ensure!(
+        of_shared.len() == 2,
+        "one session of the shared role per namespace: {sessions:?}"
+    );
+    for namespace in [&first, &second] {
+        let own: Vec<_> = of_shared
+            .iter()
+            .filter(|s| s.tags.get("kubernetes-namespace") == Some(namespace))
+            .collect();
+        ensure!(own.len() == 1, "{namespace}: {sessions:?}");
+        ensure!(
+            own[0].session_name == format!("mtls-{namespace}"),
+            "{sessions:?}"
+        );
+    }
+    // Every call to the role's account is in one namespace's session and asks only for its own
+    // namespace's secret; each namespace's session made some.
+    let mut calls = std::collections::BTreeMap::<String, usize>::new();
+    for seen in endpoint
+        .seen()
+        .iter()
+        .filter(|s| s.service == "secretsmanager")
+    {
+        let Some(session) = of_shared.iter().find(|s| s.access_key == seen.access_key) else {
+            continue;
+        };
+        let namespace = session.tags.get("kubernetes-namespace").context("tagged")?;
+        let other = if namespace == &first { &second } else { &first };
+        ensure!(
+            !seen.body.contains(&format!("{other}/")),
+            "{namespace}'s session asked for {other}'s secret: {seen:?}"
+        );
+        *calls.entry(namespace.clone()).or_default() += 1;
+    }
+    ensure!(
+        calls.len() == 2,
+        "each namespace read through its own session: {calls:?}"
+    );
+    Ok(())
+}
+
 /// An admin's pattern that would let one namespace match another's names (`{namespace}-*`: the
 /// pattern of `team-a` matches `team-a-b-client`, which is `team-a-b`'s) is refused at start, with
 /// the reason (#25); a fenced pattern gets past the check (and here fails later, on the missing
