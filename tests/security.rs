@@ -8,7 +8,6 @@ mod common;
 mod fairness;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -335,11 +334,7 @@ async fn a_foreign_secret_created_during_the_fetch_is_not_taken_over() -> Result
     .await?;
     // The operator has looked at the target (absent) and is now waiting for Secrets Manager: the
     // attacker creates a Secret with the target's name in that window.
-    wait_for("the slow fetch to start", TIMEOUT, || async {
-        ensure!(operator.slow_fetches.load(Ordering::SeqCst) > 0, "not yet");
-        Ok(())
-    })
-    .await?;
+    operator.wait_slow_fetch_started().await?;
     let foreign: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "client"},
         "stringData": {"owner": "someone else"}

@@ -100,6 +100,21 @@ pub struct Operator {
     stop: Option<oneshot::Sender<()>>,
 }
 
+impl Operator {
+    /// Waits until a fetch of a `/fault-slow` id has started: the operator is inside its read,
+    /// held back there, and whatever a test does now happens during it.
+    pub async fn wait_slow_fetch_started(&self) -> Result<()> {
+        wait_for("a slow fetch to start", TIMEOUT, || async {
+            ensure!(
+                self.slow_fetches.load(std::sync::atomic::Ordering::SeqCst) > 0,
+                "not yet"
+            );
+            Ok(())
+        })
+        .await
+    }
+}
+
 impl Drop for Operator {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

@@ -768,17 +768,7 @@ async fn identities_deleted_while_waiting_for_their_turn_pass_it_on() -> Result<
         &identity("holder", &holder_id, serde_json::json!({}))?,
     )
     .await?;
-    wait_for("the holder's slow read to start", TIMEOUT, || async {
-        ensure!(
-            operator
-                .slow_fetches
-                .load(std::sync::atomic::Ordering::SeqCst)
-                > 0,
-            "not yet"
-        );
-        Ok(())
-    })
-    .await?;
+    operator.wait_slow_fetch_started().await?;
     for n in 0..PARKED {
         let id = format!("{namespace}/client-{n}");
         put_source(&id, &good_secret(&ca)?).await?;
