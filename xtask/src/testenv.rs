@@ -354,8 +354,11 @@ pub async fn start(
         .arg("--log-level=warn");
     processes.spawn("etcd", etcd)?;
 
-    let mut moto = Command::new(&tools.moto_server);
-    moto.args(["-H", "127.0.0.1", "-p", &moto_port.to_string()]);
+    // moto's server through a launcher that finds secrets by name in O(1) (moto scans them all),
+    // run by the virtualenv's own Python: see xtask/moto_server.py.
+    let mut moto = Command::new(tools.moto_server.with_file_name("python3"));
+    moto.arg(crate::project_root().join("xtask").join("moto_server.py"))
+        .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()]);
     processes.spawn("moto", moto)?;
 
     wait_ready("etcd", &mut processes, || async {
