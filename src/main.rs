@@ -144,6 +144,14 @@ struct RunArgs {
     /// identities are due together.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 64)]
     max_concurrent_reconciles: u16,
+    /// Synced Events (an identity's first sync) published per second once the burst is spent;
+    /// the rest are counted in mtls_synced_events_skipped_total. Rotated and Warning Events are
+    /// never held back.
+    #[arg(long, env = "SYNCED_EVENT_RATE", default_value_t = controller::events::SYNCED_EVENT_RATE)]
+    synced_event_rate: f64,
+    /// Synced Events published at once before --synced-event-rate applies.
+    #[arg(long, env = "SYNCED_EVENT_BURST", default_value_t = controller::events::SYNCED_EVENT_BURST)]
+    synced_event_burst: u32,
     /// Secrets Manager calls in flight at once (reads, batches, sweeps), for the whole operator.
     #[arg(long, env = "MAX_AWS_IN_FLIGHT", default_value_t = mtls_operator::source::DEFAULT_MAX_IN_FLIGHT)]
     max_aws_in_flight: usize,
@@ -403,6 +411,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             &args.integrity_key_secret,
         )
         .await?,
+        synced_events: std::sync::Arc::new(controller::events::SyncedEventBudget::new(
+            args.synced_event_rate,
+            args.synced_event_burst,
+            std::time::Instant::now(),
+        )),
     }
     .with_aws_defaults(&aws)
     .await;

@@ -200,6 +200,8 @@ pub struct Metrics {
     pub events_healthy: Gauge<i64, AtomicI64>,
     /// Reconciles waiting for a permit (`--max-concurrent-reconciles`), or woken and not started.
     pub reconciles_waiting: Gauge<i64, AtomicI64>,
+    /// `Synced` Events not published: over the budget of `--synced-event-rate`/`-burst`.
+    pub synced_events_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -231,6 +233,7 @@ impl Metrics {
             identities_remembered: Gauge::default(),
             events_healthy: Gauge::default(),
             reconciles_waiting: Gauge::default(),
+            synced_events_skipped: Counter::default(),
         };
         registry.register_collector(Box::new(metrics.identities.clone()));
         registry.register(
@@ -319,6 +322,12 @@ impl Metrics {
             "Reconciles waiting for one of --max-concurrent-reconciles permits (parked in their \
              namespace's queue, served in turn), or woken and not started yet",
             metrics.reconciles_waiting.clone(),
+        );
+        registry.register(
+            "synced_events_skipped",
+            "Synced Events (an identity's first sync) not published because more came at once than \
+             --synced-event-rate and --synced-event-burst allow; the Ready condition still says it",
+            metrics.synced_events_skipped.clone(),
         );
         registry.register(
             "leader",

@@ -734,3 +734,89 @@ async fn a_good_identity_whose_source_turns_bad_keeps_the_last_good_secret() -> 
     );
     Ok(())
 }
+
+/// A fleet's first sync publishes its `Synced` Events within `--synced-event-burst` and
+/// `--synced-event-rate` (one per identity at once was a third of the API server's work at 10,000
+/// identities, BENCHMARKS.md W1). The rest are counted in a metric, every identity still says
+/// `Synced` in its status, and Warning and `Rotated` Events are never held back.
+#[tokio::test]
+async fn synced_events_beyond_the_budget_are_counted_and_warnings_and_rotations_still_published()
+-> Result<()> {
+    use mtls_operator::controller::events::SyncedEventBudget;
+    let settings = mtls_operator::controller::Settings {
+        synced_events: Arc::new(SyncedEventBudget::new(0.0, 3, std::time::Instant::now())),
+        ..Default::default()
+    };
+    let scenario = Scenario::start_with("event-budget", settings).await?;
+    let namespace = scenario.namespace.clone();
+    let names: Vec<String> = (0..8).map(|i| format!("client-{i}")).collect();
+    for name in &names {
+        scenario.put_good(name).await?;
+        create_identity(
+            &namespace,
+            &identity(name, &scenario.id(name), serde_json::json!({}))?,
+        )
+        .await?;
+    }
+    for name in &names {
+        wait_ready(&namespace, name, "True", "Synced").await?;
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(support::admin_client().await?, &namespace);
+    let published = |reason: &'static str| {
+        let events = events.clone();
+        async move {
+            anyhow::Ok(
+                events
+                    .list(&Default::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|event| event.reason.as_deref() == Some(reason))
+                    .count(),
+            )
+        }
+    };
+    let skipped = "mtls_synced_events_skipped_total";
+    wait_for("the burst published, the rest counted", TIMEOUT, || async {
+        let (synced, held) = (
+            published("Synced").await?,
+            metric(&scenario.operator, skipped),
+        );
+        ensure!(
+            synced == 3 && held == 5,
+            "{synced} Synced Events, {held} skipped"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // The budget is spent: a failure still gets its Warning, a rotation its Event.
+    let now = time::OffsetDateTime::now_utc();
+    let expired = scenario.ca.leaf(&LeafOptions {
+        not_before: now - time::Duration::days(30),
+        not_after: now - time::Duration::days(1),
+        ..LeafOptions::default()
+    })?;
+    let expired_id = scenario.id("expired");
+    put_source(
+        &expired_id,
+        &json_secret(&expired.cert_pem, &expired.key_pem, &scenario.ca.pem()),
+    )
+    .await?;
+    create_identity(
+        &namespace,
+        &identity("expired", &expired_id, serde_json::json!({}))?,
+    )
+    .await?;
+    wait_ready(&namespace, "expired", "False", "Expired").await?;
+    wait_event(&namespace, "expired", "Expired").await?;
+    let (_, version) = scenario.put_good(&names[0]).await?;
+    wait_rotation(&namespace, &names[0], &version).await?;
+    wait_event(&namespace, &names[0], "Rotated").await?;
+    ensure!(
+        published("Synced").await? == 3,
+        "more Synced Events than the burst"
+    );
+    Ok(())
+}

@@ -61,6 +61,9 @@ pub struct Settings {
     /// loads it from the operator's namespace (`controller::integrity`). The default is a random
     /// key of this process alone.
     pub integrity_key: crate::pki::integrity::IntegrityKey,
+    /// How many `Synced` Events may be published (`--synced-event-rate`, `--synced-event-burst`),
+    /// shared by every scope.
+    pub synced_events: Arc<super::events::SyncedEventBudget>,
 }
 
 impl Default for Settings {
@@ -80,6 +83,7 @@ impl Default for Settings {
             identity_selector: None,
             egress_image: None,
             integrity_key: crate::pki::integrity::IntegrityKey::random(),
+            synced_events: Arc::default(),
         }
     }
 }
@@ -199,6 +203,11 @@ pub struct IdentityMemory {
     /// a reconcile of an older copy (our own Secret write can trigger one at once) would judge
     /// against a status we already replaced, and write it and its Events twice.
     pub written: Option<u64>,
+    /// The resourceVersion our last write gave the target Secret: the watch event that brings it
+    /// back is our own write and reconciles nothing (see [`Memory::is_own_secret_write`]).
+    pub secret_written: Option<std::num::NonZeroU64>,
+    /// A write of the target Secret is in flight: its watch event may come before its answer.
+    pub secret_writing: bool,
     /// The uid and generation last let through to a reconcile (see `spec_or_refresh_changed`).
     pub seen: Option<(Box<str>, i64)>,
     /// A digest of the refresh request annotation last let through (0: none).
@@ -212,6 +221,30 @@ pub struct IdentityMemory {
     pub restart_warnings: u64,
 }
 
+/// How long a Secret's watch event waits for the answer of our write in flight before it is taken
+/// as someone else's change: a write's answer and its watch event leave the API server together.
+pub const OWN_WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// A write of an identity's target Secret in flight (see [`Memory::secret_write`]).
+pub struct SecretWrite<'a> {
+    memory: &'a Memory,
+    key: &'a ObjectRef<MtlsIdentity>,
+}
+
+impl SecretWrite<'_> {
+    /// The write made the Secret as the API server answered (`resource_version`).
+    pub fn made(self, resource_version: Option<&str>) {
+        self.memory.secret_write_ended(self.key, resource_version);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for SecretWrite<'_> {
+    fn drop(&mut self) {
+        self.memory.secret_write_ended(self.key, None);
+    }
+}
+
 /// Every identity's [`IdentityMemory`], bounded by the identities the watch's store holds: an entry
 /// is made only for an identity in the store, removed on its watch `Delete`, and everything the
 /// store no longer holds is pruned on every re-list (`prune`), since kube-runtime does not emit a
@@ -222,6 +255,8 @@ pub struct Memory {
     store: Option<Store<StoredIdentity>>,
     /// `mtls_identities_remembered`, shared by every scope's memory.
     remembered: Option<prometheus_client::metrics::gauge::Gauge>,
+    /// Woken whenever a Secret write ends (see [`Memory::is_own_secret_write`]).
+    secret_writes: tokio::sync::Notify,
 }
 
 impl Memory {
@@ -233,6 +268,7 @@ impl Memory {
             entries: Mutex::new(HashMap::new()),
             store,
             remembered,
+            secret_writes: tokio::sync::Notify::new(),
         }
     }
 
@@ -349,6 +385,53 @@ impl Memory {
     pub fn record_written(&self, key: &ObjectRef<MtlsIdentity>, resource_version: Option<&str>) {
         if let Some(version) = resource_version.and_then(|version| version.parse::<u64>().ok()) {
             self.update(key, |memory| memory.written = Some(version));
+        }
+    }
+
+    /// Marks a write of the identity's target Secret as in flight until the returned guard records
+    /// what it made ([`SecretWrite::made`]) or is dropped (no write, or a failed one).
+    pub fn secret_write<'a>(&'a self, key: &'a ObjectRef<MtlsIdentity>) -> SecretWrite<'a> {
+        self.update(key, |memory| memory.secret_writing = true);
+        SecretWrite { memory: self, key }
+    }
+
+    fn secret_write_ended(&self, key: &ObjectRef<MtlsIdentity>, made: Option<&str>) {
+        let version = made.and_then(|version| version.parse().ok());
+        self.update(key, |memory| {
+            memory.secret_writing = false;
+            memory.secret_written = version;
+        });
+        self.secret_writes.notify_waiters();
+    }
+
+    /// Whether the identity's target Secret at `resource_version` (from its watch) is exactly what
+    /// our last write made: the reconcile that wrote it already acted on it, and another would only
+    /// read the Secret back (two GETs per identity on a cold start). Any later change (an edit, a
+    /// deletion: each has a new resourceVersion) still reconciles. The watch event of a write can
+    /// come before the write's answer: while one is in flight this waits for it, at most
+    /// [`OWN_WRITE_WAIT`] (then the event reconciles, as any other would).
+    pub async fn is_own_secret_write(
+        &self,
+        key: &ObjectRef<MtlsIdentity>,
+        resource_version: Option<&str>,
+    ) -> bool {
+        let Some(seen) = resource_version.and_then(|version| version.parse().ok()) else {
+            return false;
+        };
+        let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
+        loop {
+            // Registered before the check, so an end between the two is not missed.
+            let ended = self.secret_writes.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let (writing, written) =
+                self.read(key, |memory| (memory.secret_writing, memory.secret_written));
+            if !writing {
+                return written == Some(seen);
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return false;
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! the egress proxy, write status and Events, and say when to come back.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
@@ -10,8 +10,8 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::conditions::Outcome;
-use crate::api::{MtlsIdentity, StoredIdentity};
+use crate::api::conditions::{Outcome, Reason};
+use crate::api::{FIELD_MANAGER, MtlsIdentity, StoredIdentity};
 use crate::source::fleet::SweepMode;
 
 use super::context::{Context, Now, Parsed};
@@ -272,7 +272,7 @@ async fn apply(
             Api::namespaced(context.client.clone(), &parsed.namespace);
         let patch = serde_json::json!({ "status": plan.status });
         let written = identities
-            .patch_status(&parsed.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&parsed.name, &status_params(), &Patch::Merge(&patch))
             .await?;
         context
             .memory
@@ -280,12 +280,27 @@ async fn apply(
     }
     let identity_ref = identity.object_ref(&());
     for event in plan.events.drain(..) {
+        let held_back = !event.warning
+            && event.reason == Reason::Synced
+            && !context.settings.synced_events.take(Instant::now());
+        if held_back {
+            context.metrics.synced_events_skipped.inc();
+            continue;
+        }
         publish(context, &identity_ref, event).await;
     }
     for (reference, event) in restart_events {
         publish(context, &reference, event).await;
     }
     Ok(())
+}
+
+/// Status writes under the operator's name (`managedFields` says who wrote the status).
+fn status_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
 }
 
 fn log_outcome(parsed: &Parsed, plan: &plan::Plan) {

@@ -7,16 +7,16 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, StoredIdentity};
+use crate::api::{FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MtlsIdentity, StoredIdentity};
 use crate::metrics::Metrics;
 use crate::restart::Restarter;
 use crate::source::SecretSource;
@@ -215,7 +215,23 @@ async fn run_scope(
             .page_size(SECRET_LIST_PAGE),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    // Our own write of a Secret comes back through this watch: not a change to act on (see
+    // `Memory::is_own_secret_write`).
+    .try_filter({
+        let memory = memory.clone();
+        move |secret| {
+            let (memory, own) = (memory.clone(), own_write_key(secret));
+            async move {
+                match own {
+                    Some((key, version)) => {
+                        !memory.is_own_secret_write(&key, version.as_deref()).await
+                    }
+                    None => true,
+                }
+            }
+        }
+    });
     // Keystore password Secrets are the tenants' own, so not label-selected: every Secret that is
     // not ours (another manager's label included), metadata only. An edit reconciles the identities whose keystore names it, and they
     // render the keystore again under the new password (see `sync`).
@@ -419,6 +435,22 @@ fn is_ours(key: &str) -> bool {
     key.split_once('/').is_some_and(|(prefix, _)| {
         prefix == "mtls-operator.io" || prefix.ends_with(".mtls-operator.io")
     })
+}
+
+/// The identity that owns `secret` (a watch event of one of our Secrets) and the Secret's
+/// resourceVersion, to tell our own writes from others' changes.
+fn own_write_key(
+    secret: &PartialObjectMeta<Secret>,
+) -> Option<(ObjectRef<MtlsIdentity>, Option<String>)> {
+    let owner = secret
+        .owner_references()
+        .iter()
+        .find(|owner| owner.controller == Some(true) && owner.kind == MtlsIdentity::kind(&()))?;
+    let namespace = secret.namespace().unwrap_or_default();
+    Some((
+        ObjectRef::new(&owner.name).within(&namespace),
+        secret.resource_version(),
+    ))
 }
 
 /// A watch that triggers no reconcile (kept only for its store).

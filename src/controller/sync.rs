@@ -18,7 +18,7 @@ use super::decide::{self, CheckedSecret, SyncFailure, Synced};
 use super::error::ReconcileError;
 use super::offload;
 use super::secret;
-use super::write::{self, Written};
+use super::write::{self, Conflict};
 
 /// What a sync did.
 pub enum SyncStep {
@@ -463,26 +463,22 @@ async fn write_secret(
         .as_ref()
         .is_some_and(|existing| secret::secret_up_to_date(existing, &desired));
     if !up_to_date {
-        match &existing {
+        let writing = context.memory.secret_write(&parsed.key);
+        let written = match &existing {
             // Absent when we looked: create, so one created meanwhile is never overwritten.
-            None => match write::create_if_absent(secrets, &desired).await? {
-                Written::Done => {}
+            None => match write::create_returning(secrets, &desired).await? {
+                Ok(created) => created,
                 // Not looked at before the read (a new identity), and there after all: ours (written
                 // by a sync whose status was never written) is brought up to date now, in this
                 // reconcile, so a status that stays empty cannot make this loop; a foreign one is a
                 // conflict, its content never read.
-                Written::Conflict if !looked_at_target => {
-                    match target_secret(secrets, parsed).await? {
-                        Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
-                        Ok(None) => return Ok(SyncStep::Wait(Duration::from_secs(1))),
-                        Ok(Some(ours)) => {
-                            if !secret::secret_up_to_date(&ours, &desired) {
-                                write::replace_owned_secret(secrets, &ours, desired).await?;
-                            }
-                        }
-                    }
-                }
-                Written::Conflict => {
+                Err(Conflict) if !looked_at_target => match target_secret(secrets, parsed).await? {
+                    Err(conflict) => return Ok(SyncStep::done(Err(conflict))),
+                    Ok(None) => return Ok(SyncStep::Wait(Duration::from_secs(1))),
+                    Ok(Some(ours)) if secret::secret_up_to_date(&ours, &desired) => ours.metadata,
+                    Ok(Some(ours)) => write::replace_owned_secret(secrets, &ours, desired).await?,
+                },
+                Err(Conflict) => {
                     // Created meanwhile. By us (another replica during a leader change, or a
                     // reconcile that raced): look again shortly. By someone else: a conflict.
                     let now_there = write::metadata(secrets, target).await?;
@@ -497,7 +493,9 @@ async fn write_secret(
             },
             // Ours (checked above): replaced with its resourceVersion as the precondition.
             Some(existing) => write::replace_owned_secret(secrets, existing, desired).await?,
-        }
+        };
+        // Its watch event is this write: it must not reconcile the identity again (see runner).
+        writing.made(written.resource_version.as_deref());
     }
     let keystore_changed = pkcs12
         .as_ref()

@@ -21,15 +21,6 @@ use super::secret::is_owned_by;
 use crate::api::MtlsIdentity;
 use tracing::info;
 
-/// What a guarded write found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Written {
-    /// Created, or applied over our own object.
-    Done,
-    /// A same-named object that this identity does not own: left untouched.
-    Conflict,
-}
-
 /// The metadata of `name`, if it exists: enough to decide ownership without reading a foreign
 /// object's content (a foreign Secret's data never enters the operator's memory).
 pub async fn metadata<K>(
@@ -78,18 +69,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conflict;
 
-/// Creates `desired` under the operator's field manager; `Conflict` when the name is taken.
-pub async fn create_if_absent<K>(api: &Api<K>, desired: &K) -> Result<Written, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
-{
-    Ok(match create_returning(api, desired).await? {
-        Ok(_) => Written::Done,
-        Err(Conflict) => Written::Conflict,
-    })
-}
-
-async fn create_returning<K>(
+/// Creates `desired` under the operator's field manager: the created object's metadata, as the API
+/// server answered, or `Conflict` when the name is taken.
+pub async fn create_returning<K>(
     api: &Api<K>,
     desired: &K,
 ) -> Result<Result<ObjectMeta, Conflict>, kube::Error>
@@ -115,7 +97,7 @@ pub async fn replace_owned_secret(
     api: &Api<Secret>,
     existing: &Secret,
     desired: Secret,
-) -> Result<(), kube::Error> {
+) -> Result<ObjectMeta, kube::Error> {
     let mut next = existing.clone();
     next.metadata.managed_fields = None;
     next.type_ = desired.type_;
@@ -134,8 +116,8 @@ pub async fn replace_owned_secret(
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    api.replace(&existing.name_any(), &params, &next).await?;
-    Ok(())
+    let replaced = api.replace(&existing.name_any(), &params, &next).await?;
+    Ok(replaced.metadata)
 }
 
 /// Deletes `name` only if `owner_uid` owns it, with a uid precondition so a same-named replacement
