@@ -217,21 +217,25 @@ async fn run_scope(
     .default_backoff()
     .touched_objects()
     // Our own write of a Secret comes back through this watch: not a change to act on (see
-    // `Memory::is_own_secret_write`).
-    .try_filter({
+    // `Memory::is_own_secret_write`). Checked for up to one event per running reconcile at once,
+    // in order, so events waiting for their writes' answers wait together, not one after another.
+    .map_ok({
         let memory = memory.clone();
         move |secret| {
-            let (memory, own) = (memory.clone(), own_write_key(secret));
+            let (memory, own) = (memory.clone(), own_write_key(&secret));
             async move {
-                match own {
+                let ours = match own {
                     Some((key, version)) => {
-                        !memory.is_own_secret_write(&key, version.as_deref()).await
+                        memory.is_own_secret_write(&key, version.as_deref()).await
                     }
-                    None => true,
-                }
+                    None => false,
+                };
+                Ok((secret, ours))
             }
         }
-    });
+    })
+    .try_buffered(usize::from(settings.max_concurrent_reconciles).max(1))
+    .try_filter_map(|(secret, ours)| std::future::ready(Ok((!ours).then_some(secret))));
     // Keystore password Secrets are the tenants' own, so not label-selected: every Secret that is
     // not ours (another manager's label included), metadata only. An edit reconciles the identities whose keystore names it, and they
     // render the keystore again under the new password (see `sync`).
